@@ -1,0 +1,144 @@
+"""Make Megatron Core run on CPU (gloo), for tests and the embedded CPU demo.
+
+Megatron Core assumes CUDA in two places the model path reaches (see
+../shared/platform.md): rotary embeddings move `inv_freq` to
+`torch.cuda.current_device()`, and the RNG tracker stores CUDA generator
+states. `enable_cpu_megatron()` patches exactly those two, and only when no GPU
+is present, so nothing changes on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_PATCHED = False
+
+
+class CpuRNGStatesTracker:
+    """Megatron's RNG tracker interface on the CPU generator.
+
+    Megatron forks a named RNG state around tensor-parallel-region randomness
+    (dropout, GPU weight init); on CPU the default generator plays that role.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"rng seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+def enable_cpu_megatron() -> None:
+    """Install the CPU shims if (and only if) CUDA is unavailable. Idempotent."""
+    global _PATCHED
+    if _PATCHED or torch.cuda.is_available():
+        return
+    import megatron.core.tensor_parallel.random as mrandom
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # rotary embedding's inv_freq.to(...)
+    tracker = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _PATCHED = True
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def initialize_parallel(
+    tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600
+) -> None:
+    """Set up torch.distributed and Megatron's parallel state for this process.
+
+    Works under torchrun (reads RANK/WORLD_SIZE) and in a plain single process
+    (starts a one-rank group). Backend: NCCL on GPU, gloo on CPU.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    enable_cpu_megatron()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % (tp * pp) != 0:
+        raise ValueError(
+            f"parallel.tp * parallel.pp = {tp} * {pp} must divide the number of processes "
+            f"({world}); allowed: tp * pp in the divisors of {world}."
+        )
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() != tp
+            or parallel_state.get_pipeline_model_parallel_world_size() != pp
+        ):
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    else:
+        import megatron.core.tensor_parallel.random as mrandom
+
+        tracker = CpuRNGStatesTracker()
+        tracker.add("model-parallel-rng", seed + 2718 + parallel_state.get_tensor_model_parallel_rank())
+        mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    torch.manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,69 @@
+"""Kernels of the Falcon-H1 layer: one entry point per op, reference or fast path
+chosen here by device and config (never by scattered `if cuda` checks)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
+from falcon_h1.kernels.ssd_reference import ssd_chunk_scan_reference
+
+
+def use_fast_path(backend: str, device: torch.device) -> bool:
+    """backend: auto | reference | triton (from FalconH1Config.kernel_backend)."""
+    if backend == "reference" or device.type != "cuda":
+        if backend == "triton" and device.type != "cuda":
+            raise RuntimeError(
+                "model.kernel_backend = 'triton' needs a CUDA device; this tensor is on "
+                f"{device}. Use 'auto' or 'reference' on CPU."
+            )
+        return False
+    from falcon_h1.kernels.ssd_triton import triton_available
+
+    if triton_available():
+        return True
+    if backend == "triton":
+        raise RuntimeError(
+            "model.kernel_backend = 'triton' but mamba_ssm's Triton kernels are not importable; "
+            "install them with `./setup.sh --gpu` or use kernel_backend=reference."
+        )
+    return False
+
+
+def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool):
+    """Mamba-2 SSD over a sequence. dt_raw is before bias/softplus/clamp. Returns [b,l,h,p]."""
+    if fast:
+        from falcon_h1.kernels.ssd_triton import ssd_chunk_scan_triton
+
+        return ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit)
+    dt = F.softplus(dt_raw.float() + dt_bias.float())
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != math.inf:
+        dt = dt.clamp(min=lo, max=hi)
+    return ssd_chunk_scan_reference(x, dt, A, B, C, chunk_size, D).to(x.dtype)
+
+
+def causal_conv1d_silu(x, weight, bias, fast: bool):
+    """x [b, l, c] -> silu(causal depthwise conv) [b, l, c]."""
+    return causal_conv1d_silu_reference(x, weight, bias)
+
+
+def causal_attention(q, k, v, scale: float, backend: str):
+    """q [b, hq, l, d], k/v [b, hkv, l, d] (GQA) -> [b, hq, l, d].
+
+    backend "unfused" materialises the score matrix (as Megatron's local
+    DotProductAttention does); otherwise torch SDPA (flash / cuDNN on GPU).
+    """
+    rep = q.shape[1] // k.shape[1]
+    if backend == "unfused":
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        l = q.shape[2]
+        mask = torch.ones(l, l, dtype=torch.bool, device=q.device).triu(1)
+        probs = torch.softmax(scores.float().masked_fill(mask, float("-inf")), dim=-1).to(q.dtype)
+        return torch.matmul(probs, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)

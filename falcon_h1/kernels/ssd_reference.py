@@ -1,0 +1,93 @@
+"""Pure-PyTorch chunked SSD scan (Mamba-2), the reference for the Triton path.
+
+Computes, per head h and position t (state S of shape [p, N]):
+    S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t B_t^T
+    y_t = S_t C_t + D_h * x_t
+chunked: exact quadratic attention-like form inside each chunk of length Q and a
+linear recurrence over chunk states between chunks. Runs on any device, in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _segment_sum(a: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = sum_{k=j+1..i} a[..., k] for j <= i, -inf above the diagonal."""
+    q = a.size(-1)
+    a = a[..., None].expand(*a.shape, q)
+    strict_lower = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), diagonal=-1)
+    a = a.masked_fill(~strict_lower, 0.0)
+    sums = torch.cumsum(a, dim=-2)
+    lower = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), diagonal=0)
+    return sums.masked_fill(~lower, float("-inf"))
+
+
+def ssd_chunk_scan_reference(
+    x: torch.Tensor,   # [b, l, h, p]
+    dt: torch.Tensor,  # [b, l, h]  (already biased, softplus'ed and clamped)
+    A: torch.Tensor,   # [h]        (negative)
+    B: torch.Tensor,   # [b, l, g, n]
+    C: torch.Tensor,   # [b, l, g, n]
+    chunk_size: int,
+    D: torch.Tensor | None = None,  # [h]
+) -> torch.Tensor:
+    """Returns y [b, l, h, p] in fp32."""
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    B = B.repeat_interleave(h // g, dim=2)
+    C = C.repeat_interleave(h // g, dim=2)
+    pad = (-l) % chunk_size
+    if pad:
+        # zero dt on padded steps keeps the states of real steps untouched
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    n_chunks = (l + pad) // chunk_size
+
+    def chunks(t):
+        return t.reshape(b, n_chunks, chunk_size, *t.shape[2:])
+
+    xdt = chunks(x * dt[..., None])                # [b, c, q, h, p]
+    Bc, Cc = chunks(B), chunks(C)                  # [b, c, q, h, n]
+    a = chunks(dt * A.float()).permute(0, 3, 1, 2)  # [b, h, c, q]
+    a_cum = torch.cumsum(a, dim=-1)
+
+    # within chunks: y_t += sum_{s<=t} C_t.B_s * exp(a_cum_t - a_cum_s) * x_s dt_s
+    decay = torch.exp(_segment_sum(a))             # [b, h, c, q, q]
+    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * decay
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
+
+    # state at the end of each chunk from that chunk's own inputs
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)    # [b, h, c, q]
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, to_end, xdt)
+    # carry states across chunks: S_c = exp(sum a over chunk c) S_{c-1} + states_c
+    chunk_decay = torch.exp(_segment_sum(F.pad(a_cum[..., -1], (1, 0))))  # [b, h, c+1, c+1]
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
+    carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]  # state entering chunk z
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, carried, torch.exp(a_cum))
+
+    y = y.reshape(b, n_chunks * chunk_size, h, p)[:, :l]
+    if D is not None:
+        y = y + x[:, :l] * D.float()[:, None]
+    return y
+
+
+def ssd_sequential_float64(x, dt, A, B, C, D=None) -> torch.Tensor:
+    """Step-by-step recurrence in float64: the independent check of the chunked form."""
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
+    B = B.repeat_interleave(h // g, dim=2)
+    C = C.repeat_interleave(h // g, dim=2)
+    state = x.new_zeros(b, h, p, B.shape[-1])
+    ys = []
+    for t in range(l):
+        decay = torch.exp(dt[:, t] * A)[..., None, None]
+        state = decay * state + torch.einsum("bhp,bhn->bhpn", x[:, t] * dt[:, t, :, None], B[:, t])
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + x * D.double()[:, None]
+    return y

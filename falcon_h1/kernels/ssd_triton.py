@@ -1,0 +1,43 @@
+"""GPU path of the SSD scan: mamba_ssm's Triton kernels (installed by `setup.sh --gpu`).
+
+mamba_ssm 2.3.2's package __init__ imports its Mamba-1 CUDA extension
+(`selective_scan_cuda`) unconditionally; the Triton SSD kernels do not use it, so
+when the extension was not built we register an empty module under that name
+before importing (see ../shared/platform.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import torch
+
+
+def _import_chunk_scan():
+    if "selective_scan_cuda" not in sys.modules and importlib.util.find_spec("selective_scan_cuda") is None:
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return mamba_chunk_scan_combined
+
+
+def triton_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _import_chunk_scan()
+    except Exception:
+        return False
+    return True
+
+
+def ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit):
+    """x [b,l,h,p], dt_raw [b,l,h] (before bias/softplus), B/C [b,l,g,n] -> y [b,l,h,p]."""
+    scan = _import_chunk_scan()
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    return scan(
+        x, dt_raw, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias, dt_softplus=True,
+        dt_limit=(lo, hi),
+    )

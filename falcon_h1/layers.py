@@ -1,0 +1,322 @@
+"""The Falcon-H1 decoder layer on Megatron Core parts.
+
+Tensors flow in Megatron's [sequence, batch, hidden] layout. Column/row-parallel
+linears shard the projections the Megatron way; everything between them (RoPE,
+attention, conv, SSD scan, gating) works on the rank's local heads.
+
+The mixer runs attention and Mamba-2 on the same normed input. With
+`fused_projections` one column-parallel GEMM produces [q, k, v, z, x, B, C, dt]
+and one row-parallel GEMM projects the concatenated branch outputs [y_ssm, o_attn]
+(summing two out-projections equals one over the concatenation), so a mixer costs
+one tensor-parallel all-reduce instead of two. µP multipliers are applied as
+per-channel scales of the projection inputs/outputs, never folded into weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
+from megatron.core.ssm.utils import _split_tensor_factory
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from falcon_h1 import kernels
+from falcon_h1.config import FalconH1Config
+
+
+@dataclass(frozen=True)
+class LocalDims:
+    """Per-tensor-parallel-rank widths of every projection segment."""
+
+    q: int
+    kv: int
+    z: int          # = x = local d_ssm
+    bc: int         # local groups * d_state (each of B and C)
+    dt: int         # local Mamba heads
+    q_heads: int
+    kv_heads: int
+    ssm_heads: int
+    groups: int
+
+    @staticmethod
+    def of(cfg: FalconH1Config, tp: int, attention: bool, mamba: bool) -> "LocalDims":
+        d = cfg.kv_channels
+        qh = cfg.num_attention_heads // tp if attention else 0
+        kvh = cfg.num_key_value_heads // tp if attention else 0
+        mh = cfg.mamba_n_heads // tp if mamba else 0
+        g = cfg.mamba_n_groups // tp if mamba else 0
+        return LocalDims(
+            q=qh * d, kv=kvh * d, z=mh * cfg.ssm_head_dim, bc=g * cfg.mamba_d_state, dt=mh,
+            q_heads=qh, kv_heads=kvh, ssm_heads=mh, groups=g,
+        )
+
+    @property
+    def attention_in(self) -> list[int]:
+        return [self.q, self.kv, self.kv] if self.q else []
+
+    @property
+    def mamba_in(self) -> list[int]:
+        return [self.z, self.z, self.bc, self.bc, self.dt] if self.z else []
+
+    @property
+    def conv_channels(self) -> int:
+        return self.z + 2 * self.bc
+
+
+def _tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _tp_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def _mark_tp(param: torch.nn.Parameter, dim: int = 0) -> None:
+    """Tell Megatron (grad-norm, checkpoint) that this parameter is sharded over TP."""
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = 1
+
+
+def _mark_sequence_parallel(param: torch.nn.Parameter, config) -> None:
+    # TP-replicated params that see only a sequence shard: Megatron all-reduces their grads.
+    param.sequence_parallel = bool(config.sequence_parallel)
+
+
+class RMSNorm(MegatronModule):
+    """RMSNorm computed in fp32 like the reference (weight applied in the input dtype)."""
+
+    def __init__(self, config, hidden_size: int, eps: float):
+        super().__init__(config)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        _mark_sequence_parallel(self.weight, config)
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def gated_rms_norm(y, z, weight, groups: int, eps: float, norm_before_gate: bool):
+    """Group-wise RMSNorm of y gated by silu(z), as HF's FalconH1RMSNormGated."""
+    dtype = y.dtype
+    if not norm_before_gate:
+        y = y * F.silu(z.float())
+    h = y.float().unflatten(-1, (groups, -1))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = (weight.unflatten(-1, (groups, -1)) * h).flatten(-2)
+    if norm_before_gate:
+        h = h * F.silu(z.float())
+    return h.to(dtype)
+
+
+def _linear_class(bitnet_cfg, layer_type: str, parallel: str):
+    if bitnet_cfg is None or not bitnet_cfg.enabled:
+        return ColumnParallelLinear if parallel == "column" else RowParallelLinear
+    from bitnet.layers import select_linear
+
+    return select_linear(bitnet_cfg, layer_type, parallel)
+
+
+def _column(cfg_t, in_size, out_size, cls):
+    return cls(in_size, out_size, config=cfg_t, init_method=cfg_t.init_method, bias=False,
+               gather_output=False, skip_bias_add=True)
+
+
+def _row(cfg_t, in_size, out_size, cls):
+    return cls(in_size, out_size, config=cfg_t, init_method=cfg_t.output_layer_init_method,
+               bias=False, input_is_parallel=True, skip_bias_add=True)
+
+
+class ParallelHybridMixer(MegatronModule):
+    """Attention and/or Mamba-2 on the same input; outputs summed."""
+
+    def __init__(self, cfg: FalconH1Config, config, attention: bool, mamba: bool, bitnet_cfg=None):
+        super().__init__(config)
+        self.cfg, self.attention, self.mamba = cfg, attention, mamba
+        tp = _tp_size()
+        dims = self.dims = LocalDims.of(cfg, tp, attention, mamba)
+        self.fused = cfg.fused_projections
+        H = cfg.hidden_size
+        if self.fused:
+            kinds = ["attention_qkv"] * attention + ["mamba_in"] * mamba
+            in_type = "fused_in" if bitnet_cfg is not None and len(kinds) == 2 else kinds[0]
+            out_type = "fused_out" if bitnet_cfg is not None and len(kinds) == 2 else (
+                "attention_out" if attention else "mamba_out")
+            in_cls = _linear_class(bitnet_cfg, in_type, "column")
+            out_cls = _linear_class(bitnet_cfg, out_type, "row")
+            self.in_proj = _column(config, H, tp * sum(dims.attention_in + dims.mamba_in), in_cls)
+            self.out_proj = _row(config, tp * (dims.z + dims.q), H, out_cls)
+        else:
+            if attention:
+                self.attn_in_proj = _column(config, H, tp * sum(dims.attention_in),
+                                            _linear_class(bitnet_cfg, "attention_qkv", "column"))
+                self.attn_out_proj = _row(config, tp * dims.q, H, _linear_class(bitnet_cfg, "attention_out", "row"))
+            if mamba:
+                self.mamba_in_proj = _column(config, H, tp * sum(dims.mamba_in),
+                                             _linear_class(bitnet_cfg, "mamba_in", "column"))
+                self.mamba_out_proj = _row(config, tp * dims.z, H, _linear_class(bitnet_cfg, "mamba_out", "row"))
+        if mamba:
+            dtype = config.params_dtype
+            self.conv1d_weight = torch.nn.Parameter(torch.empty(dims.conv_channels, cfg.mamba_d_conv, dtype=dtype))
+            params = [self.conv1d_weight]
+            if cfg.mamba_conv_bias:
+                self.conv1d_bias = torch.nn.Parameter(torch.empty(dims.conv_channels, dtype=dtype))
+                params.append(self.conv1d_bias)
+            else:
+                self.conv1d_bias = None
+            self.dt_bias = torch.nn.Parameter(torch.empty(dims.ssm_heads, dtype=torch.float32))
+            self.A_log = torch.nn.Parameter(torch.empty(dims.ssm_heads, dtype=torch.float32))
+            self.D = torch.nn.Parameter(torch.empty(dims.ssm_heads, dtype=torch.float32))
+            params += [self.dt_bias, self.A_log, self.D]
+            if cfg.mamba_rms_norm:
+                self.norm_weight = torch.nn.Parameter(torch.ones(dims.z, dtype=dtype))
+                params.append(self.norm_weight)
+            for p in params:
+                _mark_tp(p)
+        self._register_scales()
+
+    def _register_scales(self):
+        """Per-channel µP scales of the in-projection output and out-projection input."""
+        c, d = self.cfg, self.dims
+        a, s, m = c.attention_in_multiplier, c.ssm_in_multiplier, c.ssm_multipliers
+        attn = [a] * d.q + [a * c.key_multiplier] * d.kv + [a] * d.kv if self.attention else []
+        ssm = ([s * m[0]] * d.z + [s * m[1]] * d.z + [s * m[2]] * d.bc + [s * m[3]] * d.bc
+               + [s * m[4]] * d.dt) if self.mamba else []
+        self.register_buffer("attn_in_scale", torch.tensor(attn, dtype=torch.float32), persistent=False)
+        self.register_buffer("ssm_in_scale", torch.tensor(ssm, dtype=torch.float32), persistent=False)
+
+    # ---- branches on local heads; inputs [s, b, channels] ----
+    def _attention(self, qkv, rotary_freqs):
+        d, c = self.dims, self.cfg
+        q, k, v = qkv.split([d.q, d.kv, d.kv], dim=-1)
+        s, b = q.shape[:2]
+        hd = c.kv_channels
+        q, k, v = q.reshape(s, b, -1, hd), k.reshape(s, b, -1, hd), v.reshape(s, b, -1, hd)
+        q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config)
+        k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        backend = "sdpa" if c.attention_backend == "auto" else c.attention_backend
+        o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend)
+        return o.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def _mamba(self, zxbcdt):
+        d, c = self.dims, self.cfg
+        z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .]
+        fast = kernels.use_fast_path(c.kernel_backend, zxbcdt.device)
+        xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, fast)
+        x, B, C = xBC.split([d.z, d.bc, d.bc], dim=-1)
+        b, s = x.shape[:2]
+        y = kernels.ssd_scan(
+            x.reshape(b, s, d.ssm_heads, c.ssm_head_dim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(b, s, d.groups, c.mamba_d_state), C.reshape(b, s, d.groups, c.mamba_d_state),
+            c.mamba_chunk_size, self.D, self.dt_bias, tuple(c.time_step_limit), fast,
+        ).reshape(b, s, d.z)
+        if c.mamba_rms_norm:
+            y = gated_rms_norm(y, z, self.norm_weight, d.groups, c.rms_norm_eps, c.mamba_norm_before_gate)
+        else:
+            y = y * F.silu(z)
+        return y.transpose(0, 1)
+
+    def forward(self, u, rotary_freqs):
+        c = self.cfg
+        if self.fused:
+            proj, _ = self.in_proj(u)
+            qkv, zxbcdt = proj.split([sum(self.dims.attention_in), sum(self.dims.mamba_in)], dim=-1)
+        else:
+            qkv = self.attn_in_proj(u)[0] if self.attention else None
+            zxbcdt = self.mamba_in_proj(u)[0] if self.mamba else None
+        parts = []
+        if self.mamba:
+            y = self._mamba(zxbcdt * self.ssm_in_scale.to(zxbcdt.dtype))
+            parts.append(y * c.ssm_out_multiplier)
+        if self.attention:
+            o = self._attention(qkv * self.attn_in_scale.to(qkv.dtype), rotary_freqs)
+            parts.append(o * c.attention_out_multiplier)
+        if self.fused:
+            return self.out_proj(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])[0]
+        out = None
+        if self.mamba:
+            out = self.mamba_out_proj(parts[0])[0]
+        if self.attention:
+            attn = self.attn_out_proj(parts[-1])[0]
+            out = attn if out is None else out + attn
+        return out
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoint keys per logical tensor (q, k, ..., dt) so any TP size can load them."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        dp_cp = (metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(with_context_parallel=True)
+        sd.update(make_sharded_tensors_for_checkpoint(
+            own, prefix, {name: 0 for name in own}, sharded_offsets, tp_group=tp_group, dp_cp_group=dp_cp))
+        d = self.dims
+        attn_names = ["q", "k", "v"] if self.attention else []
+        ssm_names = ["z", "x", "B", "C", "dt"] if self.mamba else []
+        splits = {
+            "in_proj.weight": (d.attention_in + d.mamba_in, attn_names + ssm_names, 0),
+            "out_proj.weight": ([d.z] * self.mamba + [d.q] * self.attention,
+                                ["ssm"] * self.mamba + ["attn"] * self.attention, 1),
+            "attn_in_proj.weight": (d.attention_in, attn_names, 0),
+            "mamba_in_proj.weight": (d.mamba_in, ssm_names, 0),
+        }
+        splits["conv1d_weight"] = ([d.z, d.bc, d.bc], ["x", "B", "C"], 0)
+        splits["conv1d_bias"] = splits["conv1d_weight"]
+        for name, (sections, names, dim) in splits.items():
+            key = prefix + name
+            if key in sd and len(sections) > 1:
+                sd[key] = _split_tensor_factory(sd[key], sections, names, dim)
+        return sd
+
+
+class SwiGLUMLP(MegatronModule):
+    """down(silu(gate(u) * m_gate) * up(u)) * m_down, gate/up in one column-parallel GEMM."""
+
+    def __init__(self, cfg: FalconH1Config, config, bitnet_cfg=None):
+        super().__init__(config)
+        self.cfg = cfg
+        tp = _tp_size()
+        self.ffn_local = cfg.intermediate_size // tp
+        self.linear_fc1 = _column(config, cfg.hidden_size, 2 * cfg.intermediate_size,
+                                  _linear_class(bitnet_cfg, "mlp", "column"))
+        self.linear_fc2 = _row(config, cfg.intermediate_size, cfg.hidden_size,
+                               _linear_class(bitnet_cfg, "mlp", "row"))
+
+    def forward(self, u):
+        gate, up = self.linear_fc1(u)[0].chunk(2, dim=-1)
+        m_gate, m_down = self.cfg.mlp_multipliers
+        return self.linear_fc2(F.silu(gate * m_gate) * up * m_down)[0]
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = prefix + "linear_fc1.weight"
+        sd[key] = _split_tensor_factory(sd[key], [self.ffn_local, self.ffn_local], ["gate", "up"], 0)
+        return sd
+
+
+class FalconH1Layer(MegatronModule):
+    """norm -> mixer (attention ∥ Mamba-2) -> residual -> norm -> SwiGLU MLP -> residual."""
+
+    def __init__(self, cfg: FalconH1Config, config, kind: str, bitnet_cfg=None):
+        super().__init__(config)
+        self.kind = kind
+        attention, mamba = kind in ("hybrid", "attention"), kind in ("hybrid", "mamba")
+        if attention or mamba:
+            self.input_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
+            self.mixer = ParallelHybridMixer(cfg, config, attention, mamba, bitnet_cfg)
+        self.pre_ff_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLUMLP(cfg, config, bitnet_cfg)
+
+    def forward(self, h, rotary_freqs):
+        if self.kind != "mlp":
+            h = h + self.mixer(self.input_layernorm(h), rotary_freqs)
+        return h + self.mlp(self.pre_ff_layernorm(h))

@@ -1,0 +1,185 @@
+"""Falcon-H1 language model on Megatron Core, and the one function that builds it."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from falcon_h1.config import FalconH1Config, resolve
+from falcon_h1.layers import FalconH1Layer, RMSNorm
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:
+    """Vocabulary padded so every tensor-parallel rank holds an equal, aligned slice."""
+    unit = multiple * tp
+    return -(-vocab_size // unit) * unit
+
+
+def make_transformer_config(
+    cfg: FalconH1Config, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32, bf16: bool = False, recompute: str = "none",
+) -> TransformerConfig:
+    """Megatron's TransformerConfig for a Falcon-H1 config. CPU-safe fusions off without CUDA."""
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=max(cfg.num_attention_heads, 1),
+        num_query_groups=max(cfg.num_key_value_heads, 1),
+        kv_channels=cfg.kv_channels,
+        layernorm_epsilon=cfg.rms_norm_eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.initializer_range,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,  # weights come from falcon_h1.weights (TP-invariant init)
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+    )
+
+
+class FalconH1Model(MegatronModule):
+    """Embedding -> Falcon-H1 layers -> final norm -> LM head (µP multipliers as config).
+
+    forward(input_ids) -> logits [batch, seq, vocab] (gathered over TP, vocab padding
+    removed); forward(input_ids, labels=...) -> per-token loss [batch, seq] computed
+    on the vocab-parallel logits without gathering them.
+    """
+
+    def __init__(self, cfg: FalconH1Config, config: TransformerConfig, bitnet_cfg=None,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__(config)
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.vocab_padded = padded_vocab_size(cfg.vocab_size, tp)
+        self.share_embeddings_and_output_weights = cfg.tie_word_embeddings
+        if cfg.tie_word_embeddings and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("model.tie_word_embeddings = true is not supported with parallel.pp > 1; "
+                             "allowed: untied embeddings (the released Falcon-H1 models are untied) or pp = 1.")
+        if pre_process:
+            self.embedding = VocabParallelEmbedding(
+                self.vocab_padded, cfg.hidden_size, init_method=config.init_method, config=config)
+        kinds = cfg.layer_kinds
+        first, last = self._layer_range(len(kinds))
+        self.layer_offset = first
+        self.layers = torch.nn.ModuleList(
+            FalconH1Layer(cfg, config, kinds[i], bitnet_cfg) for i in range(first, last))
+        if cfg.has_attention:
+            self.rotary = RotaryEmbedding(kv_channels=cfg.kv_channels, rotary_percent=1.0,
+                                          rotary_base=cfg.rope_theta)
+        if post_process:
+            self.final_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
+            lm_head_cls = ColumnParallelLinear
+            if bitnet_cfg is not None and bitnet_cfg.enabled and "lm_head" in bitnet_cfg.layers:
+                from bitnet.layers import select_linear
+
+                lm_head_cls = select_linear(bitnet_cfg, "lm_head", "column")
+            self.output_layer = lm_head_cls(
+                cfg.hidden_size, self.vocab_padded, config=config, init_method=config.init_method,
+                bias=False, gather_output=False, skip_bias_add=True,
+                skip_weight_param_allocation=pre_process and cfg.tie_word_embeddings)
+        self.input_tensor: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _layer_range(n_layers: int) -> tuple[int, int]:
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        rank = parallel_state.get_pipeline_model_parallel_rank()
+        if n_layers % pp:
+            raise ValueError(f"model.num_hidden_layers = {n_layers} must be divisible by parallel.pp = {pp}.")
+        per = n_layers // pp
+        return rank * per, (rank + 1) * per
+
+    def set_input_tensor(self, input_tensor):
+        """Pipeline parallelism hands the previous stage's activations in here."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def shared_embedding_or_output_weight(self):
+        return self.embedding.weight if self.pre_process else self.output_layer.weight
+
+    def forward(self, input_ids, position_ids=None, labels=None, loss_mask=None):
+        cfg = self.cfg
+        if self.pre_process:
+            h = self.embedding(input_ids) * cfg.embedding_multiplier   # [b, s, H]
+            h = h.transpose(0, 1).contiguous()                         # [s, b, H]
+            if self.config.sequence_parallel:
+                h = tensor_parallel.scatter_to_sequence_parallel_region(h)
+        else:
+            h = self.input_tensor
+        seq_len = input_ids.shape[1]
+        rotary = self.rotary(seq_len) if cfg.has_attention else None
+        for layer in self.layers:
+            if self.config.recompute_granularity == "full" and self.training:
+                h = tensor_parallel.checkpoint(layer, False, h, rotary)
+            else:
+                h = layer(h, rotary)
+        if not self.post_process:
+            return h
+        h = self.final_layernorm(h) * cfg.lm_head_multiplier
+        weight = self.embedding.weight if cfg.tie_word_embeddings else None
+        logits, _ = self.output_layer(h, weight=weight)                # [s, b, V/tp]
+        logits = self._mask_vocab_padding(logits)
+        if labels is None:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            return logits[..., : cfg.vocab_size].transpose(0, 1).contiguous()
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1))
+        return loss.transpose(0, 1).contiguous()                      # [b, s]
+
+    def _mask_vocab_padding(self, logits):
+        if self.vocab_padded == self.cfg.vocab_size:
+            return logits
+        local = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        ids = torch.arange(start, start + local, device=logits.device)
+        return logits.masked_fill(ids >= self.cfg.vocab_size, torch.finfo(logits.dtype).min)
+
+
+def build_model(
+    cfg: FalconH1Config, bitnet_cfg=None, sequence_parallel: bool = False, precision: str = "fp32",
+    recompute: str = "none", seed: int = 1234, initialize: bool = True, device: Optional[torch.device] = None,
+) -> FalconH1Model:
+    """The one place a Falcon-H1 config becomes a Megatron model on this rank.
+
+    Needs Megatron's parallel state (falcon_h1.compat.initialize_parallel). Weights
+    are initialised from `seed` in the Hugging Face layout and sliced per rank, so
+    any TP size starts from the same model.
+    """
+    from falcon_h1.compat import default_device
+    from falcon_h1.weights import init_weights
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cfg = resolve(cfg, tp)
+    bf16 = precision == "bf16"
+    config = make_transformer_config(cfg, tp, pp, sequence_parallel, torch.bfloat16 if bf16 else torch.float32,
+                                     bf16, recompute)
+    model = FalconH1Model(
+        cfg, config, bitnet_cfg,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage())
+    model.to(device or default_device())
+    if initialize:
+        init_weights(model, seed)
+    return model

@@ -1,0 +1,183 @@
+"""The typed configuration tree of a training run (the "recipe").
+
+Every Hydra config group in `configs/` is backed by one dataclass here, so a typo
+or a wrong type in an override fails with the key named instead of silently
+creating a new field. The Python API builds the same objects (see
+`recipes.falcon_h1_pretrain`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from falcon_h1.config import FalconH1Config
+
+
+@dataclass
+class MupConfig:
+    """µP forward multipliers. `None` keeps the value of the model preset."""
+
+    embedding_multiplier: Optional[float] = None
+    lm_head_multiplier: Optional[float] = None
+    key_multiplier: Optional[float] = None
+    attention_in_multiplier: Optional[float] = None
+    attention_out_multiplier: Optional[float] = None
+    ssm_in_multiplier: Optional[float] = None
+    ssm_out_multiplier: Optional[float] = None
+    ssm_multipliers: Optional[list[float]] = None  # z, x, B, C, dt
+    mlp_multipliers: Optional[list[float]] = None  # gate, down
+
+
+@dataclass
+class BitNetConfig:
+    """BitNet b1.58 ternary training toggles."""
+
+    enabled: bool = False
+    # Which projections are quantised: any of attention_qkv, attention_out,
+    # mamba_in, mamba_out, mlp (and lm_head / embedding, off by default).
+    layers: list[str] = field(
+        default_factory=lambda: ["attention_qkv", "attention_out", "mamba_in", "mamba_out", "mlp"]
+    )
+    # Fused quantise + straight-through kernels (Triton on GPU); False uses the
+    # reference `x + (q(x) - x).detach()` pattern.
+    fused: bool = True
+    # Run the forward GEMM in int8 on the tensor cores where supported.
+    int8_matmul: bool = False
+    # Extra non-learnable RMSNorm on the activations before each quantised projection.
+    subln: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    # Data-parallel size; None = world_size / (tp * pp).
+    dp: Optional[int] = None
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True
+
+
+@dataclass
+class DataConfig:
+    # "bundled" = the small public-domain corpus shipped in recipes/data/corpus.
+    # Otherwise: Megatron indexed-dataset prefixes (path without .bin/.idx),
+    # optionally weighted: ["0.7", "/data/a_text_document", "0.3", "/data/b"].
+    paths: list[str] = field(default_factory=lambda: ["bundled"])
+    # "byte" = byte-level tokenizer that needs no download; otherwise the path of a
+    # Hugging Face `tokenizers` JSON file.
+    tokenizer: str = "byte"
+    seq_length: int = 128
+    split: str = "98,2,0"
+    cache_dir: Optional[str] = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 5
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    seed: int = 1234
+    save_interval: int = 50
+    eval_interval: int = 0
+    eval_iters: int = 2
+    log_interval: int = 1
+    run_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    resume: bool = True
+    load_dir: Optional[str] = None
+    # Stop after this many steps of this process (for testing resume); 0 = never.
+    exit_after_steps: int = 0
+    recompute: str = "none"  # none | selective | full
+    # Reference kernels (pure PyTorch) even on GPU.
+    force_reference_kernels: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    # offline | online | disabled; "auto" = online when WANDB_API_KEY is set.
+    wandb_mode: str = "auto"
+    wandb_project: str = "falcon-h1"
+    wandb_entity: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    tensorboard: bool = True
+    mlflow: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class SlurmConfig:
+    account: Optional[str] = None
+    partition: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    ntasks_per_node: int = 1
+    cpus_per_task: Optional[int] = None
+    time: str = "01:00:00"
+    container_image: Optional[str] = None
+    container_mounts: list[str] = field(default_factory=list)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    # local | ssh
+    tunnel: str = "local"
+    ssh_host: Optional[str] = None
+    ssh_user: Optional[str] = None
+    ssh_identity: Optional[str] = None
+    job_dir: Optional[str] = None
+    requeue: bool = True
+    master_port: int = 29500
+    # Command prefix that sets up Python on the compute nodes (venv activate, module load).
+    setup_commands: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KubernetesConfig:
+    namespace: str = "default"
+    image: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpu: Optional[str] = None
+    memory: Optional[str] = None
+    # {"claim_name": "mount_path"}
+    pvcs: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    # Environment variables taken from Kubernetes secrets: {"ENV_NAME": "secret-name:key"}
+    secret_env: dict[str, str] = field(default_factory=dict)
+    restart_policy: str = "OnFailure"
+    backoff_limit: int = 3
+    service_account: Optional[str] = None
+
+
+@dataclass
+class ExecutorConfig:
+    kind: str = "local"  # local | slurm | kubernetes
+    nproc_per_node: int = 1
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+
+
+@dataclass
+class RecipeConfig:
+    """One training run: what `falcon-train` composes and `recipes.run` executes."""
+
+    name: str = "falcon_h1_tiny"
+    model: FalconH1Config = field(default_factory=FalconH1Config)
+    mup: MupConfig = field(default_factory=MupConfig)
+    bitnet: BitNetConfig = field(default_factory=BitNetConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    dryrun: bool = False
