@@ -145,7 +145,7 @@ class FalconH1Model(MegatronModule):
         if labels is None:
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             return logits[..., : cfg.vocab_size].transpose(0, 1).contiguous()
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1))
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1).contiguous()                      # [b, s]
 
     def _mask_vocab_padding(self, logits):
@@ -183,3 +183,17 @@ def build_model(
     if initialize:
         init_weights(model, seed)
     return model
+
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Sum the grads of TP-replicated params that only saw a sequence shard (norm weights
+    under sequence parallelism) over the TP group, as Megatron's finalize_model_grads does."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_tensor_model_parallel_group()
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False):
+            grad = getattr(p, "main_grad", None)
+            grad = p.grad if grad is None else grad
+            if grad is not None:
+                torch.distributed.all_reduce(grad, group=group)

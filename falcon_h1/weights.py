@@ -28,7 +28,7 @@ CONV_SEGMENTS = ("x", "B", "C")
 @dataclass(frozen=True)
 class Piece:
     hf_name: str      # real or virtual ("...in_proj.weight:z") HF tensor
-    split_dim: int    # dim along which TP ranks take contiguous slices
+    split_dim: int | None  # dim along which TP ranks take contiguous slices; None: replicated
     pad_rows_to: int = 0  # vocab padding of embeddings / lm_head
 
 
@@ -47,13 +47,13 @@ def _local_pieces(model) -> dict[str, tuple[list[Piece], int]]:
         i = j + model.layer_offset
         hf = f"model.layers.{i}."
         loc = f"layers.{j}."
-        out[loc + "pre_ff_layernorm.weight"] = ([Piece(hf + "pre_ff_layernorm.weight", 0)], 0)
+        out[loc + "pre_ff_layernorm.weight"] = ([Piece(hf + "pre_ff_layernorm.weight", None)], 0)
         out[loc + "mlp.linear_fc1.weight"] = (
             [Piece(hf + "feed_forward.gate_proj.weight", 0), Piece(hf + "feed_forward.up_proj.weight", 0)], 0)
         out[loc + "mlp.linear_fc2.weight"] = ([Piece(hf + "feed_forward.down_proj.weight", 1)], 1)
         if layer.kind == "mlp":
             continue
-        out[loc + "input_layernorm.weight"] = ([Piece(hf + "input_layernorm.weight", 0)], 0)
+        out[loc + "input_layernorm.weight"] = ([Piece(hf + "input_layernorm.weight", None)], 0)
         mixer = layer.mixer
         attn_in = [Piece(hf + f"self_attn.{n}_proj.weight", 0) for n in "qkv"] if mixer.attention else []
         ssm_in = [Piece(hf + f"mamba.in_proj.weight:{s}", 0) for s in MAMBA_IN_SEGMENTS] if mixer.mamba else []
@@ -79,7 +79,7 @@ def _local_pieces(model) -> dict[str, tuple[list[Piece], int]]:
             if cfg.mamba_rms_norm:
                 out[m + "norm_weight"] = ([Piece(hf + "mamba.norm.weight", 0)], 0)
     if model.post_process:
-        out["final_layernorm.weight"] = ([Piece("model.final_layernorm.weight", 0)], 0)
+        out["final_layernorm.weight"] = ([Piece("model.final_layernorm.weight", None)], 0)
         if not cfg.tie_word_embeddings:
             out["output_layer.weight"] = ([Piece("lm_head.weight", 0, model.vocab_padded)], 0)
     return out
@@ -154,6 +154,8 @@ def merge_hf_state(virtual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _rank_slice(t: torch.Tensor, piece: Piece, tp: int, rank: int) -> torch.Tensor:
+    if piece.split_dim is None:
+        return t
     if piece.pad_rows_to and t.shape[0] < piece.pad_rows_to:
         t = torch.cat([t, t.new_zeros(piece.pad_rows_to - t.shape[0], *t.shape[1:])])
     return t.chunk(tp, dim=piece.split_dim)[rank]
@@ -176,15 +178,23 @@ def load_local_from_hf(model, get_hf: Callable[[str], torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def gather_hf_state(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (virtual HF name, full tensor) gathered over tensor parallelism, on CPU."""
+def gather_hf_state(model, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (virtual HF name, full tensor) gathered over tensor parallelism, on CPU.
+
+    grads=True gathers the gradients (`main_grad` under Megatron DDP, else `.grad`).
+    """
     cfg = model.cfg
     tp = parallel_state.get_tensor_model_parallel_world_size()
     group = parallel_state.get_tensor_model_parallel_group()
     params = dict(model.named_parameters())
     shapes = hf_tensor_shapes(cfg)
     for local_name, (pieces, cat_dim) in _local_pieces(model).items():
-        local = params[local_name].detach()
+        param = params[local_name]
+        local = (getattr(param, "main_grad", None) if grads else None)
+        local = (param.grad if grads and local is None else local) if grads else param.detach()
+        if pieces[0].split_dim is None:
+            yield pieces[0].hf_name, local.cpu().clone()
+            continue
         if tp > 1:
             shards = [torch.empty_like(local) for _ in range(tp)]
             dist.all_gather(shards, local.contiguous(), group=group)
