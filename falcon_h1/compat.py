@@ -1,10 +1,12 @@
 """Make Megatron Core run on CPU (gloo), for tests and the embedded CPU demo.
 
-Megatron Core assumes CUDA in two places the model path reaches (see
+Megatron Core assumes CUDA in places the training path reaches (see
 ../shared/platform.md): rotary embeddings move `inv_freq` to
-`torch.cuda.current_device()`, and the RNG tracker stores CUDA generator
-states. `enable_cpu_megatron()` patches exactly those two, and only when no GPU
-is present, so nothing changes on a GPU machine.
+`torch.cuda.current_device()`, the RNG tracker stores CUDA generator states, and
+the pipeline schedules and optimizer wrappers allocate with `device="cuda"`.
+`enable_cpu_megatron()` patches the first two and `cuda_as_cpu()` is a scoped
+TorchFunctionMode for the last; all of it only acts when no GPU is present, so
+nothing changes on a GPU machine.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
 _PATCHED = False
 
@@ -77,10 +80,39 @@ def enable_cpu_megatron() -> None:
     import megatron.core.tensor_parallel.random as mrandom
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # rotary embedding's inv_freq.to(...)
+    torch.cuda.current_stream = torch.cpu.current_stream  # DDP's start_grad_sync waits on it
     tracker = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER = tracker
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _PATCHED = True
+
+
+class cuda_as_cpu(TorchFunctionMode):
+    """Read the CUDA device as the CPU inside Megatron code that hard-codes it.
+
+    Rewrites `device='cuda'` (factory functions and `.to`), makes `.cuda()` a no-op
+    and answers `.type()` of a CPU tensor with its CUDA name (how Megatron's
+    optimizers ask for a tensor's dtype class). Use only on CPU hosts.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
 
 
 def default_device() -> torch.device:

@@ -8,6 +8,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
@@ -71,6 +72,7 @@ class FalconH1Model(MegatronModule):
                  pre_process: bool = True, post_process: bool = True):
         super().__init__(config)
         self.cfg = cfg
+        self.model_type = ModelType.encoder_or_decoder  # what Megatron's schedules ask for
         self.pre_process, self.post_process = pre_process, post_process
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.vocab_padded = padded_vocab_size(cfg.vocab_size, tp)

@@ -181,3 +181,9 @@ class RecipeConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     dryrun: bool = False
+
+    def run(self, executor: Optional[str] = None):
+        """Validate and run this recipe (in-process, or through executor local/slurm/kubernetes)."""
+        from recipes.api import run
+
+        return run(self, executor)

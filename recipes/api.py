@@ -1,0 +1,105 @@
+"""The Python API: build a recipe (the same object the CLI composes from YAML), edit
+it, run it.
+
+    import recipes
+    recipe = recipes.falcon_h1_pretrain("0.5b", train={"max_steps": 1000}, parallel={"tp": 2})
+    recipe.train.lr = 1e-3
+    recipe.run()                       # or recipe.run(executor="slurm")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import OmegaConf
+
+from recipes.config import RecipeConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SIZES = {
+    "0.5b": "falcon_h1_0_5b", "1.5b": "falcon_h1_1_5b", "1.5b-deep": "falcon_h1_1_5b_deep", "3b": "falcon_h1_3b",
+    "7b": "falcon_h1_7b", "34b": "falcon_h1_34b", "tiny": "falcon_h1_tiny", "micro": "falcon_h1_micro",
+}
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
+
+
+def compose_recipe(overrides: Iterable[str] = ()) -> RecipeConfig:
+    """Compose configs/config.yaml with Hydra override strings, exactly as `falcon-train` does."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schema()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return to_recipe(cfg)
+
+
+def to_recipe(cfg) -> RecipeConfig:
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg))
+
+
+def _flatten(prefix: str, value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [o for k, v in value.items() for o in _flatten(f"{prefix}.{k}", v)]
+    return [f"{prefix}={_override_value(value)}"]
+
+
+def _override_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def falcon_h1_pretrain(size: str = "tiny", *, bitnet: bool = False, executor: str = "local",
+                       **groups: dict) -> RecipeConfig:
+    """A pretraining recipe for a released size ("0.5b" ... "34b") or a CPU size ("tiny", "micro").
+
+    Keyword groups override fields: train={"max_steps": 10}, parallel={"tp": 2}, model={...}.
+    """
+    if size not in SIZES and size not in SIZES.values():
+        raise ValueError(f"size = {size!r} is not allowed; allowed: {', '.join(SIZES)}.")
+    overrides = [f"model={SIZES.get(size, size)}", f"bitnet={'on' if bitnet else 'off'}", f"executor={executor}"]
+    if size not in ("tiny", "micro", "falcon_h1_tiny", "falcon_h1_micro"):
+        overrides.append("train=pretrain")
+    for group, values in groups.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{group} = {values!r}: pass a dict of fields, e.g. {group}={{'field': value}}.")
+        overrides += _flatten(group, values)
+    return compose_recipe(overrides)
+
+
+def run(recipe: RecipeConfig, executor: str | None = None):
+    """Validate, then train in this process (local, one process) or launch through an executor."""
+    from recipes.build import validate_recipe
+
+    if executor is not None:
+        recipe.executor.kind = executor
+    validate_recipe(recipe)
+    if recipe.executor.kind == "local" and recipe.executor.nproc_per_node == 1 and not recipe.dryrun:
+        from recipes.training import train
+
+        return train(recipe)
+    import launchers
+
+    return launchers.launch(recipe, dryrun=recipe.dryrun)
+
+
+def recipe_to_yaml(recipe: RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def recipe_from_yaml(path: str | Path) -> RecipeConfig:
+    return to_recipe(OmegaConf.load(path))

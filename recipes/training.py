@@ -1,0 +1,248 @@
+"""The training loop on Megatron Core: DDP, optimizer, lr schedule, the pipeline
+schedule from `get_forward_backward_func`, dist checkpoints, metrics.
+
+`train(recipe)` runs on every rank (single process, or under torchrun).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from recipes.config import RecipeConfig
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    steps: int
+    first_loss: float
+    final_loss: float
+    losses: list[float]
+    tokens_per_s: float
+    checkpoint_dir: str
+    resumed_from: Optional[int]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of masked token losses and their count: Megatron divides by the global
+    token count (calculate_per_token_loss), so any DP/microbatch split gives the same update."""
+    mask = loss_mask.float()
+    loss_sum = (per_token_loss.float() * mask).sum()
+    tokens = mask.sum().to(torch.int)
+    return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
+
+
+def _forward_step(data_iterator, model, device):
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    per_token = model(batch["tokens"], position_ids=batch.get("position_ids"), labels=batch["labels"])
+    return per_token, partial(_loss_func, batch["loss_mask"])
+
+
+def _device_mode():
+    """Megatron's schedules allocate counters on 'cuda'; on a CPU host read that as CPU."""
+    from falcon_h1.compat import cuda_as_cpu
+
+    return cuda_as_cpu() if not torch.cuda.is_available() else contextlib.nullcontext()
+
+
+def train(recipe: RecipeConfig) -> TrainSummary:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from falcon_h1.compat import default_device, initialize_parallel
+    from falcon_h1.flops import training_flops_per_token
+    from falcon_h1.model import build_model
+    from recipes.build import data_parallel_size, resolve_precision, validate_recipe
+    from recipes.checkpointing import load_latest_checkpoint, save_checkpoint
+    from recipes.data import build_tokenizer, build_train_valid_datasets, make_data_iterator
+    from recipes.optim import build_optimizer, wrap_model
+    from recipes.progress import Progress
+    from recipes.run_metadata import write_run_metadata
+    from recipes.schedules import build_scheduler
+    from recipes.tracking import Tracker
+
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    p, t = recipe.parallel, recipe.train
+    model_cfg = validate_recipe(recipe)  # config errors before any process group or file
+    initialize_parallel(tp=p.tp, pp=p.pp, seed=t.seed)
+    world = dist.get_world_size()
+    model_cfg = validate_recipe(recipe, world)
+    dp = data_parallel_size(recipe, world)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    device = default_device()
+    precision = resolve_precision(t.precision)
+    run_dir = Path(t.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+
+    tokenizer = build_tokenizer(recipe.data.tokenizer)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"data.tokenizer {recipe.data.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size = "
+            f"{model_cfg.vocab_size}; allowed: model.vocab_size >= the tokenizer's vocabulary.")
+
+    model = build_model(model_cfg, recipe.bitnet if recipe.bitnet.enabled else None,
+                        sequence_parallel=p.sequence_parallel, precision=precision, recompute=t.recompute,
+                        seed=t.seed)
+    config = model.config
+    ddp_model = wrap_model(model, p, t, config)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
+    config.calculate_per_token_loss = True
+    optimizer = build_optimizer([ddp_model], t, p)
+    scheduler = build_scheduler(optimizer, t)
+
+    micro, global_batch, seq = t.micro_batch_size, t.global_batch_size, recipe.data.seq_length
+    num_microbatches = global_batch // (micro * dp)
+    train_ds, valid_ds = build_train_valid_datasets(
+        recipe.data, seq, t.seed, t.max_steps * global_batch, max(t.eval_iters, 1) * global_batch, tokenizer)
+
+    start_step, consumed, resumed_from = 0, 0, None
+    loaded = load_latest_checkpoint(ckpt_root, [ddp_model], optimizer, scheduler)
+    if loaded is not None:
+        start_step, extra = loaded
+        consumed, resumed_from = extra["consumed_samples"], start_step
+    if _rank() == 0:
+        write_run_metadata(run_dir, _as_dict(recipe))
+    tags = [model_cfg.name, f"attention_ratio={recipe.model.attention_ratio}",
+            f"bitnet={'on' if recipe.bitnet.enabled else 'off'}", f"executor={recipe.executor.kind}",
+            f"tp={p.tp}", f"dp={dp}"]
+    tracker = Tracker(str(run_dir), recipe.logger, _as_dict(recipe), tags, _rank(), recipe.logger.wandb_run_name)
+
+    data_iter = make_data_iterator(train_ds, micro, dp_rank, dp, consumed, t.seed)
+    fwd_bwd = get_forward_backward_func()
+    flops_per_token = training_flops_per_token(model_cfg, seq)
+    peak = _peak_flops(device)
+    progress = Progress(t.max_steps, start_step, enabled=recipe.logger.progress_bar and _rank() == 0)
+    losses: list[float] = []
+    tokens_per_s = 0.0
+    steps_this_run = 0
+    skipped = 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    ddp_model.train()
+    with progress, tracker:
+        for step in range(start_step, t.max_steps):
+            started = time.perf_counter()
+            ddp_model.zero_grad_buffer()
+            optimizer.zero_grad()
+            with _device_mode():
+                reduced = fwd_bwd(
+                    forward_step_func=partial(_forward_step, device=device), data_iterator=data_iter,
+                    model=[ddp_model], num_microbatches=num_microbatches, seq_length=seq,
+                    micro_batch_size=micro, forward_only=False)
+            ok, grad_norm, _ = optimizer.step()
+            skipped += 0 if ok else 1
+            scheduler.step(increment=global_batch)
+            consumed += global_batch
+            loss = _global_mean_loss(reduced)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            tokens_per_s = global_batch * seq / elapsed
+            achieved = tokens_per_s * flops_per_token
+            metrics = {
+                "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": tokens_per_s, "tflops": achieved / 1e12 / world, "step_time_s": elapsed,
+                "skipped_steps": skipped, "consumed_samples": consumed, "peak_mem_gib": _peak_memory_gib(),
+            }
+            if peak:
+                metrics["mfu"] = achieved / (peak * world)
+            losses.append(loss)
+            steps_this_run += 1
+            if (step + 1) % t.log_interval == 0 or step == start_step:
+                tracker.log(step + 1, metrics)
+            progress.update(step + 1, loss=loss, tokens_per_s=tokens_per_s)
+            if t.eval_interval and (step + 1) % t.eval_interval == 0:
+                tracker.log(step + 1, {"val_loss": _evaluate(ddp_model, valid_ds, recipe, dp_rank, dp, device)})
+            last = step + 1 == t.max_steps
+            stop_early = t.exit_after_steps and steps_this_run >= t.exit_after_steps
+            if t.save_interval and ((step + 1) % t.save_interval == 0 or last or stop_early):
+                save_checkpoint(ckpt_root, step + 1, [ddp_model], optimizer, scheduler,
+                                {"consumed_samples": consumed})
+            if stop_early:
+                break
+        summary = TrainSummary(
+            run_dir=str(run_dir), steps=start_step + steps_this_run,
+            first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
+            losses=losses, tokens_per_s=tokens_per_s, checkpoint_dir=str(ckpt_root), resumed_from=resumed_from)
+        tracker.log_summary({"final_loss": summary.final_loss, "tokens_per_s": tokens_per_s,
+                             "steps": summary.steps})
+    return summary
+
+
+def _global_mean_loss(reduced: list[dict]) -> float:
+    """Token-weighted mean over this step's microbatches and the data-parallel group."""
+    from megatron.core import parallel_state
+
+    if not reduced:  # not the last pipeline stage
+        totals = torch.zeros(2, dtype=torch.float64)
+    else:
+        totals = torch.stack([r["lm loss"].double().cpu() for r in reduced]).sum(0)
+    if dist.is_initialized():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        totals = totals.to(device)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+        totals = totals.cpu()
+    return float(totals[0] / totals[1].clamp_min(1))
+
+
+@torch.no_grad()
+def _evaluate(ddp_model, valid_ds, recipe, dp_rank, dp, device) -> float:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from recipes.data import make_data_iterator
+
+    t = recipe.train
+    it = make_data_iterator(valid_ds, t.micro_batch_size, dp_rank, dp, 0, t.seed)
+    ddp_model.eval()
+    totals = []
+    with _device_mode():
+        for _ in range(t.eval_iters):
+            totals += get_forward_backward_func()(
+                forward_step_func=partial(_forward_step, device=device), data_iterator=it, model=[ddp_model],
+                num_microbatches=t.global_batch_size // (t.micro_batch_size * dp),
+                seq_length=recipe.data.seq_length, micro_batch_size=t.micro_batch_size, forward_only=True)
+    ddp_model.train()
+    return _global_mean_loss(totals)
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak RSS)
+
+
+def _peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak of the accelerator, for MFU; 0 where unknown (CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("B200", 2250e12)):
+        if key in name:
+            return peak
+    return 0.0
+
+
+def _as_dict(recipe: RecipeConfig) -> dict:
+    return dataclasses.asdict(recipe)

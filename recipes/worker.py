@@ -1,0 +1,28 @@
+"""`python -m recipes.worker RECIPE.yaml`: what every rank of a launched job runs
+(torchrun / Slurm / Kubernetes set RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m recipes.worker RECIPE.yaml", file=sys.stderr)
+        return 2
+    from recipes.api import recipe_from_yaml
+    from recipes.training import train
+
+    summary = train(recipe_from_yaml(argv[0]))
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        from recipes.train import _print_summary
+
+        _print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
