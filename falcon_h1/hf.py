@@ -69,7 +69,7 @@ def _ensure_parallel(tp: int) -> None:
         initialize_parallel(tp=tp)
 
 
-def from_hf(path: str | os.PathLike, tp: int | None = None, **overrides):
+def from_hf(path: str | os.PathLike, tp: int | None = None, precision: str = "fp32", **overrides):
     """Load an HF FalconH1 directory (config.json + *.safetensors) on the current device.
 
     Starts a single-process gloo group when none exists. `overrides` set our own
@@ -108,7 +108,7 @@ def from_hf(path: str | os.PathLike, tp: int | None = None, **overrides):
     elif "lm_head.weight" not in where and "model.embed_tokens.weight" in where:
         raise KeyError(f"from_hf: tensor 'lm_head.weight' is missing from {path} but config.json says "
                        "tie_word_embeddings = false.")
-    model = build_model(cfg, initialize=False)
+    model = build_model(cfg, initialize=False, precision=precision)
     sample = next(iter(where.values())).get_slice(next(iter(where))).get_dtype()
     model.hf_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(sample, torch.float32)
     load_local_from_hf(model, get_virtual)

@@ -99,7 +99,15 @@ PUBLISHED_PARAMETERS = {
 }
 
 
+# Short names used by the Python API and falcon-bench.
+SIZES = {
+    "0.5b": "falcon_h1_0_5b", "1.5b": "falcon_h1_1_5b", "1.5b-deep": "falcon_h1_1_5b_deep", "3b": "falcon_h1_3b",
+    "7b": "falcon_h1_7b", "34b": "falcon_h1_34b", "tiny": "falcon_h1_tiny", "micro": "falcon_h1_micro",
+}
+
+
 def get_preset(name: str) -> FalconH1Config:
+    name = SIZES.get(name, name)
     if name not in PRESETS:
         raise KeyError(
             f"model preset {name!r} is unknown; allowed: {', '.join(sorted(PRESETS))}."

@@ -14,13 +14,10 @@ from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 
+from falcon_h1.presets import SIZES
 from recipes.config import RecipeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-SIZES = {
-    "0.5b": "falcon_h1_0_5b", "1.5b": "falcon_h1_1_5b", "1.5b-deep": "falcon_h1_1_5b_deep", "3b": "falcon_h1_3b",
-    "7b": "falcon_h1_7b", "34b": "falcon_h1_34b", "tiny": "falcon_h1_tiny", "micro": "falcon_h1_micro",
-}
 
 
 def register_schema() -> None:

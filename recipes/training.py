@@ -148,7 +148,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
                     micro_batch_size=micro, forward_only=False)
             ok, grad_norm, _ = optimizer.step()
             skipped += 0 if ok else 1
-            scheduler.step(increment=global_batch)
+            scheduler.step(increment=1)
             consumed += global_batch
             loss = _global_mean_loss(reduced)
             if torch.cuda.is_available():
