@@ -78,9 +78,9 @@ def validate_recipe(recipe: RecipeConfig, world_size: int | None = None) -> Falc
             _fail("train.global_batch_size", t.global_batch_size,
                   f"a multiple of train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")
     if recipe.bitnet.enabled:
-        from bitnet.layers import validate_bitnet_config
+        from bitnet.layers import validate_bitnet_layers
 
-        validate_bitnet_config(recipe.bitnet)
+        validate_bitnet_layers(recipe.bitnet)
     from recipes.data import validate_data_config
 
     validate_data_config(recipe.data)
