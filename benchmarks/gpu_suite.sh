@@ -10,7 +10,9 @@ export PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 python3 -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider tests/falcon_h1/test_gpu_paths.py tests/bitnet 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+TESTS="tests/falcon_h1/test_gpu_paths.py"
+[ "$MODE" = quick ] && TESTS="$TESTS tests/bitnet"
+python3 -m pytest -q -p no:cacheprovider -p no:warnings --tb=short $TESTS 2>&1 | tail -60 | tee "$OUT/gpu_tests.txt"
 if [ "$MODE" = quick ]; then
   python3 -m falcon_h1.bench --layers 2 --seq 2048 --batch 2 --steps 3 --warmup 2 \
     --variants ours_fused,ours_fused_compiled,ours_unfused_unfused_attention,hf_transformers,ours_bf16_random_init,ours_bitnet_fused,ours_bitnet_reference_ste \
