@@ -89,3 +89,45 @@ def test_two_processes_follow_one_process_curve(tmp_path, reference_run, tp):
         assert abs(two[step] - reference_run[step]) <= 1e-6 * reference_run[step]
     for step, loss in reference_run.items():
         assert abs(two[step] - loss) <= 1e-3 * abs(loss), (step, two[step], loss)
+
+
+@pytest.fixture(scope="module")
+def tracked_runs(tmp_path_factory):
+    """Two real tiny runs with W&B (offline) and TensorBoard on: dense and BitNet."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    for name, extra in (("dense", []), ("ternary", ["bitnet=on"])):
+        _worker(_write_recipe(tmp, name, "train.max_steps=8", "train.save_interval=0", "logger.wandb=true",
+                              "logger.wandb_mode=offline", "logger.tensorboard=true", *extra))
+    return tmp / "dense", tmp / "ternary"
+
+
+def test_tensorboard_and_wandb_hold_the_logged_values(tracked_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dense, _ = tracked_runs
+    losses = _losses(dense)
+    events = EventAccumulator(str(dense / "tensorboard"))
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("train/loss")} == pytest.approx(losses, rel=1e-6)
+    for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/tflops", "train/peak_mem_gib"):
+        assert len(events.Scalars(tag)) == 8, tag
+    offline = list((dense / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
+    assert (dense / "wandb_run_id").read_text().strip() in offline[0].name
+    config = (dense / "config.yaml").read_text()
+    assert "falcon_h1_micro" in config
+
+
+def test_report_draws_two_real_runs(tracked_runs, tmp_path):
+    from matplotlib import image as mpimg
+    import numpy as np
+
+    from recipes.report import main
+
+    main([str(p) for p in tracked_runs] + ["--out", str(tmp_path)])
+    pixels = mpimg.imread(tmp_path / "report.png")[..., :3]
+    for rgb in ((0x1F / 255, 0x77 / 255, 0xB4 / 255), (0xFF / 255, 0x7F / 255, 0x0E / 255)):  # tab10 run 0, 1
+        curve = np.all(np.abs(pixels - np.array(rgb)) < 0.1, axis=-1)
+        assert curve.sum() > 300, rgb
+    html = (tmp_path / "report.html").read_text()
+    assert "dense" in html and "ternary" in html and "data:image/png;base64," in html
