@@ -68,7 +68,8 @@ def _free(*objs):
     torch.cuda.empty_cache()
 
 
-def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list[str], layers: int | None):
+def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list[str], layers: int | None,
+        profile: tuple[str, ...] = ()):
     from falcon_h1.compat import initialize_parallel
     from falcon_h1.flops import training_flops_per_token
     from falcon_h1.hf import from_hf
@@ -92,8 +93,9 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
     flops_tok = training_flops_per_token(preset, seq)
     results = []
 
-    def ours(**overrides):
+    def ours(fast_path: dict | None = None, **overrides):
         def build():
+            _set_fast_path(**(fast_path or {}))
             model = from_hf(workdir, precision="bf16", **overrides).cuda().train()
             return model, lambda m: m(ids, labels=labels).float().mean()
         return build
@@ -126,8 +128,13 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
         ce = torch.nn.CrossEntropyLoss()
         return model, lambda m: ce(m(ids).logits.float().flatten(0, 1), labels.flatten())
 
+    all_off = dict(triton_conv=False, triton_swiglu=False, fold_scales=False, gate_in_scan=False)
     builders = {
         "ours_fused": ours(),
+        # the fast path before the Triton conv / folded scales / SwiGLU kernel (ablation)
+        "ours_fused_prev": ours(all_off),
+        "ours_fused_conv_only": ours({**all_off, "triton_conv": True}),
+        "ours_fused_no_swiglu": ours({"triton_swiglu": False}),
         "ours_fused_compiled": ours_compiled,
         "ours_unfused_unfused_attention": ours(fused_projections=False, attention_backend="unfused"),
         "ours_unfused_sdpa": ours(fused_projections=False),
@@ -138,50 +145,124 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
     }
     for name in variants:
         row = {"variant": name}
+        model = optimizer = step = None
         try:
             model, fwd = builders[name]()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-            ms, loss, peak = _time_steps(_train_step(model, optimizer, fwd), warmup, steps)
+            step = _train_step(model, optimizer, fwd)
+            ms, loss, peak = _time_steps(step, warmup, steps)
+            if name in profile:
+                row["top_kernels"] = _profile_step(step)
             tps = batch * seq / (ms / 1e3)
             row.update(ms=ms, tokens_per_s=tps, tflops=tps * flops_tok / 1e12, mfu=tps * flops_tok / H100_BF16_PEAK,
                        peak_gib=peak, first_loss=loss, params=sum(p.numel() for p in model.parameters()))
-            _free(model, optimizer)
         except Exception as err:  # a variant that cannot run is reported, not fatal
             row["error"] = f"{type(err).__name__}: {err}"[:300]
-            _free()
+        model = optimizer = step = None  # drop this variant before the next one is built
+        _free()
+        _set_fast_path()
         results.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
     return results
 
 
+def _set_fast_path(**options):
+    """Process-wide kernel options for the next variant (defaults: everything on)."""
+    from falcon_h1.kernels import FAST_PATH, FastPathOptions
+
+    for field, value in vars(FastPathOptions(**options)).items():
+        setattr(FAST_PATH, field, value)
+
+
+def _profile_step(step, top: int = 25) -> list[dict]:
+    """CUDA time per kernel name over one training step (after the timed steps warmed up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+    except Exception as err:  # the profile is a diagnostic; never lose the timing row over it
+        return [{"total_ms": float("nan"), "error": f"{type(err).__name__}: {err}"[:200]}]
+    rows = []
+    for ev in events:
+        cuda_us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "device_time_total", 0)
+        if cuda_us > 0:
+            rows.append({"kernel": ev.key[:90], "calls": ev.count, "ms": cuda_us / 1e3})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    return [{"total_ms": total}] + rows[:top]
+
+
 def kernel_microbench(seq: int = 4096, batch: int = 4):
-    """SSD scan and causal conv + SiLU, fwd+bwd, at the 0.5B shape (ms, median)."""
+    """SSD scan, causal conv + SiLU and SwiGLU, fwd+bwd, at the 0.5B shape (ms, median).
+
+    Inputs are strided views of one in-projection-like buffer, as in the mixer. Each
+    conv tile configuration is timed too (the module constants are swapped in turn).
+    """
     import triton.testing
 
     from falcon_h1 import kernels
+    from falcon_h1.kernels import conv_triton
 
+    leaves = []
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=leaves, return_mode="median")
     h, p, n, groups, chunk = 24, 64, 128, 1, 128
     out = {}
-    x = torch.randn(batch, seq, h, p, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dt = torch.randn(batch, seq, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    widths = [h * p, h * p, groups * n, groups * n, h]
+    proj = torch.randn(seq, batch, sum(widths), device="cuda", dtype=torch.bfloat16)
+    z, x, B, C, dt = (t.requires_grad_() for t in proj.transpose(0, 1).split(widths, dim=-1))  # leaf views
+    heads = lambda t, k: t.unflatten(-1, (k, -1))
     A = -torch.rand(h, device="cuda", requires_grad=True)
-    B = torch.randn(batch, seq, groups, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    C = torch.randn(batch, seq, groups, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     D, dt_bias = torch.ones(h, device="cuda", requires_grad=True), torch.zeros(h, device="cuda", requires_grad=True)
     dy = torch.randn(batch, seq, h, p, device="cuda", dtype=torch.bfloat16)
+    lim = (0.0, math.inf)
+    leaves += [z, x, B, C, dt, A, D, dt_bias]
 
-    def ssd():
-        kernels.ssd_scan(x, dt, A, B, C, chunk, D, dt_bias, (0.0, math.inf), True).backward(dy)
-    out["ssd_fwd_bwd_ms"] = triton.testing.do_bench(ssd, return_mode="median")
+    def ssd(gate):
+        y = kernels.ssd_scan(heads(x, h), dt, A, heads(B, groups), heads(C, groups), chunk, D, dt_bias, lim, True,
+                             z=heads(z, h) if gate else None)
+        (y if gate else y * torch.nn.functional.silu(heads(z, h))).backward(dy)
+    out["ssd_then_gate_fwd_bwd_ms"] = bench(lambda: ssd(False))
+    out["ssd_gate_in_kernel_fwd_bwd_ms"] = bench(lambda: ssd(True))
+
     channels = h * p + 2 * groups * n
-    xc = torch.randn(batch, seq, channels, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    xc = proj.transpose(0, 1)[..., h * p: h * p + channels].requires_grad_()
     w = torch.randn(channels, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dyc = torch.randn_like(xc)
+    leaves[:] = [xc, w, bias]
+    dyc = torch.randn(batch, seq, channels, device="cuda", dtype=torch.bfloat16)
+    from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
 
-    def conv():
-        kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc)
-    out["conv_silu_fwd_bwd_ms"] = triton.testing.do_bench(conv, return_mode="median")
+    out["conv_torch_fwd_bwd_ms"] = bench(lambda: causal_conv1d_silu_reference(xc, w, bias).backward(dyc))
+    xd = xc.detach()
+    out["conv_triton_fwd_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
+    out["conv_triton_bwd_ms"] = bench(lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
+    defaults = {k: getattr(conv_triton, k) for k in ("FWD_BLOCK_L", "FWD_BLOCK_C", "FWD_WARPS",
+                                                   "BWD_BLOCK_L", "BWD_BLOCK_C", "BWD_WARPS")}
+    for bl, bc, nw in [(16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 64, 4), (16, 256, 8)]:
+        conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_C, conv_triton.FWD_WARPS = bl, bc, nw
+        out[f"conv_fwd_{bl}x{bc}w{nw}_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
+    for bl, bc, nw in [(8, 128, 4), (16, 128, 4), (16, 64, 4), (32, 128, 8), (8, 256, 4), (16, 256, 8)]:
+        conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_C, conv_triton.BWD_WARPS = bl, bc, nw
+        out[f"conv_bwd_{bl}x{bc}w{nw}_ms"] = bench(
+            lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
+    for k, v in defaults.items():
+        setattr(conv_triton, k, v)
+    out["conv_triton_fwd_bwd_ms"] = bench(lambda: kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc))
+
+    ffn = 2048
+    hm = torch.randn(seq, batch, 2 * ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dm = torch.randn(seq, batch, ffn, device="cuda", dtype=torch.bfloat16)
+    leaves[:] = [hm]
+
+    def swiglu_eager():
+        gate, up = hm.chunk(2, dim=-1)
+        (torch.nn.functional.silu(gate * 0.88) * up * 0.58).backward(dm)
+    out["swiglu_eager_scaled_fwd_bwd_ms"] = bench(swiglu_eager)
+    out["swiglu_triton_fwd_bwd_ms"] = bench(lambda: kernels.swiglu(hm, True).backward(dm))
+    # bytes-moved floors at the copy bandwidth are in benchmarks/NOTES.md
     return out
 
 
@@ -196,26 +277,36 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default="ours_fused,ours_fused_compiled,ours_unfused_unfused_attention,"
                                                "hf_transformers")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile one step of")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel microbenchmarks")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("falcon-bench needs a CUDA GPU.")
     started = time.time()
-    rows = run(args.size, args.seq, args.batch, args.warmup, args.steps, args.variants.split(","), args.layers)
-    micro = kernel_microbench(args.seq, args.batch)
+    rows = run(args.size, args.seq, args.batch, args.warmup, args.steps, args.variants.split(","), args.layers,
+               tuple(v for v in args.profile.split(",") if v))
+    micro = {} if args.no_kernels else kernel_microbench(args.seq, args.batch)
     ref = {r["variant"]: r for r in rows if "error" not in r}
     print(f"\n{torch.cuda.get_device_name()}  size={args.size} seq={args.seq} batch={args.batch} bf16")
     print(f"{'variant':34s} {'ms/step':>9s} {'tok/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'GiB':>6s} "
-          f"{'loss0':>7s} {'vs HF':>6s} {'vs unfused':>10s}")
+          f"{'loss0':>7s} {'vs HF':>6s} {'vs prev':>10s}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:34s} ERROR {r['error']}")
             continue
         vs_hf = r["tokens_per_s"] / ref["hf_transformers"]["tokens_per_s"] if "hf_transformers" in ref else math.nan
-        base = ref.get("ours_unfused_unfused_attention")
+        base = ref.get("ours_fused_prev")
         vs_unf = r["tokens_per_s"] / base["tokens_per_s"] if base else math.nan
         print(f"{r['variant']:34s} {r['ms']:9.1f} {r['tokens_per_s']:9.0f} {r['tflops']:8.1f} {r['mfu']:6.1%} "
               f"{r['peak_gib']:6.1f} {r['first_loss']:7.4f} {vs_hf:6.2f} {vs_unf:10.2f}")
-    print("kernels (fwd+bwd, ms):", json.dumps(micro))
+    for r in rows:
+        if "top_kernels" in r:
+            print(f"\nprofile of one step, {r['variant']}: {r['top_kernels'][0]['total_ms']:.1f} ms of kernels")
+            for k in r["top_kernels"][1:]:
+                print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['kernel']}")
+    print("\nkernels (ms):")
+    for k, v in micro.items():
+        print(f"  {k:34s} {v:8.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "args": vars(args),

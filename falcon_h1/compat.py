@@ -81,6 +81,7 @@ def enable_cpu_megatron() -> None:
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # rotary embedding's inv_freq.to(...)
     torch.cuda.current_stream = torch.cpu.current_stream  # DDP's start_grad_sync waits on it
+    torch.cuda.synchronize = torch.cpu.synchronize  # dist_checkpointing's writer syncs before saving
     tracker = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER = tracker
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
@@ -134,13 +135,13 @@ def initialize_parallel(
     enable_cpu_megatron()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        if "RANK" in os.environ:  # torchrun / Slurm / Kubernetes: env:// rendezvous
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        else:  # a plain process: a private one-rank group; leave os.environ alone for child processes
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % (tp * pp) != 0:
         raise ValueError(

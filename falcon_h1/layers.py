@@ -143,17 +143,14 @@ class ParallelHybridMixer(MegatronModule):
         self.cfg, self.attention, self.mamba = cfg, attention, mamba
         tp = _tp_size()
         dims = self.dims = LocalDims.of(cfg, tp, attention, mamba)
-        self.fused = cfg.fused_projections
+        # BitNet quantises each projection with its own absmean scale and its own toggle
+        # (bitnet.layers), so under BitNet the mixer keeps separate projections.
+        bitnet_on = bitnet_cfg is not None and bitnet_cfg.enabled
+        self.fused = cfg.fused_projections and not bitnet_on
         H = cfg.hidden_size
         if self.fused:
-            kinds = ["attention_qkv"] * attention + ["mamba_in"] * mamba
-            in_type = "fused_in" if bitnet_cfg is not None and len(kinds) == 2 else kinds[0]
-            out_type = "fused_out" if bitnet_cfg is not None and len(kinds) == 2 else (
-                "attention_out" if attention else "mamba_out")
-            in_cls = _linear_class(bitnet_cfg, in_type, "column")
-            out_cls = _linear_class(bitnet_cfg, out_type, "row")
-            self.in_proj = _column(config, H, tp * sum(dims.attention_in + dims.mamba_in), in_cls)
-            self.out_proj = _row(config, tp * (dims.z + dims.q), H, out_cls)
+            self.in_proj = _column(config, H, tp * sum(dims.attention_in + dims.mamba_in), ColumnParallelLinear)
+            self.out_proj = _row(config, tp * (dims.z + dims.q), H, RowParallelLinear)
         else:
             if attention:
                 self.attn_in_proj = _column(config, H, tp * sum(dims.attention_in),
@@ -192,6 +189,31 @@ class ParallelHybridMixer(MegatronModule):
                + [s * m[4]] * d.dt) if self.mamba else []
         self.register_buffer("attn_in_scale", torch.tensor(attn, dtype=torch.float32), persistent=False)
         self.register_buffer("ssm_in_scale", torch.tensor(ssm, dtype=torch.float32), persistent=False)
+        # Folded form (see `_scales_in_weights`): v rows also carry attention_out_multiplier
+        # (o is linear in v); the conv output of the x channels carries ssm_out_multiplier
+        # (y and D*x are linear in x), so no activation-sized scaling pass remains.
+        attn_w = ([a] * d.q + [a * c.key_multiplier] * d.kv + [a * c.attention_out_multiplier] * d.kv
+                  if self.attention else [])
+        conv_out = [c.ssm_out_multiplier] * d.z + [1.0] * (2 * d.bc) if self.mamba else []
+        self.register_buffer("attn_in_weight_scale", torch.tensor(attn_w, dtype=torch.float32), persistent=False)
+        self.register_buffer("conv_out_scale", torch.tensor(conv_out, dtype=torch.float32), persistent=False)
+
+    def _scales_in_weights(self) -> bool:
+        """Apply the µP multipliers to weights (rows of the in-projection) and fused kernels
+        instead of the activations: exact in real arithmetic, only rounding differs. Only for
+        Megatron's plain linears (BitNet quantises the weight it is given, so scaling it
+        first would change the quantisation) and without the gated RMSNorm (which would
+        normalise a scale folded into x away)."""
+        linears = [self.in_proj] if self.fused else (
+            [self.attn_in_proj] * self.attention + [self.mamba_in_proj] * self.mamba)
+        return (kernels.FAST_PATH.fold_scales and not self.cfg.mamba_rms_norm
+                and all(type(m) is ColumnParallelLinear and not m.gradient_accumulation_fusion for m in linears))
+
+    @staticmethod
+    def _project_scaled(linear, u, row_scale):
+        """(u @ W^T) * s as u @ (W * s)^T: one weight-sized multiply instead of activation-sized
+        ones forward and backward; autograd carries the scale into W's gradient."""
+        return linear(u, weight=linear.weight * row_scale.to(linear.weight.dtype)[:, None])[0]
 
     # ---- branches on local heads; inputs [s, b, channels] ----
     def _attention(self, qkv, rotary_freqs):
@@ -207,25 +229,34 @@ class ParallelHybridMixer(MegatronModule):
         o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend)
         return o.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    def _mamba(self, zxbcdt):
+    def _mamba(self, zxbcdt, folded: bool = False):
+        """zxbcdt [s, b, .] (already µP-scaled) -> y [s, b, d_ssm] (as a transposed view).
+
+        folded: ssm_out_multiplier is applied by the conv kernel to x (see _register_scales),
+        so y comes out already scaled.
+        """
         d, c = self.dims, self.cfg
-        z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .]
+        z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .] views
         fast = kernels.use_fast_path(c.kernel_backend, zxbcdt.device)
-        xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, fast)
+        xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, fast,
+                                         out_scale=self.conv_out_scale if folded else None)
         x, B, C = xBC.split([d.z, d.bc, d.bc], dim=-1)
-        b, s = x.shape[:2]
+        heads = lambda t, n: t.unflatten(-1, (n, -1))  # splitting the contiguous last dim: a view
+        gate_in_scan = not c.mamba_rms_norm and kernels.FAST_PATH.gate_in_scan  # kernel gates y * silu(z)
         y = kernels.ssd_scan(
-            x.reshape(b, s, d.ssm_heads, c.ssm_head_dim), dt, -torch.exp(self.A_log.float()),
-            B.reshape(b, s, d.groups, c.mamba_d_state), C.reshape(b, s, d.groups, c.mamba_d_state),
+            heads(x, d.ssm_heads), dt, -torch.exp(self.A_log.float()), heads(B, d.groups), heads(C, d.groups),
             c.mamba_chunk_size, self.D, self.dt_bias, tuple(c.time_step_limit), fast,
-        ).reshape(b, s, d.z)
+            z=heads(z, d.ssm_heads) if gate_in_scan else None,
+        ).flatten(-2)
         if c.mamba_rms_norm:
             y = gated_rms_norm(y, z, self.norm_weight, d.groups, c.rms_norm_eps, c.mamba_norm_before_gate)
-        else:
+        elif not gate_in_scan:
             y = y * F.silu(z)
         return y.transpose(0, 1)
 
     def forward(self, u, rotary_freqs):
+        if self._scales_in_weights():
+            return self._forward_folded(u, rotary_freqs)
         c = self.cfg
         if self.fused:
             proj, _ = self.in_proj(u)
@@ -240,11 +271,31 @@ class ParallelHybridMixer(MegatronModule):
         if self.attention:
             o = self._attention(qkv * self.attn_in_scale.to(qkv.dtype), rotary_freqs)
             parts.append(o * c.attention_out_multiplier)
+        return self._project_out(parts)
+
+    def _forward_folded(self, u, rotary_freqs):
+        """forward() with every µP multiplier folded (see _register_scales): same function."""
+        attn_scale, ssm_scale = self.attn_in_weight_scale, self.ssm_in_scale
         if self.fused:
-            return self.out_proj(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])[0]
+            proj = self._project_scaled(self.in_proj, u, torch.cat([attn_scale, ssm_scale]))
+            qkv, zxbcdt = proj.split([sum(self.dims.attention_in), sum(self.dims.mamba_in)], dim=-1)
+        else:
+            qkv = self._project_scaled(self.attn_in_proj, u, attn_scale) if self.attention else None
+            zxbcdt = self._project_scaled(self.mamba_in_proj, u, ssm_scale) if self.mamba else None
+        parts = []
+        if self.mamba:
+            parts.append(self._mamba(zxbcdt, folded=True))
+        if self.attention:
+            parts.append(self._attention(qkv, rotary_freqs))
+        return self._project_out(parts)
+
+    def _project_out(self, parts):
+        """Out-projection of the branch outputs [s, b, .] (summed, or one GEMM over their concat)."""
+        if self.fused:
+            return self.out_proj(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous())[0]
         out = None
         if self.mamba:
-            out = self.mamba_out_proj(parts[0])[0]
+            out = self.mamba_out_proj(parts[0].contiguous())[0]
         if self.attention:
             attn = self.attn_out_proj(parts[-1])[0]
             out = attn if out is None else out + attn
@@ -292,9 +343,25 @@ class SwiGLUMLP(MegatronModule):
                                _linear_class(bitnet_cfg, "mlp", "row"))
 
     def forward(self, u):
-        gate, up = self.linear_fc1(u)[0].chunk(2, dim=-1)
         m_gate, m_down = self.cfg.mlp_multipliers
-        return self.linear_fc2(F.silu(gate * m_gate) * up * m_down)[0]
+        fc1 = self.linear_fc1
+        if not (kernels.FAST_PATH.fold_scales and type(fc1) is ColumnParallelLinear
+                and not fc1.gradient_accumulation_fusion):
+            gate, up = fc1(u)[0].chunk(2, dim=-1)
+            return self.linear_fc2(F.silu(gate * m_gate) * up * m_down)[0]
+        # silu(g * m_gate) * (up * m_down): both multipliers ride on fc1's weight rows (BitNet
+        # layers above keep activation scaling: they quantise the weight they are given).
+        h = fc1(u, weight=fc1.weight * self._fc1_row_scale(fc1.weight))[0]
+        return self.linear_fc2(kernels.swiglu(h, kernels.use_fast_path(self.cfg.kernel_backend, h.device)))[0]
+
+    def _fc1_row_scale(self, weight):
+        cached = getattr(self, "_fc1_scale_cache", None)
+        if cached is None or cached.device != weight.device or cached.dtype != weight.dtype:
+            m_gate, m_down = self.cfg.mlp_multipliers
+            cached = torch.tensor([m_gate] * self.ffn_local + [m_down] * self.ffn_local,
+                                  dtype=torch.float32).to(weight.device, weight.dtype)[:, None]
+            self._fc1_scale_cache = cached
+        return cached
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)

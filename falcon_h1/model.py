@@ -182,6 +182,10 @@ def build_model(
         cfg, config, bitnet_cfg,
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage())
     model.to(device or default_device())
+    if bitnet_cfg is not None and bitnet_cfg.enabled:
+        from bitnet.layers import label_bitnet_layers
+
+        label_bitnet_layers(model)  # so BitNet errors name the parameter
     if initialize:
         init_weights(model, seed)
     return model

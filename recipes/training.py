@@ -90,12 +90,18 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     run_dir = Path(t.run_dir)
     ckpt_root = run_dir / "checkpoints"
 
+    if recipe.bitnet.enabled:
+        from bitnet import use_reference_kernels
+
+        use_reference_kernels(t.force_reference_kernels)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"data.tokenizer {recipe.data.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size = "
             f"{model_cfg.vocab_size}; allowed: model.vocab_size >= the tokenizer's vocabulary.")
 
+    if t.force_reference_kernels:
+        model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference")
     model = build_model(model_cfg, recipe.bitnet if recipe.bitnet.enabled else None,
                         sequence_parallel=p.sequence_parallel, precision=precision, recompute=t.recompute,
                         seed=t.seed)

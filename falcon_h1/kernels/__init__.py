@@ -4,12 +4,27 @@ chosen here by device and config (never by scattered `if cuda` checks)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
 from falcon_h1.kernels.ssd_reference import ssd_chunk_scan_reference
+
+
+@dataclass
+class FastPathOptions:
+    """Which optimisations of the GPU path are on (all by default). falcon-bench turns them
+    off one by one to measure each in the same run; training never needs to touch this."""
+
+    triton_conv: bool = True    # Triton conv + SiLU on [b, l, c]; off: torch conv1d (reference)
+    triton_swiglu: bool = True  # one-pass SwiGLU; off: eager silu(gate) * up
+    fold_scales: bool = True    # µP multipliers ride on weights / conv output (no activation pass)
+    gate_in_scan: bool = True   # y * silu(z) inside the SSD kernel; off: a separate eager gating
+
+
+FAST_PATH = FastPathOptions()
 
 
 def use_fast_path(backend: str, device: torch.device) -> bool:
@@ -33,22 +48,50 @@ def use_fast_path(backend: str, device: torch.device) -> bool:
     return False
 
 
-def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool):
-    """Mamba-2 SSD over a sequence. dt_raw is before bias/softplus/clamp. Returns [b,l,h,p]."""
+def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z=None):
+    """Mamba-2 SSD over a sequence. dt_raw is before bias/softplus/clamp. Returns [b,l,h,p].
+
+    With z [b,l,h,p] the output is gated, y * silu(z) (inside the scan kernel on the fast path).
+    """
     if fast:
         from falcon_h1.kernels.ssd_triton import ssd_chunk_scan_triton
 
-        return ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit)
+        return ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, z=z)
     dt = F.softplus(dt_raw.float() + dt_bias.float())
     lo, hi = dt_limit
     if lo > 0.0 or hi != math.inf:
         dt = dt.clamp(min=lo, max=hi)
-    return ssd_chunk_scan_reference(x, dt, A, B, C, chunk_size, D).to(x.dtype)
+    y = ssd_chunk_scan_reference(x, dt, A, B, C, chunk_size, D).to(x.dtype)
+    return y if z is None else y * F.silu(z)
 
 
-def causal_conv1d_silu(x, weight, bias, fast: bool):
-    """x [b, l, c] -> silu(causal depthwise conv) [b, l, c]."""
-    return causal_conv1d_silu_reference(x, weight, bias)
+def causal_conv1d_silu(x, weight, bias, fast: bool, out_scale=None):
+    """x [b, l, c] -> silu(causal depthwise conv) [b, l, c], times out_scale [c] (a constant) if given.
+
+    The fast path reads x in place (channel stride 1, any batch/sequence strides) and
+    returns a contiguous [b, l, c]; the reference goes through torch's [b, c, l] conv1d.
+    """
+    if fast and FAST_PATH.triton_conv and weight.shape[-1] == 4:
+        from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton
+
+        return causal_conv1d_silu_triton(x, weight, bias, out_scale)
+    out = causal_conv1d_silu_reference(x, weight, bias)
+    return out if out_scale is None else out * out_scale.to(out.dtype)
+
+
+def swiglu_reference(h):
+    """h [..., 2f] = [gate | up] -> silu(gate) * up."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu(h, fast: bool):
+    """SwiGLU activation of the gate/up GEMM output [..., 2f] -> [..., f]."""
+    if fast and FAST_PATH.triton_swiglu:
+        from falcon_h1.kernels.swiglu_triton import swiglu_triton
+
+        return swiglu_triton(h)
+    return swiglu_reference(h)
 
 
 def causal_attention(q, k, v, scale: float, backend: str):

@@ -27,7 +27,9 @@ def _write_recipe(tmp_path: Path, name: str, *overrides: str) -> Path:
 
 
 def _worker(recipe: Path, nproc: int = 1, wait: bool = True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     if nproc == 1:
         cmd = [sys.executable, "-m", "recipes.worker", str(recipe)]
     else:
@@ -96,7 +98,7 @@ def tracked_runs(tmp_path_factory):
     """Two real tiny runs with W&B (offline) and TensorBoard on: dense and BitNet."""
     tmp = tmp_path_factory.mktemp("tracked")
     for name, extra in (("dense", []), ("ternary", ["bitnet=on"])):
-        _worker(_write_recipe(tmp, name, "train.max_steps=8", "train.save_interval=0", "logger.wandb=true",
+        _worker(_write_recipe(tmp, name, "train.max_steps=8", "train.save_interval=8", "logger.wandb=true",
                               "logger.wandb_mode=offline", "logger.tensorboard=true", *extra))
     return tmp / "dense", tmp / "ternary"
 
@@ -131,3 +133,25 @@ def test_report_draws_two_real_runs(tracked_runs, tmp_path):
         assert curve.sum() > 300, rgb
     html = (tmp_path / "report.html").read_text()
     assert "dense" in html and "ternary" in html and "data:image/png;base64," in html
+
+
+def test_bitnet_run_exports_ternary_weights_that_reproduce_its_forward(tracked_runs, tmp_path, megatron_single):
+    import torch
+
+    from bitnet.export import load_frozen_bitnet, main as export_main
+    from falcon_h1.model import build_model
+    from recipes.api import load_trained_model
+    from recipes.build import effective_model_config
+
+    _, ternary = tracked_runs
+    out = tmp_path / "ternary.safetensors"
+    export_main([str(ternary), str(out)])
+    trained, recipe, step = load_trained_model(ternary)
+    assert step == 8
+    frozen = build_model(effective_model_config(recipe), recipe.bitnet, initialize=False).eval()
+    load_frozen_bitnet(frozen, str(out))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(frozen(ids), trained(ids))
+    dense_size = sum(p.numel() * 4 for p in trained.parameters())
+    assert out.stat().st_size < 0.75 * dense_size  # mixer/MLP weights at 2 bits each

@@ -1,0 +1,244 @@
+"""Export a BitNet model as packed ternary weights (2 bits each) in safetensors, and run it back.
+
+File layout (safetensors, metadata `format = falcon-bitnet-ternary/1`): for every BitNet
+linear weight `P` (e.g. `decoder.layers.0.mlp.linear_fc1.weight`)
+    P.packed   uint8 [ceil(numel / 4)]   4 weights a byte, see `pack_ternary`
+    P.scale    float32 [1]                dequantised weight = ternary * scale
+    P.shape    int64 [ndim]
+and every other tensor of the state dict under its own name, in full precision. The metadata
+key `bitnet_weights` lists the P names (JSON).
+
+`load_frozen_bitnet(model, export)` puts an export into a model built with the same spec; its
+BitNet layers then run from the ternary weights and reproduce the training-time forward exactly.
+
+Console entry `falcon-bitnet-export IN OUT.safetensors`: IN is a `torch.save`d file holding
+either `{"state_dict": ..., "bitnet_param_names": [...]}` (what `save_bitnet_state_dict`
+writes) or a plain state dict, whose BitNet weights are then found by name: the weights of the
+GPT projections `linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2` (`--bitnet-pattern`
+changes that regular expression).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import json
+import math
+import re
+from typing import NamedTuple
+
+import torch
+
+from bitnet import reference
+from bitnet.layers import bitnet_layers, label_bitnet_layers
+
+FORMAT = "falcon-bitnet-ternary/1"
+DEFAULT_BITNET_PATTERN = r"(^|\.)(linear_qkv|linear_proj|linear_fc1|linear_fc2)\.weight$"
+
+
+class TernaryWeight(NamedTuple):
+    ternary: torch.Tensor  # int8 in {-1, 0, 1}
+    scale: torch.Tensor  # 0-d; dequantised = ternary * scale
+
+
+# ------------------------------------------------------------------------------ packing
+def pack_ternary(ternary: torch.Tensor) -> torch.Tensor:
+    """int8 {-1, 0, 1} of any shape -> uint8 [ceil(numel / 4)]: element i is stored as
+    (value + 1) in bits 2*(i % 4) .. 2*(i % 4) + 1 of byte i // 4 (row-major order)."""
+    flat = ternary.detach().reshape(-1).to(torch.int16)
+    bad = (flat < -1) | (flat > 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"pack_ternary: value {int(flat[bad][0])} is not ternary; allowed values: -1, 0, 1"
+        )
+    codes = (flat + 1).to(torch.uint8).cpu()
+    codes = torch.cat([codes, codes.new_ones((-codes.numel()) % 4)])  # pad with code of 0
+    codes = codes.reshape(-1, 4)
+    return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+
+
+def unpack_ternary(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of `pack_ternary`: uint8 bytes -> int8 tensor of `shape`."""
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 3) // 4:
+        raise ValueError(
+            f"unpack_ternary: expected uint8 [{(numel + 3) // 4}] for shape {shape}, "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
+    codes = torch.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).reshape(-1)
+    codes = codes[:numel]
+    if bool((codes == 3).any()):
+        raise ValueError("unpack_ternary: code 3 found; allowed codes: 0, 1, 2 (values -1, 0, 1)")
+    return (codes.to(torch.int8) - 1).reshape(shape)
+
+
+# ------------------------------------------------------------------------------ writing
+def _ternary_entries(name: str, ternary: torch.Tensor, scale: torch.Tensor) -> dict:
+    return {
+        f"{name}.packed": pack_ternary(ternary),
+        f"{name}.scale": scale.detach().reshape(1).cpu().clone(),
+        f"{name}.shape": torch.tensor(list(ternary.shape), dtype=torch.int64),
+    }
+
+
+def _save(tensors: dict, bitnet_names: list, out_path: str, extra_metadata: dict | None = None):
+    from safetensors.torch import save_file
+
+    metadata = {"format": FORMAT, "bitnet_weights": json.dumps(sorted(bitnet_names))}
+    metadata.update(extra_metadata or {})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_path, metadata=metadata)
+
+
+def _plain_tensors(state_dict: dict, skip) -> dict:
+    # Non-tensor entries (Megatron's `_extra_state` = None) carry nothing to export.
+    return {
+        k: v.detach().cpu().clone()
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and k not in skip
+    }
+
+
+def _require_tp1(model) -> None:
+    for name, layer in bitnet_layers(model):
+        if layer._tp_size > 1:
+            raise ValueError(
+                f"bitnet export: {name} is tensor-parallel (TP={layer._tp_size}); allowed: TP=1 "
+                "models, or export_from_state_dict on a merged (unsharded) state dict"
+            )
+
+
+def export_bitnet_state_dict(model: torch.nn.Module, path: str) -> list[str]:
+    """Write `model` (TP=1) to `path`; returns the names of the packed BitNet weights."""
+    _require_tp1(model)
+    label_bitnet_layers(model)
+    tensors, names = {}, []
+    for name, layer in bitnet_layers(model):
+        ternary, scale = layer.quantized_weight()  # raises on non-finite weights
+        names.append(f"{name}.weight")
+        tensors.update(_ternary_entries(f"{name}.weight", ternary, scale))
+    tensors.update(_plain_tensors(model.state_dict(), skip=set(names)))
+    options = {n: vars(layer.bitnet_options) for n, layer in bitnet_layers(model)}
+    _save(tensors, names, path, {"bitnet_options": json.dumps(options)})
+    return names
+
+
+def export_from_state_dict(state_dict: dict, bitnet_param_names, out_path: str) -> list[str]:
+    """Export a full (unsharded) state dict; `bitnet_param_names` are the BitNet weights."""
+    names = list(bitnet_param_names)
+    tensors = {}
+    for name in names:
+        if name not in state_dict:
+            raise ValueError(f"export_from_state_dict: BitNet weight {name!r} is not in the state dict")
+        weight = state_dict[name]
+        stats = reference.weight_stats(weight)
+        if not math.isfinite(float(stats[0])):
+            raise ValueError(f"export_from_state_dict: parameter {name} holds non-finite values")
+        ternary, scale = reference.quantize_weights(weight, stats)
+        tensors.update(_ternary_entries(name, ternary, scale))
+    tensors.update(_plain_tensors(state_dict, skip=set(names)))
+    _save(tensors, names, out_path)
+    return names
+
+
+def save_bitnet_state_dict(model: torch.nn.Module, path: str) -> None:
+    """torch.save the full-precision state dict with the list of BitNet weights (TP=1):
+    the input format of `falcon-bitnet-export`."""
+    _require_tp1(model)
+    names = [f"{n}.weight" for n, _ in bitnet_layers(model)]
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    torch.save({"state_dict": state, "bitnet_param_names": names}, path)
+
+
+# ------------------------------------------------------------------------------ reading
+def load_bitnet_export(path: str) -> dict:
+    """name -> Tensor (full precision) or TernaryWeight (BitNet weights, unpacked)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(
+                f"load_bitnet_export: {path} has format {metadata.get('format')!r}; allowed: {FORMAT!r}"
+            )
+        bitnet_names = json.loads(metadata["bitnet_weights"])
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for name in bitnet_names:
+        shape = raw.pop(f"{name}.shape").tolist()
+        ternary = unpack_ternary(raw.pop(f"{name}.packed"), shape)
+        out[name] = TernaryWeight(ternary, raw.pop(f"{name}.scale").reshape(()))
+    out.update(raw)
+    return out
+
+
+def load_frozen_bitnet(model: torch.nn.Module, export) -> None:
+    """Load an export (path or `load_bitnet_export` dict) into `model` (TP=1, same spec):
+    full-precision tensors by name, BitNet layers frozen on their ternary weights."""
+    _require_tp1(model)
+    if isinstance(export, str):
+        export = load_bitnet_export(export)
+    label_bitnet_layers(model)
+    for name, layer in bitnet_layers(model):
+        entry = export.get(f"{name}.weight")
+        if not isinstance(entry, TernaryWeight):
+            raise ValueError(f"load_frozen_bitnet: the export has no ternary weight for {name}.weight")
+        layer.freeze_quantized(entry.ternary, entry.scale)
+    plain = {k: v for k, v in export.items() if isinstance(v, torch.Tensor)}
+    frozen = {f"{n}.weight" for n, _ in bitnet_layers(model)}
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    missing = [k for k in missing if k not in frozen and not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(
+            f"load_frozen_bitnet: export does not match the model: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _read_input(path: str, pattern: str):
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and "state_dict" in payload:
+        state_dict = payload["state_dict"]
+        names = payload.get("bitnet_param_names")
+    else:
+        state_dict, names = payload, None
+    if names is None:
+        regex = re.compile(pattern)
+        names = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and regex.search(k)]
+    if not names:
+        raise SystemExit(f"falcon-bitnet-export: no BitNet weights in {path} (pattern {pattern!r})")
+    return state_dict, names
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="falcon-bitnet-export",
+        description="Pack the BitNet weights of a torch-saved state dict into 2-bit ternary "
+        "safetensors (other tensors stay full precision).",
+    )
+    parser.add_argument("input", help="torch.save'd state dict, or {'state_dict', 'bitnet_param_names'}")
+    parser.add_argument("output", help="output .safetensors path")
+    parser.add_argument(
+        "--bitnet-pattern", default=DEFAULT_BITNET_PATTERN,
+        help="regex selecting BitNet weights when the input does not list them "
+        f"(default: {DEFAULT_BITNET_PATTERN})",
+    )
+    args = parser.parse_args(argv)
+    if os.path.isdir(args.input):  # a falcon-train run directory: its latest checkpoint
+        from recipes.api import load_trained_model
+
+        model, recipe, step = load_trained_model(args.input)
+        if not recipe.bitnet.enabled:
+            raise SystemExit(f"falcon-bitnet-export: {args.input} was trained with bitnet.enabled = false; "
+                             "allowed: a run trained with bitnet=on.")
+        names = export_bitnet_state_dict(model, args.output)
+        print(f"falcon-bitnet-export: step {step}, {len(names)} ternary weights -> {args.output}")
+        return
+    state_dict, names = _read_input(args.input, args.bitnet_pattern)
+    export_from_state_dict(state_dict, names, args.output)
+    print(f"falcon-bitnet-export: {len(names)} ternary weights -> {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Triton kernels for the BitNet quantisers (CUDA only); `reference.py` is their definition.
+
+Bit-exactness with the reference needs three things every kernel here does:
+- launched with `enable_fp_fusion=False`: `x * s + 0.5` must round twice, like PyTorch's
+  separate multiply and add, not once in a fused multiply-add;
+- divisions through libdevice's `div_rn` (IEEE round-to-nearest); Triton's `/` on float32 is
+  an approximate division;
+- the weight |W| sum accumulated in float64, so its blocking does not change the scale.
+
+No kernel reads a value back to the host: the weight mean goes from the reduction kernel to
+the quantise kernel through a device tensor, so a forward pass has no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+_SUM_BLOCK = 4096
+_SUM_MAX_PROGRAMS = 1024
+_QUANT_BLOCK = 2048
+_NO_FMA = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _abs_sum_partial_kernel(w_ptr, partial_ptr, n, BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    start = pid.to(tl.int64) * BLOCK * BLOCKS_PER_PROGRAM
+    for i in range(BLOCKS_PER_PROGRAM):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + offs, mask=offs < n, other=0.0)
+        acc += tl.abs(w.to(tl.float64))
+    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _weight_quant_kernel(
+    w_ptr, stats_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr, TERNARY_OUT: tl.constexpr
+):
+    pid = tl.program_id(0)
+    # Every program finishes the mean itself from the two float64 stats: cheaper than a launch.
+    mean = libdevice.div_rn(tl.load(stats_ptr), tl.load(stats_ptr + 1))
+    mean = tl.maximum(mean, tl.full([], 1e-5, tl.float64))
+    m = mean.to(tl.float32)
+    s = libdevice.div_rn(tl.full([], 1.0, tl.float64), mean).to(tl.float32)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = tl.floor(w * s + 0.5)
+    q = tl.minimum(tl.maximum(q, -1.0), 1.0)
+    if TERNARY_OUT:
+        tl.store(out_ptr + offs, q.to(tl.int8), mask=mask)
+    else:
+        tl.store(out_ptr + offs, (q * m).to(out_ptr.dtype.element_ty), mask=mask)
+    if pid == 0:
+        tl.store(scale_ptr, m)
+
+
+@triton.jit
+def _row_absmax_kernel(x_ptr, absmax_ptr, D, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        offs = start + tl.arange(0, BLOCK_D)
+        x = tl.load(base + offs, mask=offs < D, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x))
+    tl.store(absmax_ptr + row, tl.max(acc, axis=0))
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr,
+    absmax_ptr,
+    out_ptr,
+    scale_ptr,
+    D,
+    BLOCK_D: tl.constexpr,
+    HAS_ABSMAX: tl.constexpr,
+    INT8_OUT: tl.constexpr,
+):
+    """One program per row: absmax (unless given), then quantise the row."""
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * D
+    if HAS_ABSMAX:
+        a = tl.load(absmax_ptr + row).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            offs = start + tl.arange(0, BLOCK_D)
+            x = tl.load(base + offs, mask=offs < D, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(x))
+        a = tl.max(acc, axis=0)
+    a = tl.maximum(a, 1e-5)
+    s = libdevice.div_rn(tl.full([], 127.0, tl.float32), a)
+    scale = libdevice.div_rn(a, tl.full([], 127.0, tl.float32))
+    for start in range(0, D, BLOCK_D):
+        offs = start + tl.arange(0, BLOCK_D)
+        mask = offs < D
+        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.floor(x * s + 0.5)
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        if INT8_OUT:
+            tl.store(out_ptr + row * D + offs, q.to(tl.int8), mask=mask)
+        else:
+            tl.store(out_ptr + row * D + offs, (q * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+# ------------------------------------------------------------------------------ wrappers
+def weight_stats(w: torch.Tensor) -> torch.Tensor:
+    """float64 `[sum(|w|), numel]` on w's device; no host synchronisation."""
+    w = w.detach().contiguous()
+    n = w.numel()
+    blocks = triton.cdiv(n, _SUM_BLOCK)
+    per_program = triton.next_power_of_2(triton.cdiv(blocks, _SUM_MAX_PROGRAMS))
+    programs = max(1, triton.cdiv(blocks, per_program))
+    partial = torch.empty(programs, dtype=torch.float64, device=w.device)
+    _abs_sum_partial_kernel[(programs,)](
+        w, partial, n, BLOCK=_SUM_BLOCK, BLOCKS_PER_PROGRAM=per_program, **_NO_FMA
+    )
+    stats = torch.empty(2, dtype=torch.float64, device=w.device)
+    torch.sum(partial, dim=0, out=stats[0])
+    stats[1].fill_(float(n))
+    return stats
+
+
+def _weight_quant(w: torch.Tensor, stats: torch.Tensor | None, ternary_out: bool):
+    w = w.detach().contiguous()
+    if stats is None:
+        stats = weight_stats(w)
+    n = w.numel()
+    out = torch.empty_like(w, dtype=torch.int8 if ternary_out else w.dtype)
+    scale = torch.empty((), dtype=torch.float32, device=w.device)
+    grid = (max(1, triton.cdiv(n, _QUANT_BLOCK)),)
+    _weight_quant_kernel[grid](
+        w, stats.to(torch.float64).contiguous(), out, scale, n,
+        BLOCK=_QUANT_BLOCK, TERNARY_OUT=ternary_out, **_NO_FMA,
+    )
+    return out, scale
+
+
+def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None):
+    return _weight_quant(w, stats, ternary_out=True)
+
+
+def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
+    return _weight_quant(w, stats, ternary_out=False)[0]
+
+
+def _rows(x: torch.Tensor):
+    x = x.detach().contiguous()
+    d = x.shape[-1]
+    rows = x.numel() // d if d else 0
+    return x, rows, d
+
+
+def _block_d(d: int) -> int:
+    return min(triton.next_power_of_2(max(d, 16)), 4096)
+
+
+def activation_absmax(x: torch.Tensor) -> torch.Tensor:
+    x, rows, d = _rows(x)
+    absmax = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if rows:
+        _row_absmax_kernel[(rows,)](x, absmax, d, BLOCK_D=_block_d(d), **_NO_FMA)
+    return absmax
+
+
+def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, int8_out: bool):
+    x, rows, d = _rows(x)
+    out = torch.empty_like(x, dtype=torch.int8 if int8_out else x.dtype)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if rows:
+        absmax_arg = scale if absmax is None else absmax.to(torch.float32).contiguous()
+        _act_quant_kernel[(rows,)](
+            x, absmax_arg, out, scale, d,
+            BLOCK_D=_block_d(d), HAS_ABSMAX=absmax is not None, INT8_OUT=int8_out, **_NO_FMA,
+        )
+    return out, scale
+
+
+def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None):
+    return _act_quant(x, absmax, int8_out=True)
+
+
+def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    return _act_quant(x, absmax, int8_out=False)[0]
+
+
+# --------------------------------------------------------------------------- int8 GEMM
+def _int8_matmul_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_stages=stages, num_warps=warps)
+        for bm, bn, bk, stages, warps in [
+            (128, 256, 128, 3, 8),
+            (256, 128, 128, 3, 8),
+            (128, 128, 128, 4, 8),
+            (128, 128, 64, 4, 4),
+            (64, 128, 128, 4, 4),
+        ]
+    ]
+
+
+# Tuned per weight shape only: the token count M changes from batch to batch.
+@triton.autotune(configs=_int8_matmul_configs(), key=["N", "K"])
+@triton.jit
+def _int8_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = (A[M, K] @ B[N, K]^T in int32) * a_scale[M, None] * b_scale, stored in C's
+    dtype. Both operands are K-contiguous, as Hopper's int8 tensor-core instructions want."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * K + offs_k[None, :]
+    b_ptrs = b_ptr + (offs_n % N).to(tl.int64)[None, :] * K + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+    b_scale = tl.load(b_scale_ptr)
+    c = (acc.to(tl.float32) * a_scale[:, None]) * b_scale
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def int8_linear(x_q, x_scale, w_q, w_scale, out_dtype=torch.float32) -> torch.Tensor:
+    """(x_q [M, K] int8 @ w_q [N, K]^T int8) * x_scale[:, None] * w_scale, as out_dtype."""
+    x_q, w_q = x_q.contiguous(), w_q.contiguous()
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _int8_matmul_kernel[grid](
+        x_q, w_q, out, x_scale.to(torch.float32).contiguous(),
+        w_scale.to(torch.float32).reshape(1), m, n, k, **_NO_FMA,
+    )
+    return out

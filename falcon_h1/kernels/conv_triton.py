@@ -1,0 +1,213 @@
+"""Causal depthwise conv1d + SiLU in Triton, forward and backward, on [batch, seq, channels].
+
+The Mamba-2 in-projection writes xBC with channels contiguous, so both kernels read
+that layout directly (any batch / sequence strides, channel stride 1) instead of
+transposing to PyTorch's [batch, channels, seq] conv layout and back. Each program owns
+a [BLOCK_L rows x BLOCK_C channels] tile; the k shifted row windows it needs are
+separate loads that hit L1/L2, so device memory sees each input about once.
+Arithmetic is fp32 whatever the input dtype.
+
+Optional `out_scale` [channels] multiplies the activation (a per-channel constant such
+as a µP multiplier of the consumer), so it costs no separate pass.
+
+Reference: conv_reference.causal_conv1d_silu_reference (the tests compare the two).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+KERNEL_WIDTH = 4          # mamba_d_conv of every released Falcon-H1 model
+BWD_ROWS_PER_PROGRAM = 256  # rows one backward program walks; its dweight partial covers them
+
+
+@triton.jit
+def _load_rows(base, rows, seq_len, stride_l, cols, col_mask):
+    """[rows, cols] tile as fp32; rows outside [0, seq_len) read as 0 (causal zero padding)."""
+    mask = ((rows >= 0) & (rows < seq_len))[:, None] & col_mask[None, :]
+    ptrs = base + rows[:, None].to(tl.int64) * stride_l + cols[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_silu_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, out_ptr,
+    seq_len, channels, stride_xb, stride_xl, stride_ob, stride_ol,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < channels
+    x_base = x_ptr + batch.to(tl.int64) * stride_xb
+    # weight is [channels, 4] contiguous: tap j multiplies x[t - 3 + j]
+    w0 = tl.load(w_ptr + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)
+    acc = _load_rows(x_base, rows - 3, seq_len, stride_xl, cols, col_mask) * w0[None, :]
+    acc += _load_rows(x_base, rows - 2, seq_len, stride_xl, cols, col_mask) * w1[None, :]
+    acc += _load_rows(x_base, rows - 1, seq_len, stride_xl, cols, col_mask) * w2[None, :]
+    acc += _load_rows(x_base, rows, seq_len, stride_xl, cols, col_mask) * w3[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out = acc * tl.sigmoid(acc)
+    if HAS_SCALE:
+        out *= tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    mask = (rows < seq_len)[:, None] & col_mask[None, :]
+    out_ptrs = out_ptr + batch.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_ol + cols[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dpre(x_a, x_b, x_c, x_d, dy, w0, w1, w2, w3, bias, scale):
+    """Gradient at the pre-activation a = w.x + bias of one row window: dy * scale * silu'(a)."""
+    a = x_a * w0[None, :] + x_b * w1[None, :] + x_c * w2[None, :] + x_d * w3[None, :] + bias[None, :]
+    sig = tl.sigmoid(a)
+    return dy * scale[None, :] * sig * (1.0 + a * (1.0 - sig))
+
+
+@triton.jit
+def _conv_silu_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, dy_ptr, dx_ptr, dw_partial_ptr,
+    seq_len, channels, stride_xb, stride_xl, stride_dyb, stride_dyl, stride_dxb, stride_dxl,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx[t] = sum_j w_j * g[t + 3 - j] with g = d(out)/d(pre-activation); dw_j = sum_t g[t] x[t-3+j].
+
+    g is recomputed for the four rows t..t+3 from seven shifted x windows, so nothing but
+    dx and a [5, channels] partial of (dw, dbias) per program goes back to memory.
+    """
+    pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < channels
+    x_base = x_ptr + batch.to(tl.int64) * stride_xb
+    dy_base = dy_ptr + batch.to(tl.int64) * stride_dyb
+    w0 = tl.load(w_ptr + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    dw0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    first_row = pid_l * ROWS_PER_PROGRAM
+    for offset in range(0, ROWS_PER_PROGRAM, BLOCK_L):
+        rows = first_row + offset + tl.arange(0, BLOCK_L)
+        xm3 = _load_rows(x_base, rows - 3, seq_len, stride_xl, cols, col_mask)
+        xm2 = _load_rows(x_base, rows - 2, seq_len, stride_xl, cols, col_mask)
+        xm1 = _load_rows(x_base, rows - 1, seq_len, stride_xl, cols, col_mask)
+        x0 = _load_rows(x_base, rows, seq_len, stride_xl, cols, col_mask)
+        xp1 = _load_rows(x_base, rows + 1, seq_len, stride_xl, cols, col_mask)
+        xp2 = _load_rows(x_base, rows + 2, seq_len, stride_xl, cols, col_mask)
+        xp3 = _load_rows(x_base, rows + 3, seq_len, stride_xl, cols, col_mask)
+        # dy rows past the end read 0, so g there is 0: no contribution from padding
+        g0 = _dpre(xm3, xm2, xm1, x0, _load_rows(dy_base, rows, seq_len, stride_dyl, cols, col_mask),
+                   w0, w1, w2, w3, bias, scale)
+        g1 = _dpre(xm2, xm1, x0, xp1, _load_rows(dy_base, rows + 1, seq_len, stride_dyl, cols, col_mask),
+                   w0, w1, w2, w3, bias, scale)
+        g2 = _dpre(xm1, x0, xp1, xp2, _load_rows(dy_base, rows + 2, seq_len, stride_dyl, cols, col_mask),
+                   w0, w1, w2, w3, bias, scale)
+        g3 = _dpre(x0, xp1, xp2, xp3, _load_rows(dy_base, rows + 3, seq_len, stride_dyl, cols, col_mask),
+                   w0, w1, w2, w3, bias, scale)
+        dx = g0 * w3[None, :] + g1 * w2[None, :] + g2 * w1[None, :] + g3 * w0[None, :]
+        mask = (rows < seq_len)[:, None] & col_mask[None, :]
+        dx_ptrs = (dx_ptr + batch.to(tl.int64) * stride_dxb + rows[:, None].to(tl.int64) * stride_dxl
+                   + cols[None, :])
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw0 += tl.sum(g0 * xm3, axis=0)
+        dw1 += tl.sum(g0 * xm2, axis=0)
+        dw2 += tl.sum(g0 * xm1, axis=0)
+        dw3 += tl.sum(g0 * x0, axis=0)
+        db += tl.sum(g0, axis=0)
+    # partial layout [program, 5, channels]: taps 0..3 then bias; summed over programs by torch
+    n_l_programs = tl.num_programs(0)
+    part = dw_partial_ptr + (batch * n_l_programs + pid_l).to(tl.int64) * 5 * channels + cols
+    tl.store(part + 0 * channels, dw0, mask=col_mask)
+    tl.store(part + 1 * channels, dw1, mask=col_mask)
+    tl.store(part + 2 * channels, dw2, mask=col_mask)
+    tl.store(part + 3 * channels, dw3, mask=col_mask)
+    tl.store(part + 4 * channels, db, mask=col_mask)
+
+
+# Tile shapes chosen for Hopper (H100/H200) at the Falcon-H1 widths: 128 channels x 2 bytes
+# = 256-byte rows per warp access. Re-tune with benchmarks/conv_bench.py when widths change.
+FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 32, 128, 4
+BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS = 16, 128, 4
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def conv_silu_forward(x, weight, bias, out_scale=None):
+    """x [b, l, c] (channel stride 1), weight [c, 4], bias [c] or None -> [b, l, c] contiguous."""
+    batch, seq_len, channels = x.shape
+    out = torch.empty(batch, seq_len, channels, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(seq_len, FWD_BLOCK_L), triton.cdiv(channels, FWD_BLOCK_C), batch)
+    _conv_silu_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight, out,
+        seq_len, channels, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, HAS_SCALE=out_scale is not None,
+        BLOCK_L=FWD_BLOCK_L, BLOCK_C=FWD_BLOCK_C, num_warps=FWD_WARPS,
+    )
+    return out
+
+
+def conv_silu_backward(dy, x, weight, bias, out_scale=None):
+    """-> dx [b, l, c] in x's dtype, dweight [c, 4] and dbias [c] (None without bias) in weight's dtype."""
+    batch, seq_len, channels = x.shape
+    dy = _channels_last(dy)
+    dx = torch.empty(batch, seq_len, channels, device=x.device, dtype=x.dtype)
+    n_l = triton.cdiv(seq_len, BWD_ROWS_PER_PROGRAM)
+    partial = torch.empty(batch * n_l, 5, channels, device=x.device, dtype=torch.float32)
+    grid = (n_l, triton.cdiv(channels, BWD_BLOCK_C), batch)
+    _conv_silu_bwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight,
+        dy, dx, partial,
+        seq_len, channels, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+        ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, HAS_BIAS=bias is not None, HAS_SCALE=out_scale is not None,
+        BLOCK_L=BWD_BLOCK_L, BLOCK_C=BWD_BLOCK_C, num_warps=BWD_WARPS,
+    )
+    sums = partial.sum(0)                      # [5, c] fp32, deterministic (no atomics)
+    dweight = sums[:4].t().to(weight.dtype)
+    dbias = sums[4].to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias
+
+
+class CausalConv1dSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_scale):
+        x = _channels_last(x)
+        weight = weight.contiguous()
+        ctx.save_for_backward(x, weight, bias, out_scale)
+        return conv_silu_forward(x, weight, bias, out_scale)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, out_scale = ctx.saved_tensors
+        dx, dweight, dbias = conv_silu_backward(dy, x, weight, bias, out_scale)
+        return dx, dweight, dbias, None
+
+
+def causal_conv1d_silu_triton(x, weight, bias, out_scale=None):
+    """silu(causal depthwise conv(x)) * out_scale on [b, l, c]; out_scale is a constant (no grad)."""
+    if weight.shape[-1] != KERNEL_WIDTH:
+        raise ValueError(f"mamba_d_conv = {weight.shape[-1]}: the Triton conv kernel supports only "
+                         f"{KERNEL_WIDTH}; use model.kernel_backend = 'reference'.")
+    if out_scale is not None:
+        out_scale = out_scale.detach().float().contiguous()
+    return CausalConv1dSiLU.apply(x, weight, bias, out_scale)

@@ -1,0 +1,369 @@
+"""Save and resume the whole training state with Megatron's distributed checkpointing.
+
+Layout under `ckpt_root` (the one Megatron-LM uses, so its tools can read it):
+
+    iter_0000050/                      one `torch_dist` checkpoint per saved step
+    latest_checkpointed_iteration.txt  the step of the newest complete checkpoint
+
+A checkpoint is written to `iter_XXXXXXX.tmp/`, renamed to `iter_XXXXXXX/` once
+every rank has finished, and only then is `latest_checkpointed_iteration.txt`
+replaced (write-then-rename), so a job killed mid-save leaves the previous
+checkpoint as the latest one.
+
+What is saved: the model (sharded, so it loads at another tensor/pipeline/data
+parallel size), the optimizer's sharded state, the lr scheduler, the step, the
+caller's `extra` dict (e.g. the data position; it must be the same on all ranks)
+and every rank's RNG states (Python, NumPy, torch CPU and CUDA, Megatron's
+tensor-parallel RNG tracker). RNG states are only restored when the parallel
+layout is unchanged; they cannot be mapped onto a different one.
+
+Why `dist_checkpointing.save` hung on CPU (2 gloo processes) and what we change:
+
+1. Megatron's torch_dist writer collects its write results through
+   `filesystem_async.get_write_results_queue()`, which starts a
+   `multiprocessing.get_context("spawn").Manager()` on the first save. A spawned
+   process re-imports the `__main__` script; a worker script without an
+   `if __name__ == "__main__"` guard re-runs `init_process_group` there and blocks,
+   and the parent waits forever for the manager to start. Even with the guard
+   the spawn costs a fresh interpreter importing torch and Megatron. Saves here
+   are synchronous (the writer runs in this process), so we hand the writer an
+   in-process `queue.Queue`.
+2. The writer's `preload_tensors` calls `torch.cuda.synchronize()` unconditionally;
+   on a host without CUDA we route it to the no-op `torch.cpu.synchronize()`.
+3. The writer logs memory with `psutil`, which megatron-core does not declare as a
+   dependency: without it every save fails ("psutil is not installed").
+
+Megatron 0.19.2's distributed optimizer also needs help to load with torch's
+AdamW (the optimizer Megatron uses without TE/Apex, on GPU too): its default
+format cannot be built at all, a fresh optimizer has no state to load into, and
+the restored AdamW step is wrong; see DISTRIBUTED_OPTIMIZER_FORMATS,
+`_allocate_distributed_optimizer_state` and `_load_optimizer_state`.
+
+Saving uses Megatron's `FullyParallelSaveStrategyWrapper` (replicated tensors are
+written once, spread over the data-parallel ranks). Loading uses the plain
+strategy: the fully parallel load exchanges tensors with `.cuda()` (CUDA only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from falcon_h1.compat import enable_cpu_megatron
+import torch.distributed as dist
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelSaveStrategyWrapper,
+)
+from megatron.core.utils import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
+# Megatron's distributed optimizer formats: "fully_reshardable" loads at any
+# TP/PP/DP size but gathers each model-parallel rank's optimizer state on its DP
+# rank 0 while saving; "dp_reshardable" saves fully in parallel but only changes
+# of the DP size are allowed on load. (0.19.2's default, "fully_sharded_model_space",
+# fails: "ShardedTensor.flattened_range is not supported".) The plain optimizer's
+# state is sharded like the model and always reshards.
+DISTRIBUTED_OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+
+
+def checkpoint_dir(ckpt_root: Union[str, Path], step: int) -> Path:
+    return Path(ckpt_root) / f"iter_{step:07d}"
+
+
+def save_checkpoint(
+    ckpt_root: Union[str, Path],
+    step: int,
+    model_chunks,
+    optimizer,
+    scheduler,
+    extra: Optional[dict] = None,
+    distributed_optimizer_format: str = "fully_reshardable",
+) -> Path:
+    """Write `ckpt_root/iter_{step:07d}` on all ranks; returns its path.
+
+    Call on every rank. `model_chunks`: the model or its list of virtual-pipeline
+    chunks, DDP-wrapped or not. `optimizer` / `scheduler` may be None.
+    `distributed_optimizer_format`: see DISTRIBUTED_OPTIMIZER_FORMATS.
+    """
+    if distributed_optimizer_format not in DISTRIBUTED_OPTIMIZER_FORMATS:
+        raise ValueError(
+            f"distributed_optimizer_format = {distributed_optimizer_format!r}; "
+            f"allowed: {', '.join(DISTRIBUTED_OPTIMIZER_FORMATS)}."
+        )
+    _make_synchronous_save_work_everywhere()
+    final_dir = checkpoint_dir(ckpt_root, step)
+    tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that was killed
+        tmp_dir.mkdir(parents=True)
+    dist.barrier()
+
+    content = {"distrib_optim_sharding_type": distributed_optimizer_format}
+    state = _model_and_optimizer_state(model_chunks, optimizer, content, is_loading=False)
+    state.update(
+        iteration=step,
+        checkpoint_version=CHECKPOINT_VERSION,
+        parallel_layout=_parallel_layout(),
+        extra=dict(extra or {}),
+        rng_state=_rng_state_sharded_object(_gather_rng_states_over_dp()),
+    )
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+
+    save_strategy = FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy("torch_dist"),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+    # Ends with a barrier. The content metadata tells the loader which format to ask for.
+    dist_checkpointing.save(state, str(tmp_dir), save_strategy, content_metadata=content)
+
+    if dist.get_rank() == 0:
+        _publish(tmp_dir, final_dir, step)
+    dist.barrier()
+    return final_dir
+
+
+def load_latest_checkpoint(
+    ckpt_root: Union[str, Path], model_chunks, optimizer, scheduler
+) -> Optional[tuple[int, dict]]:
+    """Restore the newest complete checkpoint under `ckpt_root` into the given objects.
+
+    Returns `(step, extra)`, or None when `ckpt_root` holds no checkpoint yet.
+    The model may be laid out at other tensor/pipeline/data parallel sizes than
+    the saved one; so may the optimizer state, except a distributed optimizer's
+    saved as "dp_reshardable" (then only the DP size may change).
+    """
+    _make_synchronous_save_work_everywhere()
+    latest = Path(ckpt_root) / LATEST_FILE
+    if not latest.is_file():
+        return None
+    text = latest.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{latest} holds {text!r}; allowed: a step number written by save_checkpoint.")
+    step = int(text)
+    ckpt_dir = checkpoint_dir(ckpt_root, step)
+    if not ckpt_dir.is_dir() and ckpt_dir.with_name(ckpt_dir.name + ".old").is_dir():
+        ckpt_dir = ckpt_dir.with_name(ckpt_dir.name + ".old")  # killed while re-saving this step
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"{latest} names step {step}, but {ckpt_dir} does not exist.")
+
+    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    same_layout = common.get("parallel_layout") == _parallel_layout()
+    state = _model_and_optimizer_state(model_chunks, optimizer, content, is_loading=True)
+    if same_layout:
+        state["rng_state"] = _rng_state_sharded_object(None)
+    else:
+        logger.warning(
+            "Checkpoint %s was saved with parallel layout %s, now %s: weights and optimizer "
+            "state are resharded, RNG states start fresh.",
+            ckpt_dir, common.get("parallel_layout"), _parallel_layout(),
+        )
+    loaded = dist_checkpointing.load(state, str(ckpt_dir), get_default_load_sharded_strategy(str(ckpt_dir)))
+
+    for key, chunk in _model_keys(model_chunks):
+        chunk.load_state_dict(loaded[key])
+    if optimizer is not None:
+        _load_optimizer_state(optimizer, loaded["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in loaded:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"][parallel_state.get_data_parallel_rank(with_context_parallel=True)])
+    return loaded["iteration"], loaded["extra"]
+
+
+# --------------------------------------------------------------------------------------
+
+
+def _model_keys(model_chunks) -> list[tuple[str, torch.nn.Module]]:
+    """Megatron-LM's keys: "model", or "model0", "model1", ... for virtual pipeline chunks."""
+    chunks = unwrap_model(list(model_chunks) if isinstance(model_chunks, Sequence) else [model_chunks])
+    if len(chunks) == 1:
+        return [("model", chunks[0])]
+    return [(f"model{index}", chunk) for index, chunk in enumerate(chunks)]
+
+
+def _model_and_optimizer_state(model_chunks, optimizer, content: dict, is_loading: bool) -> dict:
+    metadata = {**content, "chained_optim_avoid_prefix": True}
+    state = {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in _model_keys(model_chunks)}
+    if optimizer is not None:
+        if is_loading:
+            _allocate_distributed_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    return state
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its Adam state tensors before loading into them.
+
+    Megatron's DistributedOptimizer builds its loading state dict from the inner
+    optimizer's state, which torch's AdamW (used when TE/Apex are absent) creates
+    only on its first step; Megatron's `_init_optimizer_states_with_dummy_values`
+    takes that step with zero gradients. lr and weight decay are zeroed around it
+    so not even a decay step touches the weights.
+    """
+    megatron_optimizer = getattr(optimizer, "unwrapped", optimizer)
+    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        allocate = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
+        if allocate is None or len(inner.optimizer.state) > 0:
+            continue
+        groups = inner.optimizer.param_groups
+        saved = [(group["lr"], group["weight_decay"]) for group in groups]
+        for group in groups:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+        allocate()
+        for group, (lr, weight_decay) in zip(groups, saved):
+            group["lr"], group["weight_decay"] = lr, weight_decay
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict`, around Megatron 0.19.2 bugs in the distributed optimizer.
+
+    Megatron restores the step of torch's AdamW (used when TE/Apex are absent;
+    they keep no per-parameter step) from the saved param groups, then copies the
+    per-parameter tensors, where AdamW also keeps a tensor "step":
+    * "fully_reshardable" has no "step" among them: KeyError('step');
+    * "dp_reshardable" has one, but it is the freshly allocated state's, not the
+      saved one: the step count silently went back to 1.
+    The per-parameter copy now skips "step" (and any key the checkpoint lacks, as
+    Megatron already skips non-tensor entries), so the param groups' step stands.
+
+    A second bug on the same path (any distributed optimizer format): Megatron
+    restores torch AdamW's "step" as ONE tensor shared by every parameter's state,
+    and AdamW increments each parameter's step in place, so after a resume the
+    shared counter advanced once per parameter per step and the bias corrections
+    were wrong. Each parameter gets its own copy back.
+    """
+    megatron_optimizer = getattr(optimizer, "unwrapped", optimizer)
+    patched = []
+    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        set_states = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if set_states is not None:
+            inner._set_main_param_and_optimizer_states = (
+                lambda model_param, tensors, set_states=set_states: set_states(
+                    model_param, defaultdict(lambda: None, _without_step(tensors))
+                )
+            )
+            patched.append(inner)
+    try:
+        # no_grad: 0.19.2's dp_reshardable loader (unlike the others) lacks it and
+        # copies into fp32 main params that are views of leaf parameters.
+        with torch.no_grad():
+            optimizer.load_state_dict(state)
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states
+    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        for param_state in inner.optimizer.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
+
+
+def _without_step(tensors: dict) -> dict:
+    return {key: value for key, value in tensors.items() if key != "step"}
+
+
+def _parallel_layout() -> dict:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+    }
+
+
+def _rng_state_sharded_object(dp_rng_states: Optional[list]) -> ShardedObject:
+    """Megatron-LM's layout: one object per (pp, tp) rank holding the list over DP ranks."""
+    return ShardedObject(
+        "rng_state",
+        dp_rng_states,
+        (
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        ),
+        (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+        ),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _gather_rng_states_over_dp() -> list:
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    states = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, state, group=group)
+    return states
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available() and state["cuda_rng_state"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _publish(tmp_dir: Path, final_dir: Path, step: int) -> None:
+    """Make a finished checkpoint visible: rename the directory, then point `latest` at it."""
+    if final_dir.exists():  # re-saving a step: keep the old one until the new one is in place
+        old_dir = final_dir.with_name(final_dir.name + ".old")
+        shutil.rmtree(old_dir, ignore_errors=True)
+        final_dir.rename(old_dir)
+        tmp_dir.rename(final_dir)
+        shutil.rmtree(old_dir)
+    else:
+        tmp_dir.rename(final_dir)
+    latest = final_dir.parent / LATEST_FILE
+    latest_tmp = latest.with_name(LATEST_FILE + ".tmp")
+    with open(latest_tmp, "w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, latest)
+    _fsync_dir(final_dir.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------
+# Shims for Megatron's torch_dist writer (see the module docstring).
+
+
+def _make_synchronous_save_work_everywhere() -> None:
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    enable_cpu_megatron()  # the writer's torch.cuda.synchronize()

@@ -1,0 +1,146 @@
+"""Data-parallel wrapping and the optimizer: Megatron Core's own, on GPU and on CPU.
+
+`wrap_model` returns Megatron's `DistributedDataParallel` and `build_optimizer`
+returns Megatron's optimizer (`get_megatron_optimizer`: AdamW with decoupled
+weight decay, no decay on biases and 1-D parameters, global grad-norm clipping
+that counts tensor-parallel duplicates once, optional distributed optimizer).
+The same code runs on a GPU-less machine; two small CPU shims make that possible:
+
+* Megatron's `DistributedDataParallel` dies on CPU in
+  `_ParamAndGradBucketGroup.start_grad_sync`, which calls
+  `torch.cuda.current_stream()` unconditionally (to wait for CUDA-graph weight
+  gradient events) before every gradient all-reduce. On a host without CUDA
+  `falcon_h1.compat.enable_cpu_megatron` routes it to `torch.cpu.current_stream()`,
+  whose `wait_event` / `wait_stream` are no-ops. Nothing else in the DDP path needs CUDA once
+  `torch.cuda.current_device()` returns the CPU (falcon_h1.compat does that).
+* Megatron's optimizer wrappers hard-code CUDA: `torch.tensor(..., device='cuda')`
+  (FP32Optimizer's `_scale`, the grad scaler, `clip_grads`' norm and zero
+  counters), `.cuda()` on loaded state, and dtype checks written as
+  `param.type() == 'torch.cuda.FloatTensor'` (distributed and bf16 optimizers).
+  On a host without CUDA, `build_optimizer` returns the Megatron optimizer in a
+  thin proxy that runs every call under `falcon_h1.compat.cuda_as_cpu`, a
+  TorchFunctionMode that reads "cuda" as "cpu" in exactly those three forms. The optimizer object, its
+  param groups and its (sharded) state dict are Megatron's own, so checkpoints
+  are the same format on both devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence, Union
+
+import torch
+
+from falcon_h1.compat import cuda_as_cpu, enable_cpu_megatron
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.module import MegatronModule
+
+ModelChunks = Union[MegatronModule, Sequence[MegatronModule]]
+
+
+def wrap_model(model: ModelChunks, parallel_cfg, train_cfg, transformer_config):
+    """Wrap the model (or each virtual-pipeline chunk) in Megatron's DDP.
+
+    Gradients accumulate in an fp32 buffer (`param.main_grad`) and are averaged
+    over the data-parallel group by `finish_grad_sync()` (or asynchronously per
+    bucket during backward when `parallel.overlap_grad_reduce` is on). The
+    returned object keeps Megatron's interface: `.module`, `zero_grad_buffer()`,
+    `no_sync()`, `start_grad_sync()`, `finish_grad_sync()`.
+    """
+    enable_cpu_megatron()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
+        use_distributed_optimizer=parallel_cfg.distributed_optimizer,
+        # None = Megatron's default, max(4e7, 1e6 * dp_size) parameters per bucket.
+        bucket_size=getattr(parallel_cfg, "ddp_bucket_size", None),
+        check_for_nan_in_grad=getattr(train_cfg, "check_for_nan_in_grad", True),
+    )
+    chunks = [model] if isinstance(model, MegatronModule) else list(model)
+    wrapped = [
+        DistributedDataParallel(
+            config=transformer_config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Megatron-LM buckets only the first chunk: later chunks' gradients
+            # become ready all at once at the end of the pipeline flush.
+            disable_bucketing=index > 0,
+        )
+        for index, chunk in enumerate(chunks)
+    ]
+    return wrapped[0] if isinstance(model, MegatronModule) else wrapped
+
+
+def build_optimizer(wrapped_models: ModelChunks, train_cfg, parallel_cfg):
+    """Megatron's optimizer over the DDP-wrapped model chunk(s).
+
+    `.step()` returns `(update_successful, grad_norm, num_zeros_in_grad)`; the
+    grad norm is the global L2 norm before clipping to `train.grad_clip`.
+    Weight decay is already multiplied by each group's `wd_mult` (0 for biases and
+    1-D parameters: norms, A_log, D, dt_bias), so the optimizer is correct before
+    the lr scheduler's first step; the scheduler keeps it that way.
+    """
+    chunks = [wrapped_models] if isinstance(wrapped_models, MegatronModule) else list(wrapped_models)
+    for field, value in (("train.lr", train_cfg.lr), ("train.grad_clip", train_cfg.grad_clip)):
+        if value < 0:
+            raise ValueError(f"{field} = {value}; allowed: a value >= 0.")
+    if train_cfg.min_lr > train_cfg.lr:
+        raise ValueError(
+            f"train.min_lr = {train_cfg.min_lr} is above train.lr = {train_cfg.lr}; "
+            "allowed: 0 <= min_lr <= lr."
+        )
+    param_dtypes = {p.dtype for chunk in chunks for p in chunk.parameters()}
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr,
+        weight_decay=train_cfg.weight_decay,
+        adam_beta1=train_cfg.adam_beta1,
+        adam_beta2=train_cfg.adam_beta2,
+        adam_eps=train_cfg.adam_eps,
+        clip_grad=train_cfg.grad_clip,
+        # bf16 model weights get fp32 main copies in the optimizer; read from the
+        # model itself so the two can never disagree.
+        bf16=torch.bfloat16 in param_dtypes,
+        params_dtype=torch.bfloat16 if torch.bfloat16 in param_dtypes else torch.float32,
+        use_distributed_optimizer=parallel_cfg.distributed_optimizer,
+    )
+    if torch.cuda.is_available():
+        optimizer = get_megatron_optimizer(config, chunks)
+    else:
+        with cuda_as_cpu():
+            optimizer = _CpuCallsProxy(get_megatron_optimizer(config, chunks))
+    for group in optimizer.param_groups:
+        group["weight_decay"] = train_cfg.weight_decay * group.get("wd_mult", 1.0)
+    return optimizer
+
+
+class _CpuCallsProxy:
+    """Forwards to a Megatron optimizer, running each method call under `cuda_as_cpu`."""
+
+    def __init__(self, optimizer):
+        object.__setattr__(self, "_optimizer", optimizer)
+
+    @property
+    def unwrapped(self):
+        """The Megatron optimizer itself."""
+        return self._optimizer
+
+    def __getattr__(self, name):
+        attribute = getattr(self._optimizer, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call_on_cpu(*args, **kwargs):
+            with cuda_as_cpu():
+                return attribute(*args, **kwargs)
+
+        return call_on_cpu
+
+    def __setattr__(self, name, value):
+        setattr(self._optimizer, name, value)
+
+    def __repr__(self):
+        return f"CPU({self._optimizer!r})"
