@@ -88,6 +88,15 @@ def _mark_sequence_parallel(param: torch.nn.Parameter, config) -> None:
     param.sequence_parallel = bool(config.sequence_parallel)
 
 
+def _split_factory(sharded_tensor, sections: list[int], names: list[str], dim: int):
+    """Megatron's split-into-named-parts checkpoint factory; its merge concatenates on
+    dim 0, so splits along dim 1 (row-parallel inputs) get a matching merge."""
+    factory = _split_tensor_factory(sharded_tensor, sections, names, dim)
+    if dim != 0:
+        factory.merge_fn = lambda parts: torch.cat(parts, dim=dim)
+    return factory
+
+
 class RMSNorm(MegatronModule):
     """RMSNorm computed in fp32 like the reference (weight applied in the input dtype)."""
 
@@ -325,7 +334,7 @@ class ParallelHybridMixer(MegatronModule):
         for name, (sections, names, dim) in splits.items():
             key = prefix + name
             if key in sd and len(sections) > 1:
-                sd[key] = _split_tensor_factory(sd[key], sections, names, dim)
+                sd[key] = _split_factory(sd[key], sections, names, dim)
         return sd
 
 
@@ -366,7 +375,7 @@ class SwiGLUMLP(MegatronModule):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         key = prefix + "linear_fc1.weight"
-        sd[key] = _split_tensor_factory(sd[key], [self.ffn_local, self.ffn_local], ["gate", "up"], 0)
+        sd[key] = _split_factory(sd[key], [self.ffn_local, self.ffn_local], ["gate", "up"], 0)
         return sd
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -11,14 +12,19 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from falcon_h1.config import FalconH1Config, resolve
 from falcon_h1.layers import FalconH1Layer, RMSNorm
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:
-    """Vocabulary padded so every tensor-parallel rank holds an equal, aligned slice."""
-    unit = multiple * tp
+    """Vocabulary padded so every tensor-parallel rank holds an equal, aligned slice.
+
+    The unit is at least 512 so TP sizes 1, 2, 4 and 8 pad alike and a checkpoint's
+    embedding keeps its shape when it is loaded at another TP size.
+    """
+    unit = math.lcm(multiple * tp, 512)
     return -(-vocab_size // unit) * unit
 
 
@@ -112,6 +118,19 @@ class FalconH1Model(MegatronModule):
             raise ValueError(f"model.num_hidden_layers = {n_layers} must be divisible by parallel.pp = {pp}.")
         per = n_layers // pp
         return rank * per, (rank + 1) * per
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Checkpoint keys with global layer numbers (any PP split loads them), each layer's
+        submodules sharded by their own rules (see ParallelHybridMixer.sharded_state_dict)."""
+        sd = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                for j, layer in enumerate(self.layers):
+                    sd.update(layer.sharded_state_dict(
+                        f"{prefix}layers.{j + self.layer_offset}.", sharded_offsets, metadata))
+            else:
+                sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        return sd
 
     def set_input_tensor(self, input_tensor):
         """Pipeline parallelism hands the previous stage's activations in here."""

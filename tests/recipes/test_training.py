@@ -155,3 +155,17 @@ def test_bitnet_run_exports_ternary_weights_that_reproduce_its_forward(tracked_r
         assert torch.equal(frozen(ids), trained(ids))
     dense_size = sum(p.numel() * 4 for p in trained.parameters())
     assert out.stat().st_size < 0.75 * dense_size  # mixer/MLP weights at 2 bits each
+
+
+def test_checkpoint_saved_at_tp2_resumes_at_tp1(tmp_path, reference_run):
+    tp2 = _write_recipe(tmp_path, "reshard", "train.max_steps=12", "train.save_interval=6",
+                        "train.exit_after_steps=6", "parallel.tp=2")
+    _worker(tp2, nproc=2)
+    assert (tmp_path / "reshard" / "checkpoints" / "iter_0000006").is_dir()
+    tp1 = _write_recipe(tmp_path, "reshard", "train.max_steps=12", "train.save_interval=6", "parallel.tp=1")
+    out = _worker(tp1)
+    assert "finished 12 steps" in out.stdout
+    losses = _losses(tmp_path / "reshard")
+    assert sorted(losses) == list(range(1, 13))
+    for step in range(7, 13):  # continued at TP=1 from the TP=2 weights and optimizer state
+        assert abs(losses[step] - reference_run[step]) <= 1e-3 * reference_run[step], step
