@@ -9,7 +9,6 @@ from falcon_h1.config import FalconH1Config, resolve
 from recipes.config import RecipeConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
-LR_DECAY_STYLES = ("cosine", "linear", "constant")
 EXECUTOR_KINDS = ("local", "slurm", "kubernetes")
 RECOMPUTE = ("none", "selective", "full")
 
@@ -53,16 +52,15 @@ def validate_recipe(recipe: RecipeConfig, world_size: int | None = None) -> Falc
         _fail("parallel.pp", p.pp, f"a divisor of model.num_hidden_layers = {model_cfg.num_hidden_layers}")
     if t.precision not in PRECISIONS:
         _fail("train.precision", t.precision, f"one of {PRECISIONS}")
-    if t.lr_decay_style not in LR_DECAY_STYLES:
-        _fail("train.lr_decay_style", t.lr_decay_style, f"one of {LR_DECAY_STYLES}")
     if t.recompute not in RECOMPUTE:
         _fail("train.recompute", t.recompute, f"one of {RECOMPUTE}")
     for key in ("max_steps", "micro_batch_size", "global_batch_size"):
         value = getattr(t, key)
         if not isinstance(value, int) or value < 1:
             _fail(f"train.{key}", value, "a positive integer")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        _fail("train.min_lr", t.min_lr, f"0 <= min_lr <= train.lr = {t.lr}")
+    from recipes.schedules import validate_train_schedule
+
+    validate_train_schedule(t)
     if recipe.data.seq_length < 1 or recipe.data.seq_length > model_cfg.max_position_embeddings:
         _fail("data.seq_length", recipe.data.seq_length,
               f"1 .. model.max_position_embeddings = {model_cfg.max_position_embeddings}")

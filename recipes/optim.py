@@ -36,6 +36,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.module import MegatronModule
 
+from recipes.schedules import validate_train_schedule
+
 ModelChunks = Union[MegatronModule, Sequence[MegatronModule]]
 
 
@@ -82,14 +84,7 @@ def build_optimizer(wrapped_models: ModelChunks, train_cfg, parallel_cfg):
     the lr scheduler's first step; the scheduler keeps it that way.
     """
     chunks = [wrapped_models] if isinstance(wrapped_models, MegatronModule) else list(wrapped_models)
-    for field, value in (("train.lr", train_cfg.lr), ("train.grad_clip", train_cfg.grad_clip)):
-        if value < 0:
-            raise ValueError(f"{field} = {value}; allowed: a value >= 0.")
-    if train_cfg.min_lr > train_cfg.lr:
-        raise ValueError(
-            f"train.min_lr = {train_cfg.min_lr} is above train.lr = {train_cfg.lr}; "
-            "allowed: 0 <= min_lr <= lr."
-        )
+    validate_train_schedule(train_cfg)
     param_dtypes = {p.dtype for chunk in chunks for p in chunk.parameters()}
     config = OptimizerConfig(
         optimizer="adam",

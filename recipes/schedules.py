@@ -16,12 +16,12 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 DECAY_STYLES = ("cosine", "linear", "constant")
 
 
-def build_scheduler(optimizer, train_cfg) -> OptimizerParamScheduler:
-    """Megatron's scheduler over `optimizer.param_groups`, configured from `train`.
-
-    On resume, the recipe's values win over the checkpoint's (a run may be
-    extended by raising `train.max_steps`); only the step count is restored.
-    """
+def validate_train_schedule(train_cfg) -> None:
+    """The lr / weight-decay / clipping values every consumer relies on (optimizer,
+    scheduler, recipe validation); errors name the key, value and what is allowed."""
+    for field, value in (("train.lr", train_cfg.lr), ("train.grad_clip", train_cfg.grad_clip)):
+        if value < 0:
+            raise ValueError(f"{field} = {value}; allowed: a value >= 0.")
     if train_cfg.lr_decay_style not in DECAY_STYLES:
         raise ValueError(
             f"train.lr_decay_style = {train_cfg.lr_decay_style!r}; allowed: {', '.join(DECAY_STYLES)}."
@@ -39,6 +39,15 @@ def build_scheduler(optimizer, train_cfg) -> OptimizerParamScheduler:
         )
     if train_cfg.weight_decay < 0:
         raise ValueError(f"train.weight_decay = {train_cfg.weight_decay}; allowed: a value >= 0.")
+
+
+def build_scheduler(optimizer, train_cfg) -> OptimizerParamScheduler:
+    """Megatron's scheduler over `optimizer.param_groups`, configured from `train`.
+
+    On resume, the recipe's values win over the checkpoint's (a run may be
+    extended by raising `train.max_steps`); only the step count is restored.
+    """
+    validate_train_schedule(train_cfg)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

@@ -35,10 +35,15 @@ def _print_summary(summary) -> None:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def _app(cfg: DictConfig):
     from falcon_h1.config import ConfigError
+    from launchers import ClusterError
     from recipes.build import RecipeError
 
     recipe = to_recipe(cfg)
-    recipe.train.run_dir = HydraConfig.get().runtime.output_dir
+    ex = recipe.executor
+    if ex.kind == "local" or (ex.kind == "slurm" and ex.slurm.tunnel == "local"):
+        # Hydra made this directory (and resolved ${now:}) once; remote executors keep the
+        # relative run_dir, which the launcher places on the job's volume / job_dir.
+        recipe.train.run_dir = HydraConfig.get().runtime.output_dir
     try:
         if recipe.dryrun:
             from recipes.build import validate_recipe
@@ -46,7 +51,7 @@ def _app(cfg: DictConfig):
             validate_recipe(recipe)
             print(recipe_to_yaml(recipe))
         result = run(recipe)
-    except (ConfigError, RecipeError, ValueError, FileNotFoundError, KeyError) as err:
+    except (ConfigError, RecipeError, ValueError, FileNotFoundError, KeyError, ClusterError) as err:
         print(f"falcon-train: error: {err}", file=sys.stderr)
         sys.exit(2)
     if hasattr(result, "final_loss"):

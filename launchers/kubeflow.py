@@ -1,0 +1,333 @@
+"""executor.kind=kubernetes: a Kubeflow PyTorchJob (training-operator, kubeflow.org/v1).
+
+Two manifests: a ConfigMap holding the resolved recipe, and the PyTorchJob, one pod per
+node (a Master, plus `nodes - 1` Workers), each running
+
+    torchrun --nnodes=$PET_NNODES --nproc-per-node=$PET_NPROC_PER_NODE
+             --node-rank=$PET_NODE_RANK --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT
+             -m recipes.worker /etc/falcon-recipe/recipe.yaml
+
+with the rendezvous variables the training operator sets in every pod (from
+spec.nprocPerNode, the replica counts and the Master's `pytorchjob-port`). Pods are built
+with the official `kubernetes` client's models; secrets reach the container only as
+`valueFrom.secretKeyRef` references. A pod restarted by the operator (restartPolicy,
+runPolicy.backoffLimit) resumes from the latest checkpoint in `train.run_dir`, which is
+why run_dir belongs on a PersistentVolumeClaim.
+
+NeMo-Run 0.11.1's KubeflowExecutor is not used: it emits a TrainJob (Training Operator
+v2, trainer.kubeflow.org), not a PyTorchJob, and needs a kubeconfig just to be built.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+import warnings
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig
+
+from launchers import recipe_file
+from launchers.result import ClusterError, ExecutorConfigError, LaunchResult
+
+API_GROUP, API_VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+CONTAINER_NAME = "pytorch"  # the training operator finds the container by this name
+PORT_NAME = "pytorchjob-port"  # ...and the rendezvous port by this one
+DEFAULT_MASTER_PORT = 23456  # the operator's default
+RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")
+RECIPE_MOUNT = "/etc/falcon-recipe"
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+APP_LABEL = "falcon-h1-train"
+
+
+class _ManifestDumper(yaml.SafeDumper):
+    """Readable manifests: no YAML anchors, multi-line strings (the recipe) as `|` blocks."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str):
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_ManifestDumper.add_representer(str, _represent_str)
+
+
+def to_yaml(manifests: list[dict]) -> str:
+    return yaml.dump_all(manifests, Dumper=_ManifestDumper, sort_keys=False)
+
+
+def _fail(message: str) -> None:
+    raise ExecutorConfigError(message)
+
+
+def _nproc_per_node(config: DictConfig) -> int:
+    kube = config.executor.kubernetes
+    return kube.gpus_per_node if kube.gpus_per_node > 0 else config.executor.nproc_per_node
+
+
+def validate(config: DictConfig) -> None:
+    kube = config.executor.kubernetes
+    if not kube.image:
+        _fail(
+            f"executor.kubernetes.image = {kube.image!r}: a container image is required (one with this project "
+            "and its dependencies installed, e.g. built from the repository's Dockerfile)."
+        )
+    if not isinstance(kube.nodes, int) or kube.nodes < 1:
+        _fail(
+            f"executor.kubernetes.nodes = {kube.nodes!r} is not allowed: "
+            "the number of pods (nodes) must be an integer >= 1."
+        )
+    if not isinstance(kube.gpus_per_node, int) or kube.gpus_per_node < 0:
+        _fail(
+            f"executor.kubernetes.gpus_per_node = {kube.gpus_per_node!r} is not allowed: "
+            "an integer >= 0 (0 = CPU pods)."
+        )
+    nproc = config.executor.nproc_per_node
+    if not isinstance(nproc, int) or nproc < 1:
+        _fail(f"executor.nproc_per_node = {nproc!r} is not allowed: an integer >= 1.")
+    if kube.gpus_per_node > 0 and nproc not in (1, kube.gpus_per_node):
+        _fail(
+            f"executor.nproc_per_node = {nproc} disagrees with executor.kubernetes.gpus_per_node = "
+            f"{kube.gpus_per_node}: a GPU pod runs one worker process per GPU; set nproc_per_node to "
+            f"{kube.gpus_per_node} (or 1, which means the same here)."
+        )
+    if not DNS_LABEL.fullmatch(kube.namespace or "") or len(kube.namespace) > 63:
+        _fail(
+            f"executor.kubernetes.namespace = {kube.namespace!r} is not a Kubernetes namespace name "
+            "(a lowercase DNS label of at most 63 characters)."
+        )
+    if kube.restart_policy not in RESTART_POLICIES:
+        _fail(
+            f"executor.kubernetes.restart_policy = {kube.restart_policy!r} is not allowed: "
+            f"one of {', '.join(RESTART_POLICIES)}."
+        )
+    if not isinstance(kube.backoff_limit, int) or kube.backoff_limit < 0:
+        _fail(f"executor.kubernetes.backoff_limit = {kube.backoff_limit!r} is not allowed: an integer >= 0.")
+    for env_name, reference in kube.secret_env.items():
+        secret, _, key = str(reference).partition(":")
+        if not secret or not key:
+            _fail(
+                f"executor.kubernetes.secret_env[{env_name!r}] = {reference!r} is not allowed: use "
+                "'SECRET_NAME:KEY' (the value is read from that Kubernetes secret at run time)."
+            )
+    for claim, mount_path in kube.pvcs.items():
+        if not str(mount_path).startswith("/"):
+            _fail(
+                f"executor.kubernetes.pvcs[{claim!r}] = {mount_path!r} is not allowed: the mount path must be absolute."
+            )
+
+
+def _run_dir_in_pod(config: DictConfig) -> str:
+    kube = config.executor.kubernetes
+    run_dir = str(config.train.run_dir)
+    mounts = [str(path).rstrip("/") for path in kube.pvcs.values()]
+    if not mounts:
+        warnings.warn(
+            "executor.kubernetes.pvcs is empty: checkpoints in train.run_dir are lost when a pod ends, so a "
+            "restarted pod starts training from scratch.",
+            stacklevel=3,
+        )
+        return run_dir
+    if not os.path.isabs(run_dir):
+        return os.path.join(mounts[0], run_dir)
+    if not any(run_dir == mount or run_dir.startswith(mount + "/") for mount in mounts):
+        _fail(
+            f"train.run_dir = {run_dir!r} is not on any PersistentVolumeClaim mount (executor.kubernetes.pvcs = "
+            f"{dict(kube.pvcs)}): a restarted pod could not resume from its checkpoints. Put run_dir under one "
+            "of the mount paths, or give a relative run_dir (placed under the first one)."
+        )
+    return run_dir
+
+
+def _job_name(config: DictConfig) -> str:
+    # Pod and service names are <job>-master-0 / <job>-worker-N: keep them DNS labels.
+    base = re.sub(r"[^a-z0-9-]+", "-", str(config.name).lower()).strip("-")[:36] or "falcon"
+    return f"{base}-{time.strftime('%m%d%H%M%S')}"
+
+
+def _worker_script(config: DictConfig, worker_module: str) -> str:
+    setup = list(getattr(config.executor.kubernetes, "setup_commands", None) or [])
+    torchrun = (
+        "torchrun --nnodes=${PET_NNODES} --nproc-per-node=${PET_NPROC_PER_NODE} --node-rank=${PET_NODE_RANK} "
+        "--master-addr=${MASTER_ADDR} --master-port=${MASTER_PORT} --max-restarts=0 "
+        f"-m {worker_module} {RECIPE_MOUNT}/{recipe_file.RECIPE_FILE_NAME}"
+    )
+    return " && ".join(["set -e", *setup, f"exec {torchrun}"])
+
+
+def _pod_template(config: DictConfig, job_name: str, configmap_name: str, worker_module: str, labels: dict):
+    from kubernetes import client
+
+    kube = config.executor.kubernetes
+    env = [client.V1EnvVar(name=str(name), value=str(value)) for name, value in kube.env_vars.items()]
+    for env_name, reference in kube.secret_env.items():
+        secret, _, key = str(reference).partition(":")
+        env.append(
+            client.V1EnvVar(
+                name=str(env_name),
+                value_from=client.V1EnvVarSource(secret_key_ref=client.V1SecretKeySelector(name=secret, key=key)),
+            )
+        )
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
+    if kube.gpus_per_node > 0:
+        limits["nvidia.com/gpu"] = str(kube.gpus_per_node)
+    for resource in ("cpu", "memory"):
+        amount = getattr(kube, resource)
+        if amount is not None:
+            limits[resource] = requests[resource] = str(amount)
+
+    volumes = [
+        client.V1Volume(name="recipe", config_map=client.V1ConfigMapVolumeSource(name=configmap_name)),
+        # NCCL and DataLoader workers need more shared memory than the container default (64 MiB).
+        client.V1Volume(name="dshm", empty_dir=client.V1EmptyDirVolumeSource(medium="Memory")),
+    ]
+    mounts = [
+        client.V1VolumeMount(name="recipe", mount_path=RECIPE_MOUNT, read_only=True),
+        client.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
+    ]
+    for index, (claim, mount_path) in enumerate(kube.pvcs.items()):
+        volume_name = f"pvc-{index}"
+        volumes.append(
+            client.V1Volume(
+                name=volume_name,
+                persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(claim_name=str(claim)),
+            )
+        )
+        mounts.append(client.V1VolumeMount(name=volume_name, mount_path=str(mount_path)))
+
+    container = client.V1Container(
+        name=CONTAINER_NAME,
+        image=kube.image,
+        command=["bash", "-c", _worker_script(config, worker_module)],
+        env=env or None,
+        ports=[
+            client.V1ContainerPort(
+                name=PORT_NAME, container_port=int(getattr(kube, "master_port", DEFAULT_MASTER_PORT))
+            )
+        ],
+        resources=client.V1ResourceRequirements(limits=limits or None, requests=requests or None),
+        volume_mounts=mounts,
+    )
+    spec = client.V1PodSpec(
+        containers=[container],
+        volumes=volumes,
+        service_account_name=kube.service_account,
+    )
+    return client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels=labels), spec=spec)
+
+
+def build_manifests(config: DictConfig, worker_module: str) -> tuple[dict, dict]:
+    """(ConfigMap, PyTorchJob) as plain dicts; `config` must already hold the pod's run_dir."""
+    from kubernetes import client
+
+    kube = config.executor.kubernetes
+    job_name = _job_name(config)
+    configmap_name = f"{job_name}-recipe"
+    labels = {"app.kubernetes.io/name": APP_LABEL, "app.kubernetes.io/instance": job_name}
+    serialize = client.ApiClient().sanitize_for_serialization
+
+    configmap = client.V1ConfigMap(
+        api_version="v1",
+        kind="ConfigMap",
+        metadata=client.V1ObjectMeta(name=configmap_name, namespace=kube.namespace, labels=labels),
+        data={recipe_file.RECIPE_FILE_NAME: recipe_file.to_yaml(config)},
+    )
+    template = serialize(_pod_template(config, job_name, configmap_name, worker_module, labels))
+    replicas = {"Master": 1, "Worker": kube.nodes - 1}
+    job = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": "PyTorchJob",
+        "metadata": {"name": job_name, "namespace": kube.namespace, "labels": labels},
+        "spec": {
+            "nprocPerNode": str(_nproc_per_node(config)),
+            "runPolicy": {"backoffLimit": kube.backoff_limit, "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": {
+                kind: {"replicas": count, "restartPolicy": kube.restart_policy, "template": copy.deepcopy(template)}
+                for kind, count in replicas.items()
+                if count > 0
+            },
+        },
+    }
+    return serialize(configmap), job
+
+
+def _load_kube_config():
+    from kubernetes import config as kube_config
+
+    try:
+        # The client reads $KUBECONFIG when it is imported; read it now instead.
+        kube_config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    except Exception as kubeconfig_error:
+        try:
+            kube_config.load_incluster_config()
+        except Exception:
+            raise ClusterError(
+                f"No Kubernetes credentials: loading ~/.kube/config (or $KUBECONFIG) failed with "
+                f"{kubeconfig_error!s}, and this is not a pod with a service account. Nothing was submitted."
+            ) from kubeconfig_error
+
+
+def submit(configmap: dict, job: dict) -> None:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    _load_kube_config()
+    namespace = job["metadata"]["namespace"]
+    try:
+        client.CoreV1Api().create_namespaced_config_map(namespace, configmap)
+        created = client.CustomObjectsApi().create_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, PLURAL, job
+        )
+    except ApiException as error:
+        hint = " Is the Kubeflow training operator (PyTorchJob CRD) installed?" if error.status == 404 else ""
+        raise ClusterError(
+            f"The Kubernetes API refused the job (HTTP {error.status} {error.reason}): {error.body}.{hint}"
+        ) from error
+    # Let the recipe ConfigMap be deleted together with the job.
+    owner = {
+        "apiVersion": job["apiVersion"],
+        "kind": job["kind"],
+        "name": job["metadata"]["name"],
+        "uid": created["metadata"]["uid"],
+    }
+    try:
+        client.CoreV1Api().patch_namespaced_config_map(
+            configmap["metadata"]["name"], namespace, {"metadata": {"ownerReferences": [owner]}}
+        )
+    except ApiException:
+        pass  # cosmetic: the ConfigMap just outlives the job
+
+
+def launch(config: DictConfig, dryrun: bool, worker_module: str) -> LaunchResult:
+    validate(config)
+    config = recipe_file.with_run_dir(config, _run_dir_in_pod(config))
+    configmap, job = build_manifests(config, worker_module)
+    name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+    master_pod = f"{name}-master-0"
+    result = LaunchResult(
+        kind="kubernetes",
+        dryrun=dryrun,
+        run_dir=str(config.train.run_dir),
+        recipe_yaml=configmap["data"][recipe_file.RECIPE_FILE_NAME],
+        recipe_path=f"{RECIPE_MOUNT}/{recipe_file.RECIPE_FILE_NAME}",
+        rendered=to_yaml([configmap, job]),
+        job_id=name,
+        pod_name=master_pod,
+        logs_command=f"kubectl logs -n {namespace} -f {master_pod}",
+        wandb=recipe_file.wandb_run(config),
+    )
+    if not dryrun:
+        submit(configmap, job)
+    return result
+
+
+def manifests_from(result: LaunchResult) -> list[dict[str, Any]]:
+    """The manifests of a (dry-run) result, parsed back from its YAML."""
+    return list(yaml.safe_load_all(result.rendered))

@@ -1,0 +1,88 @@
+"""launchers.launch / validate_executor: dispatch, the recipe file, W&B info."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
+
+from launchers import EXECUTOR_KINDS, ExecutorConfigError, launch, validate_executor
+
+
+def test_unknown_executor_kind_names_the_field_and_the_choices(recipe):
+    recipe.executor.kind = "lsf"
+    for call in (lambda: validate_executor(recipe), lambda: launch(recipe, dryrun=True)):
+        with pytest.raises(ExecutorConfigError) as raised:
+            call()
+        message = str(raised.value)
+        assert "executor.kind = 'lsf'" in message
+        assert all(kind in message for kind in EXECUTOR_KINDS)
+
+
+def test_now_interpolation_is_resolved_once(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe.executor.kind = "slurm"
+    recipe.train.run_dir = "runs/${now:%Y%m%d-%H%M%S}"
+    result = launch(recipe, dryrun=True)
+    assert re.fullmatch(re.escape(str(tmp_path)) + r"/runs/\d{8}-\d{6}", result.run_dir)
+    assert yaml.safe_load(result.recipe_yaml)["train"]["run_dir"] == result.run_dir
+    assert "${now:" not in result.recipe_yaml and "${now:" not in result.rendered
+
+
+def test_recipe_yaml_text_or_file_is_what_runs(recipe, tmp_path):
+    recipe.executor.kind = "slurm"
+    text = OmegaConf.to_yaml(OmegaConf.structured(recipe)).replace("max_steps: 10", "max_steps: 77")
+    path = tmp_path / "resolved.yaml"
+    path.write_text(text)
+    for given in (text, str(path)):
+        result = launch(recipe, recipe_yaml=given, dryrun=True)
+        assert yaml.safe_load(result.recipe_yaml)["train"]["max_steps"] == 77
+
+
+def test_recipe_yaml_with_a_stray_key_fails_here(recipe):
+    text = OmegaConf.to_yaml(OmegaConf.structured(recipe)).replace("max_steps:", "max_stepz:")
+    with pytest.raises(ConfigKeyError, match="max_stepz"):
+        launch(recipe, recipe_yaml=text, dryrun=True)
+
+
+def test_wandb_info_follows_the_logger_settings(recipe, monkeypatch):
+    recipe.executor.kind = "slurm"
+    assert launch(recipe, dryrun=True).wandb is None  # logger.wandb = false
+    recipe.logger.wandb = True
+    recipe.logger.wandb_entity = "falcon-team"
+    recipe.logger.wandb_run_name = "tiny-slurm"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    info = launch(recipe, dryrun=True).wandb
+    assert (info.project, info.entity, info.name, info.mode) == ("falcon-h1", "falcon-team", "tiny-slurm", "online")
+    assert info.url() is None  # the run id exists only once rank 0 has started
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert launch(recipe, dryrun=True).wandb.mode == "offline"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind"),
+    [
+        (["executor=slurm", "executor.slurm.partition=batch", "executor.slurm.nodes=2"], "slurm"),
+        (["executor=kubernetes", "executor.kubernetes.image=ghcr.io/x/falcon:1"], "kubernetes"),
+    ],
+)
+def test_the_shipped_executor_configs_launch(overrides, kind, tmp_path, monkeypatch):
+    """configs/executor/*.yaml, composed the way falcon-train does, dry-run cleanly."""
+    from recipes.api import compose_recipe
+
+    monkeypatch.chdir(tmp_path)
+    recipe = compose_recipe(overrides)
+    recipe.executor.kubernetes.pvcs = {"runs": "/runs"}  # run_dir must be on a volume
+    result = launch(recipe, dryrun=True)
+    assert result.kind == kind and result.rendered
+    assert "dry run, nothing submitted" in str(result) and result.rendered in str(result)
+
+
+def test_the_shipped_kubernetes_config_needs_an_image():
+    from recipes.api import compose_recipe
+
+    with pytest.raises(ExecutorConfigError, match="executor.kubernetes.image"):
+        validate_executor(compose_recipe(["executor=kubernetes"]))
