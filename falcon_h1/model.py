@@ -52,6 +52,7 @@ def make_transformer_config(
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype if pp > 1 else None,
         bf16=bf16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,  # weights come from falcon_h1.weights (TP-invariant init)

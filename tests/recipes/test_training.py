@@ -78,10 +78,10 @@ def test_killed_run_resumes_and_continues_identically(tmp_path, reference_run):
     assert resumed == reference_run  # bit-identical continuation
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
-def test_two_processes_follow_one_process_curve(tmp_path, reference_run, tp):
-    _worker(_write_recipe(tmp_path, "two", "train.max_steps=12", "train.save_interval=0", f"parallel.tp={tp}"),
-            nproc=2)
+@pytest.mark.parametrize("layout", [["parallel.tp=1"], ["parallel.tp=2"], ["parallel.pp=2"]],
+                         ids=["dp2", "tp2", "pp2"])
+def test_two_processes_follow_one_process_curve(tmp_path, reference_run, layout):
+    _worker(_write_recipe(tmp_path, "two", "train.max_steps=12", "train.save_interval=0", *layout), nproc=2)
     two = _losses(tmp_path / "two")
     assert sorted(two) == sorted(reference_run)
     # Steps 1-2 see the same weights and data, so they agree to rounding. Later steps differ
