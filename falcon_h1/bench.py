@@ -135,6 +135,7 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
         "ours_fused_prev": ours(all_off),
         "ours_fused_conv_only": ours({**all_off, "triton_conv": True}),
         "ours_fused_no_swiglu": ours({"triton_swiglu": False}),
+        "ours_fused_conv_rows": ours({"conv_backward": "rows"}),
         "ours_fused_compiled": ours_compiled,
         "ours_unfused_unfused_attention": ours(fused_projections=False, attention_backend="unfused"),
         "ours_unfused_sdpa": ours(fused_projections=False),
@@ -195,7 +196,7 @@ def _profile_step(step, top: int = 25) -> list[dict]:
     return [{"total_ms": total}] + rows[:top]
 
 
-def kernel_microbench(seq: int = 4096, batch: int = 4):
+def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all"):
     """SSD scan, causal conv + SiLU and SwiGLU, fwd+bwd, at the 0.5B shape (ms, median).
 
     Inputs are strided views of one in-projection-like buffer, as in the mixer. Each
@@ -224,8 +225,9 @@ def kernel_microbench(seq: int = 4096, batch: int = 4):
         y = kernels.ssd_scan(heads(x, h), dt, A, heads(B, groups), heads(C, groups), chunk, D, dt_bias, lim, True,
                              z=heads(z, h) if gate else None)
         (y if gate else y * torch.nn.functional.silu(heads(z, h))).backward(dy)
-    out["ssd_then_gate_fwd_bwd_ms"] = bench(lambda: ssd(False))
-    out["ssd_gate_in_kernel_fwd_bwd_ms"] = bench(lambda: ssd(True))
+    if which == "all":
+        out["ssd_then_gate_fwd_bwd_ms"] = bench(lambda: ssd(False))
+        out["ssd_gate_in_kernel_fwd_bwd_ms"] = bench(lambda: ssd(True))
 
     channels = h * p + 2 * groups * n
     xc = proj.transpose(0, 1)[..., h * p: h * p + channels].requires_grad_()
@@ -239,19 +241,27 @@ def kernel_microbench(seq: int = 4096, batch: int = 4):
     xd = xc.detach()
     out["conv_triton_fwd_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
     out["conv_triton_bwd_ms"] = bench(lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
-    defaults = {k: getattr(conv_triton, k) for k in ("FWD_BLOCK_L", "FWD_BLOCK_C", "FWD_WARPS",
-                                                   "BWD_BLOCK_L", "BWD_BLOCK_C", "BWD_WARPS")}
-    for bl, bc, nw in [(16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 64, 4), (16, 256, 8)]:
+    names = ("FWD_BLOCK_L", "FWD_BLOCK_C", "FWD_WARPS", "BWD_BLOCK_L", "BWD_BLOCK_C", "BWD_WARPS",
+             "BWD_ROWS_PER_PROGRAM", "BWD_ROWS_BLOCK_C", "BWD_ROWS_WARPS", "BWD_ROWS_ROWS")
+    defaults = {k: getattr(conv_triton, k) for k in names}
+    for bl, bc, nw in [(16, 128, 4), (64, 128, 4), (32, 256, 8), (64, 64, 4)]:
         conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_C, conv_triton.FWD_WARPS = bl, bc, nw
         out[f"conv_fwd_{bl}x{bc}w{nw}_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
-    for bl, bc, nw in [(8, 128, 4), (16, 128, 4), (16, 64, 4), (32, 128, 8), (8, 256, 4), (16, 256, 8)]:
+    for bl, bc, nw, rows in [(16, 128, 4, 64), (32, 128, 4, 32), (32, 128, 4, 128), (64, 128, 8, 64)]:
         conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_C, conv_triton.BWD_WARPS = bl, bc, nw
-        out[f"conv_bwd_{bl}x{bc}w{nw}_ms"] = bench(
-            lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
+        conv_triton.BWD_ROWS_PER_PROGRAM = rows
+        out[f"conv_bwd_tiles_{bl}x{bc}w{nw}r{rows}_ms"] = bench(
+            lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach(), kernel="tiles"))
+    for bc, nw, rows in [(256, 2, 64), (256, 2, 32), (256, 2, 128), (128, 1, 64), (512, 4, 64)]:
+        conv_triton.BWD_ROWS_BLOCK_C, conv_triton.BWD_ROWS_WARPS, conv_triton.BWD_ROWS_ROWS = bc, nw, rows
+        out[f"conv_bwd_rows_{bc}w{nw}r{rows}_ms"] = bench(
+            lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach(), kernel="rows"))
     for k, v in defaults.items():
         setattr(conv_triton, k, v)
     out["conv_triton_fwd_bwd_ms"] = bench(lambda: kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc))
 
+    if which != "all":
+        return out
     ffn = 2048
     hm = torch.randn(seq, batch, 2 * ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dm = torch.randn(seq, batch, ffn, device="cuda", dtype=torch.bfloat16)
@@ -277,15 +287,17 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", default="ours_fused,ours_fused_compiled,ours_unfused_unfused_attention,"
                                                "hf_transformers")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--profile", default="", help="comma-separated variants to profile one step of")
-    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel microbenchmarks")
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile one step of; "
+                        "later variants then time slower (the profiler stays attached): list profiled ones last")
+    parser.add_argument("--kernels", default="all", choices=["all", "conv", "none"],
+                        help="kernel microbenchmarks to run after the variants")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("falcon-bench needs a CUDA GPU.")
     started = time.time()
     rows = run(args.size, args.seq, args.batch, args.warmup, args.steps, args.variants.split(","), args.layers,
                tuple(v for v in args.profile.split(",") if v))
-    micro = {} if args.no_kernels else kernel_microbench(args.seq, args.batch)
+    micro = {} if args.kernels == "none" else kernel_microbench(args.seq, args.batch, args.kernels)
     ref = {r["variant"]: r for r in rows if "error" not in r}
     print(f"\n{torch.cuda.get_device_name()}  size={args.size} seq={args.seq} batch={args.batch} bf16")
     print(f"{'variant':34s} {'ms/step':>9s} {'tok/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'GiB':>6s} "

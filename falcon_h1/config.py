@@ -214,7 +214,9 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
             _fail("mamba_n_groups", cfg.mamba_n_groups, f"a divisor of mamba_n_heads = {nh}")
         if cfg.mamba_n_groups % tp:
             _fail("mamba_n_groups", cfg.mamba_n_groups,
-                  f"a multiple of parallel.tp = {tp} (each rank needs whole B/C groups)")
+                  f"a multiple of parallel.tp = {tp} (each rank needs whole B/C groups, as in Megatron's "
+                  "MambaMixer); the released 0.5B-7B use 1 group: train them with data/pipeline "
+                  "parallelism, or pretrain from scratch with model.mamba_n_groups a multiple of tp")
         if nh % tp:
             _fail("mamba_n_heads", nh, f"a multiple of parallel.tp = {tp}")
     if cfg.intermediate_size % tp:

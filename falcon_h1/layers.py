@@ -134,6 +134,15 @@ def _linear_class(bitnet_cfg, layer_type: str, parallel: str):
     return select_linear(bitnet_cfg, layer_type, parallel)
 
 
+def _fused_linear_class(bitnet_cfg, segments, parallel: str):
+    """Like _linear_class for a fused projection; segments: (name, local size, BitNet layer type)."""
+    if bitnet_cfg is None or not bitnet_cfg.enabled:
+        return ColumnParallelLinear if parallel == "column" else RowParallelLinear
+    from bitnet.layers import select_segmented_linear
+
+    return select_segmented_linear(bitnet_cfg, segments, parallel)
+
+
 def _column(cfg_t, in_size, out_size, cls):
     return cls(in_size, out_size, config=cfg_t, init_method=cfg_t.init_method, bias=False,
                gather_output=False, skip_bias_add=True)
@@ -152,14 +161,17 @@ class ParallelHybridMixer(MegatronModule):
         self.cfg, self.attention, self.mamba = cfg, attention, mamba
         tp = _tp_size()
         dims = self.dims = LocalDims.of(cfg, tp, attention, mamba)
-        # BitNet quantises each projection with its own absmean scale and its own toggle
-        # (bitnet.layers), so under BitNet the mixer keeps separate projections.
-        bitnet_on = bitnet_cfg is not None and bitnet_cfg.enabled
-        self.fused = cfg.fused_projections and not bitnet_on
+        self.fused = cfg.fused_projections
         H = cfg.hidden_size
         if self.fused:
-            self.in_proj = _column(config, H, tp * sum(dims.attention_in + dims.mamba_in), ColumnParallelLinear)
-            self.out_proj = _row(config, tp * (dims.z + dims.q), H, RowParallelLinear)
+            # Under BitNet each segment is quantised as its unfused projection is (own absmean,
+            # own activation scale, own bitnet.layers switch), so fusing keeps the model.
+            in_segments = ([("qkv", sum(dims.attention_in), "attention_qkv")] * attention
+                           + [("zxbcdt", sum(dims.mamba_in), "mamba_in")] * mamba)
+            out_segments = [("y_ssm", dims.z, "mamba_out")] * mamba + [("o_attn", dims.q, "attention_out")] * attention
+            self.in_proj = _column(config, H, tp * sum(dims.attention_in + dims.mamba_in),
+                                   _fused_linear_class(bitnet_cfg, in_segments, "column"))
+            self.out_proj = _row(config, tp * (dims.z + dims.q), H, _fused_linear_class(bitnet_cfg, out_segments, "row"))
         else:
             if attention:
                 self.attn_in_proj = _column(config, H, tp * sum(dims.attention_in),
@@ -218,11 +230,16 @@ class ParallelHybridMixer(MegatronModule):
         return (kernels.FAST_PATH.fold_scales and not self.cfg.mamba_rms_norm
                 and all(type(m) is ColumnParallelLinear and not m.gradient_accumulation_fusion for m in linears))
 
-    @staticmethod
-    def _project_scaled(linear, u, row_scale):
+    def _project_scaled(self, linear, u, *row_scales):
         """(u @ W^T) * s as u @ (W * s)^T: one weight-sized multiply instead of activation-sized
-        ones forward and backward; autograd carries the scale into W's gradient."""
-        return linear(u, weight=linear.weight * row_scale.to(linear.weight.dtype)[:, None])[0]
+        ones forward and backward; autograd carries the scale into W's gradient. The [rows, 1]
+        scale in W's dtype is built once (a kernel launch saved per layer and step)."""
+        weight = linear.weight
+        cache = self.__dict__.setdefault("_row_scale_cache", {})
+        key = (id(linear), weight.device, weight.dtype)
+        if key not in cache:
+            cache[key] = torch.cat(row_scales).to(weight.device, weight.dtype)[:, None]
+        return linear(u, weight=weight * cache[key])[0]
 
     # ---- branches on local heads; inputs [s, b, channels] ----
     def _attention(self, qkv, rotary_freqs):
@@ -286,7 +303,7 @@ class ParallelHybridMixer(MegatronModule):
         """forward() with every µP multiplier folded (see _register_scales): same function."""
         attn_scale, ssm_scale = self.attn_in_weight_scale, self.ssm_in_scale
         if self.fused:
-            proj = self._project_scaled(self.in_proj, u, torch.cat([attn_scale, ssm_scale]))
+            proj = self._project_scaled(self.in_proj, u, attn_scale, ssm_scale)
             qkv, zxbcdt = proj.split([sum(self.dims.attention_in), sum(self.dims.mamba_in)], dim=-1)
         else:
             qkv = self._project_scaled(self.attn_in_proj, u, attn_scale) if self.attention else None

@@ -1,0 +1,84 @@
+"""Runs the Triton kernels of falcon_h1.kernels on CPU through Triton's interpreter
+(TRITON_INTERPRET=1, set by test_kernels.py before this process imports triton) and
+compares them with float64 PyTorch autograd. Prints one line per check; exit 1 on failure."""
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton  # noqa: E402
+from falcon_h1.kernels.swiglu_triton import swiglu_triton  # noqa: E402
+
+TOLERANCE = 1e-5  # fp32 kernels against float64: rounding only
+
+
+def rel(got, want):
+    assert torch.isfinite(got).all()
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def conv_float64(x, w, bias, scale):
+    """Causal depthwise conv as an explicit sum over taps (tap j multiplies x[t-3+j]), then SiLU."""
+    length = x.shape[1]
+    acc = bias.expand_as(x).clone()
+    for j in range(w.shape[1]):
+        shift = w.shape[1] - 1 - j
+        shifted = F.pad(x, (0, 0, shift, 0))[:, :length]
+        acc = acc + shifted * w[:, j]
+    return F.silu(acc) * scale
+
+
+def check_conv(batch, length, channels, pad, with_scale, backward_kernel, g):
+    base = torch.randn(length, batch, channels + pad, generator=g)
+    x = base[:, :, pad:].transpose(0, 1)          # strided [b, l, c] view, as in the mixer
+    w, bias = torch.randn(channels, 4, generator=g), torch.randn(channels, generator=g)
+    scale = torch.rand(channels, generator=g) + 0.5 if with_scale else None
+    dy = torch.randn(batch, length, channels, generator=g)
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, bias))
+    out = causal_conv1d_silu_triton(xs, ws, bs, scale, backward_kernel)
+    out.backward(dy)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, bias))
+    want = conv_float64(x64, w64, b64, scale.double() if with_scale else 1.0)
+    want.backward(dy.double())
+    return {"out": rel(out, want), "dx": rel(xs.grad, x64.grad), "dweight": rel(ws.grad, w64.grad),
+            "dbias": rel(bs.grad, b64.grad)}
+
+
+def check_swiglu(rows, ffn, g):
+    h = torch.randn(rows, 2 * ffn + 3, generator=g)[:, 3:]   # row stride != width
+    dout = torch.randn(rows, ffn, generator=g)
+    hs = h.detach().clone().requires_grad_()
+    out = swiglu_triton(hs)
+    out.backward(dout)
+    h64 = h.detach().double().requires_grad_()
+    want = F.silu(h64[:, :ffn]) * h64[:, ffn:]
+    want.backward(dout.double())
+    return {"out": rel(out, want), "dh": rel(hs.grad, h64.grad)}
+
+
+def main():
+    g = torch.Generator().manual_seed(0)
+    errors = {}
+    # lengths: within one block, across backward program boundaries (64 rows), ragged, shorter
+    # than the kernel;
+    # channels not a multiple of the 128-channel block
+    for batch, length, channels, pad, with_scale in [(2, 37, 200, 3, False), (1, 300, 130, 0, True), (1, 2, 20, 0, True)]:
+        for kernel in ("tiles", "rows"):
+            for name, err in check_conv(batch, length, channels, pad, with_scale, kernel, g).items():
+                errors[f"conv {kernel} b{batch} l{length} c{channels} scale={with_scale} {name}"] = err
+    for name, err in check_swiglu(5, 1100, g).items():
+        errors[f"swiglu {name}"] = err
+    failed = False
+    for name, err in errors.items():
+        ok = err <= TOLERANCE
+        failed |= not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.2e}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
