@@ -8,12 +8,20 @@ linear weight `P` (e.g. `decoder.layers.0.mlp.linear_fc1.weight`)
 and every other tensor of the state dict under its own name, in full precision. The metadata
 key `bitnet_weights` lists the P names (JSON).
 
+Fused linears with `bitnet_segments` (Falcon-H1's fused mixer projections; format
+`falcon-bitnet-ternary/2`, written only when there is one) have one scale per segment:
+    P.scale    float32 [n_segments]       segment i dequantised = its ternary * scale[i]
+    P.full_precision  (only with full-precision segments) their weights, concatenated along
+               the segmented dimension; their ternary values and scales are 0
+and the metadata key `bitnet_segments` maps P to its layout (JSON: `dim` 0 = output rows or
+1 = input columns, and per segment `name`, `start`, `end`, `quantized`).
+
 `load_frozen_bitnet(model, export)` puts an export into a model built with the same spec; its
 BitNet layers then run from the ternary weights and reproduce the training-time forward exactly.
 
 Console entry `falcon-bitnet-export IN OUT.safetensors`: IN is a `torch.save`d file holding
-either `{"state_dict": ..., "bitnet_param_names": [...]}` (what `save_bitnet_state_dict`
-writes) or a plain state dict, whose BitNet weights are then found by name: the weights of the
+either `{"state_dict": ..., "bitnet_param_names": [...], "bitnet_segments": {...}}` (what
+`save_bitnet_state_dict` writes) or a plain state dict, whose BitNet weights are then found by name: the weights of the
 GPT projections `linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2` (`--bitnet-pattern`
 changes that regular expression).
 """
@@ -31,14 +39,19 @@ import torch
 
 from bitnet import reference
 from bitnet.layers import bitnet_layers, label_bitnet_layers
+from bitnet.segments import SegmentLayout
 
 FORMAT = "falcon-bitnet-ternary/1"
+SEGMENTED_FORMAT = "falcon-bitnet-ternary/2"  # adds per-segment scales; /1 readers refuse it
+READABLE_FORMATS = (FORMAT, SEGMENTED_FORMAT)
 DEFAULT_BITNET_PATTERN = r"(^|\.)(linear_qkv|linear_proj|linear_fc1|linear_fc2)\.weight$"
 
 
 class TernaryWeight(NamedTuple):
     ternary: torch.Tensor  # int8 in {-1, 0, 1}
-    scale: torch.Tensor  # 0-d; dequantised = ternary * scale
+    scale: torch.Tensor  # 0-d; dequantised = ternary * scale ([n_segments] with a layout)
+    layout: SegmentLayout | None = None  # segments of a fused linear
+    full_precision: torch.Tensor | None = None  # its full-precision segments, concatenated
 
 
 # ------------------------------------------------------------------------------ packing
@@ -74,18 +87,25 @@ def unpack_ternary(packed: torch.Tensor, shape) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ writing
-def _ternary_entries(name: str, ternary: torch.Tensor, scale: torch.Tensor) -> dict:
-    return {
+def _ternary_entries(name: str, ternary: torch.Tensor, scale: torch.Tensor,
+                     full_precision: torch.Tensor | None = None) -> dict:
+    entries = {
         f"{name}.packed": pack_ternary(ternary),
-        f"{name}.scale": scale.detach().reshape(1).cpu().clone(),
+        f"{name}.scale": scale.detach().reshape(-1).cpu().clone(),
         f"{name}.shape": torch.tensor(list(ternary.shape), dtype=torch.int64),
     }
+    if full_precision is not None:
+        entries[f"{name}.full_precision"] = full_precision.detach().cpu().clone()
+    return entries
 
 
-def _save(tensors: dict, bitnet_names: list, out_path: str, extra_metadata: dict | None = None):
+def _save(tensors: dict, bitnet_names: list, out_path: str, extra_metadata: dict | None = None,
+          layouts: dict | None = None):
     from safetensors.torch import save_file
 
-    metadata = {"format": FORMAT, "bitnet_weights": json.dumps(sorted(bitnet_names))}
+    metadata = {"format": SEGMENTED_FORMAT if layouts else FORMAT, "bitnet_weights": json.dumps(sorted(bitnet_names))}
+    if layouts:
+        metadata["bitnet_segments"] = json.dumps({k: v.to_json() for k, v in sorted(layouts.items())})
     metadata.update(extra_metadata or {})
     save_file({k: v.contiguous() for k, v in tensors.items()}, out_path, metadata=metadata)
 
@@ -112,32 +132,53 @@ def export_bitnet_state_dict(model: torch.nn.Module, path: str) -> list[str]:
     """Write `model` (TP=1) to `path`; returns the names of the packed BitNet weights."""
     _require_tp1(model)
     label_bitnet_layers(model)
-    tensors, names = {}, []
+    tensors, names, layouts = {}, [], {}
     for name, layer in bitnet_layers(model):
         ternary, scale = layer.quantized_weight()  # raises on non-finite weights
         names.append(f"{name}.weight")
-        tensors.update(_ternary_entries(f"{name}.weight", ternary, scale))
+        layout = layer.bitnet_segments
+        full_precision = None
+        if layout is not None:
+            layouts[f"{name}.weight"] = layout
+            full_precision = layout.full_precision_part(layer.weight.detach())
+        tensors.update(_ternary_entries(f"{name}.weight", ternary, scale, full_precision))
     tensors.update(_plain_tensors(model.state_dict(), skip=set(names)))
     options = {n: vars(layer.bitnet_options) for n, layer in bitnet_layers(model)}
-    _save(tensors, names, path, {"bitnet_options": json.dumps(options)})
+    _save(tensors, names, path, {"bitnet_options": json.dumps(options)}, layouts)
     return names
 
 
-def export_from_state_dict(state_dict: dict, bitnet_param_names, out_path: str) -> list[str]:
-    """Export a full (unsharded) state dict; `bitnet_param_names` are the BitNet weights."""
+def export_from_state_dict(state_dict: dict, bitnet_param_names, out_path: str,
+                           segments: dict | None = None) -> list[str]:
+    """Export a full (unsharded) state dict; `bitnet_param_names` are the BitNet weights;
+    `segments` maps the fused ones to their SegmentLayout (or its JSON)."""
     names = list(bitnet_param_names)
+    layouts = {k: v if isinstance(v, SegmentLayout) else SegmentLayout.from_json(v) for k, v in (segments or {}).items()}
+    unknown = sorted(set(layouts) - set(names))
+    if unknown:
+        raise ValueError(f"export_from_state_dict: segments given for {unknown}, which are not BitNet weights")
     tensors = {}
     for name in names:
         if name not in state_dict:
             raise ValueError(f"export_from_state_dict: BitNet weight {name!r} is not in the state dict")
         weight = state_dict[name]
-        stats = reference.weight_stats(weight)
-        if not math.isfinite(float(stats[0])):
+        layout = layouts.get(name)
+        if layout is None:
+            stats = reference.weight_stats(weight)
+            quantized_sum = stats[0]
+        else:
+            stats = reference.segment_weight_stats(weight, layout)
+            quantized_sum = sum(stats[i, 0] for i, q in enumerate(layout.quantized) if q)
+        if not math.isfinite(float(quantized_sum)):
             raise ValueError(f"export_from_state_dict: parameter {name} holds non-finite values")
-        ternary, scale = reference.quantize_weights(weight, stats)
-        tensors.update(_ternary_entries(name, ternary, scale))
+        if layout is None:
+            ternary, scale = reference.quantize_weights(weight, stats)
+            tensors.update(_ternary_entries(name, ternary, scale))
+        else:
+            ternary, scale = reference.quantize_weights_segmented(weight, layout, stats)
+            tensors.update(_ternary_entries(name, ternary, scale, layout.full_precision_part(weight)))
     tensors.update(_plain_tensors(state_dict, skip=set(names)))
-    _save(tensors, names, out_path)
+    _save(tensors, names, out_path, layouts=layouts)
     return names
 
 
@@ -146,8 +187,10 @@ def save_bitnet_state_dict(model: torch.nn.Module, path: str) -> None:
     the input format of `falcon-bitnet-export`."""
     _require_tp1(model)
     names = [f"{n}.weight" for n, _ in bitnet_layers(model)]
+    segments = {f"{n}.weight": m.bitnet_segments.to_json() for n, m in bitnet_layers(model)
+                if m.bitnet_segments is not None}
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    torch.save({"state_dict": state, "bitnet_param_names": names}, path)
+    torch.save({"state_dict": state, "bitnet_param_names": names, "bitnet_segments": segments}, path)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -157,17 +200,24 @@ def load_bitnet_export(path: str) -> dict:
 
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
+        if metadata.get("format") not in READABLE_FORMATS:
             raise ValueError(
-                f"load_bitnet_export: {path} has format {metadata.get('format')!r}; allowed: {FORMAT!r}"
+                f"load_bitnet_export: {path} has format {metadata.get('format')!r}; "
+                f"allowed: {list(READABLE_FORMATS)}"
             )
         bitnet_names = json.loads(metadata["bitnet_weights"])
+        layouts = {k: SegmentLayout.from_json(v) for k, v in json.loads(metadata.get("bitnet_segments", "{}")).items()}
         raw = {k: f.get_tensor(k) for k in f.keys()}
     out = {}
     for name in bitnet_names:
         shape = raw.pop(f"{name}.shape").tolist()
         ternary = unpack_ternary(raw.pop(f"{name}.packed"), shape)
-        out[name] = TernaryWeight(ternary, raw.pop(f"{name}.scale").reshape(()))
+        scale = raw.pop(f"{name}.scale")
+        layout = layouts.get(name)
+        if layout is None:
+            out[name] = TernaryWeight(ternary, scale.reshape(()))
+        else:
+            out[name] = TernaryWeight(ternary, scale.reshape(-1), layout, raw.pop(f"{name}.full_precision", None))
     out.update(raw)
     return out
 
@@ -183,7 +233,13 @@ def load_frozen_bitnet(model: torch.nn.Module, export) -> None:
         entry = export.get(f"{name}.weight")
         if not isinstance(entry, TernaryWeight):
             raise ValueError(f"load_frozen_bitnet: the export has no ternary weight for {name}.weight")
-        layer.freeze_quantized(entry.ternary, entry.scale)
+        if entry.layout != layer.bitnet_segments:
+            raise ValueError(
+                f"load_frozen_bitnet: {name}.weight has segments {entry.layout} in the export, "
+                f"{layer.bitnet_segments} in the model; allowed: the same layout (same model spec "
+                "and bitnet.layers)"
+            )
+        layer.freeze_quantized(entry.ternary, entry.scale, entry.full_precision)
     plain = {k: v for k, v in export.items() if isinstance(v, torch.Tensor)}
     frozen = {f"{n}.weight" for n, _ in bitnet_layers(model)}
     missing, unexpected = model.load_state_dict(plain, strict=False)
@@ -198,9 +254,11 @@ def load_frozen_bitnet(model: torch.nn.Module, export) -> None:
 # ---------------------------------------------------------------------------------- CLI
 def _read_input(path: str, pattern: str):
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    segments = None
     if isinstance(payload, dict) and "state_dict" in payload:
         state_dict = payload["state_dict"]
         names = payload.get("bitnet_param_names")
+        segments = payload.get("bitnet_segments")
     else:
         state_dict, names = payload, None
     if names is None:
@@ -208,7 +266,7 @@ def _read_input(path: str, pattern: str):
         names = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and regex.search(k)]
     if not names:
         raise SystemExit(f"falcon-bitnet-export: no BitNet weights in {path} (pattern {pattern!r})")
-    return state_dict, names
+    return state_dict, names, segments
 
 
 def main(argv=None) -> None:
@@ -235,8 +293,8 @@ def main(argv=None) -> None:
         names = export_bitnet_state_dict(model, args.output)
         print(f"falcon-bitnet-export: step {step}, {len(names)} ternary weights -> {args.output}")
         return
-    state_dict, names = _read_input(args.input, args.bitnet_pattern)
-    export_from_state_dict(state_dict, names, args.output)
+    state_dict, names, segments = _read_input(args.input, args.bitnet_pattern)
+    export_from_state_dict(state_dict, names, args.output, segments)
     print(f"falcon-bitnet-export: {len(names)} ternary weights -> {args.output}")
 
 

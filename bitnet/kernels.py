@@ -68,6 +68,35 @@ def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = Non
     return _backend(x).fake_quantize_activations(x, absmax)
 
 
+# ------------------------------------------------ segmented (fused) linears, see bitnet.segments
+def segment_weight_stats(w: torch.Tensor, layout) -> torch.Tensor:
+    """float64 [n_segments, 2] of `[sum(|w|), numel]`; all-reduce it (SUM) over the TP group."""
+    return _backend(w).segment_weight_stats(w, layout)
+
+
+def quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None):
+    """-> (ternary int8 like w, float32 scales [n_segments]); 0 in full-precision segments."""
+    return _backend(w).quantize_weights_segmented(w, layout, stats)
+
+
+def fake_quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None) -> torch.Tensor:
+    return _backend(w).fake_quantize_weights_segmented(w, layout, stats)
+
+
+def segment_activation_absmax(x: torch.Tensor, layout) -> torch.Tensor:
+    """[..., n_segments] per-row max|x| of each segment; all-reduce it (MAX) when sharded."""
+    return _backend(x).segment_activation_absmax(x, layout)
+
+
+def quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None):
+    """-> (int8 like x, float32 scales [..., n_segments])."""
+    return _backend(x).quantize_activations_segmented(x, layout, absmax)
+
+
+def fake_quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    return _backend(x).fake_quantize_activations_segmented(x, layout, absmax)
+
+
 # ---------------------------------------------------------------- straight-through estimators
 def ste_reference(x: torch.Tensor, fake_quant: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """`x + (q(x) - x).detach()`: the references' pattern (two extra elementwise kernels and a
@@ -103,7 +132,7 @@ def int8_linear(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """`(x_q @ w_q^T) * x_scale[:, None] * w_scale` for x_q [M, K] int8, w_q [N, K] int8, as
-    out_dtype (rescaled in float32 first).
+    out_dtype (rescaled in float32 first); w_scale is 0-d or [N] (one per output feature).
 
     On CUDA a Triton GEMM on the int8 tensor cores with the rescale fused into its epilogue
     (exact in int32: |sum| <= 128 * K); elsewhere the float64 reference (also exact)."""

@@ -12,6 +12,11 @@ shard with its own mean):
   tokens; the row layer's input is sharded along features, so the per-token absmax is
   all-reduced (MAX) over the TP group.
 Gradients are straight-through (identity through both quantisers).
+
+Fused projections (`bitnet_segments`, see `bitnet.segments`): a column linear whose output rows,
+or a row linear whose input features, are the concatenation of several projections quantises
+every segment as that projection alone would be (own global absmean, own per-token scale for
+row-linear inputs, own on/off switch), so fusing does not change the model.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -29,11 +35,13 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from bitnet import kernels, reference
+from bitnet.segments import Segment, SegmentLayout
 
 # Values allowed in `bitnet.layers` of the recipe.
 ALLOWED_LAYERS = ("attention_qkv", "attention_out", "mamba_in", "mamba_out", "mlp", "lm_head")
-# layer_type for select_linear -> the `bitnet.layers` entries that switch it on. The Falcon-H1
-# fused mixer projections are quantised when either of their parts is.
+# layer_type for select_linear -> the `bitnet.layers` entries that switch it on. fused_in /
+# fused_out: a whole fused mixer projection as ONE quantised weight, on when either part is
+# (the Falcon-H1 mixer uses select_segmented_linear instead, which quantises part by part).
 LAYER_TYPES = {
     "attention_qkv": {"attention_qkv"},
     "attention_out": {"attention_out"},
@@ -147,6 +155,7 @@ class _Int8LinearSTE(torch.autograd.Function):
         x_q, x_scale, w_q, w_scale = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
+            w_scale = w_scale.unsqueeze(-1) if w_scale.dim() else w_scale  # per output row
             grad_x = grad @ reference.dequantize_weights(w_q, w_scale, grad.dtype)
         if ctx.needs_input_grad[1]:
             x_fq = reference.dequantize_activations(x_q, x_scale, grad.dtype)
@@ -159,13 +168,30 @@ class _BitNetLinearMixin:
 
     default_bitnet_options = BitNetLinearOptions()
     _input_sharded_along_features = False
+    _segment_dim = 0  # bitnet_segments run along the weight's output rows (column linear)
 
-    def _bitnet_setup(self, options: BitNetLinearOptions | None, name: str | None) -> None:
+    def _bitnet_setup(self, options: BitNetLinearOptions | None, name: str | None, segments,
+                      local_size: int) -> None:
         self.bitnet_options = options if options is not None else self.default_bitnet_options
         self.bitnet_name = name
         self._finite_watch = _NonFiniteWeightWatch()
         self._frozen = False
         self._tp_size = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
+        self.bitnet_segments = None
+        if segments is not None:
+            layout = SegmentLayout(segments, self._segment_dim)
+            if layout.size != local_size:
+                what = "output rows" if self._segment_dim == 0 else "input features"
+                raise ValueError(
+                    f"{type(self).__name__}: bitnet_segments {layout} cover {layout.size} {what}; "
+                    f"allowed: exactly this rank's {local_size}"
+                )
+            self.bitnet_segments = layout
+
+    @property
+    def _input_segments(self) -> SegmentLayout | None:
+        """The segments of the input features (a row linear with bitnet_segments), else None."""
+        return self.bitnet_segments if self._segment_dim == 1 else None
 
     # ------------------------------------------------------------------- quantisation pieces
     def _weight_label(self) -> str:
@@ -177,23 +203,46 @@ class _BitNetLinearMixin:
         )
 
     def weight_stats(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """float64 `[sum|W|, numel]` of the full (unsharded) weight; checks it is finite."""
+        """float64 `[sum|W|, numel]` of the full (unsharded) weight — `[n_segments, 2]`, one
+        row per segment, with bitnet_segments; checks the quantised weights are finite."""
         weight = self.weight if weight is None else weight
+        layout = self.bitnet_segments
         with torch.no_grad():
-            stats = kernels.weight_stats(weight)
+            if layout is None:
+                stats = kernels.weight_stats(weight)
+            else:
+                stats = kernels.segment_weight_stats(weight, layout)
             if self._tp_size > 1:
                 dist.all_reduce(stats, group=self.tp_group)
-        self._finite_watch.check(stats[0], self._weight_label)
+            checked = stats[0] if layout is None else self._quantized_abs_sum(stats)
+        self._finite_watch.check(checked, self._weight_label)
         return stats
 
-    def quantized_weight(self):
-        """(ternary int8 of this rank's shard, 0-d scale of the full weight)."""
-        if self._frozen:
-            return self.frozen_ternary, self.frozen_scale
+    def _quantized_abs_sum(self, stats: torch.Tensor) -> torch.Tensor:
+        # Full-precision segments are not checked, as a plain linear's weight is not.
+        sums = stats[:, 0]
+        if not self.bitnet_segments.all_quantized:
+            quantized = self.bitnet_segments.tables(sums.device).quantized
+            sums = torch.where(quantized, sums, torch.zeros_like(sums))
+        return sums.sum()
+
+    def _quantize_weight(self, weight: torch.Tensor):
+        """(ternary int8, scale) of `weight` without gradient (see quantized_weight)."""
         with torch.no_grad():
-            stats = self.weight_stats()
-            self._finite_watch.flush(self._weight_label)
-            return kernels.quantize_weights(self.weight, stats)
+            if self._frozen:
+                return self.frozen_ternary, self.frozen_scale
+            stats = self.weight_stats(weight)
+            if self.bitnet_segments is None:
+                return kernels.quantize_weights(weight, stats)
+            return kernels.quantize_weights_segmented(weight, self.bitnet_segments, stats)
+
+    def quantized_weight(self):
+        """(ternary int8 of this rank's shard, scale of the full weight): the scale is 0-d, or
+        with bitnet_segments one per segment ([n_segments]; full-precision segments have
+        ternary 0 and scale 0)."""
+        result = self._quantize_weight(self.weight)
+        self._finite_watch.flush(self._weight_label)
+        return result
 
     def _ste(self, x, fake_quant, *args):
         if not x.requires_grad:
@@ -202,23 +251,63 @@ class _BitNetLinearMixin:
         ste = kernels.ste_fused if self.bitnet_options.fused else kernels.ste_reference
         return ste(x, fake_quant, *args)
 
+    def _fake_quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """What the GEMM multiplies (full-precision segments as they are)."""
+        if self._frozen:
+            return self.weight  # holds ternary * scale (and full-precision segments) already
+        stats = self.weight_stats(weight)
+        if self.bitnet_segments is None:
+            return self._ste(weight, kernels.fake_quantize_weights, stats)
+        return self._ste(weight, kernels.fake_quantize_weights_segmented, self.bitnet_segments, stats)
+
+    def _fake_quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        absmax = self._input_absmax(x)
+        layout = self._input_segments
+        if layout is None:
+            return self._ste(x, kernels.fake_quantize_activations, absmax)
+        return self._ste(x, kernels.fake_quantize_activations_segmented, layout, absmax)
+
     def _input_absmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Per-token absmax over the full feature dimension when this rank holds a slice of it;
-        None when the kernel may take it from the local row."""
+        """Per-token absmax over the full feature dimension (per input segment, [..., n], with
+        segments) when this rank holds a slice of it; None when the kernel may take it from the
+        local row."""
         if not (self._input_sharded_along_features and self._tp_size > 1):
             return None
+        layout = self._input_segments
         with torch.no_grad():
-            absmax = kernels.activation_absmax(x)
+            if layout is None:
+                absmax = kernels.activation_absmax(x)
+            else:
+                absmax = kernels.segment_activation_absmax(x, layout)
             dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=self.tp_group)
         return absmax
 
     def _subln(self, x: torch.Tensor) -> torch.Tensor:
-        """Non-learnable RMSNorm over the full feature dimension (all ranks' slices)."""
-        xf = x.float()
+        """Non-learnable RMSNorm over the full feature dimension (all ranks' slices); over each
+        quantised input segment's features for a row linear with segments."""
+        if self._input_segments is not None:
+            return self._segment_subln(x, self._input_segments)
+        xf = x.to(reference.compute_dtype(x))  # float32 (float64 for float64 input)
         sum_sq = (xf * xf).sum(dim=-1, keepdim=True)
         if self._input_sharded_along_features and self._tp_size > 1:
             sum_sq = _AllReduceSum.apply(sum_sq, self.tp_group)
         return (xf * torch.rsqrt(sum_sq / self.input_size + self.config.layernorm_epsilon)).to(x.dtype)
+
+    def _segment_subln(self, x: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+        xf = x.to(reference.compute_dtype(x))  # float32 (float64 for float64 input)
+        parts = layout.split(xf, -1)
+        sum_sq = torch.stack([(p * p).sum(dim=-1) for p in parts], dim=-1)  # [..., n], one reduce
+        if self._tp_size > 1:
+            sum_sq = _AllReduceSum.apply(sum_sq, self.tp_group)
+        out = []
+        for i, (segment, raw, part) in enumerate(zip(layout.segments, layout.split(x, -1), parts)):
+            if not segment.quantized:  # its separate projection would be a plain linear
+                out.append(raw)
+                continue
+            features = segment.size * self._tp_size  # Megatron shards every segment evenly
+            inv_rms = torch.rsqrt(sum_sq[..., i : i + 1] / features + self.config.layernorm_epsilon)
+            out.append((part * inv_rms).to(x.dtype))
+        return torch.cat(out, dim=-1)
 
     # ------------------------------------------------------------------------------ forward
     def _forward_impl(self, input, weight, **kwargs):
@@ -226,43 +315,102 @@ class _BitNetLinearMixin:
         # given; the fake-quantised weight is a temporary without one, so the gradient takes the
         # ordinary path (param.grad), which Megatron's DDP hooks add to main_grad.
         kwargs["gradient_accumulation_fusion"] = False
+        layout = self.bitnet_segments
+        if layout is not None and self._segment_dim == 0 and not layout.all_quantized:
+            return self._mixed_column_forward(input, weight, **kwargs)
         x = self._subln(input) if self.bitnet_options.subln else input
         if self.bitnet_options.int8_matmul:
             return self._int8_forward(x, weight, **kwargs)
-        x_fq = self._ste(x, kernels.fake_quantize_activations, self._input_absmax(x))
-        if self._frozen:
-            w_fq = self.weight  # holds ternary * scale already
-        else:
-            w_fq = self._ste(weight, kernels.fake_quantize_weights, self.weight_stats(weight))
+        x_fq = self._fake_quantized_input(x)
+        w_fq = self._fake_quantized_weight(weight)
         return super()._forward_impl(input=x_fq, weight=w_fq, **kwargs)
+
+    def _gather_input(self, x, allreduce_dgrad: bool, sequence_parallel: bool, tp_group):
+        """The communication Megatron's linear function does around its GEMM, for the paths
+        that run the GEMM themselves."""
+        group = tp_group if tp_group is not None else self.tp_group
+        if sequence_parallel:
+            return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=group)
+        if allreduce_dgrad:
+            return copy_to_tensor_model_parallel_region(x, group=group)
+        return x
 
     def _int8_forward(self, x, weight, *, bias=None, allreduce_dgrad=False,
                       sequence_parallel=False, tp_group=None, **_):
-        group = tp_group if tp_group is not None else self.tp_group
-        # The communication Megatron's linear function would do around the GEMM.
-        if sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=group)
-        elif allreduce_dgrad:
-            x = copy_to_tensor_model_parallel_region(x, group=group)
+        x = self._gather_input(x, allreduce_dgrad, sequence_parallel, tp_group)
         x2 = x.reshape(-1, x.shape[-1])
-        with torch.no_grad():
-            x_q, x_scale = kernels.quantize_activations(x2, self._input_absmax(x2))
-            if self._frozen:
-                w_q, w_scale = self.frozen_ternary, self.frozen_scale
-            else:
-                w_q, w_scale = kernels.quantize_weights(weight, self.weight_stats(weight))
-        y = _Int8LinearSTE.apply(x2, weight, x_q, x_scale, w_q, w_scale)
+        w_q, w_scale = self._quantize_weight(weight)
+        if self._input_segments is not None:
+            y = self._int8_segmented_input(x2, weight, w_q, w_scale, self._input_segments)
+        else:
+            with torch.no_grad():
+                x_q, x_scale = kernels.quantize_activations(x2, self._input_absmax(x2))
+            if self.bitnet_segments is not None:  # segments of output rows: a scale per row
+                w_scale = self.bitnet_segments.along_weight(w_scale).reshape(-1)
+            y = _Int8LinearSTE.apply(x2, weight, x_q, x_scale, w_q, w_scale)
         y = y.reshape(*x.shape[:-1], w_q.shape[0])
         return y + bias if bias is not None else y
 
+    def _int8_segmented_input(self, x2, weight, w_q, w_scales, layout: SegmentLayout):
+        """Row linear with segments: each quantised segment has its own per-token scale along
+        K, so one int8 GEMM per segment (full-precision segments in float), summed."""
+        with torch.no_grad():
+            x_q, x_scales = kernels.quantize_activations_segmented(x2, layout, self._input_absmax(x2))
+        y = None
+        for i, ((start, end), quantized) in enumerate(zip(layout.ranges(), layout.quantized)):
+            cols = slice(start, end)
+            if quantized:
+                part = _Int8LinearSTE.apply(
+                    x2[:, cols], weight[:, cols], x_q[:, cols], x_scales[:, i], w_q[:, cols], w_scales[i]
+                )
+            else:
+                part = F.linear(x2[:, cols], weight[:, cols])
+            y = part if y is None else y + part
+        return y
+
+    def _mixed_column_forward(self, x, weight, *, bias=None, allreduce_dgrad=False,
+                              sequence_parallel=False, tp_group=None, **_):
+        """Column linear with full-precision segments: their rows see the input as it is, the
+        quantised rows its (SubLN-ed) quantised version, as separate projections would. One GEMM
+        per run of like segments, concatenated; the input is communicated once."""
+        layout = self.bitnet_segments
+        x = self._gather_input(x, allreduce_dgrad, sequence_parallel, tp_group)
+        x_in = self._subln(x) if self.bitnet_options.subln else x
+        outputs = []
+        if self.bitnet_options.int8_matmul:
+            x2 = x_in.reshape(-1, x_in.shape[-1])
+            with torch.no_grad():
+                x_q, x_scale = kernels.quantize_activations(x2)
+            w_q, w_scales = self._quantize_weight(weight)
+            row_scales = layout.along_weight(w_scales).reshape(-1)
+            for start, end, quantized in layout.runs():
+                rows = slice(start, end)
+                if quantized:
+                    y = _Int8LinearSTE.apply(x2, weight[rows], x_q, x_scale, w_q[rows], row_scales[rows])
+                    outputs.append(y.reshape(*x.shape[:-1], end - start))
+                else:
+                    outputs.append(F.linear(x, weight[rows]))
+        else:
+            x_fq = self._fake_quantized_input(x_in)
+            w_fq = self._fake_quantized_weight(weight)  # full-precision rows pass through
+            for start, end, quantized in layout.runs():
+                outputs.append(F.linear(x_fq if quantized else x, w_fq[start:end]))
+        y = torch.cat(outputs, dim=-1)
+        return y + bias if bias is not None else y
+
     # ----------------------------------------------------------------------- frozen export
-    def freeze_quantized(self, ternary: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+    def freeze_quantized(self, ternary: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                         full_precision: torch.Tensor | None = None):
         """Run from fixed ternary weights (an export) instead of quantising the trainable weight.
 
         `weight` then holds `ternary * scale` (exactly what training fed the GEMM) and is no
-        longer trained; without arguments the current weight is quantised."""
+        longer trained; without arguments the current weight is quantised. With bitnet_segments,
+        `scale` has one entry per segment and `full_precision` holds the full-precision segments
+        (concatenated along the segmented dimension; None when every segment is quantised)."""
+        layout = self.bitnet_segments
         if ternary is None:
             ternary, scale = self.quantized_weight()
+            full_precision = None if layout is None else layout.full_precision_part(self.weight.detach())
         if tuple(ternary.shape) != tuple(self.weight.shape):
             raise ValueError(
                 f"freeze_quantized of {self._weight_label()}: ternary shape {tuple(ternary.shape)}, "
@@ -270,44 +418,78 @@ class _BitNetLinearMixin:
             )
         device = self.weight.device
         ternary = ternary.to(device=device, dtype=torch.int8)
-        scale = scale.to(device=device).reshape(())
+        if layout is None:
+            scale = scale.to(device=device).reshape(())
+            weight = reference.dequantize_weights(ternary, scale, self.weight.dtype)
+        else:
+            scale = scale.to(device=device).reshape(-1)
+            if scale.numel() != len(layout):
+                raise ValueError(
+                    f"freeze_quantized of {self._weight_label()}: {scale.numel()} scales; "
+                    f"allowed: one per segment ({len(layout)}: {layout})"
+                )
+            weight = reference.dequantize_weights_segmented(ternary, scale, layout, self.weight.dtype)
+            weight = self._insert_full_precision(weight, full_precision)
         self.register_buffer("frozen_ternary", ternary, persistent=False)
         self.register_buffer("frozen_scale", scale, persistent=False)
         with torch.no_grad():
-            self.weight.data = reference.dequantize_weights(ternary, scale, self.weight.dtype)
+            self.weight.data = weight
         self.weight.requires_grad_(False)
         self._frozen = True
+
+    def _insert_full_precision(self, weight: torch.Tensor, full_precision: torch.Tensor | None):
+        layout = self.bitnet_segments
+        fp_sizes = [s.size for s in layout.segments if not s.quantized]
+        expected = list(weight.shape)
+        expected[layout.dim] = sum(fp_sizes)
+        if not fp_sizes and full_precision is None:
+            return weight
+        if full_precision is None or list(full_precision.shape) != expected:
+            got = None if full_precision is None else tuple(full_precision.shape)
+            raise ValueError(
+                f"freeze_quantized of {self._weight_label()}: full_precision {got}; allowed: "
+                f"{tuple(expected)} (the full-precision segments of {layout})"
+                if fp_sizes else f"freeze_quantized of {self._weight_label()}: full_precision {got} "
+                f"given, but every segment of {layout} is quantised; allowed: None"
+            )
+        fp_parts = iter(full_precision.to(weight).split(fp_sizes, dim=layout.dim))
+        parts = [p if q else next(fp_parts) for p, q in zip(layout.split(weight, layout.dim), layout.quantized)]
+        return torch.cat(parts, dim=layout.dim)
 
     def extra_repr(self) -> str:
         o = self.bitnet_options
         return (
             super().extra_repr()
             + f", bitnet(fused={o.fused}, int8_matmul={o.int8_matmul}, subln={o.subln}"
+            + (f", segments={self.bitnet_segments}" if self.bitnet_segments is not None else "")
             + (", frozen)" if self._frozen else ")")
         )
 
 
 class BitNetColumnParallelLinear(_BitNetLinearMixin, ColumnParallelLinear):
     """ColumnParallelLinear with ternary weights and int8 per-token activations (fake-quantised,
-    straight-through gradients). Extra keyword: `bitnet_options`."""
+    straight-through gradients). Extra keywords: `bitnet_options`; `bitnet_segments`, segments
+    of this rank's output rows (`bitnet.segments.Segment` or (name, rows[, quantized]))."""
 
     def __init__(self, input_size, output_size, *, bitnet_options: BitNetLinearOptions | None = None,
-                 **kwargs):
+                 bitnet_segments=None, **kwargs):
         super().__init__(input_size, output_size, **kwargs)
-        self._bitnet_setup(bitnet_options, kwargs.get("name"))
+        self._bitnet_setup(bitnet_options, kwargs.get("name"), bitnet_segments, self.output_size_per_partition)
 
 
 class BitNetRowParallelLinear(_BitNetLinearMixin, RowParallelLinear):
     """RowParallelLinear with ternary weights and int8 per-token activations; the per-token
-    absmax (and SubLN's sum of squares) is reduced over the TP group. Extra keyword:
-    `bitnet_options`."""
+    absmax (and SubLN's sum of squares) is reduced over the TP group. Extra keywords:
+    `bitnet_options`; `bitnet_segments`, segments of this rank's input features (each gets its
+    own per-token activation scale and weight-column scale)."""
 
     _input_sharded_along_features = True
+    _segment_dim = 1
 
     def __init__(self, input_size, output_size, *, bitnet_options: BitNetLinearOptions | None = None,
-                 **kwargs):
+                 bitnet_segments=None, **kwargs):
         super().__init__(input_size, output_size, **kwargs)
-        self._bitnet_setup(bitnet_options, kwargs.get("name"))
+        self._bitnet_setup(bitnet_options, kwargs.get("name"), bitnet_segments, self.input_size_per_partition)
 
 
 BITNET_LINEAR_TYPES = (BitNetColumnParallelLinear, BitNetRowParallelLinear)
@@ -365,6 +547,33 @@ def select_linear(bitnet_cfg, layer_type: str, parallel: str) -> type:
     if not getattr(bitnet_cfg, "enabled", False) or not (LAYER_TYPES[layer_type] & enabled_types):
         return plain
     return bitnet_linear_class(parallel, options_from_config(bitnet_cfg))
+
+
+def select_segmented_linear(bitnet_cfg, segments, parallel: str):
+    """The constructor of a fused projection that stands for several projections.
+
+    segments: (name, local size, layer type) in order: the rows of a column linear's output,
+    or the features of a row linear's input; layer type is one of LAYER_TYPES. A segment is
+    quantised when `bitnet_cfg` quantises its layer type. Returns Megatron's plain linear class
+    when no segment is quantised, else the BitNet class bound to the segments
+    (`functools.partial(..., bitnet_segments=...)`, called like the class)."""
+    plain, _ = _parallel_bases(parallel)
+    for entry in segments:
+        if len(entry) != 3 or entry[2] not in LAYER_TYPES:
+            raise ValueError(
+                f"select_segmented_linear: segment {entry!r}; allowed: (name, size, layer type) "
+                f"with layer type in {list(LAYER_TYPES)}"
+            )
+    if bitnet_cfg is None:
+        return plain
+    enabled_types = set(validate_bitnet_layers(bitnet_cfg))
+    if not getattr(bitnet_cfg, "enabled", False):
+        return plain
+    parsed = [Segment(name, size, bool(LAYER_TYPES[t] & enabled_types)) for name, size, t in segments]
+    if not any(s.quantized for s in parsed):
+        return plain
+    cls = bitnet_linear_class(parallel, options_from_config(bitnet_cfg))
+    return functools.partial(cls, bitnet_segments=parsed)
 
 
 def bitnet_layers(model: torch.nn.Module):

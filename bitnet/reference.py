@@ -24,6 +24,10 @@ reproduces the training forward bit for bit; the two differ by at most one float
 `stats` arguments: a float64 tensor `[sum(|W|), N]`, given when the sum runs over more than
 the tensor at hand (a tensor-parallel shard: the layer all-reduces it over the TP group).
 `absmax` arguments: per-row max|x| (before the 1e-5 clamp), given when the row is sharded.
+
+The `*_segmented` functions (fused projections, see `bitnet.segments`) apply the functions
+above to each segment's slice: stats [n, 2], one weight scale per segment, activations
+quantised per row and per segment of the last dimension (absmax [..., n]).
 """
 
 from __future__ import annotations
@@ -127,3 +131,69 @@ def int8_linear(
     value the int8 tensor-core GEMM computes in int32, before the float rescale."""
     acc = x_q.to(torch.float64) @ w_q.to(torch.float64).t()
     return (acc.to(torch.float32) * x_scale.to(torch.float32).unsqueeze(-1)) * w_scale.to(torch.float32)
+
+
+# ---------------------------------------------------------------- segmented (fused) linears
+# `layout` is a `bitnet.segments.SegmentLayout`. Each quantised segment is quantised exactly as
+# the functions above quantise a separate tensor (they are called on the segment's slice);
+# full-precision segments pass through (fake quantisers) or become 0 (int8 / ternary outputs).
+def segment_weight_stats(w: torch.Tensor, layout) -> torch.Tensor:
+    """float64 [n, 2]: `[sum(|w|), numel]` of every segment of this tensor (shard)."""
+    return torch.stack([weight_stats(part) for part in layout.split(w, layout.dim)])
+
+
+def quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None):
+    """-> (ternary int8 like w, scales [n]): dequantised segment i = ternary * scales[i].
+    Full-precision segments: ternary 0 and scale 0 (their weights are kept elsewhere)."""
+    if stats is None:
+        stats = segment_weight_stats(w, layout)
+    ternary, scales = [], []
+    for i, (part, quantized) in enumerate(zip(layout.split(w, layout.dim), layout.quantized)):
+        q, m = quantize_weights(part, stats[i])
+        ternary.append(q if quantized else torch.zeros_like(q))
+        scales.append(m if quantized else torch.zeros_like(m))
+    return torch.cat(ternary, dim=layout.dim), torch.stack(scales)
+
+
+def fake_quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantised segments dequantised (each with its own scale), full-precision ones as they are."""
+    if stats is None:
+        stats = segment_weight_stats(w, layout)
+    parts = [
+        fake_quantize_weights(part, stats[i]) if quantized else part.detach()
+        for i, (part, quantized) in enumerate(zip(layout.split(w, layout.dim), layout.quantized))
+    ]
+    return torch.cat(parts, dim=layout.dim)
+
+
+def dequantize_weights_segmented(q: torch.Tensor, scales: torch.Tensor, layout, dtype: torch.dtype) -> torch.Tensor:
+    """ternary * (its segment's scale), as `dequantize_weights` does per segment."""
+    return (q.to(scales.dtype) * layout.along_weight(scales)).to(dtype)
+
+
+def segment_activation_absmax(x: torch.Tensor, layout) -> torch.Tensor:
+    """[..., n]: per-row max|x| over each segment of the last dimension (no clamp)."""
+    return torch.stack([activation_absmax(part) for part in layout.split(x, -1)], dim=-1)
+
+
+def quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None):
+    """-> (int8 like x, scales [..., n]): every segment of the last dim quantised per row with
+    its own absmax. Full-precision segments: int8 0 (their scale is computed but unused)."""
+    if absmax is None:
+        absmax = segment_activation_absmax(x, layout)
+    values, scales = [], []
+    for i, (part, quantized) in enumerate(zip(layout.split(x, -1), layout.quantized)):
+        q, scale = quantize_activations(part, absmax[..., i])
+        values.append(q if quantized else torch.zeros_like(q))
+        scales.append(scale)
+    return torch.cat(values, dim=-1), torch.stack(scales, dim=-1)
+
+
+def fake_quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    if absmax is None:
+        absmax = segment_activation_absmax(x, layout)
+    parts = [
+        fake_quantize_activations(part, absmax[..., i]) if quantized else part.detach()
+        for i, (part, quantized) in enumerate(zip(layout.split(x, -1), layout.quantized))
+    ]
+    return torch.cat(parts, dim=-1)

@@ -191,6 +191,215 @@ def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = Non
     return _act_quant(x, absmax, int8_out=False)[0]
 
 
+# --------------------------------------------------------------- segmented (fused) linears
+# `layout` is a bitnet.segments.SegmentLayout; its `tables(device)` hold the segment bounds
+# and quantised flags on the device, so the kernels read them without a host round trip.
+@triton.jit
+def _segment_abs_sum_partial_kernel(
+    w_ptr, bounds_ptr, partial_ptr, rows, cols, programs,
+    SEG_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+):
+    """Program (p, i) sums |w| (float64) over its share of segment i: rows (SEG_DIM 0) or
+    columns (SEG_DIM 1) bounds[i] .. bounds[i + 1] of the row-major w [rows, cols]."""
+    pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    lo = tl.load(bounds_ptr + seg).to(tl.int64)
+    hi = tl.load(bounds_ptr + seg + 1).to(tl.int64)
+    # lo, hi are int64, so every offset below is int64 (rows, cols may be specialised ints).
+    if SEG_DIM == 0:
+        n = (hi - lo) * cols
+    else:
+        n = rows * (hi - lo)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    start = pid.to(tl.int64) * BLOCK * BLOCKS_PER_PROGRAM
+    for i in range(BLOCKS_PER_PROGRAM):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        if SEG_DIM == 0:
+            addr = lo * cols + offs
+        else:
+            addr = (offs // (hi - lo)) * cols + lo + offs % (hi - lo)
+        w = tl.load(w_ptr + addr, mask=offs < n, other=0.0)
+        acc += tl.abs(w.to(tl.float64))
+    tl.store(partial_ptr + seg * programs + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _segment_weight_quant_kernel(
+    w_ptr, stats_ptr, bounds_ptr, flags_ptr, out_ptr, scale_ptr, n, cols,
+    N_SEG: tl.constexpr, SEG_DIM: tl.constexpr, BLOCK: tl.constexpr, TERNARY_OUT: tl.constexpr,
+):
+    """`_weight_quant_kernel` with each element's (m, s) taken from its segment (row of w for
+    SEG_DIM 0, column for 1); elements of full-precision segments are copied (0 in the ternary
+    output, and their scale is 0)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    if SEG_DIM == 0:
+        pos = offs // cols
+    else:
+        pos = offs % cols
+    m = tl.zeros([BLOCK], dtype=tl.float32)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    quantized = pos < 0
+    # Every program finishes each segment's mean from its float64 stats: cheaper than launches.
+    # Segments come in order, so the last one starting at or before `pos` is pos's segment.
+    for i in tl.static_range(N_SEG):
+        mean = libdevice.div_rn(tl.load(stats_ptr + 2 * i), tl.load(stats_ptr + 2 * i + 1))
+        mean = tl.maximum(mean, tl.full([], 1e-5, tl.float64))
+        m_i = mean.to(tl.float32)
+        s_i = libdevice.div_rn(tl.full([], 1.0, tl.float64), mean).to(tl.float32)
+        flag_i = tl.load(flags_ptr + i) != 0
+        inside = pos >= tl.load(bounds_ptr + i).to(tl.int64)
+        m = tl.where(inside, m_i, m)
+        s = tl.where(inside, s_i, s)
+        quantized = tl.where(inside, flag_i, quantized)
+        if pid == 0:
+            tl.store(scale_ptr + i, tl.where(flag_i, m_i, 0.0))
+    w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    q = tl.floor(w_raw.to(tl.float32) * s + 0.5)
+    q = tl.minimum(tl.maximum(q, -1.0), 1.0)
+    if TERNARY_OUT:
+        tl.store(out_ptr + offs, tl.where(quantized, q, 0.0).to(tl.int8), mask=mask)
+    else:
+        w_fq = (q * m).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, tl.where(quantized, w_fq, w_raw.to(out_ptr.dtype.element_ty)), mask=mask)
+
+
+@triton.jit
+def _segment_row_absmax_kernel(x_ptr, bounds_ptr, absmax_ptr, D, N_SEG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row, i): max|x| over segment i of the row."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    lo = tl.load(bounds_ptr + seg)
+    hi = tl.load(bounds_ptr + seg + 1)
+    base = x_ptr + row * D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_D):
+        offs = start + tl.arange(0, BLOCK_D)
+        x = tl.load(base + offs, mask=offs < hi, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x))
+    tl.store(absmax_ptr + row * N_SEG + seg, tl.max(acc, axis=0))
+
+
+@triton.jit
+def _segment_act_quant_kernel(
+    x_ptr, bounds_ptr, flags_ptr, absmax_ptr, out_ptr, scale_ptr, D,
+    N_SEG: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ABSMAX: tl.constexpr, INT8_OUT: tl.constexpr,
+):
+    """`_act_quant_kernel` for segment i of one row (program (row, i)); a full-precision
+    segment is copied (or 0 in the int8 output)."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    lo = tl.load(bounds_ptr + seg)
+    hi = tl.load(bounds_ptr + seg + 1)
+    quantized = tl.load(flags_ptr + seg) != 0
+    base = x_ptr + row * D
+    if HAS_ABSMAX:
+        a = tl.load(absmax_ptr + row * N_SEG + seg).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_D):
+            offs = start + tl.arange(0, BLOCK_D)
+            x = tl.load(base + offs, mask=offs < hi, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(x))
+        a = tl.max(acc, axis=0)
+    a = tl.maximum(a, 1e-5)
+    s = libdevice.div_rn(tl.full([], 127.0, tl.float32), a)
+    scale = libdevice.div_rn(a, tl.full([], 127.0, tl.float32))
+    for start in range(lo, hi, BLOCK_D):
+        offs = start + tl.arange(0, BLOCK_D)
+        mask = offs < hi
+        x_raw = tl.load(base + offs, mask=mask, other=0.0)
+        q = tl.floor(x_raw.to(tl.float32) * s + 0.5)
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        if INT8_OUT:
+            tl.store(out_ptr + row * D + offs, tl.where(quantized, q, 0.0).to(tl.int8), mask=mask)
+        else:
+            x_fq = (q * scale).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + row * D + offs, tl.where(quantized, x_fq, x_raw.to(out_ptr.dtype.element_ty)),
+                     mask=mask)
+    tl.store(scale_ptr + row * N_SEG + seg, scale)
+
+
+def segment_weight_stats(w: torch.Tensor, layout) -> torch.Tensor:
+    """float64 [n, 2]: `[sum(|w|), numel]` per segment; no host synchronisation."""
+    w = w.detach().contiguous()
+    rows, cols = w.shape
+    tables = layout.tables(w.device)
+    other = cols if layout.dim == 0 else rows
+    blocks = triton.cdiv(max(s.size for s in layout.segments) * other, _SUM_BLOCK)
+    per_program = triton.next_power_of_2(triton.cdiv(blocks, _SUM_MAX_PROGRAMS))
+    programs = max(1, triton.cdiv(blocks, per_program))
+    partial = torch.empty(len(layout), programs, dtype=torch.float64, device=w.device)
+    _segment_abs_sum_partial_kernel[(programs, len(layout))](
+        w, tables.bounds, partial, rows, cols, programs,
+        SEG_DIM=layout.dim, BLOCK=_SUM_BLOCK, BLOCKS_PER_PROGRAM=per_program, **_NO_FMA,
+    )
+    return torch.stack([partial.sum(dim=1), layout.segment_numels(w.shape, w.device)], dim=1)
+
+
+def _segment_weight_quant(w: torch.Tensor, layout, stats: torch.Tensor | None, ternary_out: bool):
+    w = w.detach().contiguous()
+    if stats is None:
+        stats = segment_weight_stats(w, layout)
+    tables = layout.tables(w.device)
+    out = torch.empty_like(w, dtype=torch.int8 if ternary_out else w.dtype)
+    scales = torch.empty(len(layout), dtype=torch.float32, device=w.device)
+    n = w.numel()
+    grid = (max(1, triton.cdiv(n, _QUANT_BLOCK)),)
+    _segment_weight_quant_kernel[grid](
+        w, stats.to(torch.float64).contiguous(), tables.bounds, tables.flags, out, scales, n, w.shape[1],
+        N_SEG=len(layout), SEG_DIM=layout.dim, BLOCK=_QUANT_BLOCK, TERNARY_OUT=ternary_out, **_NO_FMA,
+    )
+    return out, scales
+
+
+def quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None):
+    return _segment_weight_quant(w, layout, stats, ternary_out=True)
+
+
+def fake_quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None) -> torch.Tensor:
+    return _segment_weight_quant(w, layout, stats, ternary_out=False)[0]
+
+
+def _segment_block_d(layout) -> int:
+    return _block_d(max(s.size for s in layout.segments))
+
+
+def segment_activation_absmax(x: torch.Tensor, layout) -> torch.Tensor:
+    x, rows, d = _rows(x)
+    absmax = torch.empty(*x.shape[:-1], len(layout), dtype=torch.float32, device=x.device)
+    if rows:
+        _segment_row_absmax_kernel[(rows, len(layout))](
+            x, layout.tables(x.device).bounds, absmax, d,
+            N_SEG=len(layout), BLOCK_D=_segment_block_d(layout), **_NO_FMA,
+        )
+    return absmax
+
+
+def _segment_act_quant(x: torch.Tensor, layout, absmax: torch.Tensor | None, int8_out: bool):
+    x, rows, d = _rows(x)
+    out = torch.empty_like(x, dtype=torch.int8 if int8_out else x.dtype)
+    scale = torch.empty(*x.shape[:-1], len(layout), dtype=torch.float32, device=x.device)
+    if rows:
+        tables = layout.tables(x.device)
+        absmax_arg = scale if absmax is None else absmax.to(torch.float32).contiguous()
+        _segment_act_quant_kernel[(rows, len(layout))](
+            x, tables.bounds, tables.flags, absmax_arg, out, scale, d,
+            N_SEG=len(layout), BLOCK_D=_segment_block_d(layout), HAS_ABSMAX=absmax is not None,
+            INT8_OUT=int8_out, **_NO_FMA,
+        )
+    return out, scale
+
+
+def quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None):
+    return _segment_act_quant(x, layout, absmax, int8_out=True)
+
+
+def fake_quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    return _segment_act_quant(x, layout, absmax, int8_out=False)[0]
+
+
 # --------------------------------------------------------------------------- int8 GEMM
 def _int8_matmul_configs():
     return [
@@ -212,9 +421,11 @@ def _int8_matmul_configs():
 def _int8_matmul_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PER_N_SCALE: tl.constexpr,
 ):
     """C[M, N] = (A[M, K] @ B[N, K]^T in int32) * a_scale[M, None] * b_scale, stored in C's
-    dtype. Both operands are K-contiguous, as Hopper's int8 tensor-core instructions want."""
+    dtype; b_scale is one value, or one per output column N (PER_N_SCALE: a segment-scaled
+    fused weight). Both operands are K-contiguous, as Hopper's int8 tensor-core instructions want."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -239,21 +450,28 @@ def _int8_matmul_kernel(
         b_ptrs += BLOCK_K
 
     a_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
-    b_scale = tl.load(b_scale_ptr)
+    if PER_N_SCALE:
+        b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    else:
+        b_scale = tl.load(b_scale_ptr)
     c = (acc.to(tl.float32) * a_scale[:, None]) * b_scale
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 def int8_linear(x_q, x_scale, w_q, w_scale, out_dtype=torch.float32) -> torch.Tensor:
-    """(x_q [M, K] int8 @ w_q [N, K]^T int8) * x_scale[:, None] * w_scale, as out_dtype."""
+    """(x_q [M, K] int8 @ w_q [N, K]^T int8) * x_scale[:, None] * w_scale, as out_dtype;
+    w_scale is 0-d or [N] (one per output column)."""
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
     m, k = x_q.shape
     n = w_q.shape[0]
+    per_n = w_scale.dim() > 0 and w_scale.numel() > 1
+    if per_n and w_scale.numel() != n:
+        raise ValueError(f"int8_linear: w_scale has {w_scale.numel()} values; allowed: 1 or N = {n}")
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _int8_matmul_kernel[grid](
         x_q, w_q, out, x_scale.to(torch.float32).contiguous(),
-        w_scale.to(torch.float32).reshape(1), m, n, k, **_NO_FMA,
+        w_scale.to(torch.float32).reshape(-1).contiguous(), m, n, k, PER_N_SCALE=per_n, **_NO_FMA,
     )
     return out

@@ -8,7 +8,9 @@ The mixer runs attention and Mamba-2 on the same normed input. With
 `fused_projections` one column-parallel GEMM produces [q, k, v, z, x, B, C, dt]
 and one row-parallel GEMM projects the concatenated branch outputs [y_ssm, o_attn]
 (summing two out-projections equals one over the concatenation), so a mixer costs
-one tensor-parallel all-reduce instead of two. µP multipliers are applied as
+one tensor-parallel all-reduce instead of two. Under BitNet the fused projections
+quantise their attention and Mamba parts separately (bitnet.segments), so fused
+and unfused are the same model. µP multipliers are applied as
 per-channel scales of the projection inputs/outputs, never folded into weights.
 """
 

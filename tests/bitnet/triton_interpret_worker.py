@@ -1,0 +1,111 @@
+"""Runs the BitNet Triton kernels of the segmented (fused) linears on CPU through Triton's
+interpreter (TRITON_INTERPRET=1, set by test_triton_interpret.py before this process imports
+triton) and compares them bit for bit with the PyTorch reference. Prints one line per check;
+exit 1 on failure.
+
+The interpreter has no libdevice; `div_rn` (IEEE round-to-nearest division) is replaced by the
+interpreter's `/`, a numpy division, which is IEEE round-to-nearest too. The autotuned int8 GEMM
+is launched through its undecorated kernel with fixed block sizes (autotuning needs a GPU).
+"""
+
+import os
+import sys
+import types
+
+import torch
+import triton
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+from bitnet import reference as ref  # noqa: E402
+from bitnet import triton_kernels as tk  # noqa: E402
+from bitnet.segments import SegmentLayout  # noqa: E402
+
+tk.libdevice = types.SimpleNamespace(div_rn=lambda a, b: a / b)
+failures = []
+
+
+def check(name, ok):
+    print(f"{'ok  ' if ok else 'FAIL'} {name}")
+    if not ok:
+        failures.append(name)
+
+
+def weight_checks(g):
+    # Segments straddle the quantise (2048) and sum (4096) blocks; one full-precision segment.
+    w = torch.randn(300, 50, generator=g) * 0.02
+    w[:7] *= 10  # segments of other magnitudes: a shared mean would misquantise them
+    layouts = {
+        "rows": SegmentLayout([("a", 7), ("b", 200, False), ("c", 93)], 0),
+        "rows_one": SegmentLayout([("all", 300)], 0),
+        "cols": SegmentLayout([("y", 13), ("o", 37)], 1),
+        "cols_fp": SegmentLayout([("y", 13, False), ("o", 37)], 1),
+    }
+    for dtype in (torch.float32, torch.float16):
+        wd = w.to(dtype)
+        for name, layout in layouts.items():
+            tag = f"{name} {dtype}"
+            s_t, s_r = tk.segment_weight_stats(wd, layout), ref.segment_weight_stats(wd, layout)
+            check(f"weight stats {tag}", torch.equal(s_t[:, 1], s_r[:, 1])
+                  and torch.allclose(s_t[:, 0], s_r[:, 0], rtol=1e-12, atol=0))
+            for stats in (s_r, s_r * torch.tensor([3.0, 2.0], dtype=torch.float64)):  # given (TP) stats
+                q_t, m_t = tk.quantize_weights_segmented(wd, layout, stats)
+                q_r, m_r = ref.quantize_weights_segmented(wd, layout, stats)
+                check(f"quantize weights {tag}", torch.equal(q_t, q_r) and torch.equal(m_t, m_r))
+                check(f"fake-quantize weights {tag}", torch.equal(
+                    tk.fake_quantize_weights_segmented(wd, layout, stats),
+                    ref.fake_quantize_weights_segmented(wd, layout, stats)))
+            # One segment = the unsegmented quantiser.
+            if name == "rows_one":
+                check(f"one segment = unsegmented {tag}", torch.equal(
+                    tk.fake_quantize_weights_segmented(wd, layout), ref.fake_quantize_weights(wd)))
+
+
+def activation_checks(g):
+    x = torch.randn(3, 5, 70, generator=g)
+    x[..., :20] *= 0.01
+    layouts = {"two": SegmentLayout([("y", 20), ("o", 50)], 1),
+               "fp": SegmentLayout([("y", 20), ("z", 11, False), ("o", 39)], 1)}
+    for dtype in (torch.float32, torch.float16):
+        xd = x.to(dtype)
+        for name, layout in layouts.items():
+            tag = f"{name} {dtype}"
+            check(f"segment absmax {tag}", torch.equal(
+                tk.segment_activation_absmax(xd, layout), ref.segment_activation_absmax(xd, layout)))
+            absmax_tp = ref.segment_activation_absmax(xd, layout) * 2  # the TP all-reduce's max
+            for absmax in (None, absmax_tp):
+                q_t, s_t = tk.quantize_activations_segmented(xd, layout, absmax)
+                q_r, s_r = ref.quantize_activations_segmented(xd, layout, absmax)
+                check(f"quantize activations {tag} absmax={absmax is not None}",
+                      torch.equal(q_t, q_r) and torch.equal(s_t, s_r))
+                check(f"fake-quantize activations {tag} absmax={absmax is not None}", torch.equal(
+                    tk.fake_quantize_activations_segmented(xd, layout, absmax),
+                    ref.fake_quantize_activations_segmented(xd, layout, absmax)))
+    # The unsegmented kernel the segmented one mirrors.
+    check("unsegmented quantize activations", all(
+        torch.equal(a, b) for a, b in zip(tk.quantize_activations(x), ref.quantize_activations(x))))
+
+
+def int8_checks(g):
+    layout = SegmentLayout([("qkv", 21), ("zx", 19)], 0)
+    w = torch.randn(40, 24, generator=g) * 0.02
+    w[:21] *= 5
+    x_q, x_scale = ref.quantize_activations(torch.randn(37, 24, generator=g))
+    w_q, w_scales = ref.quantize_weights_segmented(w, layout)
+    row_scales = layout.along_weight(w_scales).reshape(-1)
+    m, k, n = x_q.shape[0], x_q.shape[1], w_q.shape[0]
+    for per_n, scale in ((True, row_scales), (False, w_scales[:1])):
+        out = torch.empty(m, n)
+        grid = (triton.cdiv(m, 16) * triton.cdiv(n, 16),)
+        tk._int8_matmul_kernel.fn[grid](x_q, w_q, out, x_scale, scale.contiguous(), m, n, k,
+                                        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, PER_N_SCALE=per_n)
+        want = ref.int8_linear(x_q, x_scale, w_q, row_scales if per_n else w_scales[0])
+        check(f"int8 GEMM per_n_scale={per_n}", torch.equal(out, want))
+
+
+if __name__ == "__main__":
+    g = torch.Generator().manual_seed(0)
+    weight_checks(g)
+    activation_checks(g)
+    int8_checks(g)
+    sys.exit(1 if failures else 0)
