@@ -135,7 +135,6 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
         "ours_fused_prev": ours(all_off),
         "ours_fused_conv_only": ours({**all_off, "triton_conv": True}),
         "ours_fused_no_swiglu": ours({"triton_swiglu": False}),
-        "ours_fused_conv_rows": ours({"conv_backward": "rows"}),
         "ours_fused_compiled": ours_compiled,
         "ours_unfused_unfused_attention": ours(fused_projections=False, attention_backend="unfused"),
         "ours_unfused_sdpa": ours(fused_projections=False),
@@ -242,7 +241,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all"):
     out["conv_triton_fwd_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
     out["conv_triton_bwd_ms"] = bench(lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
     names = ("FWD_BLOCK_L", "FWD_BLOCK_C", "FWD_WARPS", "BWD_BLOCK_L", "BWD_BLOCK_C", "BWD_WARPS",
-             "BWD_ROWS_PER_PROGRAM", "BWD_ROWS_BLOCK_C", "BWD_ROWS_WARPS", "BWD_ROWS_ROWS")
+             "BWD_ROWS_PER_PROGRAM")
     defaults = {k: getattr(conv_triton, k) for k in names}
     for bl, bc, nw in [(16, 128, 4), (64, 128, 4), (32, 256, 8), (64, 64, 4)]:
         conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_C, conv_triton.FWD_WARPS = bl, bc, nw
@@ -251,11 +250,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all"):
         conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_C, conv_triton.BWD_WARPS = bl, bc, nw
         conv_triton.BWD_ROWS_PER_PROGRAM = rows
         out[f"conv_bwd_tiles_{bl}x{bc}w{nw}r{rows}_ms"] = bench(
-            lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach(), kernel="tiles"))
-    for bc, nw, rows in [(256, 2, 64), (256, 2, 32), (256, 2, 128), (128, 1, 64), (512, 4, 64)]:
-        conv_triton.BWD_ROWS_BLOCK_C, conv_triton.BWD_ROWS_WARPS, conv_triton.BWD_ROWS_ROWS = bc, nw, rows
-        out[f"conv_bwd_rows_{bc}w{nw}r{rows}_ms"] = bench(
-            lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach(), kernel="rows"))
+            lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
     for k, v in defaults.items():
         setattr(conv_triton, k, v)
     out["conv_triton_fwd_bwd_ms"] = bench(lambda: kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc))

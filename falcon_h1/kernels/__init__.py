@@ -22,7 +22,6 @@ class FastPathOptions:
     triton_swiglu: bool = True  # one-pass SwiGLU; off: eager silu(gate) * up
     fold_scales: bool = True    # µP multipliers ride on weights / conv output (no activation pass)
     gate_in_scan: bool = True   # y * silu(z) inside the SSD kernel; off: a separate eager gating
-    conv_backward: str = "tiles"  # Triton conv backward kernel: "tiles" or "rows" (conv_triton.py)
 
 
 FAST_PATH = FastPathOptions()
@@ -75,7 +74,7 @@ def causal_conv1d_silu(x, weight, bias, fast: bool, out_scale=None):
     if fast and FAST_PATH.triton_conv and weight.shape[-1] == 4:
         from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton
 
-        return causal_conv1d_silu_triton(x, weight, bias, out_scale, FAST_PATH.conv_backward)
+        return causal_conv1d_silu_triton(x, weight, bias, out_scale)
     out = causal_conv1d_silu_reference(x, weight, bias)
     return out if out_scale is None else out * out_scale.to(out.dtype)
 

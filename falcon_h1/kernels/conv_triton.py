@@ -147,88 +147,12 @@ def _conv_silu_bwd_kernel(
     tl.store(part + 4 * channels, db, mask=col_mask)
 
 
-@triton.jit
-def _conv_silu_bwd_rows_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, dy_ptr, dx_ptr, dw_partial_ptr,
-    seq_len, channels, stride_xb, stride_xl, stride_dyb, stride_dyl, stride_dxb, stride_dxl,
-    ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """Same result as _conv_silu_bwd_kernel, streaming one row of BLOCK_C channels at a time.
-
-    The last three x rows and g rows are carried in registers from one step to the next, so
-    each step loads one x row and one dy row and nothing is loaded twice: a few registers per
-    channel instead of eleven shifted 2-D windows (the tiled kernel needs ~245 registers a
-    thread at 16x128, which caps occupancy). Step r computes g[r] and finishes dx[r-3].
-    """
-    pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < channels
-    x_base = x_ptr + batch.to(tl.int64) * stride_xb + cols
-    dy_base = dy_ptr + batch.to(tl.int64) * stride_dyb + cols
-    dx_base = dx_ptr + batch.to(tl.int64) * stride_dxb + cols
-    w0 = tl.load(w_ptr + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)
-    w3 = tl.load(w_ptr + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
-    first = pid_l * ROWS_PER_PROGRAM
-    end = tl.minimum(first + ROWS_PER_PROGRAM, seq_len)  # this program's rows: [first, end)
-    zero = tl.zeros([BLOCK_C], dtype=tl.float32)
-    # x[first-3 .. first-1] (zero before the sequence start: the causal padding)
-    xm3 = tl.load(x_base + (first - 3).to(tl.int64) * stride_xl, mask=col_mask & (first >= 3), other=0.0).to(tl.float32)
-    xm2 = tl.load(x_base + (first - 2).to(tl.int64) * stride_xl, mask=col_mask & (first >= 2), other=0.0).to(tl.float32)
-    xm1 = tl.load(x_base + (first - 1).to(tl.int64) * stride_xl, mask=col_mask & (first >= 1), other=0.0).to(tl.float32)
-    gm3, gm2, gm1 = zero, zero, zero
-    dw0, dw1, dw2, dw3, db = zero, zero, zero, zero, zero
-    for step in range(0, ROWS_PER_PROGRAM + 3):
-        r = first + step
-        inside = r < seq_len
-        x0 = tl.load(x_base + r.to(tl.int64) * stride_xl, mask=col_mask & inside, other=0.0).to(tl.float32)
-        dy = tl.load(dy_base + r.to(tl.int64) * stride_dyl, mask=col_mask & inside, other=0.0).to(tl.float32)
-        a = xm3 * w0 + xm2 * w1 + xm1 * w2 + x0 * w3 + bias
-        sig = tl.sigmoid(a)
-        g = dy * scale * sig * (1.0 + a * (1.0 - sig))
-        own = r < end  # rows past `end` belong to the next program's (dweight, dbias) partial
-        gw = tl.where(own, g, 0.0)
-        dw0 += gw * xm3
-        dw1 += gw * xm2
-        dw2 += gw * xm1
-        dw3 += gw * x0
-        db += gw
-        out_row = r - 3
-        dx = gm3 * w3 + gm2 * w2 + gm1 * w1 + g * w0
-        tl.store(dx_base + out_row.to(tl.int64) * stride_dxl, dx.to(dx_ptr.dtype.element_ty),
-                 mask=col_mask & (out_row >= first) & (out_row < end))
-        xm3, xm2, xm1 = xm2, xm1, x0
-        gm3, gm2, gm1 = gm2, gm1, g
-    n_l_programs = tl.num_programs(0)
-    part = dw_partial_ptr + (batch * n_l_programs + pid_l).to(tl.int64) * 5 * channels + cols
-    tl.store(part + 0 * channels, dw0, mask=col_mask)
-    tl.store(part + 1 * channels, dw1, mask=col_mask)
-    tl.store(part + 2 * channels, dw2, mask=col_mask)
-    tl.store(part + 3 * channels, dw3, mask=col_mask)
-    tl.store(part + 4 * channels, db, mask=col_mask)
-
-
 # Tile shapes for Hopper (H100/H200) at the Falcon-H1 widths: 128 channels x 2 bytes = 256-byte
 # rows. Measured with `falcon-bench --kernels conv` (benchmarks/NOTES.md, H200, 0.5B shape): the
 # backward at 32x128, 4 warps, 64 rows a program took 0.49 ms against 0.60 at 16x128 (which needs
 # 245 registers a thread: low occupancy); the forward at 32x128 0.092 ms.
 FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 32, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS, BWD_ROWS_PER_PROGRAM = 32, 128, 4, 64
-# Backward kernels: "tiles" = _conv_silu_bwd_kernel (timed, NOTES.md); "rows" = the
-# row-streaming _conv_silu_bwd_rows_kernel (96 registers, no spills for sm_90, checked for
-# correctness, not yet timed on a GPU). Callers choose (FastPathOptions.conv_backward).
-BWD_KERNELS = ("tiles", "rows")
-BWD_ROWS_BLOCK_C, BWD_ROWS_WARPS, BWD_ROWS_ROWS = 256, 2, 64
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -249,28 +173,20 @@ def conv_silu_forward(x, weight, bias, out_scale=None):
     return out
 
 
-def conv_silu_backward(dy, x, weight, bias, out_scale=None, kernel: str = "tiles"):
+def conv_silu_backward(dy, x, weight, bias, out_scale=None):
     """-> dx [b, l, c] in x's dtype, dweight [c, 4] and dbias [c] (None without bias) in weight's dtype."""
-    if kernel not in BWD_KERNELS:
-        raise ValueError(f"conv backward kernel = {kernel!r}; allowed: {BWD_KERNELS}")
     batch, seq_len, channels = x.shape
     dy = _channels_last(dy)
     dx = torch.empty(batch, seq_len, channels, device=x.device, dtype=x.dtype)
-    rows_kernel = kernel == "rows"
-    rows_per_program = BWD_ROWS_ROWS if rows_kernel else BWD_ROWS_PER_PROGRAM
-    block_c = BWD_ROWS_BLOCK_C if rows_kernel else BWD_BLOCK_C
-    n_l = triton.cdiv(seq_len, rows_per_program)
+    n_l = triton.cdiv(seq_len, BWD_ROWS_PER_PROGRAM)
     partial = torch.empty(batch * n_l, 5, channels, device=x.device, dtype=torch.float32)
-    grid = (n_l, triton.cdiv(channels, block_c), batch)
+    grid = (n_l, triton.cdiv(channels, BWD_BLOCK_C), batch)
     args = (x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight,
             dy, dx, partial,
             seq_len, channels, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1))
-    flags = dict(ROWS_PER_PROGRAM=rows_per_program, HAS_BIAS=bias is not None, HAS_SCALE=out_scale is not None,
-                 BLOCK_C=block_c)
-    if rows_kernel:
-        _conv_silu_bwd_rows_kernel[grid](*args, **flags, num_warps=BWD_ROWS_WARPS)
-    else:
-        _conv_silu_bwd_kernel[grid](*args, **flags, BLOCK_L=BWD_BLOCK_L, num_warps=BWD_WARPS)
+    _conv_silu_bwd_kernel[grid](*args, ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, HAS_BIAS=bias is not None,
+                                HAS_SCALE=out_scale is not None, BLOCK_C=BWD_BLOCK_C, BLOCK_L=BWD_BLOCK_L,
+                                num_warps=BWD_WARPS)
     sums = partial.sum(0)                      # [5, c] fp32, deterministic (no atomics)
     dweight = sums[:4].t().to(weight.dtype)
     dbias = sums[4].to(bias.dtype) if bias is not None else None
@@ -279,25 +195,24 @@ def conv_silu_backward(dy, x, weight, bias, out_scale=None, kernel: str = "tiles
 
 class CausalConv1dSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, out_scale, backward_kernel):
+    def forward(ctx, x, weight, bias, out_scale):
         x = _channels_last(x)
         weight = weight.contiguous()
         ctx.save_for_backward(x, weight, bias, out_scale)
-        ctx.backward_kernel = backward_kernel
         return conv_silu_forward(x, weight, bias, out_scale)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, out_scale = ctx.saved_tensors
-        dx, dweight, dbias = conv_silu_backward(dy, x, weight, bias, out_scale, ctx.backward_kernel)
-        return dx, dweight, dbias, None, None
+        dx, dweight, dbias = conv_silu_backward(dy, x, weight, bias, out_scale)
+        return dx, dweight, dbias, None
 
 
-def causal_conv1d_silu_triton(x, weight, bias, out_scale=None, backward_kernel: str = "tiles"):
+def causal_conv1d_silu_triton(x, weight, bias, out_scale=None):
     """silu(causal depthwise conv(x)) * out_scale on [b, l, c]; out_scale is a constant (no grad)."""
     if weight.shape[-1] != KERNEL_WIDTH:
         raise ValueError(f"mamba_d_conv = {weight.shape[-1]}: the Triton conv kernel supports only "
                          f"{KERNEL_WIDTH}; use model.kernel_backend = 'reference'.")
     if out_scale is not None:
         out_scale = out_scale.detach().float().contiguous()
-    return CausalConv1dSiLU.apply(x, weight, bias, out_scale, backward_kernel)
+    return CausalConv1dSiLU.apply(x, weight, bias, out_scale)

@@ -83,10 +83,9 @@ def _poison_allocator(numel: int = 1 << 24):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("backward_kernel", ["tiles", "rows"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOLERANCE)])
 @pytest.mark.parametrize("length", [4096, 1000, 3])
-def test_triton_conv_matches_reference(dtype, tolerance, length, backward_kernel):
+def test_triton_conv_matches_reference(dtype, tolerance, length):
     from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
     from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton
 
@@ -103,7 +102,7 @@ def test_triton_conv_matches_reference(dtype, tolerance, length, backward_kernel
     want.backward(dy.double())
     fast = [t.detach().to(dtype).requires_grad_() for t in (x, w, bias)]
     _poison_allocator()
-    got = causal_conv1d_silu_triton(*fast, scale, backward_kernel)
+    got = causal_conv1d_silu_triton(*fast, scale)
     _poison_allocator()
     got.backward(dy.to(dtype))
     errors = {name: rel(a, r) for name, a, r in [
