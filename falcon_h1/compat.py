@@ -116,6 +116,19 @@ def _is_cuda(device) -> bool:
     return isinstance(device, str) and device.startswith("cuda")
 
 
+def recompute(function, *args):
+    """Activation recomputation: Megatron's tensor-parallel checkpoint (which also restores the
+    CUDA RNG tracker states) on GPU; torch's non-reentrant checkpoint on CPU, where Megatron's
+    reads CUDA RNG state. The model has no dropout, so both recompute the same values."""
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        return tensor_parallel.checkpoint(function, False, *args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False)
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

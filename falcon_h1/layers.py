@@ -28,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from falcon_h1 import kernels
+from falcon_h1.compat import recompute
 from falcon_h1.config import FalconH1Config
 
 
@@ -413,5 +414,12 @@ class FalconH1Layer(MegatronModule):
 
     def forward(self, h, rotary_freqs):
         if self.kind != "mlp":
-            h = h + self.mixer(self.input_layernorm(h), rotary_freqs)
+            if self.config.recompute_granularity == "selective" and self.training:
+                # the mixer (attention + SSM scan) holds most activations; recompute only it
+                h = h + recompute(self._mix, h, rotary_freqs)
+            else:
+                h = h + self._mix(h, rotary_freqs)
         return h + self.mlp(self.pre_ff_layernorm(h))
+
+    def _mix(self, h, rotary_freqs):
+        return self.mixer(self.input_layernorm(h), rotary_freqs)

@@ -14,6 +14,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 
+from falcon_h1.compat import recompute
 from falcon_h1.config import FalconH1Config, resolve
 from falcon_h1.layers import FalconH1Layer, RMSNorm
 
@@ -153,11 +154,9 @@ class FalconH1Model(MegatronModule):
             h = self.input_tensor
         seq_len = input_ids.shape[1]
         rotary = self.rotary(seq_len) if cfg.has_attention else None
+        full_recompute = self.config.recompute_granularity == "full" and self.training
         for layer in self.layers:
-            if self.config.recompute_granularity == "full" and self.training:
-                h = tensor_parallel.checkpoint(layer, False, h, rotary)
-            else:
-                h = layer(h, rotary)
+            h = recompute(layer, h, rotary) if full_recompute else layer(h, rotary)
         if not self.post_process:
             return h
         h = self.final_layernorm(h) * cfg.lm_head_multiplier
