@@ -75,20 +75,35 @@ def from_hf(path: str | os.PathLike, tp: int | None = None, precision: str = "fp
     Starts a single-process gloo group when none exists. `overrides` set our own
     FalconH1Config fields (e.g. fused_projections=False, kernel_backend="reference").
     """
-    from safetensors import safe_open
-
     from falcon_h1.model import build_model
 
-    path = Path(path)
+    cfg = config_from_hf(_read_config(Path(path)), **overrides)
+    _ensure_parallel(tp or 1)
+    model = build_model(cfg, initialize=False, precision=precision)
+    load_hf_weights(model, path)
+    model.eval()
+    return model
+
+
+def _read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"from_hf: {config_file} does not exist; allowed: a directory holding a "
+        raise FileNotFoundError(f"{config_file} does not exist; allowed: a directory holding a "
                                 "Hugging Face FalconH1 config.json and *.safetensors files.")
-    cfg = config_from_hf(json.loads(config_file.read_text()), **overrides)
-    _ensure_parallel(tp or 1)
+    return json.loads(config_file.read_text())
+
+
+def load_hf_weights(model, path: str | os.PathLike) -> None:
+    """Fill an existing model (this rank's slices) from an HF FalconH1 directory; the
+    directory's shapes must match the model's config (a mismatch names the tensor)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _read_config(path)
+    cfg = model.cfg
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"from_hf: no *.safetensors files in {path}.")
+        raise FileNotFoundError(f"no *.safetensors files in {path}; allowed: a Hugging Face FalconH1 directory.")
     handles = [safe_open(str(f), framework="pt") for f in files]
     where = {k: h for h in handles for k in h.keys()}
     cache: dict[str, torch.Tensor] = {}
@@ -96,24 +111,19 @@ def from_hf(path: str | os.PathLike, tp: int | None = None, precision: str = "fp
     def get_virtual(name: str) -> torch.Tensor:
         real = name.split(":")[0]
         if real not in where:
-            raise KeyError(f"from_hf: tensor {real!r} is missing from {path}; a FalconH1 checkpoint of this "
+            raise KeyError(f"tensor {real!r} is missing from {path}; a FalconH1 checkpoint of this "
                            f"config needs it (num_hidden_layers={cfg.num_hidden_layers}, "
                            f"tie_word_embeddings={cfg.tie_word_embeddings}).")
         if name not in cache:
             cache.update(split_hf_state(cfg, {real: where[real].get_tensor(real)}))
         return cache[name]
 
-    if cfg.tie_word_embeddings:
-        pass
-    elif "lm_head.weight" not in where and "model.embed_tokens.weight" in where:
-        raise KeyError(f"from_hf: tensor 'lm_head.weight' is missing from {path} but config.json says "
+    if not cfg.tie_word_embeddings and "lm_head.weight" not in where and "model.embed_tokens.weight" in where:
+        raise KeyError(f"tensor 'lm_head.weight' is missing from {path} but the config says "
                        "tie_word_embeddings = false.")
-    model = build_model(cfg, initialize=False, precision=precision)
     sample = next(iter(where.values())).get_slice(next(iter(where))).get_dtype()
     model.hf_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(sample, torch.float32)
     load_local_from_hf(model, get_virtual)
-    model.eval()
-    return model
 
 
 def to_hf(model, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:

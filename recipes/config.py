@@ -95,7 +95,9 @@ class TrainConfig:
     eval_iters: int = 2
     log_interval: int = 1
     run_dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    # Continue from run_dir/checkpoints when present; false refuses to touch an existing run.
     resume: bool = True
+    # A new run's initial weights: a Hugging Face FalconH1 directory or a falcon-train run dir.
     load_dir: Optional[str] = None
     # Stop after this many steps of this process (for testing resume); 0 = never.
     exit_after_steps: int = 0

@@ -118,11 +118,20 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     train_ds, valid_ds = build_train_valid_datasets(
         recipe.data, seq, t.seed, t.max_steps * global_batch, max(t.eval_iters, 1) * global_batch, tokenizer)
 
+    if t.eval_interval and valid_ds is None:
+        raise ValueError(f"train.eval_interval = {t.eval_interval} needs a validation split, but data.split = "
+                         f"{recipe.data.split!r} gives it none; allowed: a non-zero second share or eval_interval 0.")
     start_step, consumed, resumed_from = 0, 0, None
-    loaded = load_latest_checkpoint(ckpt_root, [ddp_model], optimizer, scheduler)
+    has_checkpoint = (ckpt_root / "latest_checkpointed_iteration.txt").is_file()
+    if has_checkpoint and not t.resume:
+        raise ValueError(f"train.resume = false but {ckpt_root} already holds checkpoints; allowed: "
+                         "train.resume = true (continue that run) or a new train.run_dir (nothing is overwritten).")
+    loaded = load_latest_checkpoint(ckpt_root, [ddp_model], optimizer, scheduler) if has_checkpoint else None
     if loaded is not None:
         start_step, extra = loaded
         consumed, resumed_from = extra["consumed_samples"], start_step
+    elif t.load_dir:
+        _load_initial_weights(model, t.load_dir)
     if _rank() == 0:
         write_run_metadata(run_dir, _as_dict(recipe))
     tags = [model_cfg.name, f"attention_ratio={recipe.model.attention_ratio}",
@@ -130,7 +139,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
             f"tp={p.tp}", f"dp={dp}"]
     tracker = Tracker(str(run_dir), recipe.logger, _as_dict(recipe), tags, _rank(), recipe.logger.wandb_run_name)
 
-    data_iter = make_data_iterator(train_ds, micro, dp_rank, dp, consumed, t.seed)
+    data_iter = make_data_iterator(train_ds, micro, dp_rank, dp, consumed, t.seed, recipe.data.num_workers)
     fwd_bwd = get_forward_backward_func()
     flops_per_token = training_flops_per_token(model_cfg, seq)
     peak = _peak_flops(device)
@@ -191,6 +200,22 @@ def train(recipe: RecipeConfig) -> TrainSummary:
         tracker.log_summary({"final_loss": summary.final_loss, "tokens_per_s": tokens_per_s,
                              "steps": summary.steps})
     return summary
+
+
+def _load_initial_weights(model, load_dir: str) -> None:
+    """Start a new run from existing weights (fine-tuning): a Hugging Face FalconH1 directory
+    (config.json + *.safetensors) or a falcon-train run / checkpoints directory (model only)."""
+    from falcon_h1.hf import load_hf_weights
+    from recipes.checkpointing import load_latest_checkpoint
+
+    path = Path(load_dir)
+    if (path / "config.json").is_file():
+        load_hf_weights(model, path)
+        return
+    ckpt_root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if load_latest_checkpoint(ckpt_root, [model], None, None) is None:
+        raise FileNotFoundError(f"train.load_dir = {load_dir!r} holds neither a Hugging Face checkpoint "
+                                "(config.json + *.safetensors) nor falcon-train checkpoints.")
 
 
 def _global_mean_loss(reduced: list[dict]) -> float:

@@ -169,3 +169,32 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(tmp_path, reference_run):
     assert sorted(losses) == list(range(1, 13))
     for step in range(7, 13):  # continued at TP=1 from the TP=2 weights and optimizer state
         assert abs(losses[step] - reference_run[step]) <= 1e-3 * reference_run[step], step
+
+
+def test_fine_tune_from_hf_or_run_dir_starts_from_those_weights(tracked_runs, tmp_path, megatron_single):
+    import falcon_h1
+    from recipes.api import load_trained_model
+
+    dense, _ = tracked_runs
+    trained, _, _ = load_trained_model(dense)
+    falcon_h1.to_hf(trained, tmp_path / "hf")
+    first = {}
+    for name, source in (("from_hf", tmp_path / "hf"), ("from_run", dense)):
+        _worker(_write_recipe(tmp_path, name, "train.max_steps=3", "train.save_interval=0",
+                              f"train.load_dir={source}"))
+        first[name] = _losses(tmp_path / name)[1]
+    random_init = _losses(dense)[1]
+    assert first["from_hf"] < random_init - 0.5  # trained weights, not a fresh init
+    assert abs(first["from_hf"] - first["from_run"]) <= 1e-6 * first["from_run"]
+
+
+def test_resume_false_refuses_to_overwrite(tracked_runs, tmp_path):
+    dense, _ = tracked_runs
+    recipe = compose_recipe(COMMON + [f"train.run_dir={dense}", "train.resume=false", "train.max_steps=9"])
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_to_yaml(recipe))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, "-m", "recipes.worker", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "train.resume = false" in proc.stderr
+    assert sorted(_losses(dense)) == list(range(1, 9))  # nothing written
