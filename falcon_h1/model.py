@@ -17,6 +17,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from falcon_h1.compat import recompute
 from falcon_h1.config import FalconH1Config, resolve
 from falcon_h1.layers import FalconH1Layer, RMSNorm
+from falcon_h1.weights import accumulated_grad
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:
@@ -218,7 +219,6 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
     group = parallel_state.get_tensor_model_parallel_group()
     for p in model.parameters():
         if getattr(p, "sequence_parallel", False):
-            grad = getattr(p, "main_grad", None)
-            grad = p.grad if grad is None else grad
+            grad = accumulated_grad(p)
             if grad is not None:
                 torch.distributed.all_reduce(grad, group=group)

@@ -190,8 +190,7 @@ def gather_hf_state(model, grads: bool = False) -> Iterator[tuple[str, torch.Ten
     shapes = hf_tensor_shapes(cfg)
     for local_name, (pieces, cat_dim) in _local_pieces(model).items():
         param = params[local_name]
-        local = (getattr(param, "main_grad", None) if grads else None)
-        local = (param.grad if grads and local is None else local) if grads else param.detach()
+        local = accumulated_grad(param) if grads else param.detach()
         if pieces[0].split_dim is None:
             yield pieces[0].hf_name, local.cpu().clone()
             continue
@@ -211,6 +210,12 @@ def gather_hf_state(model, grads: bool = False) -> Iterator[tuple[str, torch.Ten
             if p.pad_rows_to:
                 full = full[: shapes[p.hf_name][0]]
             yield p.hf_name, full.cpu().clone()
+
+
+def accumulated_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The gradient as training sees it: `main_grad` under Megatron DDP, else `.grad`."""
+    grad = getattr(param, "main_grad", None)
+    return param.grad if grad is None else grad
 
 
 # ---- initialisation in the HF layout ----
