@@ -79,16 +79,17 @@ def falcon_h1_pretrain(size: str = "tiny", *, bitnet: bool = False, executor: st
 
 
 def run(recipe: RecipeConfig, executor: str | None = None):
-    """Validate, then train in this process (local, one process) or launch through an executor."""
+    """Train in this process (local, one process) or launch through an executor; both
+    validate the recipe before anything starts."""
     from recipes.build import validate_recipe
 
     if executor is not None:
         recipe.executor.kind = executor
-    validate_recipe(recipe)
     if recipe.executor.kind == "local" and recipe.executor.nproc_per_node == 1 and not recipe.dryrun:
         from recipes.training import train
 
-        return train(recipe)
+        return train(recipe)  # validates first
+    validate_recipe(recipe)
     import launchers
 
     return launchers.launch(recipe, dryrun=recipe.dryrun)

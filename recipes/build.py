@@ -41,8 +41,8 @@ def data_parallel_size(recipe: RecipeConfig, world_size: int) -> int:
     return world_size // (p.tp * p.pp)
 
 
-def validate_recipe(recipe: RecipeConfig, world_size: int | None = None) -> FalconH1Config:
-    """Every check that can fail before training; returns the resolved model config."""
+def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
+    """Every check that can fail before any process starts; returns the resolved model config."""
     p, t = recipe.parallel, recipe.train
     for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp)):
         if not isinstance(value, int) or value < 1:
@@ -66,15 +66,6 @@ def validate_recipe(recipe: RecipeConfig, world_size: int | None = None) -> Falc
               f"1 .. model.max_position_embeddings = {model_cfg.max_position_embeddings}")
     if recipe.executor.kind not in EXECUTOR_KINDS:
         _fail("executor.kind", recipe.executor.kind, f"one of {EXECUTOR_KINDS}")
-    if world_size is not None:
-        if world_size % (p.tp * p.pp):
-            _fail("parallel.tp", p.tp, f"tp * pp = {p.tp * p.pp} dividing the {world_size} processes")
-        dp = data_parallel_size(recipe, world_size)
-        if p.dp is not None and p.dp != dp:
-            _fail("parallel.dp", p.dp, f"world_size / (tp * pp) = {dp} (or null)")
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            _fail("train.global_batch_size", t.global_batch_size,
-                  f"a multiple of train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")
     if recipe.bitnet.enabled:
         from bitnet.layers import validate_bitnet_layers
 
@@ -83,3 +74,16 @@ def validate_recipe(recipe: RecipeConfig, world_size: int | None = None) -> Falc
 
     validate_data_config(recipe.data)
     return model_cfg
+
+
+def validate_parallel_layout(recipe: RecipeConfig, world_size: int) -> None:
+    """The checks that need the number of processes (known once the job has started)."""
+    p, t = recipe.parallel, recipe.train
+    if world_size % (p.tp * p.pp):
+        _fail("parallel.tp", p.tp, f"tp * pp = {p.tp * p.pp} dividing the {world_size} processes")
+    dp = data_parallel_size(recipe, world_size)
+    if p.dp is not None and p.dp != dp:
+        _fail("parallel.dp", p.dp, f"world_size / (tp * pp) = {dp} (or null)")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        _fail("train.global_batch_size", t.global_batch_size,
+              f"a multiple of train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")

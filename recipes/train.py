@@ -45,12 +45,9 @@ def _app(cfg: DictConfig):
         # relative run_dir, which the launcher places on the job's volume / job_dir.
         recipe.train.run_dir = HydraConfig.get().runtime.output_dir
     try:
-        if recipe.dryrun:
-            from recipes.build import validate_recipe
-
-            validate_recipe(recipe)
-            print(recipe_to_yaml(recipe))
         result = run(recipe)
+        if recipe.dryrun:  # validated by run(); nothing was started
+            print(recipe_to_yaml(recipe))
     except (ConfigError, RecipeError, ValueError, FileNotFoundError, KeyError, ClusterError) as err:
         print(f"falcon-train: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -68,7 +68,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     from falcon_h1.compat import default_device, initialize_parallel
     from falcon_h1.flops import training_flops_per_token
     from falcon_h1.model import build_model
-    from recipes.build import data_parallel_size, resolve_precision, validate_recipe
+    from recipes.build import data_parallel_size, resolve_precision, validate_parallel_layout, validate_recipe
     from recipes.checkpointing import load_latest_checkpoint, save_checkpoint
     from recipes.data import build_tokenizer, build_train_valid_datasets, make_data_iterator
     from recipes.optim import build_optimizer, wrap_model
@@ -82,7 +82,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     model_cfg = validate_recipe(recipe)  # config errors before any process group or file
     initialize_parallel(tp=p.tp, pp=p.pp, seed=t.seed)
     world = dist.get_world_size()
-    model_cfg = validate_recipe(recipe, world)
+    validate_parallel_layout(recipe, world)
     dp = data_parallel_size(recipe, world)
     dp_rank = parallel_state.get_data_parallel_rank()
     device = default_device()
@@ -132,12 +132,13 @@ def train(recipe: RecipeConfig) -> TrainSummary:
         consumed, resumed_from = extra["consumed_samples"], start_step
     elif t.load_dir:
         _load_initial_weights(model, t.load_dir)
+    resolved = dataclasses.asdict(recipe)
     if _rank() == 0:
-        write_run_metadata(run_dir, _as_dict(recipe))
+        write_run_metadata(run_dir, resolved)
     tags = [model_cfg.name, f"attention_ratio={recipe.model.attention_ratio}",
             f"bitnet={'on' if recipe.bitnet.enabled else 'off'}", f"executor={recipe.executor.kind}",
             f"tp={p.tp}", f"dp={dp}"]
-    tracker = Tracker(str(run_dir), recipe.logger, _as_dict(recipe), tags, _rank(), recipe.logger.wandb_run_name)
+    tracker = Tracker(str(run_dir), recipe.logger, resolved, tags, _rank(), recipe.logger.wandb_run_name)
 
     data_iter = make_data_iterator(train_ds, micro, dp_rank, dp, consumed, t.seed, recipe.data.num_workers)
     fwd_bwd = get_forward_backward_func()
@@ -274,6 +275,3 @@ def _peak_flops(device: torch.device) -> float:
             return peak
     return 0.0
 
-
-def _as_dict(recipe: RecipeConfig) -> dict:
-    return dataclasses.asdict(recipe)
