@@ -27,7 +27,7 @@ The same code runs on a GPU-less machine; two small CPU shims make that possible
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 

@@ -20,7 +20,6 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from recipes.data.bundled import BUNDLED, ensure_bundled_dataset, resolve_cache_dir
-from recipes.data.iterator import make_data_iterator  # noqa: F401  (part of this module's API)
 from recipes.data.validation import parse_blend, parse_split, validate_data_config
 
 SPLIT_NAMES = ("train", "valid", "test")
