@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# The closing GPU call: GPU tests (Falcon-H1 fast path vs reference, BitNet Triton kernels),
-# then the step benchmark at batch 4 (ours old/new, BitNet vs bf16) and at batch 1 (ours vs
-# Hugging Face transformers and vs the unfused two-branch model with unfused attention, which
-# both run out of memory at batch 4 on the H200).
-#   device run: bash benchmarks/final_suite.sh     (carry: wheels)
+# The closing single-GPU call: GPU tests, then the step benchmark (falcon-bench) at batch 4 and
+# batch 1 x 4096 for the Falcon-H1-0.5B shape (ours eager and CUDA-graphed, ablations, Hugging
+# Face transformers on its mamba_ssm + causal_conv1d fast path, the unfused two-branch model with
+# unfused attention), the kernel microbenchmarks, and a profile of our eager step.
+#   device run: bash benchmarks/final_suite.sh     (carry: wheels, .whl)
+#   .whl holds causal_conv1d's wheel built by benchmarks/build_causal_conv1d.sh on that machine.
 set -uo pipefail
 OUT=${OUT:-/tmp/falcon-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -2
+python3 -m pip install -q --no-deps --no-index wheels/*.whl $(ls .whl/*.whl 2>/dev/null) 2>&1 | tail -2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:warnings --tb=line \
-  tests/falcon_h1/test_gpu_paths.py tests/bitnet/test_triton_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-python3 -m falcon_h1.bench --size 0.5b --seq 4096 --batch 4 --steps 5 --warmup 3 --kernels none \
-  --variants ours_fused_prev,ours_fused,ours_bitnet_fused,ours_bitnet_reference_ste \
-  --json "$OUT/bench_b4.json" 2>&1 | grep -v -i warn | tail -9 | tee "$OUT/bench_b4.txt"
-python3 -m falcon_h1.bench --size 0.5b --seq 4096 --batch 1 --steps 5 --warmup 2 --kernels none \
-  --variants ours_fused,ours_unfused_unfused_attention,hf_transformers \
-  --json "$OUT/bench_b1.json" 2>&1 | grep -v -i warn | tail -7 | tee "$OUT/bench_b1.txt"
+bench() { python3 -m falcon_h1.bench --size 0.5b --seq 4096 "$@" 2>&1 | grep -v -i warn; }
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:warnings --tb=short \
+    tests/falcon_h1/test_gpu_paths.py tests/recipes/test_cuda_graph_gpu.py 2>&1 | tail -12 | tee "$OUT/gpu_tests.txt"
+fi
+bench --batch 4 --steps 5 --warmup 3 --kernels all \
+  --variants ours_fused_prev,ours_fused,ours_fused_cuda_graph,hf_transformers,ours_fused_no_branch_fn,ours_fused_no_fused_norm,ours_fused \
+  --profile ours_fused --json "$OUT/bench_b4.json" | tail -60 | tee "$OUT/bench_b4.txt"
+bench --batch 1 --steps 5 --warmup 2 --kernels none \
+  --variants ours_fused,ours_fused_cuda_graph,ours_unfused_unfused_attention,hf_transformers \
+  --json "$OUT/bench_b1.json" | tail -12 | tee "$OUT/bench_b1.txt"

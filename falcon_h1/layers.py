@@ -110,6 +110,8 @@ class RMSNorm(MegatronModule):
         self.eps = eps
 
     def forward(self, x):
+        if x.is_cuda and kernels.FAST_PATH.fused_rms_norm:  # fp32 inside, one pass forward, one backward
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -265,13 +267,21 @@ class ParallelHybridMixer(MegatronModule):
         so y comes out already scaled.
         """
         d, c = self.dims, self.cfg
-        z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .] views
         fast = kernels.use_fast_path(c.kernel_backend, zxbcdt.device)
+        gate_in_scan = not c.mamba_rms_norm and kernels.FAST_PATH.gate_in_scan  # kernel gates y * silu(z)
+        if kernels.fused_mamba_branch_applies(fast, self.conv1d_weight.shape[-1], gate_in_scan):
+            from falcon_h1.kernels.mamba_branch import mamba_conv_scan
+
+            y = mamba_conv_scan(zxbcdt.transpose(0, 1), self.conv1d_weight, self.conv1d_bias,
+                                self.conv_out_scale if folded else None, -torch.exp(self.A_log.float()), self.D,
+                                self.dt_bias, d.z, d.bc, d.ssm_heads, d.groups, c.mamba_chunk_size,
+                                tuple(c.time_step_limit))
+            return y.transpose(0, 1)
+        z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .] views
         xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, fast,
                                          out_scale=self.conv_out_scale if folded else None)
         x, B, C = xBC.split([d.z, d.bc, d.bc], dim=-1)
         heads = lambda t, n: t.unflatten(-1, (n, -1))  # splitting the contiguous last dim: a view
-        gate_in_scan = not c.mamba_rms_norm and kernels.FAST_PATH.gate_in_scan  # kernel gates y * silu(z)
         y = kernels.ssd_scan(
             heads(x, d.ssm_heads), dt, -torch.exp(self.A_log.float()), heads(B, d.groups), heads(C, d.groups),
             c.mamba_chunk_size, self.D, self.dt_bias, tuple(c.time_step_limit), fast,

@@ -73,7 +73,49 @@ def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
     from recipes.data import validate_data_config
 
     validate_data_config(recipe.data)
+    validate_cuda_graph(recipe)
     return model_cfg
+
+
+def validate_cuda_graph(recipe: RecipeConfig) -> None:
+    """What Megatron's full-iteration CUDA graph (train.cuda_graph) needs of the rest of the recipe.
+
+    The graph captures forward, backward and the gradient all-reduce of one step and replays
+    them: whatever the captured region does must be GPU work on fixed buffers, with no host
+    synchronisation and no host-to-device copy from pageable memory.
+    """
+    p, t = recipe.parallel, recipe.train
+    if not t.cuda_graph:
+        return
+    when = "with train.cuda_graph = true"
+    warmup = t.cuda_graph_warmup_steps
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        _fail("train.cuda_graph_warmup_steps", warmup,
+              f"an integer >= 1 {when}: the eager steps before the capture compile and autotune the Triton "
+              "kernels, create the NCCL communicators and fill the model's cached scales, none of which "
+              "may happen inside a capture")
+    if p.pp != 1:
+        _fail("parallel.pp", p.pp,
+              f"1 {when}: the pipeline schedule's point-to-point sends and receives between stages would "
+              "have to be captured too, which this training loop does not support; use parallel.tp or "
+              "data parallelism, or train.cuda_graph = false")
+    if t.recompute != "none":
+        _fail("train.recompute", t.recompute,
+              f"'none' {when}: recomputation re-runs each block inside the backward pass under Megatron's "
+              "reentrant checkpoint, which saves and restores RNG states on the host, and capturing that is "
+              "not supported here; recompute with train.cuda_graph = false, or graph without recomputation")
+    if recipe.bitnet.enabled and t.force_reference_kernels:
+        _fail("train.force_reference_kernels", t.force_reference_kernels,
+              f"false {when} and bitnet.enabled: the BitNet reference kernels build a tensor from a host "
+              "number in every forward (a synchronous host-to-device copy, illegal during capture)")
+
+
+def validate_cuda_graph_device(recipe: RecipeConfig, cuda_available: bool) -> None:
+    """On the host that trains (not the one that submits the job): a CUDA graph needs a GPU."""
+    if recipe.train.cuda_graph and not cuda_available:
+        _fail("train.cuda_graph", recipe.train.cuda_graph,
+              "false on a host without a CUDA device: a CUDA graph captures GPU kernels, and this "
+              "process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver)")
 
 
 def validate_parallel_layout(recipe: RecipeConfig, world_size: int) -> None:

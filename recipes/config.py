@@ -104,6 +104,10 @@ class TrainConfig:
     recompute: str = "none"  # none | selective | full
     # Reference kernels (pure PyTorch) even on GPU.
     force_reference_kernels: bool = False
+    # Capture each step's forward + backward in one CUDA graph (Megatron's full-iteration
+    # graph) after cuda_graph_warmup_steps eager steps: removes host launch overhead.
+    cuda_graph: bool = False
+    cuda_graph_warmup_steps: int = 2
 
 
 @dataclass

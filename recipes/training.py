@@ -1,7 +1,10 @@
 """The training loop on Megatron Core: DDP, optimizer, lr schedule, the pipeline
 schedule from `get_forward_backward_func`, dist checkpoints, metrics.
 
-`train(recipe)` runs on every rank (single process, or under torchrun).
+`train(recipe)` runs on every rank (single process, or under torchrun). With
+`train.cuda_graph` the schedule's forward + backward + gradient all-reduce is Megatron's
+full-iteration CUDA graph after `train.cuda_graph_warmup_steps` eager steps (see the end
+of this file); the optimizer step, loss readout and evaluation stay eager.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class TrainSummary:
     tokens_per_s: float
     checkpoint_dir: str
     resumed_from: Optional[int]
+    # The step whose forward/backward was captured into the CUDA graph (replayed by every later
+    # step); None for an eager run or one that ended before the capture.
+    cuda_graph_step: Optional[int] = None
 
 
 def _rank() -> int:
@@ -68,7 +74,8 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     from falcon_h1.compat import default_device, initialize_parallel
     from falcon_h1.flops import training_flops_per_token
     from falcon_h1.model import build_model
-    from recipes.build import data_parallel_size, resolve_precision, validate_parallel_layout, validate_recipe
+    from recipes.build import (data_parallel_size, resolve_precision, validate_cuda_graph_device,
+                               validate_parallel_layout, validate_recipe)
     from recipes.checkpointing import load_latest_checkpoint, save_checkpoint
     from recipes.data import build_tokenizer, build_train_valid_datasets, make_data_iterator
     from recipes.optim import build_optimizer, wrap_model
@@ -80,7 +87,10 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     p, t = recipe.parallel, recipe.train
     model_cfg = validate_recipe(recipe)  # config errors before any process group or file
+    validate_cuda_graph_device(recipe, torch.cuda.is_available())
     initialize_parallel(tp=p.tp, pp=p.pp, seed=t.seed)
+    if t.cuda_graph:
+        _use_graph_safe_rng_tracker(t.seed)
     world = dist.get_world_size()
     validate_parallel_layout(recipe, world)
     dp = data_parallel_size(recipe, world)
@@ -106,10 +116,18 @@ def train(recipe: RecipeConfig) -> TrainSummary:
                         sequence_parallel=p.sequence_parallel, precision=precision, recompute=t.recompute,
                         seed=t.seed)
     config = model.config
-    ddp_model = wrap_model(model, p, t, config)
+    # Set before the DDP wrapper reads it: per-token loss means no 1/dp pre-scaling of the gradients.
+    config.calculate_per_token_loss = True
+    graph_stream = _capture_stream() if t.cuda_graph else None
+    with _on_stream(graph_stream):  # DDP's grad-accumulator nodes record the stream they are made on
+        ddp_model = wrap_model(model, p, t, config)
+    if t.cuda_graph:
+        # Megatron's per-bucket NaN check reads the grad norm on the host (a sync, illegal inside
+        # the graph; Megatron-LM turns it off for full-iteration graphs too). _check_finite_step
+        # replaces it. The bucket groups share this config object.
+        ddp_model.ddp_config.check_for_nan_in_grad = False
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp_model.no_sync
-    config.calculate_per_token_loss = True
     optimizer = build_optimizer([ddp_model], t, p)
     scheduler = build_scheduler(optimizer, t)
 
@@ -130,6 +148,8 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     if loaded is not None:
         start_step, extra = loaded
         consumed, resumed_from = extra["consumed_samples"], start_step
+        if t.cuda_graph:
+            _rng_tracker_states_to_generators()
     elif t.load_dir:
         _load_initial_weights(model, t.load_dir)
     resolved = dataclasses.asdict(recipe)
@@ -141,7 +161,6 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     tracker = Tracker(str(run_dir), recipe.logger, resolved, tags, _rank(), recipe.logger.wandb_run_name)
 
     data_iter = make_data_iterator(train_ds, micro, dp_rank, dp, consumed, t.seed, recipe.data.num_workers)
-    fwd_bwd = get_forward_backward_func()
     flops_per_token = training_flops_per_token(model_cfg, seq)
     peak = _peak_flops(device)
     progress = Progress(t.max_steps, start_step, enabled=recipe.logger.progress_bar and _rank() == 0)
@@ -149,27 +168,35 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     tokens_per_s = 0.0
     steps_this_run = 0
     skipped = 0
+    cuda_graph_step = None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     ddp_model.train()
-    with progress, tracker:
+    with progress, tracker, _training_schedule(get_forward_backward_func(), t) as fwd_bwd:
         for step in range(start_step, t.max_steps):
             started = time.perf_counter()
+            capturing = t.cuda_graph and fwd_bwd.curr_iter("training") == fwd_bwd.cuda_graph_warmup_steps
+            if capturing:  # blocks cached by the eager steps go back, for the graph's private memory pool
+                torch.cuda.empty_cache()
             ddp_model.zero_grad_buffer()
             optimizer.zero_grad()
-            with _device_mode():
+            with _device_mode(), _on_stream(graph_stream):
                 reduced = fwd_bwd(
                     forward_step_func=partial(_forward_step, device=device), data_iterator=data_iter,
                     model=[ddp_model], num_microbatches=num_microbatches, seq_length=seq,
                     micro_batch_size=micro, forward_only=False)
+            if capturing and _captured_graph(fwd_bwd) is not None:
+                cuda_graph_step = step + 1
             ok, grad_norm, _ = optimizer.step()
             skipped += 0 if ok else 1
             scheduler.step(increment=1)
             consumed += global_batch
-            loss = _global_mean_loss(reduced)
+            loss = _global_mean_loss(reduced)  # a replay rewrites the captured result tensors in place
+            if t.cuda_graph:
+                _check_finite_step(step + 1, loss, grad_norm)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - started  # the capture step's time includes the capture
             tokens_per_s = global_batch * seq / elapsed
             achieved = tokens_per_s * flops_per_token
             metrics = {
@@ -190,16 +217,18 @@ def train(recipe: RecipeConfig) -> TrainSummary:
             last = step + 1 == t.max_steps
             stop_early = t.exit_after_steps and steps_this_run >= t.exit_after_steps
             if t.save_interval and ((step + 1) % t.save_interval == 0 or last or stop_early):
-                save_checkpoint(ckpt_root, step + 1, [ddp_model], optimizer, scheduler,
-                                {"consumed_samples": consumed})
+                with _rng_tracker_states_as_tensors():
+                    save_checkpoint(ckpt_root, step + 1, [ddp_model], optimizer, scheduler,
+                                    {"consumed_samples": consumed})
             if stop_early:
                 break
         summary = TrainSummary(
             run_dir=str(run_dir), steps=start_step + steps_this_run,
             first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
-            losses=losses, tokens_per_s=tokens_per_s, checkpoint_dir=str(ckpt_root), resumed_from=resumed_from)
-        tracker.log_summary({"final_loss": summary.final_loss, "tokens_per_s": tokens_per_s,
-                             "steps": summary.steps})
+            losses=losses, tokens_per_s=tokens_per_s, checkpoint_dir=str(ckpt_root), resumed_from=resumed_from,
+            cuda_graph_step=cuda_graph_step)
+        tracker.log_summary({"final_loss": summary.final_loss, "tokens_per_s": tokens_per_s, "steps": summary.steps,
+                             **({"cuda_graph_step": cuda_graph_step} if cuda_graph_step else {})})
     return summary
 
 
@@ -275,3 +304,126 @@ def _peak_flops(device: torch.device) -> float:
             return peak
     return 0.0
 
+
+# ---------------------------------------------------------------- full-iteration CUDA graph
+# train.cuda_graph: Megatron's FullCudaGraphWrapper copies each step's micro-batches into static
+# CUDA buffers, runs `train.cuda_graph_warmup_steps` steps eagerly, captures the next call of the
+# schedule (forward, backward, finalize_model_grads with the DP all-reduce) in one CUDA graph and
+# replays it from then on. What that relies on here:
+# * batches: the iterator yields dicts of [micro_batch, seq] CPU tensors, always the same shapes;
+#   the wrapper copies them into its buffers outside the graph, and _forward_step's `.to(device)`
+#   of a tensor already on that device returns it unchanged (no copy inside the graph);
+# * gradients: Megatron's DDP accumulates into persistent buffers (param.main_grad) zeroed in place
+#   by zero_grad_buffer(); Megatron's optimizer.zero_grad() only drops `.grad`, never main_grad;
+# * the loss: the replay rewrites the captured result tensors, read after each replay;
+# * RNG: the wrapper registers every RNG-tracker state with the graph, which needs generator
+#   objects (Megatron's "cudagraphable" tracker) instead of byte-tensor snapshots;
+# * streams: the DDP wrapper is built, and every step runs, on the capture stream (_capture_stream).
+
+
+@contextlib.contextmanager
+def _training_schedule(forward_backward_func, train_cfg):
+    """The training step's schedule: Megatron's as is, or wrapped in its full-iteration CUDA graph.
+
+    The wrapper keeps its graph, step counter and input buffers on the class; they are reset on
+    entry (this run counts its own warm-up steps) and released on exit (a later train() in the
+    same process, e.g. a test, captures its own graph with its own shapes)."""
+    if not train_cfg.cuda_graph:
+        yield forward_backward_func
+        return
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper, StaticBufferLoader
+
+    wrapper = FullCudaGraphWrapper(forward_backward_func, cuda_graph_warmup_steps=train_cfg.cuda_graph_warmup_steps)
+
+    def release():
+        wrapper.reset_cuda_graph("training")
+        StaticBufferLoader.static_buffers["training"].clear()
+
+    release()
+    try:
+        yield wrapper
+    finally:
+        release()
+
+
+def _capture_stream():
+    """The side stream Megatron's wrapper captures on. Every training step runs on it, and the DDP
+    wrapper is built on it: Megatron's DDP holds each parameter's grad-accumulator autograd node,
+    which keeps the stream current when it was made; made on the default stream, the captured
+    backward would have to sync with the default (legacy) stream, which a capture forbids
+    (cudaErrorStreamCaptureImplicit, seen on an H200 with torch 2.11, which lacks the
+    `set_override_stale_capture_stream` switch newer Megatron relies on)."""
+    from megatron.core.full_cuda_graph import get_shared_capture_stream
+
+    return get_shared_capture_stream()
+
+
+@contextlib.contextmanager
+def _on_stream(stream):
+    """Run the block on `stream` (ordered after the work already queued, and before what follows)."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def _captured_graph(wrapper):
+    """The wrapper's captured training graph (kept on its class), or None before the capture."""
+    return type(wrapper).cuda_graph["training"]
+
+
+def _check_finite_step(step: int, loss: float, grad_norm) -> None:
+    """Fail on a non-finite loss or gradient norm: stands in for the NaN check of Megatron's DDP,
+    which cannot run inside the graph. Raised before the step's checkpoint would be written."""
+    norm = float(grad_norm) if grad_norm is not None else 0.0
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise FloatingPointError(
+            f"step {step}: loss = {loss}, grad_norm = {grad_norm}: training diverged (non-finite values). "
+            "Resume from an earlier checkpoint with a lower train.lr, or rerun with train.cuda_graph = false "
+            "to have Megatron name the gradient bucket that first held the NaN/inf.")
+
+
+def _use_graph_safe_rng_tracker(seed: int) -> None:
+    """Re-seed Megatron's RNG tracker (same seeds as initialize_parallel) with generator objects
+    that a CUDA graph can register (use_cudagraphable_rng, as Megatron-LM does with graphs)."""
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=True, force_reset_rng=True)
+
+
+def _rng_tracker_states_to_generators() -> None:
+    """After a checkpoint load: the saved tracker states are byte tensors (see
+    _rng_tracker_states_as_tensors); turn each into a generator continuing from that state."""
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    states = tracker.get_states()
+    for name, state in states.items():
+        if isinstance(state, torch.Tensor):
+            generator = torch.cuda.default_generators[torch.cuda.current_device()].clone_state()
+            generator.set_state(state)
+            states[name] = generator
+    tracker.set_states(states)
+
+
+@contextlib.contextmanager
+def _rng_tracker_states_as_tensors():
+    """Checkpoints hold the tracker states as byte tensors, as an eager run saves them, so a
+    graphed run's checkpoint loads anywhere (a CUDA generator object cannot be unpickled on a
+    host without a GPU). The live generators, registered with the graph, are put back after."""
+    from megatron.core import tensor_parallel
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    live = tracker.get_states()
+    if not any(isinstance(state, torch.Generator) for state in live.values()):
+        yield
+        return
+    tracker.set_states({name: state.get_state() if isinstance(state, torch.Generator) else state
+                        for name, state in live.items()})
+    try:
+        yield
+    finally:
+        tracker.set_states(live)

@@ -22,6 +22,9 @@ class FastPathOptions:
     triton_swiglu: bool = True  # one-pass SwiGLU; off: eager silu(gate) * up
     fold_scales: bool = True    # µP multipliers ride on weights / conv output (no activation pass)
     gate_in_scan: bool = True   # y * silu(z) inside the SSD kernel; off: a separate eager gating
+    # conv + scan as one autograd function writing its gradients in place (kernels.mamba_branch)
+    fused_mamba_branch: bool = True
+    fused_rms_norm: bool = True  # torch's fused RMSNorm kernel on CUDA; off: the fp32 eager formula
 
 
 FAST_PATH = FastPathOptions()
@@ -77,6 +80,12 @@ def causal_conv1d_silu(x, weight, bias, fast: bool, out_scale=None):
         return causal_conv1d_silu_triton(x, weight, bias, out_scale)
     out = causal_conv1d_silu_reference(x, weight, bias)
     return out if out_scale is None else out * out_scale.to(out.dtype)
+
+
+def fused_mamba_branch_applies(fast: bool, conv_width: int, gated_in_scan: bool) -> bool:
+    """Whether kernels.mamba_branch runs the Mamba branch (GPU path, Triton conv, gate in the scan)."""
+    return (fast and FAST_PATH.fused_mamba_branch and FAST_PATH.triton_conv and conv_width == 4
+            and gated_in_scan)
 
 
 def swiglu_reference(h):

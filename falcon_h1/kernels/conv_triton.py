@@ -70,16 +70,17 @@ def _dpre(x_a, x_b, x_c, x_d, dy, w0, w1, w2, w3, bias, scale):
 
 
 @triton.jit
-def _conv_silu_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, dy_ptr, dx_ptr, dw_partial_ptr,
-    seq_len, channels, stride_xb, stride_xl, stride_dyb, stride_dyl, stride_dxb, stride_dxl,
+def _conv_silu_bwd_pre_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, dy_ptr, g_ptr, dw_partial_ptr,
+    seq_len, channels, stride_xb, stride_xl, stride_dyb, stride_dyl,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dx[t] = sum_j w_j * g[t + 3 - j] with g = d(out)/d(pre-activation); dw_j = sum_t g[t] x[t-3+j].
+    """Pass 1 of the backward: g = d(out)/d(pre-activation) for every row, written as fp32
+    [b, l, c], and a [5, channels] partial of (dw, dbias) per program: dw_j = sum_t g[t] x[t-3+j].
 
-    g is recomputed for the four rows t..t+3 from seven shifted x windows, so nothing but
-    dx and a [5, channels] partial of (dw, dbias) per program goes back to memory.
+    Only the four x windows of the forward are live, so the tile stays in registers (a
+    one-pass backward needs seven shifted x windows and g at four shifts, and spills).
     """
     pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -103,11 +104,10 @@ def _conv_silu_bwd_kernel(
     dw2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     dw3 = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    g_base = g_ptr + batch.to(tl.int64) * seq_len * channels
     first_row = pid_l * ROWS_PER_PROGRAM
     for offset in range(0, ROWS_PER_PROGRAM, BLOCK_L):
         rows = first_row + offset + tl.arange(0, BLOCK_L)
-        # Windows are loaded as they are needed and dropped after their last use, so at most
-        # four x tiles are live (keeps the tile in registers instead of spilling).
         xm3 = _load_rows(x_base, rows - 3, seq_len, stride_xl, cols, col_mask)
         xm2 = _load_rows(x_base, rows - 2, seq_len, stride_xl, cols, col_mask)
         xm1 = _load_rows(x_base, rows - 1, seq_len, stride_xl, cols, col_mask)
@@ -120,23 +120,8 @@ def _conv_silu_bwd_kernel(
         dw2 += tl.sum(g * xm1, axis=0)
         dw3 += tl.sum(g * x0, axis=0)
         db += tl.sum(g, axis=0)
-        dx = g * w3[None, :]
-        xp1 = _load_rows(x_base, rows + 1, seq_len, stride_xl, cols, col_mask)
-        g = _dpre(xm2, xm1, x0, xp1, _load_rows(dy_base, rows + 1, seq_len, stride_dyl, cols, col_mask),
-                  w0, w1, w2, w3, bias, scale)
-        dx += g * w2[None, :]
-        xp2 = _load_rows(x_base, rows + 2, seq_len, stride_xl, cols, col_mask)
-        g = _dpre(xm1, x0, xp1, xp2, _load_rows(dy_base, rows + 2, seq_len, stride_dyl, cols, col_mask),
-                  w0, w1, w2, w3, bias, scale)
-        dx += g * w1[None, :]
-        xp3 = _load_rows(x_base, rows + 3, seq_len, stride_xl, cols, col_mask)
-        g = _dpre(x0, xp1, xp2, xp3, _load_rows(dy_base, rows + 3, seq_len, stride_dyl, cols, col_mask),
-                  w0, w1, w2, w3, bias, scale)
-        dx += g * w0[None, :]
         mask = (rows < seq_len)[:, None] & col_mask[None, :]
-        dx_ptrs = (dx_ptr + batch.to(tl.int64) * stride_dxb + rows[:, None].to(tl.int64) * stride_dxl
-                   + cols[None, :])
-        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_base + rows[:, None].to(tl.int64) * channels + cols[None, :], g, mask=mask)
     # partial layout [program, 5, channels]: taps 0..3 then bias; summed over programs by torch
     n_l_programs = tl.num_programs(0)
     part = dw_partial_ptr + (batch * n_l_programs + pid_l).to(tl.int64) * 5 * channels + cols
@@ -147,10 +132,34 @@ def _conv_silu_bwd_kernel(
     tl.store(part + 4 * channels, db, mask=col_mask)
 
 
+@triton.jit
+def _conv_bwd_dx_kernel(
+    g_ptr, w_ptr, dx_ptr, seq_len, channels, stride_dxb, stride_dxl,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Pass 2: dx[t] = sum_j w_j g[t + 3 - j] (the transposed conv; g rows past the end are 0)."""
+    pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < channels
+    g_base = g_ptr + batch.to(tl.int64) * seq_len * channels
+    w0 = tl.load(w_ptr + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)
+    dx = _load_rows(g_base, rows, seq_len, channels, cols, col_mask) * w3[None, :]
+    dx += _load_rows(g_base, rows + 1, seq_len, channels, cols, col_mask) * w2[None, :]
+    dx += _load_rows(g_base, rows + 2, seq_len, channels, cols, col_mask) * w1[None, :]
+    dx += _load_rows(g_base, rows + 3, seq_len, channels, cols, col_mask) * w0[None, :]
+    mask = (rows < seq_len)[:, None] & col_mask[None, :]
+    dx_ptrs = dx_ptr + batch.to(tl.int64) * stride_dxb + rows[:, None].to(tl.int64) * stride_dxl + cols[None, :]
+    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 # Tile shapes for Hopper (H100/H200) at the Falcon-H1 widths: 128 channels x 2 bytes = 256-byte
 # rows. Measured with `falcon-bench --kernels conv` (benchmarks/NOTES.md, H200, 0.5B shape): the
-# backward at 32x128, 4 warps, 64 rows a program took 0.49 ms against 0.60 at 16x128 (which needs
-# 245 registers a thread: low occupancy); the forward at 32x128 0.092 ms.
+# forward at 32x128, 4 warps, 0.092 ms. The backward's two passes use the forward's tile shape
+# (pass 1 holds the forward's four x windows plus dy; pass 2 is the forward's shape over g).
 FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 32, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS, BWD_ROWS_PER_PROGRAM = 32, 128, 4, 64
 
@@ -173,20 +182,28 @@ def conv_silu_forward(x, weight, bias, out_scale=None):
     return out
 
 
-def conv_silu_backward(dy, x, weight, bias, out_scale=None):
-    """-> dx [b, l, c] in x's dtype, dweight [c, 4] and dbias [c] (None without bias) in weight's dtype."""
+def conv_silu_backward(dy, x, weight, bias, out_scale=None, dx=None):
+    """-> dx [b, l, c] in x's dtype, dweight [c, 4] and dbias [c] (None without bias) in weight's dtype.
+
+    dx: optional output buffer [b, l, c] with channel stride 1 (e.g. a slice of a larger
+    gradient), written in place.
+    """
     batch, seq_len, channels = x.shape
     dy = _channels_last(dy)
-    dx = torch.empty(batch, seq_len, channels, device=x.device, dtype=x.dtype)
+    if dx is None:
+        dx = torch.empty(batch, seq_len, channels, device=x.device, dtype=x.dtype)
+    g = torch.empty(batch, seq_len, channels, device=x.device, dtype=torch.float32)
     n_l = triton.cdiv(seq_len, BWD_ROWS_PER_PROGRAM)
     partial = torch.empty(batch * n_l, 5, channels, device=x.device, dtype=torch.float32)
     grid = (n_l, triton.cdiv(channels, BWD_BLOCK_C), batch)
-    args = (x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight,
-            dy, dx, partial,
-            seq_len, channels, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1))
-    _conv_silu_bwd_kernel[grid](*args, ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, HAS_BIAS=bias is not None,
-                                HAS_SCALE=out_scale is not None, BLOCK_C=BWD_BLOCK_C, BLOCK_L=BWD_BLOCK_L,
-                                num_warps=BWD_WARPS)
+    _conv_silu_bwd_pre_kernel[grid](
+        x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight,
+        dy, g, partial, seq_len, channels, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, HAS_BIAS=bias is not None, HAS_SCALE=out_scale is not None,
+        BLOCK_C=BWD_BLOCK_C, BLOCK_L=BWD_BLOCK_L, num_warps=BWD_WARPS)
+    grid = (triton.cdiv(seq_len, FWD_BLOCK_L), triton.cdiv(channels, FWD_BLOCK_C), batch)
+    _conv_bwd_dx_kernel[grid](g, weight, dx, seq_len, channels, dx.stride(0), dx.stride(1),
+                              BLOCK_L=FWD_BLOCK_L, BLOCK_C=FWD_BLOCK_C, num_warps=FWD_WARPS)
     sums = partial.sum(0)                      # [5, c] fp32, deterministic (no atomics)
     dweight = sums[:4].t().to(weight.dtype)
     dbias = sums[4].to(bias.dtype) if bias is not None else None

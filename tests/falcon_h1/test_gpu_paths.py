@@ -154,3 +154,51 @@ def test_triton_ssd_gating_matches_reference():
     names = ["y", "dx", "ddt", "dB", "dC", "dz"]
     errors = {k: rel(got, ref) for k, ref, got in zip(names, outputs[False], outputs[True])}
     assert max(errors.values()) <= BF16_TOLERANCE, errors
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_fused_mamba_branch_matches_reference(with_scale):
+    """kernels.mamba_branch (conv + gated scan in one autograd function writing its gradients
+    into [s, b]-laid-out buffers) in bf16 against the reference conv + chunked scan + gating
+    in fp32, on a strided [s, b] in-projection slice like the mixer's."""
+    import torch.nn.functional as F
+
+    from falcon_h1.kernels import causal_conv1d_silu, ssd_scan
+    from falcon_h1.kernels.mamba_branch import mamba_conv_scan
+
+    if not use_fast_path("auto", torch.device("cuda")):
+        pytest.skip("mamba_ssm Triton kernels not installed")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, l, h, p, groups, n, extra = 2, 600, 8, 64, 2, 32, 40  # extra: attention columns before zxbcdt
+    d, bc = h * p, groups * n
+    width = 2 * d + 2 * bc + h
+    proj = torch.randn(l, b, extra + width, device="cuda", generator=g)
+    proj[..., extra + 2 * d + 2 * bc:] -= 1.0  # dt before softplus
+    w = torch.randn(d + 2 * bc, 4, device="cuda", generator=g) * 0.5
+    bias = torch.randn(d + 2 * bc, device="cuda", generator=g) * 0.1
+    scale = torch.rand(d + 2 * bc, device="cuda", generator=g) + 0.5 if with_scale else None
+    A = -torch.rand(h, device="cuda", generator=g) * 4 - 0.5
+    D, dt_bias = torch.randn(h, device="cuda", generator=g), torch.rand(h, device="cuda", generator=g)
+    dy = torch.randn(b, l, d, device="cuda", generator=g)
+    limit = (0.0, float("inf"))
+    outputs = {}
+    for fused, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        leaf = proj.detach().to(dtype).clone().requires_grad_()
+        params = [t.detach().to(dtype).clone().requires_grad_() for t in (w, bias)]
+        extra_params = [t.clone().requires_grad_() for t in (A, D, dt_bias)]
+        zxbcdt = leaf[..., extra:].transpose(0, 1)
+        if fused:
+            y = mamba_conv_scan(zxbcdt, *params, scale, *extra_params, d, bc, h, groups, 64, limit)
+        else:
+            z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
+            xBC = causal_conv1d_silu(xBC, *params, False, out_scale=scale)
+            x, B, C = xBC.split([d, bc, bc], dim=-1)
+            y = ssd_scan(x.unflatten(-1, (h, p)), dt, extra_params[0], B.unflatten(-1, (groups, n)),
+                         C.unflatten(-1, (groups, n)), 64, extra_params[1], extra_params[2], limit, False)
+            y = y.flatten(-2) * F.silu(z)
+        y.backward(dy.to(dtype))
+        assert leaf.grad[..., :extra].abs().max() == 0
+        outputs[fused] = [y, leaf.grad[..., extra:]] + [t.grad for t in params + extra_params]
+    names = ["y", "dzxbcdt", "dconv_w", "dconv_b", "dA", "dD", "ddt_bias"]
+    errors = {name: rel(got, ref) for name, ref, got in zip(names, outputs[False], outputs[True])}
+    assert max(errors.values()) <= BF16_TOLERANCE, errors

@@ -1,0 +1,82 @@
+"""The Mamba-2 branch after the in-projection as one autograd function (GPU path):
+zxbcdt -> causal conv + SiLU on xBC -> SSD scan gated by silu(z) -> y.
+
+Why one function: as separate autograd ops, every split of the in-projection output
+(z | xBC | dt, then x | B | C) becomes a concatenation in the backward, and the
+gradient changes layout ([b, s] scan order vs Megatron's [s, b]) on the way. Here the
+backward allocates the in-projection gradient once, in the [s, b] layout the GEMM wants,
+and the scan and conv kernels write dz, ddt, dx/dB/dC and dxBC straight into their slices
+(the same pattern as mamba_ssm's own split-conv-scan function). The conv output is
+recomputed in the backward (one 0.1 ms pass) instead of being kept for it.
+
+Uses mamba_ssm's Triton SSD forward/backward and this package's Triton conv; the
+reference path (kernels.ssd_scan + kernels.causal_conv1d_silu) computes the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from falcon_h1.kernels.conv_triton import conv_silu_backward, conv_silu_forward
+
+
+def _ssd_functions():
+    from falcon_h1.kernels.ssd_triton import _import_chunk_scan
+
+    _import_chunk_scan()  # registers mamba_ssm's missing Mamba-1 extension module first
+    from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd, _mamba_chunk_scan_combined_fwd
+
+    return _mamba_chunk_scan_combined_fwd, _mamba_chunk_scan_combined_bwd
+
+
+def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.unflatten(-1, (n, -1))
+
+
+class MambaConvScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, widths, heads, groups,
+                chunk_size, dt_limit):
+        d_z, d_bc, _ = widths
+        scan_fwd, _ = _ssd_functions()
+        z, xBC, dt = zxbcdt.split([d_z, d_z + 2 * d_bc, heads], dim=-1)
+        x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale).split([d_z, d_bc, d_bc], dim=-1)
+        out, out_x, *_ = scan_fwd(_heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), chunk_size,
+                                  D=D, z=_heads(z, heads), dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
+        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, out_x)
+        ctx.shape = (widths, heads, groups, chunk_size, dt_limit)
+        return out.flatten(-2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, out_x = ctx.saved_tensors
+        (d_z, d_bc, _), heads, groups, chunk_size, dt_limit = ctx.shape
+        _, scan_bwd = _ssd_functions()
+        conv_channels = d_z + 2 * d_bc
+        z, xBC, dt = zxbcdt.split([d_z, conv_channels, heads], dim=-1)
+        x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale).split([d_z, d_bc, d_bc], dim=-1)
+        batch, seq = zxbcdt.shape[:2]
+        # gradient of zxbcdt allocated [s, b, .] (the in-projection's layout), handed out as [b, s, .]
+        dzxbcdt = torch.empty(seq, batch, zxbcdt.shape[-1], device=dy.device, dtype=zxbcdt.dtype).transpose(0, 1)
+        dz, dxBC_raw, ddt = dzxbcdt.split([d_z, conv_channels, heads], dim=-1)
+        dxBC = torch.empty(batch, seq, conv_channels, device=dy.device, dtype=zxbcdt.dtype)
+        dx, dB, dC = dxBC.split([d_z, d_bc, d_bc], dim=-1)
+        _, _, dA, _, _, dD, _, ddt_bias, _ = scan_bwd(
+            _heads(dy, heads), _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), out_x, chunk_size,
+            D=D, z=_heads(z, heads), dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit,
+            dx=_heads(dx, heads), ddt=ddt, dB=_heads(dB, groups), dC=_heads(dC, groups), dz=_heads(dz, heads))
+        _, dweight, dbias = conv_silu_backward(dxBC, xBC, conv_weight, conv_bias, conv_scale, dx=dxBC_raw)
+        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None
+
+
+def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d_ssm: int, d_bc: int,
+                    heads: int, groups: int, chunk_size: int, dt_limit) -> torch.Tensor:
+    """zxbcdt [b, s, d_ssm + d_ssm + 2 d_bc + heads] (channel stride 1) -> y * silu(z) [b, s, d_ssm].
+
+    conv_scale [conv channels] or None multiplies the conv output (a constant: µP folding).
+    """
+    if conv_scale is not None:
+        conv_scale = conv_scale.detach().float().contiguous()
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    return MambaConvScan.apply(zxbcdt, conv_weight.contiguous(), conv_bias, conv_scale, A, D, dt_bias,
+                               (d_ssm, d_bc, heads), heads, groups, chunk_size, (lo, hi))
