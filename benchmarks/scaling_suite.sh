@@ -5,6 +5,10 @@
 # Prints one table; $OUT gets scaling.json, scaling.txt, suite.log, device.txt and
 # scaling_runs.tar.gz (every run's recipe, config.yaml, metrics.jsonl and log).
 #   device run (kind nvidia-h200-x2): bash benchmarks/scaling_suite.sh     (carry: wheels)
+# Measured on 2 x H200 (2026-11-26): dp1 134 s, dp2 50 s, tp1 149 s (34B-shape weights initialised
+# on the host): the five cases do not fit one 10-minute device command. Run them as two calls:
+#   SCALING_CASES=dp1,dp2 bash benchmarks/scaling_suite.sh
+#   SCALING_CASES=tp1,tp2,tp2_weak bash benchmarks/scaling_suite.sh
 # Env: SCALING_CUDA_GRAPH=1  also pass train.cuda_graph=true to every run
 #      SCALING_CASES         comma list among dp1,dp2,tp1,tp2,tp2_weak (default: all, in that order)
 #      SCALING_STEPS (12), SCALING_WARMUP (4: logged steps left out of the median)

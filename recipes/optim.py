@@ -57,7 +57,10 @@ def wrap_model(model: ModelChunks, parallel_cfg, train_cfg, transformer_config):
         use_distributed_optimizer=parallel_cfg.distributed_optimizer,
         # None = Megatron's default, max(4e7, 1e6 * dp_size) parameters per bucket.
         bucket_size=getattr(parallel_cfg, "ddp_bucket_size", None),
-        check_for_nan_in_grad=getattr(train_cfg, "check_for_nan_in_grad", True),
+        # The per-bucket NaN check reads each grad norm on the host: a sync, illegal inside a CUDA
+        # graph (Megatron-LM turns it off for full-iteration graphs too); training then checks the
+        # loss and grad norm after each step instead.
+        check_for_nan_in_grad=not getattr(train_cfg, "cuda_graph", False),
     )
     chunks = [model] if isinstance(model, MegatronModule) else list(model)
     wrapped = [

@@ -121,11 +121,6 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     graph_stream = _capture_stream() if t.cuda_graph else None
     with _on_stream(graph_stream):  # DDP's grad-accumulator nodes record the stream they are made on
         ddp_model = wrap_model(model, p, t, config)
-    if t.cuda_graph:
-        # Megatron's per-bucket NaN check reads the grad norm on the host (a sync, illegal inside
-        # the graph; Megatron-LM turns it off for full-iteration graphs too). _check_finite_step
-        # replaces it. The bucket groups share this config object.
-        ddp_model.ddp_config.check_for_nan_in_grad = False
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp_model.no_sync
     optimizer = build_optimizer([ddp_model], t, p)

@@ -112,3 +112,17 @@ def test_checkpoints_hold_tracker_states_as_tensors(megatron_single):
             assert all(tracker.get_states()[name] is saved[name] for name in saved)
     finally:
         tracker.set_states(saved)
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_graphed_runs_build_ddp_without_the_host_syncing_nan_check(megatron_single, graphed):
+    """Megatron's per-bucket NaN check reads a norm on the host, which a capture forbids: graphed
+    runs build DDP without it (the loss/grad-norm check after each step replaces it)."""
+    from falcon_h1.model import build_model
+    from falcon_h1.presets import get_preset
+    from recipes.config import ParallelConfig, TrainConfig
+    from recipes.optim import wrap_model
+
+    model = build_model(get_preset("falcon_h1_micro"), precision="fp32", seed=0)
+    ddp = wrap_model(model, ParallelConfig(), TrainConfig(cuda_graph=graphed), model.config)
+    assert ddp.ddp_config.check_for_nan_in_grad is (not graphed)
