@@ -29,6 +29,8 @@ def _print_summary(summary) -> None:
         f"metrics:     {summary.run_dir}/metrics.jsonl, TensorBoard: tensorboard --logdir {summary.run_dir}/tensorboard\n"
         f"W&B (offline unless WANDB_API_KEY): wandb sync {summary.run_dir}/wandb/offline-run-*\n"
         f"report:      falcon-report {summary.run_dir}"
+        + (f"\nCUDA graph:  captured at step {summary.cuda_graph_step}, replayed after"
+           if summary.cuda_graph_step else "")
     )
 
 

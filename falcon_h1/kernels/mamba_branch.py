@@ -21,9 +21,9 @@ from falcon_h1.kernels.conv_triton import conv_silu_backward, conv_silu_forward
 
 
 def _ssd_functions():
-    from falcon_h1.kernels.ssd_triton import _import_chunk_scan
+    from falcon_h1.kernels.ssd_triton import make_mamba_ssm_importable
 
-    _import_chunk_scan()  # registers mamba_ssm's missing Mamba-1 extension module first
+    make_mamba_ssm_importable()
     from mamba_ssm.ops.triton.ssd_combined import _mamba_chunk_scan_combined_bwd, _mamba_chunk_scan_combined_fwd
 
     return _mamba_chunk_scan_combined_fwd, _mamba_chunk_scan_combined_bwd

@@ -15,9 +15,14 @@ import types
 import torch
 
 
-def _import_chunk_scan():
+def make_mamba_ssm_importable() -> None:
+    """Register the empty stand-in for mamba_ssm's unbuilt Mamba-1 extension (see above)."""
     if "selective_scan_cuda" not in sys.modules and importlib.util.find_spec("selective_scan_cuda") is None:
         sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+
+
+def _import_chunk_scan():
+    make_mamba_ssm_importable()
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     return mamba_chunk_scan_combined
