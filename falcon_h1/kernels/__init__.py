@@ -46,7 +46,7 @@ def use_fast_path(backend: str, device: torch.device) -> bool:
     if backend == "triton":
         raise RuntimeError(
             "model.kernel_backend = 'triton' but mamba_ssm's Triton kernels are not importable; "
-            "install them with `./setup.sh --gpu` or use kernel_backend=reference."
+            "install them with `./setup.sh` or use kernel_backend=reference."
         )
     return False
 

@@ -1,4 +1,4 @@
-"""GPU path of the SSD scan: mamba_ssm's Triton kernels (installed by `setup.sh --gpu`).
+"""GPU path of the SSD scan: mamba_ssm's Triton kernels (installed by `setup.sh`).
 
 mamba_ssm 2.3.2's package __init__ imports its Mamba-1 CUDA extension
 (`selective_scan_cuda`) unconditionally; the Triton SSD kernels do not use it, so

@@ -1,6 +1,6 @@
 """GPU fast path (mamba_ssm Triton SSD + SDPA flash attention, bf16) vs the pure
 PyTorch reference path (fp32), forward and backward. Runs on a CUDA machine with
-mamba_ssm installed (`./setup.sh --gpu`); skipped elsewhere."""
+mamba_ssm installed (`./setup.sh`); skipped elsewhere."""
 
 import pytest
 import torch
