@@ -314,7 +314,7 @@ def _gather_rng_states_over_dp() -> list:
         "np_rng_state": np.random.get_state(),
         "torch_rng_state": torch.get_rng_state(),
         "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "rng_tracker_states": _tracker_states_as_tensors(tensor_parallel.get_cuda_rng_tracker().get_states()),
     }
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     states = [None] * dist.get_world_size(group)
@@ -328,7 +328,30 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch_rng_state"])
     if torch.cuda.is_available() and state["cuda_rng_state"] is not None:
         torch.cuda.set_rng_state(state["cuda_rng_state"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+    _restore_tracker_states(state["rng_tracker_states"])
+
+
+def _tracker_states_as_tensors(states: dict) -> dict:
+    """The tracker's states as the byte tensors an eager run holds. A CUDA-graphed run's tracker
+    holds generator objects (registered with the graph); saved as tensors, its checkpoints load
+    anywhere, also on a host without a GPU, where a CUDA generator cannot be unpickled."""
+    return {name: state.get_state() if isinstance(state, torch.Generator) else state
+            for name, state in states.items()}
+
+
+def _restore_tracker_states(saved: dict) -> None:
+    """Set the tracker to saved byte-tensor states; where it holds generator objects (a graphed
+    run), each generator is set in place, so the objects a CUDA graph registers stay the same."""
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    live = tracker.get_states()
+    restored = {}
+    for name, state in saved.items():
+        current = live.get(name)
+        if isinstance(current, torch.Generator) and isinstance(state, torch.Tensor):
+            current.set_state(state)
+            state = current
+        restored[name] = state
+    tracker.set_states(restored)
 
 
 def _publish(tmp_dir: Path, final_dir: Path, step: int) -> None:

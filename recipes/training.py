@@ -143,8 +143,6 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     if loaded is not None:
         start_step, extra = loaded
         consumed, resumed_from = extra["consumed_samples"], start_step
-        if t.cuda_graph:
-            _rng_tracker_states_to_generators()
     elif t.load_dir:
         _load_initial_weights(model, t.load_dir)
     resolved = dataclasses.asdict(recipe)
@@ -170,9 +168,6 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     with progress, tracker, _training_schedule(get_forward_backward_func(), t) as fwd_bwd:
         for step in range(start_step, t.max_steps):
             started = time.perf_counter()
-            capturing = t.cuda_graph and fwd_bwd.curr_iter("training") == fwd_bwd.cuda_graph_warmup_steps
-            if capturing:  # blocks cached by the eager steps go back, for the graph's private memory pool
-                torch.cuda.empty_cache()
             ddp_model.zero_grad_buffer()
             optimizer.zero_grad()
             with _device_mode(), _on_stream(graph_stream):
@@ -180,7 +175,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
                     forward_step_func=partial(_forward_step, device=device), data_iterator=data_iter,
                     model=[ddp_model], num_microbatches=num_microbatches, seq_length=seq,
                     micro_batch_size=micro, forward_only=False)
-            if capturing and _captured_graph(fwd_bwd) is not None:
+            if t.cuda_graph and cuda_graph_step is None and _captured_graph(fwd_bwd) is not None:
                 cuda_graph_step = step + 1
             ok, grad_norm, _ = optimizer.step()
             skipped += 0 if ok else 1
@@ -212,9 +207,8 @@ def train(recipe: RecipeConfig) -> TrainSummary:
             last = step + 1 == t.max_steps
             stop_early = t.exit_after_steps and steps_this_run >= t.exit_after_steps
             if t.save_interval and ((step + 1) % t.save_interval == 0 or last or stop_early):
-                with _rng_tracker_states_as_tensors():
-                    save_checkpoint(ckpt_root, step + 1, [ddp_model], optimizer, scheduler,
-                                    {"consumed_samples": consumed})
+                save_checkpoint(ckpt_root, step + 1, [ddp_model], optimizer, scheduler,
+                                {"consumed_samples": consumed})
             if stop_early:
                 break
         summary = TrainSummary(
@@ -387,38 +381,3 @@ def _use_graph_safe_rng_tracker(seed: int) -> None:
     from megatron.core import tensor_parallel
 
     tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=True, force_reset_rng=True)
-
-
-def _rng_tracker_states_to_generators() -> None:
-    """After a checkpoint load: the saved tracker states are byte tensors (see
-    _rng_tracker_states_as_tensors); turn each into a generator continuing from that state."""
-    from megatron.core import tensor_parallel
-
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    states = tracker.get_states()
-    for name, state in states.items():
-        if isinstance(state, torch.Tensor):
-            generator = torch.cuda.default_generators[torch.cuda.current_device()].clone_state()
-            generator.set_state(state)
-            states[name] = generator
-    tracker.set_states(states)
-
-
-@contextlib.contextmanager
-def _rng_tracker_states_as_tensors():
-    """Checkpoints hold the tracker states as byte tensors, as an eager run saves them, so a
-    graphed run's checkpoint loads anywhere (a CUDA generator object cannot be unpickled on a
-    host without a GPU). The live generators, registered with the graph, are put back after."""
-    from megatron.core import tensor_parallel
-
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    live = tracker.get_states()
-    if not any(isinstance(state, torch.Generator) for state in live.values()):
-        yield
-        return
-    tracker.set_states({name: state.get_state() if isinstance(state, torch.Generator) else state
-                        for name, state in live.items()})
-    try:
-        yield
-    finally:
-        tracker.set_states(live)

@@ -86,10 +86,10 @@ def test_non_finite_step_stops_the_graphed_run():
 def test_checkpoints_hold_tracker_states_as_tensors(megatron_single):
     """A graphed run's tracker holds generator objects; its checkpoints must hold the byte-tensor
     states an eager run saves (loadable on a host without a GPU), and training continues with the
-    very generator objects the graph registered."""
+    very generator objects the graph registered, also after a checkpoint is loaded."""
     from megatron.core import tensor_parallel
 
-    from recipes.training import _rng_tracker_states_as_tensors
+    from recipes.checkpointing import _restore_tracker_states, _tracker_states_as_tensors
 
     tracker = tensor_parallel.get_cuda_rng_tracker()
     saved = tracker.get_states()
@@ -98,18 +98,24 @@ def test_checkpoints_hold_tracker_states_as_tensors(megatron_single):
     torch.rand(5, generator=generators["data-parallel-rng"])  # a state past the seed
     try:
         tracker.set_states(dict(generators))
-        with _rng_tracker_states_as_tensors():
-            inside = tracker.get_states()
+        inside = _tracker_states_as_tensors(tracker.get_states())
         assert set(inside) == set(generators)
         for name, generator in generators.items():
             assert isinstance(inside[name], torch.Tensor)
             assert torch.equal(inside[name], generator.get_state())
         after = tracker.get_states()
         assert all(after[name] is generators[name] for name in generators)
-        # An eager run's states (already tensors) pass through untouched.
+        # Loading: the same generator objects, set to the checkpoint's states.
+        torch.rand(3, generator=generators["model-parallel-rng"])
+        _restore_tracker_states(inside)
+        loaded = tracker.get_states()
+        assert all(loaded[name] is generators[name] for name in generators)
+        assert all(torch.equal(generators[name].get_state(), inside[name]) for name in generators)
+        # An eager run's states (already tensors) pass through untouched, both ways.
         tracker.set_states(saved)
-        with _rng_tracker_states_as_tensors():
-            assert all(tracker.get_states()[name] is saved[name] for name in saved)
+        assert all(_tracker_states_as_tensors(tracker.get_states())[name] is saved[name] for name in saved)
+        _restore_tracker_states(saved)
+        assert all(tracker.get_states()[name] is saved[name] for name in saved)
     finally:
         tracker.set_states(saved)
 
