@@ -4,11 +4,7 @@
 # two-pass conv backward). Timings here share the CPU with the build: correctness only.
 #   device run: bash benchmarks/call_probe.sh     (carry: wheels, .whl)
 set -uo pipefail
-OUT=${OUT:-/tmp/falcon-gpu-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+source benchmarks/device_setup.sh
 which nvcc; ls /usr/local/cuda/bin/nvcc 2>&1; nproc; python3 -c "import transformers; print(transformers.__version__)"
 setsid bash benchmarks/build_causal_conv1d.sh .whl/causal_conv1d-1.7.0.tar.gz /tmp/ccw > /tmp/ccbuild.log 2>&1 < /dev/null &
 timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:warnings --tb=short -x \

@@ -6,15 +6,11 @@
 #   device run: bash benchmarks/final_suite.sh     (carry: wheels, .whl)
 #   .whl holds causal_conv1d's wheel built by benchmarks/build_causal_conv1d.sh on that machine.
 set -uo pipefail
-OUT=${OUT:-/tmp/falcon-gpu-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -m pip install -q --no-deps --no-index wheels/*.whl $(ls .whl/*.whl 2>/dev/null) 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+source benchmarks/device_setup.sh
 bench() { python3 -m falcon_h1.bench --size 0.5b --seq 4096 "$@" 2>&1 | grep -v -i warn; }
 if [ "${TESTS:-1}" = 1 ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:warnings --tb=short \
-    tests/falcon_h1/test_gpu_paths.py tests/recipes/test_cuda_graph_gpu.py 2>&1 | tail -12 | tee "$OUT/gpu_tests.txt"
+    tests/falcon_h1/test_gpu_paths.py 2>&1 | tail -12 | tee "$OUT/gpu_tests.txt"
 fi
 bench --batch 4 --steps 5 --warmup 3 --kernels all \
   --variants ours_fused_prev,ours_fused,ours_fused_cuda_graph,hf_transformers,ours_fused_no_branch_fn,ours_fused_no_fused_norm,ours_fused \

@@ -5,12 +5,7 @@
 # Env: VARIANTS, PROFILE (variants to profile), STEPS, TESTS (pytest args, "none" to skip),
 #      TEST_TIMEOUT (s), BENCH_ARGS (extra falcon-bench flags, e.g. --no-kernels).
 set -uo pipefail
-OUT=${OUT:-/tmp/falcon-gpu-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+source benchmarks/device_setup.sh
 python3 -m falcon_h1.bench --size 0.5b --seq 4096 --batch 4 --steps ${STEPS:-5} --warmup 3 \
   --variants ${VARIANTS:-ours_fused_prev,ours_fused,ours_fused_conv_only,ours_fused_no_swiglu,ours_fused_prev,ours_fused} \
   --profile "${PROFILE-}" ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 \

@@ -18,13 +18,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/falcon-scaling-out}
 WORK=${SCALING_WORK:-/tmp/falcon-scaling}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -2
-{ nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv; nvidia-smi topo -m
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
-    'nccl', torch.cuda.nccl.version())"
-} 2>&1 | tee "$OUT/device.txt"
+source benchmarks/device_setup.sh
+{ nvidia-smi topo -m; python3 -c "import torch; print('nccl', torch.cuda.nccl.version())"; } 2>&1 \
+  | tee -a "$OUT/device.txt"
 GPUS=$(nvidia-smi -L | wc -l)
 if [ "$GPUS" -lt 2 ]; then
   echo "scaling_suite: needs 2 GPUs, this machine has $GPUS" | tee -a "$OUT/device.txt"

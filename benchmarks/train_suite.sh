@@ -7,11 +7,7 @@
 #  3. the CUDA-graph training and BitNet Triton GPU tests, with the time that is left.
 #   device run: bash benchmarks/train_suite.sh     (carry: wheels, .whl)
 set -uo pipefail
-OUT=${OUT:-/tmp/falcon-gpu-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -m pip install -q --no-deps --no-index wheels/*.whl $(ls .whl/*.whl 2>/dev/null) 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+source benchmarks/device_setup.sh
 MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 MICRO_3B=$([ "$MEM_MIB" -ge 122880 ] && echo 2 || echo 1)
 python3 -m falcon_h1.bench --size 0.5b --seq 4096 --batch 1 --steps 5 --warmup 2 --kernels none \
