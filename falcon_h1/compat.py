@@ -21,6 +21,11 @@ from torch.overrides import TorchFunctionMode
 
 _PATCHED = False
 
+# Megatron's fused-op switches, all off: their kernels need CUDA extensions (apex,
+# TransformerEngine) that neither the CPU machines nor the GPU image have.
+MEGATRON_FUSIONS_OFF = dict(bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+                            gradient_accumulation_fusion=False)
+
 
 class CpuRNGStatesTracker:
     """Megatron's RNG tracker interface on the CPU generator.

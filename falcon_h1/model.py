@@ -14,7 +14,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 
-from falcon_h1.compat import recompute
+from falcon_h1.compat import MEGATRON_FUSIONS_OFF, recompute
 from falcon_h1.config import FalconH1Config, resolve
 from falcon_h1.layers import FalconH1Layer, RMSNorm
 from falcon_h1.weights import accumulated_grad
@@ -58,10 +58,7 @@ def make_transformer_config(
         bf16=bf16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,  # weights come from falcon_h1.weights (TP-invariant init)
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        **MEGATRON_FUSIONS_OFF,
         persist_layer_norm=False,
         recompute_granularity=None if recompute == "none" else recompute,
         recompute_method="uniform" if recompute == "full" else None,

@@ -10,6 +10,8 @@ VOCAB, HIDDEN, LAYERS, HEADS, SEQ, BATCH = 64, 32, 2, 4, 16, 2
 def tiny_config(tp: int = 1, **overrides):
     from megatron.core.transformer import TransformerConfig
 
+    from falcon_h1.compat import MEGATRON_FUSIONS_OFF
+
     kwargs = dict(
         num_layers=LAYERS,
         hidden_size=HIDDEN,
@@ -18,10 +20,7 @@ def tiny_config(tp: int = 1, **overrides):
         tensor_model_parallel_size=tp,
         use_cpu_initialization=True,
         params_dtype=torch.float32,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        **MEGATRON_FUSIONS_OFF,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         normalization="RMSNorm",
@@ -125,3 +124,17 @@ def near_tie(v, rel=1e-5):
 
     frac = v - np.floor(v)
     return np.abs(frac - 0.5) <= rel * np.maximum(np.abs(v), 1.0)
+
+
+def assert_same_forward_and_grads(reference, candidate, x, tol: float = 1e-5) -> None:
+    """`candidate` (loaded with `reference`'s weights) gives the same output, input gradient and
+    weight gradient as `reference` on `x`, within `tol`."""
+    candidate.load_state_dict(reference.state_dict())
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = reference(xa)[0], candidate(xb)[0]
+    torch.testing.assert_close(yb, ya, rtol=tol, atol=tol)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(candidate.weight.grad, reference.weight.grad, rtol=tol, atol=tol)

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bitnet_testutil import np_activation_quant, np_weight_quant, tiny_config  # noqa: E402
+from bitnet_testutil import (  # noqa: E402
+    assert_same_forward_and_grads, np_activation_quant, np_weight_quant, tiny_config)
 
 from recipes.config import BitNetConfig  # noqa: E402
 from tests.conftest import torchrun  # noqa: E402
@@ -177,16 +178,8 @@ def test_int8_path_equals_fake_quant_path(kind):
 
     make, segments = (_column, COLUMN_SEGMENTS["mixed"]) if kind == "column" else (_row, ROW_SEGMENTS["mixed"])
     fake, int8 = make(segments), make(segments, BitNetLinearOptions(int8_matmul=True))
-    int8.load_state_dict(fake.state_dict())
     x = torch.randn(6, 2, fake.input_size, generator=torch.Generator().manual_seed(3))
-    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya, yb = fake(xa)[0], int8(xb)[0]
-    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(ya)
-    ya.backward(grad)
-    yb.backward(grad)
-    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(int8.weight.grad, fake.weight.grad, rtol=1e-5, atol=1e-5)
+    assert_same_forward_and_grads(fake, int8, x)
 
 
 def test_frozen_segmented_layer_reproduces_training_forward():

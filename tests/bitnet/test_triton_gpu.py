@@ -211,17 +211,10 @@ def test_layer_int8_forward_matches_fake_quant(megatron_gpu):
     """Each layer alone (chained, a float-rounding difference can flip a later quantiser)."""
     float_layers = _layer_pair(int8=False, dtype=torch.float32)
     int8_layers = _layer_pair(int8=True, dtype=torch.float32)
+    from bitnet_testutil import assert_same_forward_and_grads
+
     for fp, i8, d_in in zip(float_layers, int8_layers, (64, 256), strict=True):
-        i8.load_state_dict(fp.state_dict())
-        x = torch.randn(32, 2, d_in, device="cuda")
-        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        ya, yb = fp(xa)[0], i8(xb)[0]
-        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
-        g = torch.randn_like(ya)
-        ya.backward(g)
-        yb.backward(g)
-        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(i8.weight.grad, fp.weight.grad, rtol=1e-5, atol=1e-5)
+        assert_same_forward_and_grads(fp, i8, torch.randn(32, 2, d_in, device="cuda"))
 
 
 def test_nonfinite_weight_detected_without_sync(megatron_gpu):

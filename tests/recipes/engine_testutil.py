@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from falcon_h1.compat import default_device
+from falcon_h1.compat import MEGATRON_FUSIONS_OFF, default_device
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -26,10 +26,7 @@ def tiny_gpt(seed: int, dropout: float = 0.0) -> tuple[GPTModel, TransformerConf
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         use_cpu_initialization=True,
         params_dtype=torch.float32,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        **MEGATRON_FUSIONS_OFF,
         hidden_dropout=dropout,
         attention_dropout=dropout,
     )
