@@ -25,6 +25,39 @@ _NO_FMA = {"enable_fp_fusion": False}
 
 
 @triton.jit
+def _weight_scales(stats_ptr):
+    """(m, s) = (mean|W|, 1 / mean|W|) in float32 from float64 [sum|W|, numel] at stats_ptr; every
+    program finishes the mean itself from the two stats: cheaper than another launch."""
+    mean = libdevice.div_rn(tl.load(stats_ptr), tl.load(stats_ptr + 1))
+    mean = tl.maximum(mean, tl.full([], 1e-5, tl.float64))
+    return mean.to(tl.float32), libdevice.div_rn(tl.full([], 1.0, tl.float64), mean).to(tl.float32)
+
+
+@triton.jit
+def _range_absmax(base, lo, hi, BLOCK_D: tl.constexpr):
+    """max |x| (float32) over base[lo:hi]."""
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_D):
+        offs = start + tl.arange(0, BLOCK_D)
+        x = tl.load(base + offs, mask=offs < hi, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x))
+    return tl.max(acc, axis=0)
+
+
+@triton.jit
+def _activation_scales(absmax):
+    """(s, scale) = (127 / a, a / 127) with a = max(absmax, 1e-5)."""
+    a = tl.maximum(absmax, 1e-5)
+    return libdevice.div_rn(tl.full([], 127.0, tl.float32), a), libdevice.div_rn(a, tl.full([], 127.0, tl.float32))
+
+
+@triton.jit
+def _round_clamp(v, lo, hi):
+    """round-half-up(v) clamped to [lo, hi]."""
+    return tl.minimum(tl.maximum(tl.floor(v + 0.5), lo), hi)
+
+
+@triton.jit
 def _abs_sum_partial_kernel(w_ptr, partial_ptr, n, BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
@@ -41,16 +74,11 @@ def _weight_quant_kernel(
     w_ptr, stats_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr, TERNARY_OUT: tl.constexpr
 ):
     pid = tl.program_id(0)
-    # Every program finishes the mean itself from the two float64 stats: cheaper than a launch.
-    mean = libdevice.div_rn(tl.load(stats_ptr), tl.load(stats_ptr + 1))
-    mean = tl.maximum(mean, tl.full([], 1e-5, tl.float64))
-    m = mean.to(tl.float32)
-    s = libdevice.div_rn(tl.full([], 1.0, tl.float64), mean).to(tl.float32)
+    m, s = _weight_scales(stats_ptr)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.floor(w * s + 0.5)
-    q = tl.minimum(tl.maximum(q, -1.0), 1.0)
+    q = _round_clamp(w * s, -1.0, 1.0)
     if TERNARY_OUT:
         tl.store(out_ptr + offs, q.to(tl.int8), mask=mask)
     else:
@@ -62,13 +90,7 @@ def _weight_quant_kernel(
 @triton.jit
 def _row_absmax_kernel(x_ptr, absmax_ptr, D, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    base = x_ptr + row * D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(0, D, BLOCK_D):
-        offs = start + tl.arange(0, BLOCK_D)
-        x = tl.load(base + offs, mask=offs < D, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, tl.abs(x))
-    tl.store(absmax_ptr + row, tl.max(acc, axis=0))
+    tl.store(absmax_ptr + row, _range_absmax(x_ptr + row * D, 0, D, BLOCK_D))
 
 
 @triton.jit
@@ -88,21 +110,13 @@ def _act_quant_kernel(
     if HAS_ABSMAX:
         a = tl.load(absmax_ptr + row).to(tl.float32)
     else:
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in range(0, D, BLOCK_D):
-            offs = start + tl.arange(0, BLOCK_D)
-            x = tl.load(base + offs, mask=offs < D, other=0.0).to(tl.float32)
-            acc = tl.maximum(acc, tl.abs(x))
-        a = tl.max(acc, axis=0)
-    a = tl.maximum(a, 1e-5)
-    s = libdevice.div_rn(tl.full([], 127.0, tl.float32), a)
-    scale = libdevice.div_rn(a, tl.full([], 127.0, tl.float32))
+        a = _range_absmax(base, 0, D, BLOCK_D)
+    s, scale = _activation_scales(a)
     for start in range(0, D, BLOCK_D):
         offs = start + tl.arange(0, BLOCK_D)
         mask = offs < D
         x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.floor(x * s + 0.5)
-        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        q = _round_clamp(x * s, -128.0, 127.0)
         if INT8_OUT:
             tl.store(out_ptr + row * D + offs, q.to(tl.int8), mask=mask)
         else:
@@ -244,10 +258,7 @@ def _segment_weight_quant_kernel(
     # Every program finishes each segment's mean from its float64 stats: cheaper than launches.
     # Segments come in order, so the last one starting at or before `pos` is pos's segment.
     for i in tl.static_range(N_SEG):
-        mean = libdevice.div_rn(tl.load(stats_ptr + 2 * i), tl.load(stats_ptr + 2 * i + 1))
-        mean = tl.maximum(mean, tl.full([], 1e-5, tl.float64))
-        m_i = mean.to(tl.float32)
-        s_i = libdevice.div_rn(tl.full([], 1.0, tl.float64), mean).to(tl.float32)
+        m_i, s_i = _weight_scales(stats_ptr + 2 * i)
         flag_i = tl.load(flags_ptr + i) != 0
         inside = pos >= tl.load(bounds_ptr + i).to(tl.int64)
         m = tl.where(inside, m_i, m)
@@ -256,8 +267,7 @@ def _segment_weight_quant_kernel(
         if pid == 0:
             tl.store(scale_ptr + i, tl.where(flag_i, m_i, 0.0))
     w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    q = tl.floor(w_raw.to(tl.float32) * s + 0.5)
-    q = tl.minimum(tl.maximum(q, -1.0), 1.0)
+    q = _round_clamp(w_raw.to(tl.float32) * s, -1.0, 1.0)
     if TERNARY_OUT:
         tl.store(out_ptr + offs, tl.where(quantized, q, 0.0).to(tl.int8), mask=mask)
     else:
@@ -272,13 +282,7 @@ def _segment_row_absmax_kernel(x_ptr, bounds_ptr, absmax_ptr, D, N_SEG: tl.const
     seg = tl.program_id(1)
     lo = tl.load(bounds_ptr + seg)
     hi = tl.load(bounds_ptr + seg + 1)
-    base = x_ptr + row * D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_D):
-        offs = start + tl.arange(0, BLOCK_D)
-        x = tl.load(base + offs, mask=offs < hi, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, tl.abs(x))
-    tl.store(absmax_ptr + row * N_SEG + seg, tl.max(acc, axis=0))
+    tl.store(absmax_ptr + row * N_SEG + seg, _range_absmax(x_ptr + row * D, lo, hi, BLOCK_D))
 
 
 @triton.jit
@@ -297,21 +301,13 @@ def _segment_act_quant_kernel(
     if HAS_ABSMAX:
         a = tl.load(absmax_ptr + row * N_SEG + seg).to(tl.float32)
     else:
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_D):
-            offs = start + tl.arange(0, BLOCK_D)
-            x = tl.load(base + offs, mask=offs < hi, other=0.0).to(tl.float32)
-            acc = tl.maximum(acc, tl.abs(x))
-        a = tl.max(acc, axis=0)
-    a = tl.maximum(a, 1e-5)
-    s = libdevice.div_rn(tl.full([], 127.0, tl.float32), a)
-    scale = libdevice.div_rn(a, tl.full([], 127.0, tl.float32))
+        a = _range_absmax(base, lo, hi, BLOCK_D)
+    s, scale = _activation_scales(a)
     for start in range(lo, hi, BLOCK_D):
         offs = start + tl.arange(0, BLOCK_D)
         mask = offs < hi
         x_raw = tl.load(base + offs, mask=mask, other=0.0)
-        q = tl.floor(x_raw.to(tl.float32) * s + 0.5)
-        q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        q = _round_clamp(x_raw.to(tl.float32) * s, -128.0, 127.0)
         if INT8_OUT:
             tl.store(out_ptr + row * D + offs, tl.where(quantized, q, 0.0).to(tl.int8), mask=mask)
         else:

@@ -59,6 +59,17 @@ def weight_checks(g):
             if name == "rows_one":
                 check(f"one segment = unsegmented {tag}", torch.equal(
                     tk.fake_quantize_weights_segmented(wd, layout), ref.fake_quantize_weights(wd)))
+        # The unsegmented kernels the segmented ones mirror.
+        s_t, s_r = tk.weight_stats(wd), ref.weight_stats(wd)
+        check(f"unsegmented weight stats {dtype}", torch.equal(s_t[1], s_r[1])
+              and torch.allclose(s_t[0], s_r[0], rtol=1e-12, atol=0))
+        for stats in (None, s_r * torch.tensor([3.0, 2.0], dtype=torch.float64)):
+            q_t, m_t = tk.quantize_weights(wd, stats)
+            q_r, m_r = ref.quantize_weights(wd, stats)
+            check(f"unsegmented quantize weights {dtype} stats={stats is not None}",
+                  torch.equal(q_t, q_r) and torch.equal(m_t, m_r))
+            check(f"unsegmented fake-quantize weights {dtype} stats={stats is not None}",
+                  torch.equal(tk.fake_quantize_weights(wd, stats), ref.fake_quantize_weights(wd, stats)))
 
 
 def activation_checks(g):
@@ -81,9 +92,18 @@ def activation_checks(g):
                 check(f"fake-quantize activations {tag} absmax={absmax is not None}", torch.equal(
                     tk.fake_quantize_activations_segmented(xd, layout, absmax),
                     ref.fake_quantize_activations_segmented(xd, layout, absmax)))
-    # The unsegmented kernel the segmented one mirrors.
+    # The unsegmented kernels the segmented ones mirror.
     check("unsegmented quantize activations", all(
         torch.equal(a, b) for a, b in zip(tk.quantize_activations(x), ref.quantize_activations(x))))
+    for dtype in (torch.float32, torch.float16):
+        xd = x.to(dtype)
+        check(f"unsegmented absmax {dtype}", torch.equal(tk.activation_absmax(xd), ref.activation_absmax(xd)))
+        for absmax in (None, ref.activation_absmax(xd) * 2):
+            tag = f"{dtype} absmax={absmax is not None}"
+            check(f"unsegmented quantize activations {tag}", all(torch.equal(a, b) for a, b in zip(
+                tk.quantize_activations(xd, absmax), ref.quantize_activations(xd, absmax))))
+            check(f"unsegmented fake-quantize activations {tag}", torch.equal(
+                tk.fake_quantize_activations(xd, absmax), ref.fake_quantize_activations(xd, absmax)))
 
 
 def int8_checks(g):
