@@ -246,12 +246,14 @@ def _profile_step(step, top: int = 25) -> list[dict]:
     return [{"total_ms": total}] + rows[:top]
 
 
-def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all"):
+def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_profile: dict | None = None):
     """SSD scan, causal conv + SiLU and SwiGLU, fwd+bwd, at the 0.5B shape (ms, median).
 
     Inputs are strided views of one in-projection-like buffer, as in the mixer. Each
     conv tile configuration is timed too (the module constants are swapped in turn).
+    With `which="all"`, `ssd_profile` receives the per-kernel CUDA time of one SSD fwd+bwd.
     """
+    ssd_profile = {} if ssd_profile is None else ssd_profile
     import triton.testing
 
     from falcon_h1 import kernels
@@ -278,6 +280,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all"):
     if which == "all":
         out["ssd_then_gate_fwd_bwd_ms"] = bench(lambda: ssd(False))
         out["ssd_gate_in_kernel_fwd_bwd_ms"] = bench(lambda: ssd(True))
+        ssd_profile["ssd_gate_in_kernel"] = _profile_step(lambda: ssd(True), top=30)
 
     channels = h * p + 2 * groups * n
     xc = proj.transpose(0, 1)[..., h * p: h * p + channels].requires_grad_()
@@ -342,9 +345,10 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("falcon-bench needs a CUDA GPU.")
     started = time.time()
-    rows = run(args.size, args.seq, args.batch, args.warmup, args.steps, args.variants.split(","), args.layers,
-               tuple(v for v in args.profile.split(",") if v))
-    micro = {} if args.kernels == "none" else kernel_microbench(args.seq, args.batch, args.kernels)
+    rows = run(args.size, args.seq, args.batch, args.warmup, args.steps, [v for v in args.variants.split(",") if v],
+               args.layers, tuple(v for v in args.profile.split(",") if v))
+    kernel_profiles: dict = {}
+    micro = {} if args.kernels == "none" else kernel_microbench(args.seq, args.batch, args.kernels, kernel_profiles)
     ref = {r["variant"]: r for r in rows if "error" not in r}
     print(f"\n{torch.cuda.get_device_name()}  size={args.size} seq={args.seq} batch={args.batch} bf16")
     print(f"{'variant':34s} {'ms/step':>9s} {'tok/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'GiB':>6s} "
@@ -368,13 +372,17 @@ def main(argv=None) -> None:
             print(f"\nprofile of one step, {r['variant']}: {r['top_kernels'][0]['total_ms']:.1f} ms of kernels")
             for k in r["top_kernels"][1:]:
                 print(f"  {k['ms']:8.2f} ms {k['calls']:5d}x  {k['kernel']}")
+    for name, profile in kernel_profiles.items():
+        print(f"\nprofile of one {name} fwd+bwd: {profile[0]['total_ms']:.3f} ms of kernels")
+        for k in profile[1:]:
+            print(f"  {k['ms']:8.3f} ms {k['calls']:3d}x  {k['kernel']}")
     print("\nkernels (ms):")
     for k, v in micro.items():
         print(f"  {k:34s} {v:8.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "args": vars(args),
-            "rows": rows, "kernels": micro, "wall_s": time.time() - started}, indent=2))
+            "rows": rows, "kernels": micro, "kernel_profiles": kernel_profiles, "wall_s": time.time() - started}, indent=2))
 
 
 if __name__ == "__main__":
