@@ -6,7 +6,8 @@
 #     side by side: 3B (the MFU goal; micro batch 2 on an H200, 1 on an H100) and the 0.5B;
 #  4. with B1=1, first the batch-1 falcon-bench comparison (ours graphed/eager, Hugging Face on its fast
 #     path, the unfused two-branch model with unfused attention, which does not fit at batch 4).
-# Each step runs only while enough of the call's 570 s is left.
+# Each step runs only while enough of the call's 570 s is left. Text goes to $OUT/suite.log (at most 8
+# files come back: device.txt, suite.log and the JSON files).
 #   device run: bash benchmarks/train_suite.sh     (carry: wheels, .whl)
 set -uo pipefail
 source benchmarks/device_setup.sh
@@ -16,16 +17,16 @@ left() { echo $((570 - SECONDS)); }
 if [ "${B1:-0}" = 1 ]; then
   python3 -m falcon_h1.bench --size 0.5b --seq 4096 --batch 1 --steps 5 --warmup 2 --kernels none \
     --variants ours_fused_cuda_graph,ours_unfused_unfused_attention,hf_transformers,ours_fused \
-    --json "$OUT/bench_b1.json" 2>&1 | grep -v -i warn | tail -9 | tee "$OUT/bench_b1.txt"
+    --json "$OUT/bench_b1.json" 2>&1 | grep -v -i warn | tail -9 | tee -a "$OUT/suite.log"
 fi
 timeout 200 python3 -m pytest -q -s -p no:cacheprovider -p no:warnings --tb=short \
-  tests/recipes/test_cuda_graph_gpu.py 2>&1 | grep -v -i warn | tail -25 | tee "$OUT/cuda_graph_test.txt"
+  tests/recipes/test_cuda_graph_gpu.py 2>&1 | grep -v -i warn | tail -25 | tee -a "$OUT/suite.log"
 timeout 150 python3 -m falcon_h1.bench --variants "" --kernels all --json "$OUT/kernels.json" 2>&1 \
-  | grep -v -i warn | tail -60 | tee "$OUT/kernels.txt"
+  | grep -v -i warn | tail -60 | tee -a "$OUT/suite.log"
 train() { name=$1; shift
-  [ "$(left)" -gt 90 ] || { echo "skipped $name: $(left) s left" | tee -a "$OUT/skipped.txt"; return; }
+  [ "$(left)" -gt 90 ] || { echo "skipped $name: $(left) s left" | tee -a "$OUT/suite.log"; return; }
   timeout $(( $(left) < 200 ? $(left) : 200 )) python3 benchmarks/scaling.py run --work /tmp/train_$name \
-    --cases dp1 --steps 8 --warmup 3 "$@" 2>&1 | grep -v -i -E "warn|^\s*$" | tail -4 | tee "$OUT/train_$name.txt"
+    --cases dp1 --steps 8 --warmup 3 "$@" 2>&1 | grep -v -i -E "warn|^\s*$" | tail -4 | tee -a "$OUT/suite.log"
   cp /tmp/train_$name/scaling.json "$OUT/train_$name.json" 2>/dev/null; }
 train 3b_graph --dp-model falcon_h1_3b --dp-micro-batch "$MICRO_3B" --cuda-graph
 train 3b_eager --dp-model falcon_h1_3b --dp-micro-batch "$MICRO_3B"
