@@ -52,6 +52,7 @@ import queue
 import random
 import shutil
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -209,8 +210,58 @@ def _model_and_optimizer_state(model_chunks, optimizer, content: dict, is_loadin
     if optimizer is not None:
         if is_loading:
             _allocate_distributed_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+        with _fp32_params_numbered_as_the_optimizer_does(optimizer):
+            state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
+
+
+@contextmanager
+def _fp32_params_numbered_as_the_optimizer_does(optimizer):
+    """Let Megatron's bf16 optimizers checkpoint a model that also has fp32 parameters.
+
+    Falcon-H1 keeps A_log, D and dt_bias in fp32 inside a bf16 model, and Megatron 0.19.2
+    numbers such mixed groups inconsistently when it builds or loads a checkpoint, so one
+    parameter's state was paired with another's shape ("Optimizer shape (8,) does not match
+    model shape (128,)"; "size of tensor a (64) must match ... (4)"):
+    * `Float16OptimizerWithFloat16Params` keeps the fp32 parameters in its param groups (as
+      themselves) but numbers the checkpoint by `float16_groups`, which lacks them. While this is
+      open, each group lists every parameter in param-group order, an fp32 one as its own main
+      copy; loading then copies the saved fp32 values into those parameters themselves.
+    * `DistributedOptimizer` puts a group's fp32 shards before its bf16 ones in the inner
+      optimizer, but `model_param_group_index_map` keeps the model's interleaved order. While
+      this is open, the map points at each parameter's own shard.
+    Training itself pairs the groups correctly and is not touched.
+    """
+    megatron_optimizer = getattr(optimizer, "unwrapped", optimizer)
+    restore = []
+    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        if hasattr(inner, "fp32_from_float16_groups") and hasattr(inner, "float16_groups"):
+            model_groups, main_groups = [], []
+            for group, model_params, main_params in zip(inner.optimizer.param_groups, inner.float16_groups,
+                                                        inner.fp32_from_float16_groups):
+                model_of_main = {id(main): model for main, model in zip(main_params, model_params)}
+                main_groups.append(list(group["params"]))
+                model_groups.append([model_of_main.get(id(param), param) for param in group["params"]])
+            restore.append((inner, {"float16_groups": inner.float16_groups,
+                                    "fp32_from_float16_groups": inner.fp32_from_float16_groups}))
+            inner.float16_groups, inner.fp32_from_float16_groups = model_groups, main_groups
+        elif hasattr(inner, "model_param_group_index_map") and hasattr(inner, "shard_fp32_groups"):
+            position = {id(param): (g, i) for g, group in enumerate(inner.optimizer.param_groups)
+                        for i, param in enumerate(group["params"])}
+            index_map = {}
+            for pairs in ((inner.model_fp32_groups, inner.shard_fp32_groups),
+                          (inner.model_float16_groups, inner.shard_fp32_from_float16_groups)):
+                for model_params, shards in zip(*pairs):
+                    for model_param, shard in zip(model_params, shards):
+                        index_map[model_param] = position[id(shard)]
+            restore.append((inner, {"model_param_group_index_map": inner.model_param_group_index_map}))
+            inner.model_param_group_index_map = index_map
+    try:
+        yield
+    finally:
+        for inner, attributes in restore:
+            for name, value in attributes.items():
+                setattr(inner, name, value)
 
 
 def _allocate_distributed_optimizer_state(optimizer) -> None:
@@ -268,7 +319,7 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
     try:
         # no_grad: 0.19.2's dp_reshardable loader (unlike the others) lacks it and
         # copies into fp32 main params that are views of leaf parameters.
-        with torch.no_grad():
+        with torch.no_grad(), _fp32_params_numbered_as_the_optimizer_does(optimizer):
             optimizer.load_state_dict(state)
     finally:
         for inner in patched:
