@@ -155,12 +155,15 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
         return model, lambda m: ce(m(ids).logits.float().flatten(0, 1), labels.flatten())
 
     all_off = dict(triton_conv=False, triton_swiglu=False, fold_scales=False, gate_in_scan=False,
-                   fused_mamba_branch=False, fused_rms_norm=False)
+                   fused_mamba_branch=False, fused_rms_norm=False, fused_cross_entropy=False,
+                   ssd_keep_forward_states=False)
     builders = {
         "ours_fused": ours(),
         # ablations of this session's changes (each off alone)
         "ours_fused_no_branch_fn": ours({"fused_mamba_branch": False}),
         "ours_fused_no_fused_norm": ours({"fused_rms_norm": False}),
+        "ours_fused_ssd_recompute": ours({"ssd_keep_forward_states": False}),
+        "ours_fused_no_fused_ce": ours({"fused_cross_entropy": False}),
         # the fast path before the Triton conv / folded scales / SwiGLU kernel (ablation)
         "ours_fused_prev": ours(all_off),
         "ours_fused_conv_only": ours({**all_off, "triton_conv": True}),
@@ -246,6 +249,43 @@ def _profile_step(step, top: int = 25) -> list[dict]:
     return [{"total_ms": total}] + rows[:top]
 
 
+class _PrintedAsMeasured(dict):
+    """Results printed the moment they are measured, so a call cut off by its time limit keeps them."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"  kernel {key:34s} {value:8.3f}", flush=True)
+
+    def update_printed(self, results: dict):
+        for key, value in results.items():
+            self[key] = value
+
+
+def _mamba_branch_microbench(zxbcdt, h, p, n, groups, chunk, leaves, bench) -> dict:
+    """The whole Mamba branch (conv + gated scan, kernels.mamba_branch) fwd+bwd on the in-projection
+    output [b, s, .] (a strided view of [s, b, .]), with the scan's backward starting from the
+    forward's chunk states and with mamba_ssm's recomputation of them."""
+    from falcon_h1.kernels import FAST_PATH
+    from falcon_h1.kernels.mamba_branch import mamba_conv_scan
+
+    d, bc = h * p, groups * n
+    leaf = zxbcdt.detach().requires_grad_()
+    w = torch.randn(d + 2 * bc, 4, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.zeros(d + 2 * bc, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    A = -torch.rand(h, device="cuda", requires_grad=True)
+    D, dt_bias = torch.ones(h, device="cuda", requires_grad=True), torch.zeros(h, device="cuda", requires_grad=True)
+    dy = torch.randn(*zxbcdt.shape[:2], d, device="cuda", dtype=torch.bfloat16)
+    leaves[:] = [leaf, w, bias, A, D, dt_bias]
+    out = {}
+    for keep in (True, False):
+        FAST_PATH.ssd_keep_forward_states = keep
+        branch = lambda: mamba_conv_scan(leaf, w, bias, None, A, D, dt_bias, d, bc, h, groups, chunk,
+                                         (0.0, math.inf)).backward(dy)
+        out[f"mamba_branch_{'kept_states' if keep else 'recomputed_states'}_fwd_bwd_ms"] = bench(branch)
+    FAST_PATH.ssd_keep_forward_states = True
+    return out
+
+
 def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_profile: dict | None = None):
     """SSD scan, causal conv + SiLU and SwiGLU, fwd+bwd, at the 0.5B shape (ms, median).
 
@@ -262,7 +302,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
     leaves = []
     bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=leaves, return_mode="median")
     h, p, n, groups, chunk = 24, 64, 128, 1, 128
-    out = {}
+    out = _PrintedAsMeasured()
     widths = [h * p, h * p, groups * n, groups * n, h]
     proj = torch.randn(seq, batch, sum(widths), device="cuda", dtype=torch.bfloat16)
     z, x, B, C, dt = (t.requires_grad_() for t in proj.transpose(0, 1).split(widths, dim=-1))  # leaf views
@@ -281,6 +321,9 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
         out["ssd_then_gate_fwd_bwd_ms"] = bench(lambda: ssd(False))
         out["ssd_gate_in_kernel_fwd_bwd_ms"] = bench(lambda: ssd(True))
         ssd_profile["ssd_gate_in_kernel"] = _profile_step(lambda: ssd(True), top=30)
+        for k in ssd_profile["ssd_gate_in_kernel"][1:]:
+            print(f"  ssd profile {k['ms']:8.3f} ms {k['calls']:3d}x  {k['kernel']}", flush=True)
+        out.update_printed(_mamba_branch_microbench(proj.transpose(0, 1), h, p, n, groups, chunk, leaves, bench))
 
     channels = h * p + 2 * groups * n
     xc = proj.transpose(0, 1)[..., h * p: h * p + channels].requires_grad_()
@@ -311,7 +354,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
     out["conv_triton_fwd_bwd_ms"] = bench(lambda: kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc))
 
     if which != "all":
-        return out
+        return dict(out)
     ffn = 2048
     hm = torch.randn(seq, batch, 2 * ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dm = torch.randn(seq, batch, ffn, device="cuda", dtype=torch.bfloat16)
@@ -323,7 +366,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
     out["swiglu_eager_scaled_fwd_bwd_ms"] = bench(swiglu_eager)
     out["swiglu_triton_fwd_bwd_ms"] = bench(lambda: kernels.swiglu(hm, True).backward(dm))
     # bytes-moved floors at the copy bandwidth are in benchmarks/NOTES.md
-    return out
+    return dict(out)
 
 
 def main(argv=None) -> None:

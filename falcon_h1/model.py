@@ -14,6 +14,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 
+from falcon_h1 import kernels
 from falcon_h1.compat import MEGATRON_FUSIONS_OFF, recompute
 from falcon_h1.config import FalconH1Config, resolve
 from falcon_h1.layers import FalconH1Layer, RMSNorm
@@ -160,20 +161,14 @@ class FalconH1Model(MegatronModule):
         h = self.final_layernorm(h) * cfg.lm_head_multiplier
         weight = self.embedding.weight if cfg.tie_word_embeddings else None
         logits, _ = self.output_layer(h, weight=weight)                # [s, b, V/tp]
-        logits = self._mask_vocab_padding(logits)
         if labels is None:
+            logits = kernels.mask_vocab_padding(logits, cfg.vocab_size)
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             return logits[..., : cfg.vocab_size].transpose(0, 1).contiguous()
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        # the fast path masks the padding itself and overwrites the logits with their gradient
+        fast = kernels.use_fast_path(cfg.kernel_backend, logits.device)
+        loss = kernels.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), cfg.vocab_size, fast)
         return loss.transpose(0, 1).contiguous()                      # [b, s]
-
-    def _mask_vocab_padding(self, logits):
-        if self.vocab_padded == self.cfg.vocab_size:
-            return logits
-        local = logits.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * local
-        ids = torch.arange(start, start + local, device=logits.device)
-        return logits.masked_fill(ids >= self.cfg.vocab_size, torch.finfo(logits.dtype).min)
 
 
 def build_model(

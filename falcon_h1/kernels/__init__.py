@@ -25,6 +25,9 @@ class FastPathOptions:
     # conv + scan as one autograd function writing its gradients in place (kernels.mamba_branch)
     fused_mamba_branch: bool = True
     fused_rms_norm: bool = True  # torch's fused RMSNorm kernel on CUDA; off: the fp32 eager formula
+    # the scan's backward starts from the forward's chunk states (kernels.ssd_backward); off: recomputed
+    ssd_keep_forward_states: bool = True
+    fused_cross_entropy: bool = True  # Triton loss + gradient in one forward; off: Megatron's fp32 copy
 
 
 FAST_PATH = FastPathOptions()
@@ -101,6 +104,36 @@ def swiglu(h, fast: bool):
 
         return swiglu_triton(h)
     return swiglu_reference(h)
+
+
+def mask_vocab_padding(logits, vocab_size: int):
+    """Vocab-parallel logits [..., V/tp] with the padding columns (global id >= vocab_size) at
+    the dtype's minimum, so softmax gives them nothing; unchanged when there is no padding."""
+    from megatron.core import parallel_state
+
+    local = logits.shape[-1]
+    if local * parallel_state.get_tensor_model_parallel_world_size() == vocab_size:
+        return logits
+    start = parallel_state.get_tensor_model_parallel_rank() * local
+    ids = torch.arange(start, start + local, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, torch.finfo(logits.dtype).min)
+
+
+def vocab_parallel_cross_entropy(logits, labels, vocab_size: int, fast: bool):
+    """Per-token loss [s, b] (fp32) of vocab-parallel logits [s, b, V/tp] (Megatron's layout,
+    padding columns >= vocab_size unmasked) against labels [s, b].
+
+    The fast path (kernels.cross_entropy) overwrites the logits with their gradient: the caller
+    must not use them afterwards. The reference is Megatron's, on a masked fp32 copy.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    if fast and FAST_PATH.fused_cross_entropy:
+        from falcon_h1.kernels.cross_entropy import fused_vocab_parallel_cross_entropy
+
+        return fused_vocab_parallel_cross_entropy(logits, labels, vocab_size,
+                                                  parallel_state.get_tensor_model_parallel_group())
+    return tensor_parallel.vocab_parallel_cross_entropy(mask_vocab_padding(logits, vocab_size).float(), labels)
 
 
 def causal_attention(q, k, v, scale: float, backend: str):

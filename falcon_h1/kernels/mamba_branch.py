@@ -7,7 +7,9 @@ gradient changes layout ([b, s] scan order vs Megatron's [s, b]) on the way. Her
 backward allocates the in-projection gradient once, in the [s, b] layout the GEMM wants,
 and the scan and conv kernels write dz, ddt, dx/dB/dC and dxBC straight into their slices
 (the same pattern as mamba_ssm's own split-conv-scan function). The conv output is
-recomputed in the backward (one 0.1 ms pass) instead of being kept for it.
+recomputed in the backward (one 0.1 ms pass) instead of being kept for it. The scan's chunk
+states are kept instead (`FastPathOptions.ssd_keep_forward_states`, kernels.ssd_backward), so
+its backward does not recompute them.
 
 Uses mamba_ssm's Triton SSD forward/backward and this package's Triton conv; the
 reference path (kernels.ssd_scan + kernels.causal_conv1d_silu) computes the same function.
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from falcon_h1.kernels import FAST_PATH
 from falcon_h1.kernels.conv_triton import conv_silu_backward, conv_silu_forward
+from falcon_h1.kernels.ssd_backward import ssd_backward_from_forward_states
 
 
 def _ssd_functions():
@@ -41,15 +45,17 @@ class MambaConvScan(torch.autograd.Function):
         scan_fwd, _ = _ssd_functions()
         z, xBC, dt = zxbcdt.split([d_z, d_z + 2 * d_bc, heads], dim=-1)
         x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale).split([d_z, d_bc, d_bc], dim=-1)
-        out, out_x, *_ = scan_fwd(_heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), chunk_size,
-                                  D=D, z=_heads(z, heads), dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
-        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, out_x)
+        out, out_x, dt_proc, dA_cumsum, states, _ = scan_fwd(
+            _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), chunk_size, D=D, z=_heads(z, heads),
+            dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
+        scan_state = (dt_proc, dA_cumsum, states) if FAST_PATH.ssd_keep_forward_states else ()
+        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, out_x, *scan_state)
         ctx.shape = (widths, heads, groups, chunk_size, dt_limit)
         return out.flatten(-2)
 
     @staticmethod
     def backward(ctx, dy):
-        zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, out_x = ctx.saved_tensors
+        zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, out_x, *scan_state = ctx.saved_tensors
         (d_z, d_bc, _), heads, groups, chunk_size, dt_limit = ctx.shape
         _, scan_bwd = _ssd_functions()
         conv_channels = d_z + 2 * d_bc
@@ -61,10 +67,16 @@ class MambaConvScan(torch.autograd.Function):
         dz, dxBC_raw, ddt = dzxbcdt.split([d_z, conv_channels, heads], dim=-1)
         dxBC = torch.empty(batch, seq, conv_channels, device=dy.device, dtype=zxbcdt.dtype)
         dx, dB, dC = dxBC.split([d_z, d_bc, d_bc], dim=-1)
-        _, _, dA, _, _, dD, _, ddt_bias, _ = scan_bwd(
-            _heads(dy, heads), _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), out_x, chunk_size,
-            D=D, z=_heads(z, heads), dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit,
-            dx=_heads(dx, heads), ddt=ddt, dB=_heads(dB, groups), dC=_heads(dC, groups), dz=_heads(dz, heads))
+        if scan_state:
+            dA, dD, ddt_bias = ssd_backward_from_forward_states(
+                _heads(dy, heads), _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), out_x, *scan_state,
+                chunk_size, D, _heads(z, heads), dt_bias, dt_limit, _heads(dx, heads), ddt, _heads(dB, groups),
+                _heads(dC, groups), _heads(dz, heads))
+        else:
+            _, _, dA, _, _, dD, _, ddt_bias, _ = scan_bwd(
+                _heads(dy, heads), _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), out_x, chunk_size,
+                D=D, z=_heads(z, heads), dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit,
+                dx=_heads(dx, heads), ddt=ddt, dB=_heads(dB, groups), dC=_heads(dC, groups), dz=_heads(dz, heads))
         _, dweight, dbias = conv_silu_backward(dxBC, xBC, conv_weight, conv_bias, conv_scale, dx=dxBC_raw)
         return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None
 

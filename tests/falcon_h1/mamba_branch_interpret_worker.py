@@ -24,7 +24,7 @@ torch.cuda.get_device_properties = lambda *args: types.SimpleNamespace(multi_pro
 
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
-from falcon_h1.kernels import causal_conv1d_silu, ssd_scan  # noqa: E402
+from falcon_h1.kernels import FAST_PATH, causal_conv1d_silu, ssd_scan  # noqa: E402
 from falcon_h1.kernels.mamba_branch import _ssd_functions, mamba_conv_scan  # noqa: E402
 
 _ssd_functions()
@@ -79,10 +79,15 @@ def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, w
     return max(errors.values()) <= TOLERANCE
 
 
-g = torch.Generator().manual_seed(0)
-ok = all([
-    check(2, 40, 4, 8, 2, 8, 16, True, g),   # length not a multiple of the chunk, 2 groups
-    check(1, 32, 2, 16, 1, 16, 16, False, g),
-    check(1, 24, 2, 8, 1, 8, 16, True, g, with_bias=False),  # mamba_conv_bias = false
-])
+ok = True
+# the scan's backward from the forward's chunk states (kernels.ssd_backward), then mamba_ssm's own
+for keep_states in (True, False):
+    FAST_PATH.ssd_keep_forward_states = keep_states
+    print(f"ssd_keep_forward_states={keep_states}")
+    g = torch.Generator().manual_seed(0)
+    ok &= all([
+        check(2, 40, 4, 8, 2, 8, 16, True, g),   # length not a multiple of the chunk, 2 groups
+        check(1, 32, 2, 16, 1, 16, 16, False, g),
+        check(1, 24, 2, 8, 1, 8, 16, True, g, with_bias=False),  # mamba_conv_bias = false
+    ])
 sys.exit(0 if ok else 1)
