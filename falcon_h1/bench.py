@@ -256,12 +256,27 @@ class _PrintedAsMeasured(dict):
         super().__setitem__(key, value)
         print(f"  kernel {key:34s} {value:8.3f}", flush=True)
 
-    def update_printed(self, results: dict):
-        for key, value in results.items():
-            self[key] = value
+
+def _graph_replay(fn, leaves):
+    """fn captured once in a CUDA graph (after eager warm-up calls, which also finish Triton's
+    autotuning); returns the replay. Timing the replay gives the GPU time alone: the eager
+    timings of these small launches include the host's launch gaps, which the graphed training
+    step does not have."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    for leaf in leaves:
+        leaf.grad = None  # the captured backward writes fresh gradients instead of accumulating
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
-def _mamba_branch_microbench(zxbcdt, h, p, n, groups, chunk, leaves, bench) -> dict:
+def _mamba_branch_microbench(zxbcdt, h, p, n, groups, chunk, leaves, timed) -> dict:
     """The whole Mamba branch (conv + gated scan, kernels.mamba_branch) fwd+bwd on the in-projection
     output [b, s, .] (a strided view of [s, b, .]), with the scan's backward starting from the
     forward's chunk states and with mamba_ssm's recomputation of them."""
@@ -276,22 +291,22 @@ def _mamba_branch_microbench(zxbcdt, h, p, n, groups, chunk, leaves, bench) -> d
     D, dt_bias = torch.ones(h, device="cuda", requires_grad=True), torch.zeros(h, device="cuda", requires_grad=True)
     dy = torch.randn(*zxbcdt.shape[:2], d, device="cuda", dtype=torch.bfloat16)
     leaves[:] = [leaf, w, bias, A, D, dt_bias]
-    out = {}
     for keep in (True, False):
         FAST_PATH.ssd_keep_forward_states = keep
         branch = lambda: mamba_conv_scan(leaf, w, bias, None, A, D, dt_bias, d, bc, h, groups, chunk,
                                          (0.0, math.inf)).backward(dy)
-        out[f"mamba_branch_{'kept_states' if keep else 'recomputed_states'}_fwd_bwd_ms"] = bench(branch)
+        timed(f"mamba_branch_{'kept_states' if keep else 'recomputed_states'}_fwd_bwd", branch)
     FAST_PATH.ssd_keep_forward_states = True
-    return out
 
 
 def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_profile: dict | None = None):
     """SSD scan, causal conv + SiLU and SwiGLU, fwd+bwd, at the 0.5B shape (ms, median).
 
-    Inputs are strided views of one in-projection-like buffer, as in the mixer. Each
-    conv tile configuration is timed too (the module constants are swapped in turn).
-    With `which="all"`, `ssd_profile` receives the per-kernel CUDA time of one SSD fwd+bwd.
+    Each fwd+bwd is timed eagerly (`*_ms`: host launch gaps included, as in an eager step) and
+    as a replayed CUDA graph (`*_graphed_ms`: GPU time, as in a graphed step). Inputs are strided
+    views of one in-projection-like buffer, as in the mixer. With `which="all"` each conv tile
+    configuration is timed too (the module constants are swapped in turn). Unless `which="conv"`,
+    `ssd_profile` receives the per-kernel CUDA time of one SSD fwd+bwd.
     """
     ssd_profile = {} if ssd_profile is None else ssd_profile
     import triton.testing
@@ -301,6 +316,10 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
 
     leaves = []
     bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=leaves, return_mode="median")
+
+    def timed(name, fn):
+        out[f"{name}_ms"] = bench(fn)
+        out[f"{name}_graphed_ms"] = bench(_graph_replay(fn, leaves))
     h, p, n, groups, chunk = 24, 64, 128, 1, 128
     out = _PrintedAsMeasured()
     widths = [h * p, h * p, groups * n, groups * n, h]
@@ -317,13 +336,13 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
         y = kernels.ssd_scan(heads(x, h), dt, A, heads(B, groups), heads(C, groups), chunk, D, dt_bias, lim, True,
                              z=heads(z, h) if gate else None)
         (y if gate else y * torch.nn.functional.silu(heads(z, h))).backward(dy)
-    if which == "all":
+    if which != "conv":
         out["ssd_then_gate_fwd_bwd_ms"] = bench(lambda: ssd(False))
-        out["ssd_gate_in_kernel_fwd_bwd_ms"] = bench(lambda: ssd(True))
+        timed("ssd_gate_in_kernel_fwd_bwd", lambda: ssd(True))  # mamba_ssm's combined scan, as shipped
         ssd_profile["ssd_gate_in_kernel"] = _profile_step(lambda: ssd(True), top=30)
         for k in ssd_profile["ssd_gate_in_kernel"][1:]:
             print(f"  ssd profile {k['ms']:8.3f} ms {k['calls']:3d}x  {k['kernel']}", flush=True)
-        out.update_printed(_mamba_branch_microbench(proj.transpose(0, 1), h, p, n, groups, chunk, leaves, bench))
+        _mamba_branch_microbench(proj.transpose(0, 1), h, p, n, groups, chunk, leaves, timed)
 
     channels = h * p + 2 * groups * n
     xc = proj.transpose(0, 1)[..., h * p: h * p + channels].requires_grad_()
@@ -333,27 +352,29 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
     dyc = torch.randn(batch, seq, channels, device="cuda", dtype=torch.bfloat16)
     from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
 
-    out["conv_torch_fwd_bwd_ms"] = bench(lambda: causal_conv1d_silu_reference(xc, w, bias).backward(dyc))
+    timed("conv_torch_fwd_bwd", lambda: causal_conv1d_silu_reference(xc, w, bias).backward(dyc))
     xd = xc.detach()
     out["conv_triton_fwd_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
     out["conv_triton_bwd_ms"] = bench(lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
     names = ("FWD_BLOCK_L", "FWD_BLOCK_C", "FWD_WARPS", "BWD_BLOCK_L", "BWD_BLOCK_C", "BWD_WARPS",
              "BWD_ROWS_PER_PROGRAM")
     defaults = {k: getattr(conv_triton, k) for k in names}
-    for bl, bc, nw in [(16, 128, 4), (64, 128, 4), (32, 256, 8), (64, 64, 4)]:
+    sweep_tiles = which in ("all", "conv")
+    for bl, bc, nw in [(16, 128, 4), (64, 128, 4), (32, 256, 8), (64, 64, 4)] if sweep_tiles else []:
         conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_C, conv_triton.FWD_WARPS = bl, bc, nw
         out[f"conv_fwd_{bl}x{bc}w{nw}_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
     # pass 1 of the backward; 32x128 w8 r32 and 64x64 w8 r64 need ~128 registers offline (NOTES.md)
-    for bl, bc, nw, rows in [(32, 128, 4, 32), (32, 128, 8, 32), (64, 64, 8, 64), (64, 128, 8, 64)]:
+    bwd_tiles = [(32, 128, 4, 32), (32, 128, 8, 32), (64, 64, 8, 64), (64, 128, 8, 64)]
+    for bl, bc, nw, rows in bwd_tiles if sweep_tiles else []:
         conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_C, conv_triton.BWD_WARPS = bl, bc, nw
         conv_triton.BWD_ROWS_PER_PROGRAM = rows
         out[f"conv_bwd_tiles_{bl}x{bc}w{nw}r{rows}_ms"] = bench(
             lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
     for k, v in defaults.items():
         setattr(conv_triton, k, v)
-    out["conv_triton_fwd_bwd_ms"] = bench(lambda: kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc))
+    timed("conv_triton_fwd_bwd", lambda: kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc))
 
-    if which != "all":
+    if which == "conv":
         return dict(out)
     ffn = 2048
     hm = torch.randn(seq, batch, 2 * ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -364,7 +385,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
         gate, up = hm.chunk(2, dim=-1)
         (torch.nn.functional.silu(gate * 0.88) * up * 0.58).backward(dm)
     out["swiglu_eager_scaled_fwd_bwd_ms"] = bench(swiglu_eager)
-    out["swiglu_triton_fwd_bwd_ms"] = bench(lambda: kernels.swiglu(hm, True).backward(dm))
+    timed("swiglu_triton_fwd_bwd", lambda: kernels.swiglu(hm, True).backward(dm))
     # bytes-moved floors at the copy bandwidth are in benchmarks/NOTES.md
     return dict(out)
 
@@ -382,8 +403,9 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default="", help="comma-separated variants to profile one step of; "
                         "later variants then time slower (the profiler stays attached): list profiled ones last")
-    parser.add_argument("--kernels", default="all", choices=["all", "conv", "none"],
-                        help="kernel microbenchmarks to run after the variants")
+    parser.add_argument("--kernels", default="all", choices=["all", "no_sweep", "conv", "none"],
+                        help="kernel microbenchmarks to run after the variants (no_sweep: without the conv "
+                        "tile sweep)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("falcon-bench needs a CUDA GPU.")
