@@ -104,14 +104,64 @@ def build_optimizer(wrapped_models: ModelChunks, train_cfg, parallel_cfg):
         params_dtype=torch.bfloat16 if torch.bfloat16 in param_dtypes else torch.float32,
         use_distributed_optimizer=parallel_cfg.distributed_optimizer,
     )
+    fused = getattr(train_cfg, "fused_optimizer", True)
+    use_foreach_multi_tensor_ops(fused)
     if torch.cuda.is_available():
         optimizer = get_megatron_optimizer(config, chunks)
+        if fused:
+            _use_fused_adamw(optimizer)
     else:
         with cuda_as_cpu():
             optimizer = _CpuCallsProxy(get_megatron_optimizer(config, chunks))
     for group in optimizer.param_groups:
         group["weight_decay"] = train_cfg.weight_decay * group.get("wd_mult", 1.0)
     return optimizer
+
+
+def _use_fused_adamw(optimizer) -> None:
+    """torch's fused AdamW kernel for Megatron's inner torch AdamW (its choice without Apex/TE,
+    which leaves torch on the multi-launch foreach path). Set before the first step, so the
+    step counters are created on the device as the fused kernel needs."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optimizer, torch.optim.AdamW):
+            continue
+        for group in torch_optimizer.param_groups:
+            group["fused"], group["foreach"] = True, False
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """amp_C.multi_tensor_l2norm's contract with foreach kernels: (norm [1] fp32, None).
+
+    Megatron 0.19.2's fallback takes each tensor's norm, then builds a host tensor from them,
+    one device-to-host copy (a sync) per parameter, every step."""
+    norms = [torch.stack(torch._foreach_norm(tensors)).float() for tensors in tensor_lists if tensors]
+    if not norms:
+        return torch.zeros(1, dtype=torch.float32, device=torch.cuda.current_device()), None
+    return torch.linalg.vector_norm(torch.cat(norms)).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """amp_C.multi_tensor_scale's contract (dst = src * scale) as two foreach launches."""
+    sources, destinations = tensor_lists[0], tensor_lists[1]
+    if sources:
+        torch._foreach_copy_(destinations, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
+
+
+def use_foreach_multi_tensor_ops(enabled: bool) -> None:
+    """Megatron's gradient-norm and copy kernels when Apex/TE are absent: ours (foreach, no host
+    syncs) or Megatron's per-tensor fallbacks. Only the fallbacks are replaced: where Apex or TE
+    is installed, Megatron's own kernels stay."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer as megatron_optimizer
+
+    replaced = {utils.local_multi_tensor_l2_norm, utils.local_multi_tensor_scale, _foreach_l2_norm, _foreach_scale}
+    for module, name, ours, megatrons in (
+            (clip_grads, "l2_norm_impl", _foreach_l2_norm, utils.local_multi_tensor_l2_norm),
+            (clip_grads, "multi_tensor_scale_impl", _foreach_scale, utils.local_multi_tensor_scale),
+            (megatron_optimizer, "multi_tensor_scale_impl", _foreach_scale, utils.local_multi_tensor_scale)):
+        if getattr(module, name, None) in replaced:
+            setattr(module, name, ours if enabled else megatrons)
 
 
 class _CpuCallsProxy:

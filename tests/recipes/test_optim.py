@@ -58,10 +58,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("fused_optimizer", [True, False], ids=["foreach_norm", "megatron_norm"])
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
-def test_two_steps_match_float64_adamw_with_clipping(megatron_single, distributed_optimizer):
+def test_two_steps_match_float64_adamw_with_clipping(megatron_single, distributed_optimizer, fused_optimizer):
+    # fused_optimizer: the gradient norm and the clipping scale go through recipes.optim's foreach
+    # replacements of Megatron's fallbacks (fused AdamW itself needs CUDA: test_gpu_paths)
     model, config = tiny_gpt(seed=3)
-    train_cfg, parallel_cfg = configs(**HYPER)
+    train_cfg, parallel_cfg = configs(**HYPER, fused_optimizer=fused_optimizer)
     parallel_cfg.distributed_optimizer = distributed_optimizer
     ddp = wrap_model(model, parallel_cfg, train_cfg, config)
     optimizer = build_optimizer(ddp, train_cfg, parallel_cfg)
