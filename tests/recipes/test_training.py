@@ -209,17 +209,19 @@ def test_resume_false_refuses_to_overwrite(tracked_runs, tmp_path):
     assert sorted(_losses(dense)) == list(range(1, 9))  # nothing written
 
 
-@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
-def test_bf16_run_with_fp32_ssm_parameters_saves_and_resumes_identically(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, nproc", [("plain", 1), ("distributed", 1), ("distributed", 2)],
+                         ids=["plain", "distributed", "distributed_dp2"])
+def test_bf16_run_with_fp32_ssm_parameters_saves_and_resumes_identically(tmp_path, optimizer, nproc):
     # A bf16 model keeps A_log, D and dt_bias in fp32. Megatron's bf16 optimizer numbered its
     # checkpoint state by its bf16 parameters alone and could not save such a model (the state of
     # one parameter was paired with another's shape); the distributed optimizer tracks fp32
     # parameters separately. Reference: the same run straight through, in this process too.
     common = ["train.precision=bf16", "train.max_steps=4", f"parallel.distributed_optimizer={optimizer == 'distributed'}"]
+    # at DP=2 the distributed optimizer shards each mixed-dtype group over the two ranks
     straight = _write_recipe(tmp_path, "straight", *common, "train.save_interval=0")
-    _worker(straight)
+    _worker(straight, nproc)
     stopped = _write_recipe(tmp_path, "stopped", *common, "train.save_interval=2", "train.exit_after_steps=2")
-    _worker(stopped)
+    _worker(stopped, nproc)
     resumed = _write_recipe(tmp_path, "stopped", *common, "train.save_interval=2")
-    assert "finished 4 steps" in _worker(resumed).stdout
+    assert "finished 4 steps" in _worker(resumed, nproc).stdout
     assert _losses(tmp_path / "stopped") == _losses(tmp_path / "straight")  # bit-identical continuation
