@@ -135,7 +135,9 @@ def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
 
     Megatron 0.19.2's fallback takes each tensor's norm, then builds a host tensor from them,
     one device-to-host copy (a sync) per parameter, every step."""
-    norms = [torch.stack(torch._foreach_norm(tensors)).float() for tensors in tensor_lists if tensors]
+    # .float() is free for the fp32 main gradients Megatron passes; it lets mixed dtypes stack
+    norms = [torch.stack([norm.float() for norm in torch._foreach_norm(tensors)])
+             for tensors in tensor_lists if tensors]
     if not norms:
         return torch.zeros(1, dtype=torch.float32, device=torch.cuda.current_device()), None
     return torch.linalg.vector_norm(torch.cat(norms)).reshape(1), None
