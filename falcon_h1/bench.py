@@ -257,16 +257,22 @@ class _PrintedAsMeasured(dict):
         print(f"  kernel {key:34s} {value:8.3f}", flush=True)
 
 
-def _kernel_ms(fn, calls: int = 10) -> float:
+def _kernel_ms(fn, leaves, calls: int = 10) -> float:
     """Summed CUDA kernel time of one call of fn (mean of `calls`, after the caller's warm-up): the
     GPU time alone. Eager timings of these small launches include the host's launch gaps, which a
     graphed training step does not have. (A CUDA-graph replay would measure the same; mamba_ssm's
-    standalone combined scan does not capture: its backward touches the legacy stream.)"""
-    rows = _profile_step(lambda: [fn() for _ in range(calls)], top=0)
+    standalone combined scan does not capture: its backward touches the legacy stream.) Gradients
+    are reset before each call, as do_bench does, so no accumulation kernels are counted."""
+    def calls_with_fresh_grads():
+        for _ in range(calls):
+            for leaf in leaves:
+                leaf.grad = None
+            fn()
+    rows = _profile_step(calls_with_fresh_grads, top=0)
     return rows[0]["total_ms"] / calls
 
 
-def _mamba_branch_microbench(zxbcdt, h, p, n, groups, chunk, leaves, timed) -> dict:
+def _mamba_branch_microbench(zxbcdt, h, p, n, groups, chunk, leaves, timed) -> None:
     """The whole Mamba branch (conv + gated scan, kernels.mamba_branch) fwd+bwd on the in-projection
     output [b, s, .] (a strided view of [s, b, .]), with the scan's backward starting from the
     forward's chunk states and with mamba_ssm's recomputation of them."""
@@ -281,12 +287,15 @@ def _mamba_branch_microbench(zxbcdt, h, p, n, groups, chunk, leaves, timed) -> d
     D, dt_bias = torch.ones(h, device="cuda", requires_grad=True), torch.zeros(h, device="cuda", requires_grad=True)
     dy = torch.randn(*zxbcdt.shape[:2], d, device="cuda", dtype=torch.bfloat16)
     leaves[:] = [leaf, w, bias, A, D, dt_bias]
-    for keep in (True, False):
-        FAST_PATH.ssd_keep_forward_states = keep
-        branch = lambda: mamba_conv_scan(leaf, w, bias, None, A, D, dt_bias, d, bc, h, groups, chunk,
-                                         (0.0, math.inf)).backward(dy)
-        timed(f"mamba_branch_{'kept_states' if keep else 'recomputed_states'}_fwd_bwd", branch)
-    FAST_PATH.ssd_keep_forward_states = True
+    branch = lambda: mamba_conv_scan(leaf, w, bias, None, A, D, dt_bias, d, bc, h, groups, chunk,
+                                     (0.0, math.inf)).backward(dy)
+    before = FAST_PATH.ssd_keep_forward_states
+    try:
+        for keep in (True, False):
+            FAST_PATH.ssd_keep_forward_states = keep
+            timed(f"mamba_branch_{'kept_states' if keep else 'recomputed_states'}_fwd_bwd", branch)
+    finally:
+        FAST_PATH.ssd_keep_forward_states = before
 
 
 def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_profile: dict | None = None):
@@ -309,7 +318,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
 
     def timed(name, fn):
         out[f"{name}_ms"] = bench(fn)
-        out[f"{name}_gpu_ms"] = _kernel_ms(fn)
+        out[f"{name}_gpu_ms"] = _kernel_ms(fn, leaves)
     h, p, n, groups, chunk = 24, 64, 128, 1, 128
     out = _PrintedAsMeasured()
     widths = [h * p, h * p, groups * n, groups * n, h]
@@ -400,8 +409,9 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("falcon-bench needs a CUDA GPU.")
     started = time.time()
-    rows = run(args.size, args.seq, args.batch, args.warmup, args.steps, [v for v in args.variants.split(",") if v],
-               args.layers, tuple(v for v in args.profile.split(",") if v))
+    variants = [v for v in args.variants.split(",") if v]
+    rows = run(args.size, args.seq, args.batch, args.warmup, args.steps, variants, args.layers,
+               tuple(v for v in args.profile.split(",") if v)) if variants else []
     kernel_profiles: dict = {}
     micro = {} if args.kernels == "none" else kernel_microbench(args.seq, args.batch, args.kernels, kernel_profiles)
     ref = {r["variant"]: r for r in rows if "error" not in r}

@@ -233,7 +233,7 @@ def _fp32_params_numbered_as_the_optimizer_does(optimizer):
     Training itself pairs the groups correctly and is not touched.
     """
     megatron_optimizer = getattr(optimizer, "unwrapped", optimizer)
-    restore = []
+    replacements = []  # (inner optimizer, {attribute: value while open}), all built before any is set
     for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
         if hasattr(inner, "fp32_from_float16_groups") and hasattr(inner, "float16_groups"):
             model_groups, main_groups = [], []
@@ -242,9 +242,7 @@ def _fp32_params_numbered_as_the_optimizer_does(optimizer):
                 model_of_main = {id(main): model for main, model in zip(main_params, model_params)}
                 main_groups.append(list(group["params"]))
                 model_groups.append([model_of_main.get(id(param), param) for param in group["params"]])
-            restore.append((inner, {"float16_groups": inner.float16_groups,
-                                    "fp32_from_float16_groups": inner.fp32_from_float16_groups}))
-            inner.float16_groups, inner.fp32_from_float16_groups = model_groups, main_groups
+            replacements.append((inner, {"float16_groups": model_groups, "fp32_from_float16_groups": main_groups}))
         elif hasattr(inner, "model_param_group_index_map") and hasattr(inner, "shard_fp32_groups"):
             position = {id(param): (g, i) for g, group in enumerate(inner.optimizer.param_groups)
                         for i, param in enumerate(group["params"])}
@@ -253,14 +251,21 @@ def _fp32_params_numbered_as_the_optimizer_does(optimizer):
                           (inner.model_float16_groups, inner.shard_fp32_from_float16_groups)):
                 for model_params, shards in zip(*pairs):
                     for model_param, shard in zip(model_params, shards):
+                        if id(shard) not in position:
+                            raise NotImplementedError(
+                                "checkpointing a bf16 model with fp32 parameters supports Megatron's distributed "
+                                "optimizer with fp32 main shards only (no use_precision_aware_optimizer).")
                         index_map[model_param] = position[id(shard)]
-            restore.append((inner, {"model_param_group_index_map": inner.model_param_group_index_map}))
-            inner.model_param_group_index_map = index_map
+            replacements.append((inner, {"model_param_group_index_map": index_map}))
+    saved = [(inner, {name: getattr(inner, name) for name in values}) for inner, values in replacements]
     try:
+        for inner, values in replacements:
+            for name, value in values.items():
+                setattr(inner, name, value)
         yield
     finally:
-        for inner, attributes in restore:
-            for name, value in attributes.items():
+        for inner, values in saved:
+            for name, value in values.items():
                 setattr(inner, name, value)
 
 

@@ -108,9 +108,9 @@ class TrainConfig:
     # graph) after cuda_graph_warmup_steps eager steps: removes host launch overhead.
     cuda_graph: bool = False
     cuda_graph_warmup_steps: int = 2
-    # Optimizer step on GPU without Apex/Transformer Engine: torch's fused AdamW, and foreach
-    # kernels for the gradient norm and the main-to-model parameter copies (Megatron's own
-    # fallbacks read every parameter's norm back to the host, a sync each); false: Megatron's.
+    # Optimizer step without Apex/Transformer Engine: foreach kernels for the gradient norm and
+    # the main-to-model parameter copies (any device; Megatron's own fallbacks read every
+    # parameter's norm back to the host, a sync each) and torch's fused AdamW (GPU); false: Megatron's.
     fused_optimizer: bool = True
 
 

@@ -104,12 +104,10 @@ def build_optimizer(wrapped_models: ModelChunks, train_cfg, parallel_cfg):
         params_dtype=torch.bfloat16 if torch.bfloat16 in param_dtypes else torch.float32,
         use_distributed_optimizer=parallel_cfg.distributed_optimizer,
     )
-    fused = getattr(train_cfg, "fused_optimizer", True)
-    use_foreach_multi_tensor_ops(fused)
+    use_foreach_multi_tensor_ops(train_cfg.fused_optimizer)
     if torch.cuda.is_available():
         optimizer = get_megatron_optimizer(config, chunks)
-        if fused:
-            _use_fused_adamw(optimizer)
+        set_fused_adamw(optimizer, train_cfg.fused_optimizer)
     else:
         with cuda_as_cpu():
             optimizer = _CpuCallsProxy(get_megatron_optimizer(config, chunks))
@@ -118,42 +116,56 @@ def build_optimizer(wrapped_models: ModelChunks, train_cfg, parallel_cfg):
     return optimizer
 
 
-def _use_fused_adamw(optimizer) -> None:
-    """torch's fused AdamW kernel for Megatron's inner torch AdamW (its choice without Apex/TE,
-    which leaves torch on the multi-launch foreach path). Set before the first step, so the
-    step counters are created on the device as the fused kernel needs."""
+def set_fused_adamw(optimizer, enabled: bool) -> None:
+    """torch's fused AdamW kernel (enabled) or its default foreach path for Megatron's inner torch
+    AdamW (its choice without Apex/TE). Call after building the optimizer and again after loading
+    a checkpoint: torch's `load_state_dict` restores each param group's saved `fused`/`foreach`
+    flags. The step counters move where each path wants them: the fused kernel reads them on the
+    parameter's device, the foreach path on the host (else it reads each back with a sync)."""
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_optimizer = getattr(inner, "optimizer", None)
+        torch_optimizer = inner if isinstance(inner, torch.optim.Optimizer) else getattr(inner, "optimizer", None)
         if not isinstance(torch_optimizer, torch.optim.AdamW):
             continue
         for group in torch_optimizer.param_groups:
-            group["fused"], group["foreach"] = True, False
+            group["fused"], group["foreach"] = (True, False) if enabled else (None, None)
+            for param in group["params"]:
+                state = torch_optimizer.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    device = param.device if enabled else torch.device("cpu")
+                    state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """amp_C.multi_tensor_l2norm's contract with foreach kernels: (norm [1] fp32, None).
 
     Megatron 0.19.2's fallback takes each tensor's norm, then builds a host tensor from them,
-    one device-to-host copy (a sync) per parameter, every step."""
+    one device-to-host copy (a sync) per parameter, every step. Megatron calls it with
+    non-empty lists and per_tensor=False only."""
+    if per_tensor:
+        raise NotImplementedError("per-tensor norms: Megatron's clip_grads never asks for them")
     # .float() is free for the fp32 main gradients Megatron passes; it lets mixed dtypes stack
     norms = [torch.stack([norm.float() for norm in torch._foreach_norm(tensors)])
              for tensors in tensor_lists if tensors]
-    if not norms:
-        return torch.zeros(1, dtype=torch.float32, device=torch.cuda.current_device()), None
     return torch.linalg.vector_norm(torch.cat(norms)).reshape(1), None
 
 
 def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
-    """amp_C.multi_tensor_scale's contract (dst = src * scale) as two foreach launches."""
+    """amp_C.multi_tensor_scale's contract (dst = src * scale) in place, without a temporary copy
+    of the sources (clipping passes the gradients as both lists)."""
     sources, destinations = tensor_lists[0], tensor_lists[1]
-    if sources:
-        torch._foreach_copy_(destinations, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
+    if not sources:
+        return
+    if any(src is not dst for src, dst in zip(sources, destinations)):
+        torch._foreach_copy_(destinations, sources)
+    if scale != 1.0:
+        torch._foreach_mul_(destinations, scale)
 
 
 def use_foreach_multi_tensor_ops(enabled: bool) -> None:
     """Megatron's gradient-norm and copy kernels when Apex/TE are absent: ours (foreach, no host
     syncs) or Megatron's per-tensor fallbacks. Only the fallbacks are replaced: where Apex or TE
-    is installed, Megatron's own kernels stay."""
+    is installed, Megatron's own kernels stay. Process-wide (Megatron's module globals): every
+    `build_optimizer` sets it from its own config, so the optimizer built last decides."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer as megatron_optimizer
 

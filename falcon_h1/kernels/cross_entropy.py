@@ -173,6 +173,9 @@ def fused_vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tenso
     """
     if not 0 < vocab_size:
         raise ValueError(f"vocab_size = {vocab_size}; allowed: a positive number of real tokens.")
+    if logits.is_leaf and logits.requires_grad:
+        raise ValueError("logits is a leaf tensor that requires grad: the fused cross entropy would overwrite "
+                         "it with its gradient; allowed: the output of an op (the output layer's logits).")
     # needs_input_grad is also set under torch.no_grad: ask grad mode here, outside the Function
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     return _FusedVocabParallelCrossEntropy.apply(logits, labels, vocab_size, group, write_grad)

@@ -2,7 +2,7 @@
 
 mamba_ssm 2.3.2's `_mamba_chunk_scan_combined_bwd` starts by recomputing what its forward
 already had: the dt cumsum, the chunk states (`_chunk_state_fwd`) and the state passing over
-the chunks (`_state_passing_fwd`), four launches a layer before the backward proper. Its forward
+the chunks (`_state_passing_fwd`), plus C·Bᵀ, before the backward proper. Its forward
 returns those results (processed dt, dA cumsum, the states entering each chunk), so the branch
 keeps them (50 MiB a layer at the 0.5B shape, batch 4 x 4096) and this backward starts from
 them; the kernels after that are mamba_ssm's, in its order. Only C·Bᵀ per chunk (fp32,
@@ -59,6 +59,8 @@ def ssd_backward_from_forward_states(dout, x, dt_raw, A, B, C, out_x, dt, dA_cum
     ddA_cumsum_prev[..., -1] += ddA_chunk_cumsum
     ddA = k._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dout, CB)
     ddA += ddA_next + ddA_cumsum_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+    # the clone (a contiguous copy of a [b, l, h] slice) is mamba_ssm's own workaround for a Triton
+    # "invalid device context" error with the strided view; kept for parity
     _, dA, ddt_bias = k._chunk_cumsum_bwd(ddA, ddt, dt_raw.clone(), A, dt_bias=dt_bias, dt_softplus=True,
                                           dt_limit=dt_limit, ddt=ddt_raw)
     return dA, dD, ddt_bias

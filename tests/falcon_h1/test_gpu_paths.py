@@ -156,11 +156,22 @@ def test_triton_ssd_gating_matches_reference():
     assert max(errors.values()) <= BF16_TOLERANCE, errors
 
 
+@pytest.fixture(params=[True, False], ids=["kept_ssd_states", "recomputed_ssd_states"])
+def ssd_keep_forward_states(request):
+    from falcon_h1.kernels import FAST_PATH
+
+    before = FAST_PATH.ssd_keep_forward_states
+    FAST_PATH.ssd_keep_forward_states = request.param
+    yield request.param
+    FAST_PATH.ssd_keep_forward_states = before
+
+
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_fused_mamba_branch_matches_reference(with_scale):
+def test_fused_mamba_branch_matches_reference(with_scale, ssd_keep_forward_states):
     """kernels.mamba_branch (conv + gated scan in one autograd function writing its gradients
     into [s, b]-laid-out buffers) in bf16 against the reference conv + chunked scan + gating
-    in fp32, on a strided [s, b] in-projection slice like the mixer's."""
+    in fp32, on a strided [s, b] in-projection slice like the mixer's; the scan's backward from
+    the forward's saved chunk states and from mamba_ssm's recomputation of them."""
     import torch.nn.functional as F
 
     from falcon_h1.kernels import causal_conv1d_silu, ssd_scan

@@ -62,12 +62,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
 def test_two_steps_match_float64_adamw_with_clipping(megatron_single, distributed_optimizer, fused_optimizer):
     # fused_optimizer: the gradient norm and the clipping scale go through recipes.optim's foreach
-    # replacements of Megatron's fallbacks (fused AdamW itself needs CUDA: test_gpu_paths)
+    # replacements of Megatron's fallbacks (fused AdamW is set on CUDA only: test_optim_gpu.py)
+    from megatron.core.optimizer import clip_grads
+
+    from recipes.optim import _foreach_l2_norm
+
     model, config = tiny_gpt(seed=3)
     train_cfg, parallel_cfg = configs(**HYPER, fused_optimizer=fused_optimizer)
     parallel_cfg.distributed_optimizer = distributed_optimizer
     ddp = wrap_model(model, parallel_cfg, train_cfg, config)
     optimizer = build_optimizer(ddp, train_cfg, parallel_cfg)
+    assert (clip_grads.l2_norm_impl is _foreach_l2_norm) == fused_optimizer
 
     named = dict(ddp.module.named_parameters())
     start = {n: p.detach().cpu().clone() for n, p in named.items()}
@@ -193,3 +198,27 @@ def test_bad_schedule_names_the_field(megatron_single, overrides, field):
         build_optimizer(wrap_model(model, parallel_cfg, train_cfg, config), train_cfg, parallel_cfg)
     with pytest.raises(ValueError, match=field):
         build_scheduler(None, train_cfg)
+
+
+def test_fused_adamw_setting_survives_a_state_dict_load():
+    # torch's load_state_dict brings back the saved groups' fused/foreach flags; set_fused_adamw
+    # puts the run's own choice back, with the step counters where that path reads them
+    from recipes.optim import set_fused_adamw
+
+    def adamw(fused: bool):
+        param = torch.nn.Parameter(torch.arange(4.0))
+        optimizer = torch.optim.AdamW([param], lr=0.1)
+        set_fused_adamw(optimizer, fused)
+        param.grad = torch.ones(4)
+        optimizer.step()
+        return param, optimizer
+
+    (p_fused, fused), (p_plain, plain) = adamw(True), adamw(False)
+    assert fused.param_groups[0]["fused"] is True and plain.param_groups[0]["fused"] is None
+    assert torch.allclose(p_fused, p_plain, rtol=1e-6)  # the same update on either path
+    fused.load_state_dict(plain.state_dict())
+    assert fused.param_groups[0]["fused"] is None  # what the load did
+    set_fused_adamw(fused, True)
+    assert fused.param_groups[0]["fused"] is True and fused.state[p_fused]["step"].dtype == torch.float32
+    set_fused_adamw(fused, False)
+    assert fused.param_groups[0]["fused"] is None and fused.state[p_fused]["step"].device.type == "cpu"

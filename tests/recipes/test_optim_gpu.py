@@ -36,14 +36,22 @@ def test_fused_optimizer_follows_megatron_fallbacks(tmp_path):
     assert fused[-1][0] < fused[0][0]
 
 
-def test_fused_adamw_is_set_on_megatrons_inner_optimizer():
-    from recipes.optim import _use_fused_adamw
+def test_resumed_run_keeps_the_fused_optimizer_setting(tmp_path):
+    # torch's load_state_dict restores the saved param groups' flags: a run resumed with
+    # fused_optimizer=true from a checkpoint saved with false must still step fused
+    from recipes.api import compose_recipe
+    from recipes.training import train
 
-    param = torch.nn.Parameter(torch.randn(4, device="cuda"))
-    inner = torch.optim.AdamW([param], lr=0.1)
-    wrapper = type("Megatron", (), {"chained_optimizers": [type("Inner", (), {"optimizer": inner})()]})()
-    _use_fused_adamw(wrapper)
-    param.grad = torch.ones_like(param)
-    inner.step()
-    assert inner.param_groups[0]["fused"] is True
-    assert inner.state[param]["step"].device.type == "cuda"  # the fused kernel's step counter
+    run = ["train.save_interval=2", f"train.run_dir={tmp_path / 'run'}"]
+    train(compose_recipe(COMMON + run + ["train.fused_optimizer=false", "train.exit_after_steps=2"]))
+    seen = []
+    import recipes.optim as optim
+
+    original = optim.set_fused_adamw
+    optim.set_fused_adamw = lambda opt, enabled: (original(opt, enabled), seen.append(
+        [g["fused"] for inner in getattr(opt, "chained_optimizers", [opt]) for g in inner.optimizer.param_groups]))
+    try:
+        train(compose_recipe(COMMON + run + ["train.fused_optimizer=true"]))
+    finally:
+        optim.set_fused_adamw = original
+    assert seen and all(flag is True for flag in seen[-1])  # after the checkpoint load
