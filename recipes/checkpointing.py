@@ -309,8 +309,14 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
     and AdamW increments each parameter's step in place, so after a resume the
     shared counter advanced once per parameter per step and the bias corrections
     were wrong. Each parameter gets its own copy back.
+
+    The run's choice of torch's fused AdamW (train.fused_optimizer) survives the load, whatever
+    the checkpoint was saved with.
     """
+    from recipes.optim import fused_adamw_enabled, set_fused_adamw
+
     megatron_optimizer = getattr(optimizer, "unwrapped", optimizer)
+    fused = fused_adamw_enabled(megatron_optimizer)
     patched = []
     for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
         set_states = getattr(inner, "_set_main_param_and_optimizer_states", None)
@@ -333,6 +339,8 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
         for param_state in inner.optimizer.state.values():
             if isinstance(param_state.get("step"), torch.Tensor):
                 param_state["step"] = param_state["step"].clone()
+    # torch's load_state_dict took the saved param groups' fused/foreach flags: the run's own stand
+    set_fused_adamw(megatron_optimizer, fused)
 
 
 def _without_step(tensors: dict) -> dict:

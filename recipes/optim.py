@@ -116,16 +116,27 @@ def build_optimizer(wrapped_models: ModelChunks, train_cfg, parallel_cfg):
     return optimizer
 
 
-def set_fused_adamw(optimizer, enabled: bool) -> None:
-    """torch's fused AdamW kernel (enabled) or its default foreach path for Megatron's inner torch
-    AdamW (its choice without Apex/TE). Call after building the optimizer and again after loading
-    a checkpoint: torch's `load_state_dict` restores each param group's saved `fused`/`foreach`
-    flags. The step counters move where each path wants them: the fused kernel reads them on the
-    parameter's device, the foreach path on the host (else it reads each back with a sync)."""
+def _torch_adamws(optimizer) -> list:
+    """The torch AdamW(s) inside a Megatron optimizer (its choice without Apex/TE), or the optimizer itself."""
+    found = []
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         torch_optimizer = inner if isinstance(inner, torch.optim.Optimizer) else getattr(inner, "optimizer", None)
-        if not isinstance(torch_optimizer, torch.optim.AdamW):
-            continue
+        if isinstance(torch_optimizer, torch.optim.AdamW):
+            found.append(torch_optimizer)
+    return found
+
+
+def fused_adamw_enabled(optimizer) -> bool:
+    return any(group.get("fused") for adamw in _torch_adamws(optimizer) for group in adamw.param_groups)
+
+
+def set_fused_adamw(optimizer, enabled: bool) -> None:
+    """torch's fused AdamW kernel (enabled) or its default foreach path for Megatron's inner torch
+    AdamW. Set after building the optimizer; checkpoint loading keeps it (torch's `load_state_dict`
+    would restore the saved param groups' `fused`/`foreach` flags: recipes.checkpointing sets the
+    run's own back). The step counters move where each path wants them: the fused kernel reads them
+    on the parameter's device, the foreach path on the host (else it reads each back with a sync)."""
+    for torch_optimizer in _torch_adamws(optimizer):
         for group in torch_optimizer.param_groups:
             group["fused"], group["foreach"] = (True, False) if enabled else (None, None)
             for param in group["params"]:

@@ -78,7 +78,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
                                validate_parallel_layout, validate_recipe)
     from recipes.checkpointing import load_latest_checkpoint, save_checkpoint
     from recipes.data import build_tokenizer, build_train_valid_datasets, make_data_iterator
-    from recipes.optim import build_optimizer, set_fused_adamw, wrap_model
+    from recipes.optim import build_optimizer, wrap_model
     from recipes.progress import Progress
     from recipes.run_metadata import write_run_metadata
     from recipes.schedules import build_scheduler
@@ -143,8 +143,6 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     if loaded is not None:
         start_step, extra = loaded
         consumed, resumed_from = extra["consumed_samples"], start_step
-        if torch.cuda.is_available():  # loading restored the saved param groups' AdamW flags
-            set_fused_adamw(optimizer, t.fused_optimizer)
     elif t.load_dir:
         _load_initial_weights(model, t.load_dir)
     resolved = dataclasses.asdict(recipe)

@@ -128,3 +128,27 @@ def test_dp_reshardable_format_resumes_identically(megatron_single, tmp_path):
 def test_unknown_optimizer_format_names_the_argument(megatron_single, tmp_path):
     with pytest.raises(ValueError, match="distributed_optimizer_format"):
         save_checkpoint(tmp_path, 1, *fresh_training_state(1), distributed_optimizer_format="zero")
+
+
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, True), (True, False)])
+def test_resumed_optimizer_keeps_its_own_fused_adamw_choice(megatron_single, tmp_path, saved_fused, resumed_fused):
+    # torch's load_state_dict copies the saved param groups' fused/foreach flags over the run's;
+    # train.fused_optimizer must decide how the resumed run steps, not the checkpoint. (torch's
+    # fused AdamW also runs on CPU, so both directions are checked here; training sets it on GPU.)
+    from recipes.optim import fused_adamw_enabled, set_fused_adamw
+
+    ddp, optimizer, scheduler = fresh_training_state(5)
+    set_fused_adamw(optimizer, saved_fused)
+    train(ddp, optimizer, scheduler, 0, 2, 2)
+    save_checkpoint(tmp_path, 2, ddp, optimizer, scheduler, extra={"next_batch": 2})
+    straight = train(ddp, optimizer, scheduler, 2, 2, 2)
+
+    restored = fresh_training_state(6)
+    set_fused_adamw(restored[1], resumed_fused)
+    load_latest_checkpoint(tmp_path, *restored)
+    assert fused_adamw_enabled(restored[1]) is resumed_fused
+    inner = getattr(restored[1], "unwrapped", restored[1]).chained_optimizers[0].optimizer
+    steps = [s["step"] for s in inner.state.values()]
+    assert steps and all(s.dtype == torch.float32 for s in steps)
+    resumed = train(*restored, 2, 2, 2)
+    assert resumed == pytest.approx(straight, rel=1e-5)  # fused and foreach AdamW round alike to ~1e-7
