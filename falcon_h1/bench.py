@@ -257,18 +257,23 @@ class _PrintedAsMeasured(dict):
         print(f"  kernel {key:34s} {value:8.3f}", flush=True)
 
 
-def _kernel_ms(fn, leaves, calls: int = 10) -> float:
-    """Summed CUDA kernel time of one call of fn (mean of `calls`, after the caller's warm-up): the
-    GPU time alone. Eager timings of these small launches include the host's launch gaps, which a
-    graphed training step does not have. (A CUDA-graph replay would measure the same; mamba_ssm's
-    standalone combined scan does not capture: its backward touches the legacy stream.) Gradients
-    are reset before each call, as do_bench does, so no accumulation kernels are counted."""
-    def calls_with_fresh_grads():
+def _with_fresh_grads(fn, leaves, calls: int = 1):
+    """fn called `calls` times, each after resetting the leaves' `.grad` (as do_bench does), so a
+    profile of it counts no gradient-accumulation kernels."""
+    def run():
         for _ in range(calls):
             for leaf in leaves:
                 leaf.grad = None
             fn()
-    rows = _profile_step(calls_with_fresh_grads, top=0)
+    return run
+
+
+def _kernel_ms(fn, leaves, calls: int = 10) -> float:
+    """Summed CUDA kernel time of one call of fn (mean of `calls`, after the caller's warm-up): the
+    GPU time alone. Eager timings of these small launches include the host's launch gaps, which a
+    graphed training step does not have. (A CUDA-graph replay would measure the same; mamba_ssm's
+    standalone combined scan does not capture: its backward touches the legacy stream.)"""
+    rows = _profile_step(_with_fresh_grads(fn, leaves, calls), top=0)
     return rows[0]["total_ms"] / calls
 
 
@@ -338,7 +343,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
     if which != "conv":
         out["ssd_then_gate_fwd_bwd_ms"] = bench(lambda: ssd(False))
         timed("ssd_gate_in_kernel_fwd_bwd", lambda: ssd(True))  # mamba_ssm's combined scan, as shipped
-        ssd_profile["ssd_gate_in_kernel"] = _profile_step(lambda: ssd(True), top=30)
+        ssd_profile["ssd_gate_in_kernel"] = _profile_step(_with_fresh_grads(lambda: ssd(True), leaves), top=30)
         for k in ssd_profile["ssd_gate_in_kernel"][1:]:
             print(f"  ssd profile {k['ms']:8.3f} ms {k['calls']:3d}x  {k['kernel']}", flush=True)
         _mamba_branch_microbench(proj.transpose(0, 1), h, p, n, groups, chunk, leaves, timed)
