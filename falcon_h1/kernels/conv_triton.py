@@ -23,6 +23,16 @@ KERNEL_WIDTH = 4  # mamba_d_conv of every released Falcon-H1 model
 
 
 @triton.jit
+def _load_taps(w_ptr, cols, col_mask):
+    """The four conv taps [c, 4] of these channels, in fp32."""
+    w0 = tl.load(w_ptr + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def _load_rows(base, rows, seq_len, stride_l, cols, col_mask):
     """[rows, cols] tile as fp32; rows outside [0, seq_len) read as 0 (causal zero padding)."""
     mask = ((rows >= 0) & (rows < seq_len))[:, None] & col_mask[None, :]
@@ -43,10 +53,7 @@ def _conv_silu_fwd_kernel(
     col_mask = cols < channels
     x_base = x_ptr + batch.to(tl.int64) * stride_xb
     # weight is [channels, 4] contiguous: tap j multiplies x[t - 3 + j]
-    w0 = tl.load(w_ptr + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)
-    w3 = tl.load(w_ptr + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)
+    w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
     acc = _load_rows(x_base, rows - 3, seq_len, stride_xl, cols, col_mask) * w0[None, :]
     acc += _load_rows(x_base, rows - 2, seq_len, stride_xl, cols, col_mask) * w1[None, :]
     acc += _load_rows(x_base, rows - 1, seq_len, stride_xl, cols, col_mask) * w2[None, :]
@@ -87,10 +94,7 @@ def _conv_silu_bwd_pre_kernel(
     col_mask = cols < channels
     x_base = x_ptr + batch.to(tl.int64) * stride_xb
     dy_base = dy_ptr + batch.to(tl.int64) * stride_dyb
-    w0 = tl.load(w_ptr + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)
-    w3 = tl.load(w_ptr + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)
+    w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     else:
@@ -143,10 +147,7 @@ def _conv_bwd_dx_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < channels
     g_base = g_ptr + batch.to(tl.int64) * seq_len * channels
-    w0 = tl.load(w_ptr + cols * 4 + 0, mask=col_mask, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + cols * 4 + 1, mask=col_mask, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + cols * 4 + 2, mask=col_mask, other=0.0).to(tl.float32)
-    w3 = tl.load(w_ptr + cols * 4 + 3, mask=col_mask, other=0.0).to(tl.float32)
+    w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
     dx = _load_rows(g_base, rows, seq_len, channels, cols, col_mask) * w3[None, :]
     dx += _load_rows(g_base, rows + 1, seq_len, channels, cols, col_mask) * w2[None, :]
     dx += _load_rows(g_base, rows + 2, seq_len, channels, cols, col_mask) * w1[None, :]
