@@ -30,6 +30,17 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: int = 300) -> subpro
     return proc
 
 
+def run_in_triton_interpreter(script: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run a worker script on CPU under Triton's interpreter, in its own process (TRITON_INTERPRET
+    is read when triton is imported); fail the test with its output on error."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="session")
 def megatron_single():
     """One-process gloo group + Megatron parallel state at TP=1."""

@@ -4,20 +4,11 @@ loads). On a GPU, tests/bitnet/test_triton_gpu.py runs the compiled kernels."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import run_in_triton_interpreter
 
 
 def test_segmented_kernels_match_reference_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpret_worker.py"))],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    proc = run_in_triton_interpreter(Path(__file__).with_name("triton_interpret_worker.py"))
     assert proc.stdout.count("ok ") >= 40 and "FAIL" not in proc.stdout, proc.stdout

@@ -4,24 +4,17 @@ several blocks, at TP = 1 (one process) and TP = 2 (torchrun, gloo: the all-redu
 The worker must run in its own process: TRITON_INTERPRET is read when triton is imported.
 On a GPU, tests/falcon_h1/test_cross_entropy_gpu.py runs the compiled kernels."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, torchrun
+from tests.conftest import REPO, run_in_triton_interpreter, torchrun
 
 WORKER = Path(__file__).with_name("cross_entropy_interpret_worker.py")
 
 
 def test_fused_cross_entropy_matches_float64_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    proc = run_in_triton_interpreter(WORKER)
     assert proc.stdout.count("ok ") == 7 and "FAIL" not in proc.stdout, proc.stdout
 
 

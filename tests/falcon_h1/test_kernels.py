@@ -49,17 +49,11 @@ def test_attention_backends_agree_with_gqa():
 def test_triton_kernels_match_float64_in_interpreter():
     """The Triton conv+SiLU and SwiGLU kernels (forward and backward) run on CPU under
     Triton's interpreter in a subprocess (the variable must be set before triton loads)."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    pytest.importorskip("triton")
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(repo)}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpret_worker.py"))],
-                          capture_output=True, text=True, env=env, cwd=repo, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    from tests.conftest import run_in_triton_interpreter
+
+    run_in_triton_interpreter(Path(__file__).with_name("triton_interpret_worker.py"))
 
 
 def test_folded_multipliers_gradients_match_transformers(megatron_single, tmp_path):

@@ -2,23 +2,18 @@
 Triton kernels (mamba_ssm's SSD and the conv) run through Triton's interpreter in a subprocess
 and must match the pure-PyTorch reference path in float64, forward and every gradient."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import run_in_triton_interpreter
 
 
 def test_fused_mamba_branch_matches_reference_path_in_interpreter():
-    pytest.importorskip("triton")
     pytest.importorskip("einops")
     if subprocess.run([sys.executable, "-c", "import importlib.util, sys; "
                        "sys.exit(importlib.util.find_spec('mamba_ssm') is None)"]).returncode:
         pytest.skip("mamba_ssm is not installed (./setup.sh installs it)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("mamba_branch_interpret_worker.py"))],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    run_in_triton_interpreter(Path(__file__).with_name("mamba_branch_interpret_worker.py"), timeout=300)
