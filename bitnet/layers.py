@@ -167,6 +167,9 @@ class _BitNetLinearMixin:
     """The quantised matmul shared by the column and row layers."""
 
     default_bitnet_options = BitNetLinearOptions()
+    # the weight handed to forward is quantised, so a scaled weight is not a scaled output
+    # (falcon_h1.linears.supports_weight_scaling: µP scales stay on the activations)
+    supports_weight_scaling = False
     _input_sharded_along_features = False
     _segment_dim = 0  # bitnet_segments run along the weight's output rows (column linear)
 

@@ -73,6 +73,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
 
     from falcon_h1.compat import default_device, initialize_parallel
     from falcon_h1.flops import training_flops_per_token
+    from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.model import build_model
     from recipes.build import (data_parallel_size, resolve_precision, validate_cuda_graph_device,
                                validate_parallel_layout, validate_recipe)
@@ -112,7 +113,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
 
     if t.force_reference_kernels:
         model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference")
-    model = build_model(model_cfg, recipe.bitnet if recipe.bitnet.enabled else None,
+    model = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet),
                         sequence_parallel=p.sequence_parallel, precision=precision, recompute=t.recompute,
                         seed=t.seed)
     config = model.config

@@ -24,7 +24,7 @@ torch.cuda.get_device_properties = lambda *args: types.SimpleNamespace(multi_pro
 
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
-from falcon_h1.kernels import FAST_PATH, causal_conv1d_silu, ssd_scan  # noqa: E402
+from falcon_h1.kernels import causal_conv1d_silu, ssd_scan  # noqa: E402
 from falcon_h1.kernels.mamba_branch import _ssd_functions, mamba_conv_scan  # noqa: E402
 
 _ssd_functions()
@@ -39,13 +39,14 @@ TOLERANCE = 1e-5  # the kernels compute in fp32 whatever the input dtype: fp32 r
 LIMIT = (0.0, float("inf"))
 
 
-def run(fused, proj, w, bias, scale, A, D, dt_bias, dy, dims):
+def run(fused, proj, w, bias, scale, A, D, dt_bias, dy, dims, keep_states):
     d, bc, h, groups, extra, chunk = dims
     leaf = proj.clone().requires_grad_()
     params = [t.clone().requires_grad_() if t is not None else None for t in (w, bias, A, D, dt_bias)]
     zxbcdt = leaf[..., extra:].transpose(0, 1)  # strided [b, s, .] view of an [s, b, .] projection
     if fused:
-        y = mamba_conv_scan(zxbcdt, params[0], params[1], scale, *params[2:], d, bc, h, groups, chunk, LIMIT)
+        y = mamba_conv_scan(zxbcdt, params[0], params[1], scale, *params[2:], d, bc, h, groups, chunk, LIMIT,
+                            keep_forward_states=keep_states)
     else:
         z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
         x, B, C = causal_conv1d_silu(xBC, params[0], params[1], False, out_scale=scale).split([d, bc, bc], dim=-1)
@@ -56,7 +57,7 @@ def run(fused, proj, w, bias, scale, A, D, dt_bias, dy, dims):
     return [y, leaf.grad] + [p.grad for p in params if p is not None]
 
 
-def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, with_bias=True):
+def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, keep_states, with_bias=True):
     d, bc, extra = heads * head_dim, groups * state, 5
     width = 2 * d + 2 * bc + heads
     proj = torch.randn(length, batch, extra + width, generator=g, dtype=torch.float64)
@@ -68,8 +69,8 @@ def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, w
     dt_bias = torch.rand(heads, generator=g, dtype=torch.float64)
     dy = torch.randn(batch, length, d, generator=g, dtype=torch.float64)
     dims = (d, bc, heads, groups, extra, chunk)
-    want = run(False, proj, w, bias, scale, A, D, dt_bias, dy, dims)
-    got = run(True, proj, w, bias, scale, A, D, dt_bias, dy, dims)
+    want = run(False, proj, w, bias, scale, A, D, dt_bias, dy, dims, keep_states)
+    got = run(True, proj, w, bias, scale, A, D, dt_bias, dy, dims, keep_states)
     names = ["y", "d_in_projection", "d_conv_weight"] + ["d_conv_bias"] * with_bias + ["dA", "dD", "ddt_bias"]
     errors = {n: ((a - b).norm() / b.norm()).item() for n, a, b in zip(names, got, want)}
     errors["attention_columns_untouched"] = got[1][..., :extra].abs().max().item()
@@ -82,12 +83,11 @@ def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, w
 ok = True
 # the scan's backward from the forward's chunk states (kernels.ssd_backward), then mamba_ssm's own
 for keep_states in (True, False):
-    FAST_PATH.ssd_keep_forward_states = keep_states
     print(f"ssd_keep_forward_states={keep_states}")
     g = torch.Generator().manual_seed(0)
     ok &= all([
-        check(2, 40, 4, 8, 2, 8, 16, True, g),   # length not a multiple of the chunk, 2 groups
-        check(1, 32, 2, 16, 1, 16, 16, False, g),
-        check(1, 24, 2, 8, 1, 8, 16, True, g, with_bias=False),  # mamba_conv_bias = false
+        check(2, 40, 4, 8, 2, 8, 16, True, g, keep_states),   # length not a multiple of the chunk, 2 groups
+        check(1, 32, 2, 16, 1, 16, 16, False, g, keep_states),
+        check(1, 24, 2, 8, 1, 8, 16, True, g, keep_states, with_bias=False),  # mamba_conv_bias = false
     ])
 sys.exit(0 if ok else 1)
