@@ -48,7 +48,8 @@ def test_attention_backends_agree_with_gqa():
 
 def test_triton_kernels_match_float64_in_interpreter():
     """The Triton conv+SiLU and SwiGLU kernels (forward and backward) run on CPU under
-    Triton's interpreter in a subprocess (the variable must be set before triton loads)."""
+    Triton's interpreter in a subprocess (the variable must be set before triton loads);
+    the conv also on packed rows (seq_idx) against every document convolved alone."""
     from pathlib import Path
 
     from tests.conftest import run_in_triton_interpreter
