@@ -249,12 +249,10 @@ class _BitNetLinearMixin:
     def _quantized_abs_sum(self, stats: torch.Tensor) -> torch.Tensor:
         # Full-precision segments are not checked, as a plain linear's weight is not.
         sums = stats[:, 0]
-        if len(sums) == 1:
-            return sums[0]
         if not self._layout.all_quantized:
             quantized = self._layout.tables(sums.device).quantized
             sums = torch.where(quantized, sums, torch.zeros_like(sums))
-        return sums.sum()
+        return sums[0] if len(sums) == 1 else sums.sum()  # one segment: no reduction kernel
 
     def _quantize_weight(self, weight: torch.Tensor):
         """(ternary int8, scales [n_segments]) of `weight` without gradient (see quantized_weight)."""

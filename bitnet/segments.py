@@ -38,7 +38,7 @@ class SegmentTables(NamedTuple):
     flags: torch.Tensor  # int8 [n]: 1 = quantised
     index: torch.Tensor  # int64 [size]: segment of every position along the segmented dim
     quantized: torch.Tensor  # bool [n]
-    sizes: torch.Tensor  # float64 [n]: positions of each segment along the segmented dim
+    sizes: torch.Tensor  # float64 [n]: rows (dim 0) or columns (dim 1) of each segment
 
 
 class SegmentLayout:
