@@ -120,37 +120,48 @@ def read_chat_file(path: str | Path) -> ChatFile:
     return chat_file
 
 
-def _render(hf_tokenizer, messages, where: str, **kwargs) -> str:
-    try:
-        return hf_tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    except Exception as error:  # jinja's raise_exception, TemplateError, ...
-        raise ValueError(f"{where}: the chat template refused this conversation ({error}).") from error
-
-
-def _generation_tag_spans(hf_tokenizer, conversation: Conversation) -> tuple[str, list]:
+def _render(hf_tokenizer, conversation: Conversation, messages: list[dict],
+            add_generation_prompt: bool = False, with_spans: bool = False):
+    """transformers' own template rendering (what apply_chat_template runs), for any prefix
+    of a conversation, the empty one included."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     try:
         rendered, spans = render_jinja_template(
-            conversations=[conversation.messages], chat_template=hf_tokenizer.get_chat_template(),
-            return_assistant_tokens_mask=True, **hf_tokenizer.special_tokens_map,
+            conversations=[messages], chat_template=hf_tokenizer.get_chat_template(),
+            add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=with_spans,
+            **hf_tokenizer.special_tokens_map,
         )
-    except Exception as error:
+    except Exception as error:  # jinja's raise_exception, TemplateError, ...
         raise ValueError(
             f"{conversation.where}: the chat template refused this conversation ({error})."
         ) from error
-    return rendered[0], [tuple(span) for span in spans[0]]
+    return (rendered[0], [tuple(span) for span in spans[0]]) if with_spans else rendered[0]
+
+
+def _generation_tag_spans(hf_tokenizer, conversation: Conversation) -> tuple[str, list]:
+    return _render(hf_tokenizer, conversation, conversation.messages, with_spans=True)
 
 
 def _prefix_spans(hf_tokenizer, conversation: Conversation) -> tuple[str, list]:
     messages, where = conversation.messages, conversation.where
-    text = _render(hf_tokenizer, messages, where)
+    text = _render(hf_tokenizer, conversation, messages)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(hf_tokenizer, messages[:index], where, add_generation_prompt=True)
-        through = _render(hf_tokenizer, messages[: index + 1], where)
+        try:
+            prompt = _render(hf_tokenizer, conversation, messages[:index], add_generation_prompt=True)
+        except ValueError as error:
+            if index:
+                raise
+            raise ValueError(
+                f"{where}: opens with an assistant message, and the chat template cannot render "
+                f"the empty prompt before it ({error.__cause__}); allowed: a conversation that "
+                f"starts with a system or user message, or a template that marks assistant text "
+                f"with {{% generation %}} ... {{% endgeneration %}} tags."
+            ) from error
+        through = _render(hf_tokenizer, conversation, messages[: index + 1])
         if not (text.startswith(prompt) and text.startswith(through)
                 and len(prompt) <= len(through)):
             raise ValueError(
@@ -202,4 +213,11 @@ def tokenize_conversations(
                     f"{conversation.where}: the chat template of data.tokenizer renders no "
                     f"assistant text for this conversation; nothing would be trained on."
                 )
-            yield np.asarray(ids, dtype=np.int64), mask
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.size and ids.max() >= tokenizer.vocab_size:
+                raise ValueError(
+                    f"{conversation.where}: token id {ids.max()} is beyond data.tokenizer's "
+                    f"vocabulary of {tokenizer.vocab_size} (tokens added in tokenizer_config.json "
+                    f"but not in tokenizer.json?); allowed: ids below the vocabulary size."
+                )
+            yield ids, mask

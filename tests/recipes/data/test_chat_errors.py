@@ -144,3 +144,11 @@ def test_composed_chat_config_validates():
     assert (recipe.data.kind, recipe.data.paths, recipe.data.tokenizer) == ("chat", ["chat_demo"], "chat_demo")
     validate_recipe(recipe)
     assert build_tokenizer(recipe.data.tokenizer).vocab_size <= recipe.model.vocab_size
+
+
+def test_pretraining_datasets_refuse_chat_data():
+    from recipes.data import build_train_valid_datasets
+
+    cfg = DataConfig(kind="chat", paths=["chat_demo"], tokenizer="chat_demo")
+    with pytest.raises(ValueError, match="data.kind = 'chat' is not allowed for pretraining datasets"):
+        build_train_valid_datasets(cfg, 128, 1, 8, 0, build_tokenizer("chat_demo"))

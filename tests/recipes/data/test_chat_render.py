@@ -29,7 +29,9 @@ WITH_DEFAULT_SYSTEM = (
 def sample_conversations():
     lines = TRAIN_FILE.read_text().splitlines()[:60]
     demo = [json.loads(line)["messages"] for line in lines]
-    return demo + conversations("c", 40, seed=3)
+    opening = [{"role": "assistant", "content": "Hello, ask me."}, {"role": "user", "content": "2 + 2?"},
+               {"role": "assistant", "content": "4"}]
+    return demo + conversations("c", 40, seed=3) + [opening, opening[:1]]
 
 
 def as_conversations(convs):
@@ -71,7 +73,7 @@ def test_template_without_generation_tags_found_from_rendered_prefixes(tmp_path)
 def test_template_adding_a_default_system_turn_and_bos(tmp_path):
     folder = copy_demo_tokenizer(tmp_path / "tok", {"chat_template": WITH_DEFAULT_SYSTEM,
                                                     "bos_token": "<|endoftext|>"})
-    convs = sample_conversations()
+    convs = [c for c in sample_conversations() if c[0]["role"] != "assistant"]
 
     def prefix_of(messages):
         default = "" if messages[0]["role"] == "system" else (
@@ -84,6 +86,13 @@ def test_template_adding_a_default_system_turn_and_bos(tmp_path):
         expected_ids, expected_mask = reference(messages)
         assert ids.tolist() == head + expected_ids
         assert mask.tolist() == [0] * len(head) + expected_mask
+
+
+def test_opening_assistant_turn_needs_a_renderable_empty_prompt(tmp_path):
+    folder = copy_demo_tokenizer(tmp_path / "tok", {"chat_template": WITH_DEFAULT_SYSTEM})
+    opening = [c for c in sample_conversations() if c[0]["role"] == "assistant"]
+    with pytest.raises(ValueError, match=r"test:0: opens with an assistant message.*empty prompt"):
+        list(tokenize_conversations(as_conversations(opening), build_tokenizer(str(folder))))
 
 
 def test_template_rewriting_earlier_turns_is_refused(tmp_path):
@@ -122,3 +131,13 @@ def test_mask_types_and_lengths():
     for ids, mask in tokenize_conversations(as_conversations(convs), build_tokenizer("chat_demo")):
         assert ids.dtype == np.int64 and mask.dtype == np.uint8 and ids.shape == mask.shape
         assert set(np.unique(mask)) <= {0, 1}
+
+
+def test_token_beyond_the_vocabulary_is_refused(tmp_path):
+    # transformers adds a special token the tokenizer.json (and so data.tokenizer's size) lacks.
+    folder = copy_demo_tokenizer(tmp_path / "tok", {"extra_special_tokens": ["<|new|>"],
+                                                    "additional_special_tokens": ["<|new|>"]})
+    tokenizer = build_tokenizer(str(folder))
+    messages = [{"role": "user", "content": "a <|new|> b"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(ValueError, match=r"test:0: token id 320 is beyond .* vocabulary of 320"):
+        list(tokenize_conversations(as_conversations([messages]), tokenizer))
