@@ -5,8 +5,8 @@ the format TRL, axolotl and Hugging Face datasets use:
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 
-Other keys of a line are kept out of the way; other keys of a message reach the
-chat template unchanged. A malformed line, a missing or non-list "messages", an
+Other keys of a line are not read; other keys of a message reach the chat
+template unchanged. A malformed line, a missing or non-list "messages", an
 unknown role or non-string content stops with the file and line named. A
 conversation without an assistant turn teaches nothing: it is skipped and
 counted. A file with no conversation at all is an error.
