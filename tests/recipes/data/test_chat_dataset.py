@@ -62,11 +62,22 @@ def test_epochs_cover_each_train_conversation_once_per_epoch(files, tokenizer):
     assert len(valid_tags) == 20 and set(valid_tags.values()) == {1}  # round(10% of 200)
     assert not set(valid_tags) & set(train_tags)
     assert len(train_tags) == 180 and set(train_tags.values()) == {epochs}
-    # Whole conversations, in their own token order: each document equals its reference.
+    # Whole conversations in their own token order, next-token labels and the assistant-only
+    # loss mask inside each one, nothing across a boundary: all against the reference.
     by_tag = {f"b{i}": m for i, m in enumerate(files["b_convs"])}
-    for row in range(0, len(train), 7):
-        for doc in documents(train[row]):
-            assert doc == reference(by_tag[TAG.search(LIBRARY.decode(doc)).group(1)])[0]
+    for row in range(0, len(train), 5):
+        sample = train[row]
+        starts = np.flatnonzero(sample["position_ids"] == 0).tolist() + [SEQ]
+        for a, b in zip(starts, starts[1:]):
+            doc = sample["tokens"][a:b].tolist()
+            tag = TAG.search(LIBRARY.decode(doc))
+            if tag is None:  # the filler tail
+                assert not sample["loss_mask"][a:].any()
+                continue
+            ids, mask = reference(by_tag[tag.group(1)])
+            assert doc == ids
+            assert sample["labels"][a:b - 1].tolist() == ids[1:]
+            assert sample["loss_mask"][a:b].tolist() == mask[1:] + [0]
 
 
 def test_split_ignores_the_seed_and_shuffle_follows_it(files, tokenizer):
