@@ -162,7 +162,7 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
             from bitnet.spec import falcon_h1_linear_spec
             from recipes.config import BitNetConfig
 
-            linears = falcon_h1_linear_spec(BitNetConfig(enabled=True, fused=fused))
+            linears = falcon_h1_linear_spec(BitNetConfig(enabled=True, fused=fused), preset.kernel_backend)
             return build_model(preset, linears=linears, precision="bf16", seed=0).train(), our_loss
         return build
 

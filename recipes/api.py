@@ -110,7 +110,8 @@ def load_trained_model(run_dir: str | Path, step: int | None = None):
         raise FileNotFoundError(f"{config_file} does not exist; allowed: a run directory written by falcon-train.")
     recipe = recipe_from_yaml(config_file)
     initialize_parallel(tp=1, pp=1, seed=recipe.train.seed)
-    model = build_model(effective_model_config(recipe), linears=falcon_h1_linear_spec(recipe.bitnet),
+    model_cfg = effective_model_config(recipe)
+    model = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet, model_cfg.kernel_backend),
                         precision=resolve_precision(recipe.train.precision), initialize=False)
     loaded = load_latest_checkpoint(run_dir / "checkpoints", [model], None, None)
     if loaded is None:

@@ -101,10 +101,6 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     run_dir = Path(t.run_dir)
     ckpt_root = run_dir / "checkpoints"
 
-    if recipe.bitnet.enabled:
-        from bitnet import use_reference_kernels
-
-        use_reference_kernels(t.force_reference_kernels)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
@@ -113,7 +109,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
 
     if t.force_reference_kernels:
         model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference")
-    model = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet),
+    model = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet, model_cfg.kernel_backend),
                         sequence_parallel=p.sequence_parallel, precision=precision, recompute=t.recompute,
                         seed=t.seed)
     config = model.config

@@ -41,8 +41,8 @@ def build(tp: int, variant: str, fused: bool = True):
     bitnet, sequence_parallel = VARIANTS[variant]
     initialize_parallel(tp, 1, SEED)
     cfg = get_preset("falcon_h1_micro").replace(fused_projections=fused)
-    model = build_model(cfg, linears=falcon_h1_linear_spec(BitNetConfig(enabled=True, **bitnet)), seed=SEED,
-                        sequence_parallel=sequence_parallel)
+    linears = falcon_h1_linear_spec(BitNetConfig(enabled=True, **bitnet), cfg.kernel_backend)
+    model = build_model(cfg, linears=linears, seed=SEED, sequence_parallel=sequence_parallel)
     return model.double()
 
 
@@ -58,11 +58,7 @@ def fake_quantized_hf_state(model) -> dict:
     saved = []
     for _, layer in bitnet_layers(model):
         ternary, scale = layer.quantized_weight()
-        layout = layer.bitnet_segments
-        if layout is None:
-            dequantised = reference.dequantize_weights(ternary, scale, layer.weight.dtype)
-        else:
-            dequantised = reference.dequantize_weights_segmented(ternary, scale, layout, layer.weight.dtype)
+        dequantised = reference.dequantize_weights(ternary, scale, layer.weight.dtype, layer.bitnet_segments)
         saved.append((layer.weight, layer.weight.data))
         layer.weight.data = dequantised
     state = dict(gather_hf_state(model))

@@ -228,7 +228,7 @@ def _micro(fused: bool, bitnet: BitNetConfig | None, seed: int = 3, dtype=torch.
     from falcon_h1.presets import get_preset
 
     cfg = get_preset("falcon_h1_micro").replace(fused_projections=fused)
-    return build_model(cfg, linears=falcon_h1_linear_spec(bitnet), seed=seed).to(dtype)
+    return build_model(cfg, linears=falcon_h1_linear_spec(bitnet, cfg.kernel_backend), seed=seed).to(dtype)
 
 
 def _batch(seed=0):

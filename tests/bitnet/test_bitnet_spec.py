@@ -12,7 +12,7 @@ def _model(bitnet, fused=True):
     from falcon_h1.presets import get_preset
 
     cfg = get_preset("falcon_h1_micro").replace(fused_projections=fused)
-    return build_model(cfg, linears=falcon_h1_linear_spec(bitnet), seed=1)
+    return build_model(cfg, linears=falcon_h1_linear_spec(bitnet, cfg.kernel_backend), seed=1)
 
 
 def _quantised(model) -> dict[str, object]:
@@ -30,8 +30,8 @@ def test_off_gives_megatron_linears(megatron_single):
     from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.linears import MEGATRON_LINEARS
 
-    assert falcon_h1_linear_spec(None) is MEGATRON_LINEARS
-    assert falcon_h1_linear_spec(BitNetConfig(enabled=False, layers=["mlp"])) is MEGATRON_LINEARS
+    assert falcon_h1_linear_spec(None, "auto") is MEGATRON_LINEARS
+    assert falcon_h1_linear_spec(BitNetConfig(enabled=False, layers=["mlp"]), "auto") is MEGATRON_LINEARS
     assert _quantised(_model(BitNetConfig(enabled=False))) == {}
 
 
@@ -61,4 +61,20 @@ def test_unknown_layer_is_refused_before_the_model_is_built():
     from bitnet.spec import falcon_h1_linear_spec
 
     with pytest.raises(ValueError, match=r"bitnet.layers: 'mamba' is not a quantisable layer type"):
-        falcon_h1_linear_spec(BitNetConfig(enabled=True, layers=["mamba"]))
+        falcon_h1_linear_spec(BitNetConfig(enabled=True, layers=["mamba"]), "auto")
+
+
+def test_the_model_kernel_backend_reaches_the_bitnet_layers(megatron_single):
+    """model.kernel_backend = 'reference' (what train.force_reference_kernels sets) also puts the
+    BitNet quantisers on their pure-PyTorch reference; an unknown backend is refused."""
+    from bitnet.layers import bitnet_layers
+    from bitnet.spec import falcon_h1_linear_spec
+    from falcon_h1.model import build_model
+    from falcon_h1.presets import get_preset
+
+    cfg = get_preset("falcon_h1_micro").replace(kernel_backend="reference")
+    model = build_model(cfg, linears=falcon_h1_linear_spec(BitNetConfig(enabled=True), cfg.kernel_backend), seed=1)
+    backends = {module.bitnet_options.kernel_backend for _, module in bitnet_layers(model)}
+    assert backends == {"reference"}
+    with pytest.raises(ValueError, match=r"kernel_backend='cuda'; allowed: \['auto', 'reference', 'triton'\]"):
+        falcon_h1_linear_spec(BitNetConfig(enabled=True), "cuda")
