@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Probe call (session 2): build causal_conv1d for the HF baseline in the background while the
+# Probe call: build causal_conv1d for the HF baseline in the background while the
 # GPU tests and a short 8-layer benchmark check the new paths (CUDA graph, fused Mamba branch,
 # two-pass conv backward). Timings here share the CPU with the build: correctness only.
 #   device run: bash benchmarks/call_probe.sh     (carry: wheels, .whl)
