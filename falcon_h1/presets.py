@@ -14,6 +14,8 @@ outside test suite's 1.5B value (lm_head_multiplier 0.01953125 = 40 / 2048).
 
 from __future__ import annotations
 
+import copy
+
 from falcon_h1.config import FalconH1Config
 from falcon_h1.mup import with_derived_multipliers
 
@@ -107,4 +109,4 @@ def get_preset(name: str) -> FalconH1Config:
         raise KeyError(
             f"model preset {name!r} is unknown; allowed: {', '.join(sorted(PRESETS))}."
         )
-    return PRESETS[name].replace()
+    return copy.deepcopy(PRESETS[name])
