@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from falcon_h1.config import ConfigError, FalconH1Config
+from falcon_h1.config import FalconH1Config, _fail as _config_fail
 
 # type -> (required keys, optional keys), as transformers validates them (rope_theta lives in
 # model.rope_theta; "type" is the legacy spelling of "rope_type").
@@ -49,7 +49,7 @@ def rope_type(cfg: FalconH1Config) -> str:
 
 
 def _fail(value, allowed: str) -> None:
-    raise ConfigError(f"model.rope_scaling = {value!r} is not allowed: {allowed}.")
+    _config_fail("rope_scaling", value, allowed)
 
 
 def validate_rope_scaling(cfg: FalconH1Config) -> None:
