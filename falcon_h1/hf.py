@@ -77,12 +77,17 @@ def config_from_hf(hf: dict, generation_config: dict | None = None, **overrides)
             _refuse(key, hf[key], "false (bias parameters are not implemented; the released Falcon-H1 models "
                     "have none)")
     fields = {f.name for f in dataclasses.fields(FalconH1Config)} - _OWN_FIELDS
-    kwargs = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if k in fields and v is not None}}
+    kwargs = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if k in fields}}
     kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf)
-    if kwargs.get("num_key_value_heads") is None and "num_attention_heads" in kwargs:
-        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]  # transformers' default
+    # null means what transformers makes of it: the defaults (multipliers, time-step limit),
+    # num_attention_heads (KV heads), "auto" sizes (head dims, mamba_d_ssm = expand * hidden)
+    for key in ("mlp_multipliers", "ssm_multipliers", "time_step_limit"):
+        if kwargs.get(key, 0) is None:
+            kwargs.pop(key)
+    if kwargs.get("num_key_value_heads") is None:
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     if kwargs.get("mamba_d_head") == "auto":
-        kwargs.pop("mamba_d_head")
+        kwargs["mamba_d_head"] = None
     if "time_step_limit" in kwargs:
         kwargs["time_step_limit"] = [float(v) for v in kwargs["time_step_limit"]]
     kwargs["name"] = hf.get("_name_or_path") or "falcon_h1_hf"

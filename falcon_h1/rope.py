@@ -227,8 +227,7 @@ class RotaryFrequencies(torch.nn.Module):
         inv_freq = self._cached(self._inv_freq_on, device, lambda: static_inv_freq(cfg))
         if self.kind == "dynamic":
             seq_len = positions.max() + 1
-            grown = _dynamic_inv_freq(cfg, torch.maximum(seq_len, torch.tensor(cfg.max_position_embeddings,
-                                                                               device=device)))
+            grown = _dynamic_inv_freq(cfg, seq_len.clamp(min=cfg.max_position_embeddings))
             return torch.where(seq_len > cfg.max_position_embeddings, grown, inv_freq)
         if self.kind == "longrope":
             long = self._cached(self._long_inv_freq_on, device,
