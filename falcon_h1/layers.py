@@ -20,6 +20,7 @@ the in-projection supports it, ride on its weight rows and the conv output at ea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -250,7 +251,7 @@ class ParallelHybridMixer(MegatronModule):
         return linear(u)[0]
 
     # ---- branches on local heads; inputs [s, b, channels] ----
-    def _attention(self, qkv, rotary_freqs):
+    def _attention(self, qkv, rotary_freqs, documents):
         d, c = self.dims, self.cfg
         q, k, v = qkv.split([d.q, d.kv, d.kv], dim=-1)
         s, b = q.shape[:2]
@@ -260,12 +261,15 @@ class ParallelHybridMixer(MegatronModule):
         k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config, mscale=rope.attention_scaling(c))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         backend = "sdpa" if c.attention_backend == "auto" else c.attention_backend
-        o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend)
+        if documents is not None and c.attention_backend == "auto":
+            backend = self.kernel_options.packed_attention
+        o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend, documents=documents)
         return o.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    def _mamba(self, zxbcdt):
+    def _mamba(self, zxbcdt, seq_idx):
         """zxbcdt [s, b, .] (already µP-scaled) -> y [s, b, d_ssm] (as a transposed view); with the
-        scales folded, ssm_out_multiplier is applied by the conv to x, so y comes out scaled."""
+        scales folded, ssm_out_multiplier is applied by the conv to x, so y comes out scaled.
+        seq_idx [b, s] (packed rows, else None): conv window and SSM state restart per document."""
         d, c, k = self.dims, self.cfg, self.kernel_options
         conv_scale = self.conv_out_scale if self.scales_in_weights else None
         if self.fused_mamba_branch:
@@ -273,17 +277,18 @@ class ParallelHybridMixer(MegatronModule):
 
             y = mamba_conv_scan(zxbcdt.transpose(0, 1), self.conv1d_weight, self.conv1d_bias, conv_scale,
                                 -torch.exp(self.A_log.float()), self.D, self.dt_bias, d.z, d.bc, d.ssm_heads,
-                                d.groups, c.mamba_chunk_size, tuple(c.time_step_limit), k.ssd_keep_forward_states)
+                                d.groups, c.mamba_chunk_size, tuple(c.time_step_limit), seq_idx,
+                                k.ssd_keep_forward_states)
             return y.transpose(0, 1)
         z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .] views
         xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, k.triton_conv,
-                                         out_scale=conv_scale)
+                                         out_scale=conv_scale, seq_idx=seq_idx)
         x, B, C = xBC.split([d.z, d.bc, d.bc], dim=-1)
         heads = lambda t, n: t.unflatten(-1, (n, -1))  # splitting the contiguous last dim: a view
         y = kernels.ssd_scan(
             heads(x, d.ssm_heads), dt, -torch.exp(self.A_log.float()), heads(B, d.groups), heads(C, d.groups),
             c.mamba_chunk_size, self.D, self.dt_bias, tuple(c.time_step_limit), k.triton_ssd,
-            z=heads(z, d.ssm_heads) if self.gate_in_scan else None,
+            z=heads(z, d.ssm_heads) if self.gate_in_scan else None, seq_idx=seq_idx,
         ).flatten(-2)
         if c.mamba_rms_norm:
             y = gated_rms_norm(y, z, self.norm_weight, d.groups, c.rms_norm_eps, c.mamba_norm_before_gate)
@@ -291,7 +296,8 @@ class ParallelHybridMixer(MegatronModule):
             y = y * F.silu(z)
         return y.transpose(0, 1)
 
-    def forward(self, u, rotary_freqs):
+    def forward(self, u, rotary_freqs, documents=None):
+        """documents: kernels.documents.Documents of packed rows (None: one document per row)."""
         c, folded = self.cfg, self.scales_in_weights
         if self.fused:
             qkv, zxbcdt = self._project_in("in_proj", u).split(
@@ -301,10 +307,11 @@ class ParallelHybridMixer(MegatronModule):
             zxbcdt = self._project_in("mamba_in_proj", u) if self.mamba else None
         parts = []
         if self.mamba:
-            y = self._mamba(zxbcdt if folded else zxbcdt * self.ssm_in_scale.to(zxbcdt.dtype))
+            seq_idx = documents.seq_idx if documents is not None else None
+            y = self._mamba(zxbcdt if folded else zxbcdt * self.ssm_in_scale.to(zxbcdt.dtype), seq_idx)
             parts.append(y if folded else y * c.ssm_out_multiplier)
         if self.attention:
-            o = self._attention(qkv if folded else qkv * self.attn_in_scale.to(qkv.dtype), rotary_freqs)
+            o = self._attention(qkv if folded else qkv * self.attn_in_scale.to(qkv.dtype), rotary_freqs, documents)
             parts.append(o if folded else o * c.attention_out_multiplier)
         return self._project_out(parts)
 
@@ -395,14 +402,15 @@ class FalconH1Layer(MegatronModule):
         self.pre_ff_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps, kernel_options)
         self.mlp = SwiGLUMLP(cfg, config, linears, kernel_options)
 
-    def forward(self, h, rotary_freqs):
+    def forward(self, h, rotary_freqs, documents=None):
         if self.kind != "mlp":
             if self.config.recompute_granularity == "selective" and self.training:
                 # the mixer (attention + SSM scan) holds most activations; recompute only it
-                h = h + recompute(self._mix, h, rotary_freqs)
+                # (documents ride in the function: Megatron's checkpoint saves tensor arguments only)
+                h = h + recompute(partial(self._mix, documents=documents), h, rotary_freqs)
             else:
-                h = h + self._mix(h, rotary_freqs)
+                h = h + self._mix(h, rotary_freqs, documents)
         return h + self.mlp(self.pre_ff_layernorm(h))
 
-    def _mix(self, h, rotary_freqs):
-        return self.mixer(self.input_layernorm(h), rotary_freqs)
+    def _mix(self, h, rotary_freqs, documents=None):
+        return self.mixer(self.input_layernorm(h), rotary_freqs, documents)

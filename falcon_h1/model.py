@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -17,6 +18,7 @@ from falcon_h1 import kernels
 from falcon_h1.compat import MEGATRON_FUSIONS_OFF, recompute
 from falcon_h1.config import FalconH1Config, resolve
 from falcon_h1.kernels import KernelOptions
+from falcon_h1.kernels.documents import packed_documents
 from falcon_h1.layers import FalconH1Layer, RMSNorm
 from falcon_h1.linears import MEGATRON_LINEARS, LinearSpec
 from falcon_h1.rope import RotaryFrequencies
@@ -76,7 +78,10 @@ class FalconH1Model(MegatronModule):
     removed); forward(input_ids, labels=...) -> per-token loss [batch, seq] computed
     on the vocab-parallel logits without gathering them, multiplied by `loss_mask`
     [batch, seq] when given (not averaged: the caller reduces). `position_ids` [batch, seq]
-    are the RoPE positions of the tokens (default 0..seq-1 for every row).
+    are the RoPE positions of the tokens (default 0..seq-1 for every row); as in Hugging Face's
+    packed-sequence convention every position 0 after a row's first token starts a new
+    document there, which no SSM state, conv window or attention crosses
+    (kernels.documents). Rows without such a restart run the unpacked kernels.
 
     linears: the projections' classes; kernel_options: the kernels' choices, as resolved for
     the device the model runs on (KernelOptions.for_device). build_model makes both.
@@ -158,9 +163,12 @@ class FalconH1Model(MegatronModule):
             h = self.input_tensor
         seq_len = input_ids.shape[1]
         rotary = self.rotary(seq_len, position_ids, input_ids.device) if cfg.has_attention else None
+        documents = packed_documents(position_ids, input_ids.shape[0])  # once per batch, for every layer
         full_recompute = self.config.recompute_granularity == "full" and self.training
         for layer in self.layers:
-            h = recompute(layer, h, rotary) if full_recompute else layer(h, rotary)
+            # documents ride in the function: Megatron's checkpoint saves tensor arguments only
+            run = layer if documents is None else partial(layer, documents=documents)
+            h = recompute(run, h, rotary) if full_recompute else run(h, rotary)
         if not self.post_process:
             return h
         h = self.final_layernorm(h) * cfg.lm_head_multiplier

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
+from falcon_h1.kernels.document_attention import BACKENDS as PACKED_ATTENTION_BACKENDS
 from falcon_h1.kernels.documents import check_seq_idx
 from falcon_h1.kernels.ssd_reference import ssd_chunk_scan_reference
 
@@ -37,6 +38,16 @@ class KernelOptions:
     # the scan's backward starts from the forward's chunk states (kernels.ssd_backward); off: recomputed
     ssd_keep_forward_states: bool = True
     fused_cross_entropy: bool = True  # Triton loss + gradient in one forward; off: Megatron's fp32 copy
+    # causal attention within the documents of packed rows on the GPU path (one of
+    # kernels.document_attention.BACKENDS; benchmarks/packed_attention_bench.py measures them):
+    # FlexAttention skips the blocks between documents and runs fp32 as well as bf16 (varlen:
+    # bf16/fp16 only). Elsewhere packed rows take SDPA with the document mask.
+    packed_attention: str = "flex"
+
+    def __post_init__(self):
+        if self.packed_attention not in PACKED_ATTENTION_BACKENDS:
+            raise ValueError(f"KernelOptions.packed_attention = {self.packed_attention!r} is not allowed: one of "
+                             f"{PACKED_ATTENTION_BACKENDS} (causal attention within the documents of packed rows).")
 
     def for_device(self, backend: str, device: torch.device) -> "KernelOptions":
         """These options as a model on `device` with model.kernel_backend = `backend` runs them:
@@ -52,6 +63,7 @@ class KernelOptions:
             fused_mamba_branch=self.fused_mamba_branch and self.triton_conv and self.triton_ssd and gpu,
             fused_rms_norm=self.fused_rms_norm and device.type == "cuda",
             fused_cross_entropy=self.fused_cross_entropy and gpu,
+            packed_attention=self.packed_attention if gpu else "sdpa",
         )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 import torch
 
@@ -73,16 +74,42 @@ def _document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, seq_idx[:, 1:] != seq_idx[:, :-1]], dim=1)
 
 
-def documents_from_position_ids(position_ids: torch.Tensor) -> Documents:
-    """position_ids [b, s] (HF's packed convention: 0 starts a document) -> Documents."""
+def _check_position_ids(position_ids: torch.Tensor) -> None:
     if position_ids.dim() != 2 or position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
         raise ValueError(
             f"position_ids: got a {position_ids.dim()}-d {position_ids.dtype} tensor of shape "
             f"{tuple(position_ids.shape)}; expected integer positions of shape [batch, seq], restarting "
             "at 0 at the first token of every packed document (Hugging Face's convention).")
+
+
+def documents_from_position_ids(position_ids: torch.Tensor) -> Documents:
+    """position_ids [b, s] (HF's packed convention: 0 starts a document) -> Documents."""
+    _check_position_ids(position_ids)
     starts = position_ids == 0
     starts[:, 0] = True
     return Documents(seq_idx=starts.cumsum(dim=1, dtype=torch.int32) - 1)
+
+
+def packed_documents(position_ids: Optional[torch.Tensor], batch: int) -> Optional[Documents]:
+    """The Documents of a batch whose positions restart (a 0 after column 0) in some row, for
+    `batch` rows ([1, s] positions stand for every row); None when no row restarts, so ordinary
+    rows (0..s-1, or a continuation k..k+s-1) keep the unpacked kernels unchanged.
+
+    Whether a row restarts is read on the host (one sync per forward), which a CUDA graph
+    capture cannot do: there the positions must be left out."""
+    if position_ids is None:
+        return None
+    _check_position_ids(position_ids)
+    if position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids: shape {tuple(position_ids.shape)} for a batch of {batch} rows; "
+                         f"expected [{batch}, seq] or [1, seq].")
+    if position_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "position_ids given while a CUDA graph is being captured: whether the rows are packed is "
+            "decided on the host. Capture without position_ids (rows 0..s-1), or run packed rows eagerly.")
+    if not bool((position_ids[:, 1:] == 0).any()):
+        return None
+    return documents_from_position_ids(position_ids.expand(batch, -1))
 
 
 def check_seq_idx(seq_idx: torch.Tensor | None, batch_seq) -> None:

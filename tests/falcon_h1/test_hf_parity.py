@@ -110,15 +110,32 @@ def test_rope_scaling_matches_transformers_and_round_trips(tmp_path, megatron_si
 def test_position_ids_feed_rope_like_transformers(hf_dir):
     path, hf_model = hf_dir
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(5))
-    # per-row positions with gaps and a restart; the explicit all-ones attention mask tells transformers
-    # not to read restarts as packed documents (position_ids feed RoPE only, in both models)
-    positions = torch.stack([torch.arange(20) * 3 + 7, torch.cat([torch.arange(12), torch.arange(8)])])
+    # per-row positions with gaps, and a row continuing a longer sequence; no 0 after a row's
+    # first token, so neither model reads a packed document in them (position_ids feed RoPE only)
+    positions = torch.stack([torch.arange(20) * 3 + 7, torch.arange(20) + 12])
     with torch.no_grad():
         expected = hf_model(ids, position_ids=positions, attention_mask=torch.ones(2, 20), use_cache=False).logits
         model = falcon_h1.from_hf(path)
         got = model(ids, position_ids=positions)
         assert rel_err(got, expected) <= 1e-5
         assert rel_err(model(ids), expected) > 1e-3  # the positions matter
+
+
+def test_packed_rows_match_transformers_on_each_document(hf_dir):
+    """A 0 in position_ids after a row's first token starts a document (Hugging Face's packed
+    convention): each document's logits equal transformers' FalconH1 on that document alone
+    (transformers' own packed path cannot be the reference: its Mamba branch takes no
+    sequence index, so its SSM state crosses documents)."""
+    from tests.falcon_h1.packed_rows import documents, position_ids
+
+    path, hf_model = hf_dir
+    rows = [[5, 19, 12], [21, 15]]   # 21 and 19: not multiples of the chunk size
+    ids = torch.randint(0, 97, (2, 36), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        got = falcon_h1.from_hf(path)(ids, position_ids=position_ids(rows))
+        for row, start, end in documents(rows):
+            expected = hf_model(ids[row:row + 1, start:end]).logits[0]
+            assert rel_err(got[row, start:end], expected) <= 1e-5, (row, start, end)
 
 
 def test_loss_mask_weights_the_per_token_loss(hf_dir):

@@ -1,0 +1,44 @@
+"""The packed rows of tests/falcon_h1/packed_model.py through a model on the GPU path's kernels
+(mamba_ssm's SSD scan, the Triton conv, the fused Mamba branch, SwiGLU, the fused cross entropy),
+run on CPU by Triton's interpreter (TRITON_INTERPRET=1, set by test_packed_model.py), fp32:
+per-token logits, loss and every gradient against every document run alone on the same kernels.
+The Mamba branch is the fused one, as on a GPU (the conv and the gated scan as separate kernels
+take the same seq_idx: tests/falcon_h1/mamba_branch_interpret_worker.py). Exit 1 on failure."""
+
+import sys
+
+from tests.falcon_h1.interpreter_stand_ins import run_mamba_ssm_in_interpreter
+
+run_mamba_ssm_in_interpreter()
+
+from falcon_h1.compat import initialize_parallel  # noqa: E402
+from falcon_h1.config import resolve  # noqa: E402
+from falcon_h1.kernels import KernelOptions  # noqa: E402
+from falcon_h1.linears import MEGATRON_LINEARS  # noqa: E402
+from falcon_h1.model import FalconH1Model, make_transformer_config  # noqa: E402
+from falcon_h1.weights import init_weights  # noqa: E402
+from tests.falcon_h1.packed_model import CONFIG, ROWS, TOLERANCE, batch, errors, run_alone, run_packed  # noqa: E402
+
+# Every Triton kernel on, as on a GPU; build_model would turn them off on a CPU
+# (KernelOptions.for_device), so the model is assembled here as build_model does otherwise.
+# fused_rms_norm is torch's CUDA kernel, not a Triton one; attention is not Triton either
+# (FlexAttention has no backward on CPU), so packed rows take SDPA with the document mask.
+TRITON = KernelOptions(fused_rms_norm=False, packed_attention="sdpa")
+
+
+def triton_model(options: KernelOptions, seed: int = 7) -> FalconH1Model:
+    cfg = resolve(CONFIG)
+    model = FalconH1Model(cfg, make_transformer_config(cfg), MEGATRON_LINEARS, options)
+    MEGATRON_LINEARS.finish(model)
+    init_weights(model, seed)
+    return model
+
+
+initialize_parallel(tp=1)
+model = triton_model(TRITON)
+assert all(layer.mixer.fused_mamba_branch for layer in model.layers), "the model did not take the fused branch"
+data = batch(ROWS, CONFIG.vocab_size)
+got = errors(run_packed(model, data), run_alone(model, data, ROWS))
+worst = max(got, key=got.get)
+print(f"worst {worst} {got[worst]:.1e} (logits {got['logits']:.1e}, loss {got['loss']:.1e})")
+sys.exit(0 if got[worst] <= TOLERANCE else 1)
