@@ -54,6 +54,9 @@ def ssm_step_triton(state, x, dt, A, B, C, D) -> torch.Tensor:
     Per-head scalars are passed as stride-0 expansions over head_dim, the layout the kernel
     reads once per head; dt is already discretized, so its bias is a zero (mamba_ssm 2.3.2
     reads dt_bias's strides unconditionally)."""
+    from falcon_h1.kernels.ssd_triton import make_mamba_ssm_importable
+
+    make_mamba_ssm_importable()
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
     h, p, n = x.shape[1], x.shape[-1], B.shape[-1]
