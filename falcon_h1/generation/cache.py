@@ -6,7 +6,7 @@ Each mixer keeps, per batch row:
   and the SSM state [b, heads, head_dim, d_state] in fp32.
 
 A prompt is prefilled unpadded (no pad token reaches a conv window or SSM state); its
-states come from the mixer's input recorded during the training forward. The SSM state at
+states come from the mixer's input as the training forward hands it over. The SSM state at
 the end of a prompt of length L has the closed form
 
     S_L = sum_t exp(sum_{s>t} A dt_s) dt_t x_t B_t^T

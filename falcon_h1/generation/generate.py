@@ -115,13 +115,14 @@ def _prefill(model, prompts, layer_caches) -> torch.Tensor:
     for row, prompt in enumerate(prompts):
         by_length.setdefault(len(prompt), []).append(row)
     logits = [None] * len(prompts)
-    owners = dict(access.mixers(model))
     for rows in by_length.values():
         ids = torch.stack([prompts[r] for r in rows])
-        with access.recorded_mixer_inputs(model) as recorded, access.last_position_logits(model):
+
+        def fill(index, mixer, u, freqs, rows=rows):
+            caches.fill_from_prompt(layer_caches[index], rows, mixer, u, freqs)
+
+        with access.mixer_inputs_seen_by(model, fill), access.last_position_logits(model):
             last = model(ids)[:, -1]
-        for index, (u, freqs) in recorded.items():
-            caches.fill_from_prompt(layer_caches[index], rows, owners[index], u, freqs)
         for j, r in enumerate(rows):
             logits[r] = last[j]
     return torch.stack(logits)

@@ -3,9 +3,9 @@
 Generation runs the model's own forward for every token: embedding, layers, MLPs, norms,
 LM head and the tensor-parallel gathers are the training code. Only the mixers change:
 
-- prefill is the plain training forward with a pre-hook on each mixer that records its
-  input (the normed hidden states) and the rotary frequencies it was given; the caches are
-  computed from those (falcon_h1.generation.cache);
+- prefill is the plain training forward with a pre-hook on each mixer that hands its input
+  (the normed hidden states) and the rotary frequencies it was given to the cache code
+  (falcon_h1.generation.cache), which computes that layer's states from them;
 - a decode step swaps each mixer for a module that handles one new token from the caches
   (falcon_h1.generation.decode) and reads the mixer's projections, µP scales and SSM
   parameters through the functions here.
@@ -157,17 +157,17 @@ def use_fast_kernels(model, device: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def recorded_mixer_inputs(model):
-    """During the block, each forward records {layer index: (u [s, b, H], rotary freqs)} of
-    every mixer into the yielded dict (the last forward's values)."""
-    recorded: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+def mixer_inputs_seen_by(model, callback: Callable[[int, torch.nn.Module, torch.Tensor, Optional[torch.Tensor]], None]):
+    """During the block, each mixer's forward first calls callback(layer index, mixer, u [s, b, H],
+    rotary freqs), with the input it is about to process (used at once, so no layer's input
+    outlives its own forward)."""
     handles = []
     for index, mixer in mixers(model):
         def hook(module, args, index=index):
-            recorded[index] = (args[0], args[1] if len(args) > 1 else None)
+            callback(index, module, args[0], args[1] if len(args) > 1 else None)
         handles.append(mixer.register_forward_pre_hook(hook))
     try:
-        yield recorded
+        yield
     finally:
         for handle in handles:
             handle.remove()
