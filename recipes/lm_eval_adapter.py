@@ -44,7 +44,7 @@ class FalconH1LM(TemplateLM):
         self._max_length = int(max_length) if max_length is not None else loaded.max_length
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
-        self.device = next(self.model.parameters()).device
+        self._model_device = next(self.model.parameters()).device
 
     @property
     def eot_token_id(self) -> int:
@@ -78,7 +78,7 @@ class FalconH1LM(TemplateLM):
             for r, (inputs, _, _) in enumerate(windows):
                 ids[r, :len(inputs)] = torch.tensor(inputs)
             with torch.no_grad():
-                logprobs = F.log_softmax(self.model(ids.to(self.device)).float(), dim=-1)
+                logprobs = F.log_softmax(self.model(ids.to(self._model_device)).float(), dim=-1)
             for r, (inputs, targets, n) in enumerate(windows):
                 rows = logprobs[r, len(inputs) - n:len(inputs)]           # predicts the last n targets
                 wanted = torch.tensor(targets[-n:], device=rows.device)

@@ -207,6 +207,7 @@ def test_lm_eval_adapter_on_the_run_equals_lm_eval_on_the_hf_export(trained, tmp
         reference = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
         assert len(mine) == len(reference) > 0
         for a, b in zip(mine, reference):
+            assert len(_flat(a["resps"])) == len(_flat(b["resps"])) > 0
             for x, y in zip(_flat(a["resps"]), _flat(b["resps"])):
                 assert x == pytest.approx(y, rel=1e-5, abs=1e-5) if isinstance(y, float) else x == y, task
 
