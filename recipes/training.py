@@ -102,10 +102,6 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     run_dir = Path(t.run_dir)
     ckpt_root = run_dir / "checkpoints"
 
-    if recipe.bitnet.enabled:
-        from bitnet import use_reference_kernels
-
-        use_reference_kernels(t.force_reference_kernels)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(

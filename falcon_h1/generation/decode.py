@@ -1,11 +1,10 @@
-"""A decode step: the model's forward on one new token per row, each mixer stood in for by
-a CachedMixer that attends over the KV cache and advances the conv window and SSM state."""
+"""A decode step: the model's forward on one new token per row at that row's position, each
+mixer stood in for by a CachedMixer that attends over the KV cache and advances the conv
+window and SSM state."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from falcon_h1.generation import model_access as access
@@ -19,14 +18,11 @@ class StepPositions:
 
     positions: torch.Tensor          # [b] long: the new token's position (= tokens already cached)
     valid: torch.Tensor              # [b, n]: cache slots holding this row's tokens, the new one included
-    freqs: Optional[torch.Tensor]    # [1, b, 1, d]: rotary frequencies at `positions`
 
     @staticmethod
-    def at(positions: torch.Tensor, n: int, rotary_table: Optional[torch.Tensor]) -> "StepPositions":
+    def at(positions: torch.Tensor, n: int) -> "StepPositions":
         """n: slots attended over, at least positions.max() + 1 (passed in: no device sync)."""
-        valid = torch.arange(n, device=positions.device)[None, :] <= positions[:, None]
-        freqs = rotary_table[positions].transpose(0, 1) if rotary_table is not None else None
-        return StepPositions(positions, valid, freqs)
+        return StepPositions(positions, torch.arange(n, device=positions.device)[None, :] <= positions[:, None])
 
 
 class CachedMixer(torch.nn.Module):
@@ -42,13 +38,13 @@ class CachedMixer(torch.nn.Module):
         mixer = self.source
         qkv, zxbcdt = access.project_in(mixer, u)
         y = self._mamba(zxbcdt[0]) if zxbcdt is not None else None
-        o = self._attention(qkv) if qkv is not None else None
+        o = self._attention(qkv, rotary_freqs) if qkv is not None else None
         return access.project_out(mixer, y, o)
 
-    def _attention(self, qkv):
+    def _attention(self, qkv, freqs):
         mixer, cache, at = self.source, self.cache, self.step.now
         q, k, v = access.split_qkv(mixer, qkv)                      # [1, b, heads, d]
-        q, k = access.apply_rotary(mixer, q, at.freqs), access.apply_rotary(mixer, k, at.freqs)
+        q, k = access.apply_rotary(mixer, q, freqs), access.apply_rotary(mixer, k, freqs)
         rows = torch.arange(q.shape[1], device=q.device)
         cache.k[rows, :, at.positions] = k[0].to(cache.k.dtype)
         cache.v[rows, :, at.positions] = v[0].to(cache.v.dtype)
@@ -76,4 +72,4 @@ class StepHolder:
 def decode_step(model, tokens: torch.Tensor, step: StepHolder, positions: StepPositions) -> torch.Tensor:
     """tokens [b] at `positions` -> logits [b, vocab] (the mixers must be CachedMixers)."""
     step.now = positions
-    return model(tokens[:, None])[:, -1]
+    return model(tokens[:, None], position_ids=positions.positions[:, None])[:, -1]

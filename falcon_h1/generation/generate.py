@@ -86,7 +86,6 @@ def _generate(model, prompts, max_new_tokens, sampler, eos, pad, streamer, keep_
                     for i, m in access.mixers(model)}
     logits = _prefill(model, prompts, layer_caches)
     generator = sampler.generator(device)
-    table = access.rotary_table(model, capacity)
     fast = access.use_fast_kernels(model, device)
     holder = StepHolder()
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -104,7 +103,7 @@ def _generate(model, prompts, max_new_tokens, sampler, eos, pad, streamer, keep_
                 streamer.put(tokens.cpu())
             if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
                 break
-            logits = decode_step(model, tokens, holder, StepPositions.at(lengths + step, longest + step + 1, table))
+            logits = decode_step(model, tokens, holder, StepPositions.at(lengths + step, longest + step + 1))
     return torch.stack(out, dim=1), kept
 
 

@@ -6,9 +6,10 @@ LM head and the tensor-parallel gathers are the training code. Only the mixers c
 - prefill is the plain training forward with a pre-hook on each mixer that hands its input
   (the normed hidden states) and the rotary frequencies it was given to the cache code
   (falcon_h1.generation.cache), which computes that layer's states from them;
-- a decode step swaps each mixer for a module that handles one new token from the caches
+- a decode step is the forward on one token per row at its own position (position_ids), with
+  each mixer swapped for a module that handles that token from the caches
   (falcon_h1.generation.decode) and reads the mixer's projections, µP scales and SSM
-  parameters through the functions here.
+  parameters through the functions here; the model computes the rotary frequencies.
 
 The projections are taken in their unfolded form (linear, then the mixer's per-channel µP
 scale), which is the same function as the folded one the training path may use.
@@ -71,11 +72,6 @@ def has_mamba(mixer) -> bool:
     return mixer.mamba
 
 
-def rotary_table(model, length: int) -> Optional[torch.Tensor]:
-    """Rotary frequencies of positions 0..length-1, [length, 1, 1, d] (None without attention)."""
-    return model.rotary(length) if model.cfg.has_attention else None
-
-
 def project_in(mixer, u: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """u [s, b, H] -> (qkv, zxbcdt) [s, b, .] of this rank's heads, µP-scaled; None for an absent branch."""
     d = mixer.dims
@@ -115,10 +111,12 @@ def split_qkv(mixer, qkv: torch.Tensor):
 
 
 def apply_rotary(mixer, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """RoPE as the mixer applies it: t [s, b, heads, d], freqs broadcastable to [s, b, 1, d]."""
+    """RoPE as the mixer applies it: t [s, b, heads, d], freqs (the model's, [s, b or 1, 1, d])."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
 
-    return apply_rotary_pos_emb(t, freqs, config=mixer.config)
+    from falcon_h1 import rope
+
+    return apply_rotary_pos_emb(t, freqs, config=mixer.config, mscale=rope.attention_scaling(mixer.cfg))
 
 
 def attention_scale(mixer) -> float:

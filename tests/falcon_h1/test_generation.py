@@ -57,19 +57,41 @@ def test_greedy_equals_transformers_for_config_variants(tmp_path, megatron_singl
     assert torch.equal(ours, expected)
 
 
-def test_cached_decoding_equals_full_recomputation(hf_pair, prompts):
-    model = falcon_h1.from_hf(hf_pair[0])
+def assert_cached_decoding_equals_recomputation(model, prompts, new_tokens):
     ids, mask = left_padded(prompts)
-    out = falcon_h1.generate(model, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+    out = falcon_h1.generate(model, ids, attention_mask=mask, max_new_tokens=new_tokens,
                              return_dict_in_generate=True, output_logits=True)
-    assert len(out.logits) == NEW_TOKENS
+    assert len(out.logits) == new_tokens
     for r, prompt in enumerate(prompts):
         tokens = torch.cat([prompt, out.sequences[r, ids.shape[1]:]])
         with torch.no_grad():
             full = model(tokens[None])[0]  # training forward over the whole sequence, no cache
-        for step in range(NEW_TOKENS):
+        for step in range(new_tokens):
             reference = full[len(prompt) + step - 1]
             assert (out.logits[step][r] - reference).abs().max() <= 1e-5, (r, step)
+
+
+def test_cached_decoding_equals_full_recomputation(hf_pair, prompts):
+    assert_cached_decoding_equals_recomputation(falcon_h1.from_hf(hf_pair[0]), prompts, NEW_TOKENS)
+
+
+def test_cached_decoding_equals_full_recomputation_with_yarn(tmp_path, megatron_single, prompts):
+    """yarn scales cos and sin by an attention factor: cached K and each new q, k carry it."""
+    rope = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16}
+    make_hf_model(seed=4, rope_parameters=rope).save_pretrained(tmp_path)
+    assert_cached_decoding_equals_recomputation(falcon_h1.from_hf(tmp_path), prompts, 20)
+
+
+def test_dynamic_rope_past_max_positions_equals_transformers_generate(tmp_path, megatron_single, prompts):
+    """Dynamic NTK grows the base once a position reaches max_position_embeddings (24, crossed
+    while decoding); with a cache, earlier keys keep the frequencies they were rotated with, as
+    in transformers' generate (so a full recomputation is not the reference here)."""
+    hf_model = make_hf_model(seed=4, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+                             max_position_embeddings=24)
+    hf_model.save_pretrained(tmp_path)
+    ids = prompts[0][None]
+    expected = hf_model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert torch.equal(falcon_h1.generate(falcon_h1.from_hf(tmp_path), ids, max_new_tokens=30), expected)
 
 
 def test_left_padded_batch_equals_each_prompt_alone(hf_pair, prompts):
