@@ -9,27 +9,20 @@ the end-of-document token as every training document after the first does.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 
 class TextTokenizer:
-    """encode / decode / end-of-document id, and the chat template where the tokenizer has one
-    (tokenizer_config.json beside tokenizer.json, rendered by transformers)."""
+    """encode / decode / end-of-document id of the training tokenizer (recipes.data), and its
+    chat template where it has one."""
 
     def __init__(self, spec: str):
-        from recipes.data.tokenizer import BYTE_SPEC, build_tokenizer, resolve_tokenizer_file
+        from recipes.data.tokenizer import build_tokenizer
 
         self.spec = spec
         self._tokenizer = build_tokenizer(spec)
-        self._chat_dir = None
-        if spec != BYTE_SPEC:
-            folder = resolve_tokenizer_file(spec).parent
-            config = folder / "tokenizer_config.json"
-            if config.is_file() and json.loads(config.read_text()).get("chat_template"):
-                self._chat_dir = folder
 
     @property
     def eos_id(self) -> int:
@@ -50,16 +43,9 @@ class TextTokenizer:
         return [self.eos_id] + self.encode(text)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        """The conversation rendered with the tokenizer's chat template, ending with the
-        assistant's turn opened (add_generation_prompt)."""
-        if self._chat_dir is None:
-            raise ValueError(f"tokenizer {self.spec!r} has no chat template; allowed with --chat: a tokenizer.json "
-                             "whose folder holds a tokenizer_config.json with a chat_template.")
-        from transformers import AutoTokenizer
-
-        hf = AutoTokenizer.from_pretrained(str(self._chat_dir))
-        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        """The conversation rendered with the tokenizer's chat template as chat training data is,
+        ending with the assistant's turn opened (add_generation_prompt)."""
+        return self.encode(self._tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
 @dataclass
