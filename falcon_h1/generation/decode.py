@@ -28,10 +28,10 @@ class StepPositions:
 class CachedMixer(torch.nn.Module):
     """Called as the mixer is, u [1, b, H] -> [1, b, H], for one new token per row."""
 
-    def __init__(self, mixer, cache: LayerCache, step: "StepHolder", fast: bool):
+    def __init__(self, mixer, cache: LayerCache, step: "StepHolder"):
         super().__init__()
         self.__dict__["source"] = mixer  # not a submodule: the model keeps owning it
-        self.cache, self.step, self.fast = cache, step, fast
+        self.cache, self.step, self.fast = cache, step, access.uses_gpu_kernels(mixer)
         self.ssm = access.ssm_params(mixer) if access.has_mamba(mixer) else None
 
     def forward(self, u, rotary_freqs=None):

@@ -86,11 +86,10 @@ def _generate(model, prompts, max_new_tokens, sampler, eos, pad, streamer, keep_
                     for i, m in access.mixers(model)}
     logits = _prefill(model, prompts, layer_caches)
     generator = sampler.generator(device)
-    fast = access.use_fast_kernels(model, device)
     holder = StepHolder()
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out, kept = [], []
-    with access.mixers_replaced(model, lambda i, m: CachedMixer(m, layer_caches[i], holder, fast)):
+    with access.mixers_replaced(model, lambda i, m: CachedMixer(m, layer_caches[i], holder)):
         for step in range(max_new_tokens):
             if keep_logits:
                 kept.append(logits.float())

@@ -147,11 +147,10 @@ def gate(mixer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return y * F.silu(z)
 
 
-def use_fast_kernels(model, device: torch.device) -> bool:
-    """The model's own reference-vs-GPU-kernel choice for this device."""
-    from falcon_h1 import kernels
-
-    return kernels.use_fast_path(model.cfg.kernel_backend, device)
+def uses_gpu_kernels(mixer) -> bool:
+    """Whether the mixer runs the GPU (Triton) SSM kernels: the model's choice, made when it was
+    built for its device and kernel_backend."""
+    return mixer.kernel_options.triton_ssd
 
 
 @contextlib.contextmanager
