@@ -36,6 +36,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from bitnet import kernels, reference
 from bitnet.segments import Segment, SegmentLayout
+from falcon_h1.errors import ConfigValueError
 
 # Values allowed in `bitnet.layers` of the recipe.
 ALLOWED_LAYERS = ("attention_qkv", "attention_out", "mamba_in", "mamba_out", "mlp", "lm_head")
@@ -499,16 +500,16 @@ BITNET_LINEAR_TYPES = (BitNetColumnParallelLinear, BitNetRowParallelLinear)
 def validate_bitnet_layers(bitnet_cfg) -> list[str]:
     layers = getattr(bitnet_cfg, "layers", None)
     if layers is None or isinstance(layers, str):
-        raise ValueError(
-            f"bitnet.layers must be a list of layer types, got {layers!r}; "
-            f"allowed values: {list(ALLOWED_LAYERS)}"
-        )
+        raise ConfigValueError(
+            "bitnet.layers", layers, f"a list of layer types from {list(ALLOWED_LAYERS)}",
+            message=f"bitnet.layers must be a list of layer types, got {layers!r}; "
+                    f"allowed values: {list(ALLOWED_LAYERS)}")
     for value in layers:
         if value not in ALLOWED_LAYERS:
-            raise ValueError(
-                f"bitnet.layers: {value!r} is not a quantisable layer type; "
-                f"allowed values: {list(ALLOWED_LAYERS)}"
-            )
+            raise ConfigValueError(
+                "bitnet.layers", value, f"one of {list(ALLOWED_LAYERS)}",
+                message=f"bitnet.layers: {value!r} is not a quantisable layer type; "
+                        f"allowed values: {list(ALLOWED_LAYERS)}")
     return list(layers)
 
 

@@ -95,7 +95,7 @@ def _free(*objs):
 
 def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list[str], layers: int | None,
         profile: tuple[str, ...] = ()):
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
     from falcon_h1.flops import training_flops_per_token
     from falcon_h1.hf import from_hf
     from falcon_h1.presets import get_preset

@@ -63,7 +63,7 @@ def config_to_hf(cfg: FalconH1Config) -> dict:
 
 
 def _ensure_parallel(tp: int) -> None:
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
         initialize_parallel(tp=tp)

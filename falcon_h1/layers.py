@@ -28,7 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from falcon_h1 import kernels
-from falcon_h1.compat import recompute
+from falcon_h1.megatron_compat.transformer import recompute
 from falcon_h1.config import FalconH1Config
 
 

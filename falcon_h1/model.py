@@ -15,7 +15,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from falcon_h1 import kernels
-from falcon_h1.compat import MEGATRON_FUSIONS_OFF, recompute
+from falcon_h1.megatron_compat.transformer import MEGATRON_FUSIONS_OFF, recompute
 from falcon_h1.config import FalconH1Config, resolve
 from falcon_h1.layers import FalconH1Layer, RMSNorm
 from falcon_h1.weights import accumulated_grad
@@ -177,11 +177,11 @@ def build_model(
 ) -> FalconH1Model:
     """The one place a Falcon-H1 config becomes a Megatron model on this rank.
 
-    Needs Megatron's parallel state (falcon_h1.compat.initialize_parallel). Weights
+    Needs Megatron's parallel state (falcon_h1.megatron_compat.parallel.initialize_parallel). Weights
     are initialised from `seed` in the Hugging Face layout and sliced per rank, so
     any TP size starts from the same model.
     """
-    from falcon_h1.compat import default_device
+    from falcon_h1.megatron_compat.parallel import default_device
     from falcon_h1.weights import init_weights
 
     tp = parallel_state.get_tensor_model_parallel_world_size()

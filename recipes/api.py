@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import OmegaConf
-
+from falcon_h1.errors import ConfigValueError
 from falcon_h1.presets import SIZES
 from recipes.config import RecipeConfig
+from recipes.recipe_file import recipe_from_yaml, to_recipe
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -35,13 +35,8 @@ def compose_recipe(overrides: Iterable[str] = ()) -> RecipeConfig:
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return to_recipe(cfg)
-
-
-def to_recipe(cfg) -> RecipeConfig:
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg))
+        composed = compose(config_name="config", overrides=list(overrides))
+    return to_recipe(composed)
 
 
 def _flatten(prefix: str, value: Any) -> list[str]:
@@ -67,13 +62,13 @@ def falcon_h1_pretrain(size: str = "tiny", *, bitnet: bool = False, executor: st
     Keyword groups override fields: train={"max_steps": 10}, parallel={"tp": 2}, model={...}.
     """
     if size not in SIZES and size not in SIZES.values():
-        raise ValueError(f"size = {size!r} is not allowed; allowed: {', '.join(SIZES)}.")
+        raise ConfigValueError("size", size, ", ".join(SIZES))
     overrides = [f"model={SIZES.get(size, size)}", f"bitnet={'on' if bitnet else 'off'}", f"executor={executor}"]
     if size not in ("tiny", "micro", "falcon_h1_tiny", "falcon_h1_micro"):
         overrides.append("train=pretrain")
     for group, values in groups.items():
         if not isinstance(values, dict):
-            raise ValueError(f"{group} = {values!r}: pass a dict of fields, e.g. {group}={{'field': value}}.")
+            raise ConfigValueError(group, values, f"a dict of fields, e.g. {group}={{'field': value}}")
         overrides += _flatten(group, values)
     return compose_recipe(overrides)
 
@@ -81,26 +76,24 @@ def falcon_h1_pretrain(size: str = "tiny", *, bitnet: bool = False, executor: st
 def run(recipe: RecipeConfig, executor: str | None = None):
     """Train in this process (local, one process) or launch through an executor; both
     validate the recipe before anything starts."""
-    from recipes.build import validate_recipe
-
     if executor is not None:
         recipe.executor.kind = executor
     if recipe.executor.kind == "local" and recipe.executor.nproc_per_node == 1 and not recipe.dryrun:
         from recipes.training import train
 
         return train(recipe)  # validates first
-    validate_recipe(recipe)
-    import launchers
+    from recipes.build import validate_recipe
+    from recipes.launch import launch
 
-    return launchers.launch(recipe, dryrun=recipe.dryrun)
+    validate_recipe(recipe)  # the executor's own settings: by the launcher
+    return launch(recipe, dryrun=recipe.dryrun)
 
 
-def load_trained_model(run_dir: str | Path, step: int | None = None):
+def load_trained_model(run_dir: str | Path):
     """The model of a finished or running job, built from run_dir/config.yaml and loaded
     from its latest checkpoint (this process: TP=1, PP=1). Returns (model, recipe, step)."""
-    from falcon_h1.compat import initialize_parallel
-    from falcon_h1.model import build_model
-    from recipes.build import effective_model_config, resolve_precision
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
+    from recipes.build import build_model_for, validate_recipe
     from recipes.checkpointing import load_latest_checkpoint
 
     run_dir = Path(run_dir)
@@ -109,19 +102,9 @@ def load_trained_model(run_dir: str | Path, step: int | None = None):
         raise FileNotFoundError(f"{config_file} does not exist; allowed: a run directory written by falcon-train.")
     recipe = recipe_from_yaml(config_file)
     initialize_parallel(tp=1, pp=1, seed=recipe.train.seed)
-    bitnet = recipe.bitnet if recipe.bitnet.enabled else None
-    model = build_model(effective_model_config(recipe), bitnet, precision=resolve_precision(recipe.train.precision),
-                        initialize=False)
+    model = build_model_for(recipe, validate_recipe(recipe).model_cfg, initialize=False)
     loaded = load_latest_checkpoint(run_dir / "checkpoints", [model], None, None)
     if loaded is None:
         raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint yet.")
     model.eval()
     return model, recipe, loaded[0]
-
-
-def recipe_to_yaml(recipe: RecipeConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
-
-
-def recipe_from_yaml(path: str | Path) -> RecipeConfig:
-    return to_recipe(OmegaConf.load(path))

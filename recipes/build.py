@@ -1,24 +1,30 @@
-"""Recipe -> validated pieces: the effective model config and the checks that run
-before any job starts (so bad input fails fast, with the key named)."""
+"""Recipe -> validated pieces and the model: the checks that run before any job starts (so
+bad input fails fast, with the key named), the effective model config, and the one function
+that builds the model a recipe describes."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 from falcon_h1.config import FalconH1Config, resolve
+from falcon_h1.errors import ConfigValueError
 from recipes.config import RecipeConfig
+from recipes.schedules import LrSchedule, checked_schedule
 
 PRECISIONS = ("auto", "bf16", "fp32")
-EXECUTOR_KINDS = ("local", "slurm", "kubernetes")
 RECOMPUTE = ("none", "selective", "full")
 
 
-class RecipeError(ValueError):
-    """A recipe value that cannot run; the message names the key, value and what is allowed."""
+class CheckedRecipe(NamedTuple):
+    """What validating a recipe resolves: the model config to build and the lr schedule."""
+
+    model_cfg: FalconH1Config
+    schedule: LrSchedule
 
 
 def _fail(key: str, value, allowed: str) -> None:
-    raise RecipeError(f"{key} = {value!r} is not allowed: {allowed}.")
+    raise ConfigValueError(key, value, allowed)
 
 
 def effective_model_config(recipe: RecipeConfig) -> FalconH1Config:
@@ -41,12 +47,17 @@ def data_parallel_size(recipe: RecipeConfig, world_size: int) -> int:
     return world_size // (p.tp * p.pp)
 
 
-def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
-    """Every check that can fail before any process starts; returns the resolved model config."""
+def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
+    """Every check of the model, parallel layout, training, data, BitNet and logger settings
+    that can fail before any process starts (the executor's settings are the launcher's)."""
+    from recipes.tracking import resolve_wandb_mode
+
     p, t = recipe.parallel, recipe.train
     for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp)):
         if not isinstance(value, int) or value < 1:
             _fail(key, value, "a positive integer")
+    if p.ddp_bucket_size is not None and (not isinstance(p.ddp_bucket_size, int) or p.ddp_bucket_size < 1):
+        _fail("parallel.ddp_bucket_size", p.ddp_bucket_size, "null (Megatron's default) or a positive integer")
     model_cfg = resolve(effective_model_config(recipe), p.tp)
     if model_cfg.num_hidden_layers % p.pp:
         _fail("parallel.pp", p.pp, f"a divisor of model.num_hidden_layers = {model_cfg.num_hidden_layers}")
@@ -58,14 +69,10 @@ def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
         value = getattr(t, key)
         if not isinstance(value, int) or value < 1:
             _fail(f"train.{key}", value, "a positive integer")
-    from recipes.schedules import validate_train_schedule
-
-    validate_train_schedule(t)
+    schedule = checked_schedule(t)
     if recipe.data.seq_length < 1 or recipe.data.seq_length > model_cfg.max_position_embeddings:
         _fail("data.seq_length", recipe.data.seq_length,
               f"1 .. model.max_position_embeddings = {model_cfg.max_position_embeddings}")
-    if recipe.executor.kind not in EXECUTOR_KINDS:
-        _fail("executor.kind", recipe.executor.kind, f"one of {EXECUTOR_KINDS}")
     if recipe.bitnet.enabled:
         from bitnet.layers import validate_bitnet_layers
 
@@ -73,8 +80,10 @@ def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
     from recipes.data import validate_data_config
 
     validate_data_config(recipe.data)
+    if recipe.logger.wandb:
+        resolve_wandb_mode(recipe.logger.wandb_mode)
     validate_cuda_graph(recipe)
-    return model_cfg
+    return CheckedRecipe(model_cfg, schedule)
 
 
 def validate_cuda_graph(recipe: RecipeConfig) -> None:
@@ -119,13 +128,32 @@ def validate_cuda_graph_device(recipe: RecipeConfig, cuda_available: bool) -> No
 
 
 def validate_parallel_layout(recipe: RecipeConfig, world_size: int) -> None:
-    """The checks that need the number of processes (known once the job has started)."""
+    """The checks that need the number of processes (known once the job has started; that
+    tp * pp divides it, `initialize_parallel` checks)."""
     p, t = recipe.parallel, recipe.train
-    if world_size % (p.tp * p.pp):
-        _fail("parallel.tp", p.tp, f"tp * pp = {p.tp * p.pp} dividing the {world_size} processes")
     dp = data_parallel_size(recipe, world_size)
     if p.dp is not None and p.dp != dp:
         _fail("parallel.dp", p.dp, f"world_size / (tp * pp) = {dp} (or null)")
     if t.global_batch_size % (t.micro_batch_size * dp):
         _fail("train.global_batch_size", t.global_batch_size,
               f"a multiple of train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")
+
+
+def build_model_for(recipe: RecipeConfig, model_cfg: FalconH1Config, **options):
+    """`falcon_h1.model.build_model` for `recipe`: its BitNet layers, precision and kernel choice.
+
+    `train.force_reference_kernels` is applied here and nowhere else: the model config's
+    kernel backend and BitNet's kernels (which still choose process-wide, set here on every
+    build). `options` pass on to build_model (sequence_parallel, recompute, seed, initialize).
+    """
+    from falcon_h1.model import build_model
+
+    force_reference = recipe.train.force_reference_kernels
+    if force_reference:
+        model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference")
+    bitnet_cfg = recipe.bitnet if recipe.bitnet.enabled else None
+    if bitnet_cfg is not None:
+        from bitnet import use_reference_kernels
+
+        use_reference_kernels(force_reference)
+    return build_model(model_cfg, bitnet_cfg, precision=resolve_precision(recipe.train.precision), **options)

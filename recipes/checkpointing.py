@@ -17,27 +17,12 @@ and every rank's RNG states (Python, NumPy, torch CPU and CUDA, Megatron's
 tensor-parallel RNG tracker). RNG states are only restored when the parallel
 layout is unchanged; they cannot be mapped onto a different one.
 
-Why `dist_checkpointing.save` hung on CPU (2 gloo processes) and what we change:
-
-1. Megatron's torch_dist writer collects its write results through
-   `filesystem_async.get_write_results_queue()`, which starts a
-   `multiprocessing.get_context("spawn").Manager()` on the first save. A spawned
-   process re-imports the `__main__` script; a worker script without an
-   `if __name__ == "__main__"` guard re-runs `init_process_group` there and blocks,
-   and the parent waits forever for the manager to start. Even with the guard
-   the spawn costs a fresh interpreter importing torch and Megatron. Saves here
-   are synchronous (the writer runs in this process), so we hand the writer an
-   in-process `queue.Queue`.
-2. The writer's `preload_tensors` calls `torch.cuda.synchronize()` unconditionally;
-   on a host without CUDA we route it to the no-op `torch.cpu.synchronize()`.
-3. The writer logs memory with `psutil`, which megatron-core does not declare as a
-   dependency: without it every save fails ("psutil is not installed").
-
-Megatron 0.19.2's distributed optimizer also needs help to load with torch's
-AdamW (the optimizer Megatron uses without TE/Apex, on GPU too): its default
-format cannot be built at all, a fresh optimizer has no state to load into, and
-the restored AdamW step is wrong; see DISTRIBUTED_OPTIMIZER_FORMATS,
-`_allocate_distributed_optimizer_state` and `_load_optimizer_state`.
+Saves are synchronous and in-process (`falcon_h1.megatron_compat.dist_checkpointing` says
+why Megatron 0.19.2's writer needs that). Megatron 0.19.2's optimizers also need help to save
+a bf16 model with fp32 parameters and to load the distributed optimizer with torch's AdamW
+(the optimizer Megatron uses without TE/Apex, on GPU too): its default format cannot be built
+at all (see DISTRIBUTED_OPTIMIZER_FORMATS), and `falcon_h1.megatron_compat.optimizer_checkpoint`
+holds the rest.
 
 Saving uses Megatron's `FullyParallelSaveStrategyWrapper` (replicated tensors are
 written once, spread over the data-parallel ranks). Loading uses the plain
@@ -48,31 +33,31 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import shutil
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-
-from falcon_h1.compat import enable_cpu_megatron
 import torch.distributed as dist
-
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import (
     get_default_load_sharded_strategy,
     get_default_save_sharded_strategy,
 )
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 from megatron.core.utils import unwrap_model
+
+from falcon_h1.megatron_compat.dist_checkpointing import make_synchronous_save_work_everywhere
+from falcon_h1.megatron_compat.optimizer_checkpoint import (
+    allocate_distributed_optimizer_state,
+    fp32_params_numbered_as_the_optimizer_does,
+    load_optimizer_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +96,7 @@ def save_checkpoint(
             f"distributed_optimizer_format = {distributed_optimizer_format!r}; "
             f"allowed: {', '.join(DISTRIBUTED_OPTIMIZER_FORMATS)}."
         )
-    _make_synchronous_save_work_everywhere()
+    make_synchronous_save_work_everywhere()
     final_dir = checkpoint_dir(ckpt_root, step)
     tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
     if dist.get_rank() == 0:
@@ -154,7 +139,7 @@ def load_latest_checkpoint(
     the saved one; so may the optimizer state, except a distributed optimizer's
     saved as "dp_reshardable" (then only the DP size may change).
     """
-    _make_synchronous_save_work_everywhere()
+    make_synchronous_save_work_everywhere()
     latest = Path(ckpt_root) / LATEST_FILE
     if not latest.is_file():
         return None
@@ -185,7 +170,7 @@ def load_latest_checkpoint(
     for key, chunk in _model_keys(model_chunks):
         chunk.load_state_dict(loaded[key])
     if optimizer is not None:
-        _load_optimizer_state(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout:
@@ -209,142 +194,10 @@ def _model_and_optimizer_state(model_chunks, optimizer, content: dict, is_loadin
     state = {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in _model_keys(model_chunks)}
     if optimizer is not None:
         if is_loading:
-            _allocate_distributed_optimizer_state(optimizer)
-        with _fp32_params_numbered_as_the_optimizer_does(optimizer):
+            allocate_distributed_optimizer_state(optimizer)
+        with fp32_params_numbered_as_the_optimizer_does(optimizer):
             state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
-
-
-@contextmanager
-def _fp32_params_numbered_as_the_optimizer_does(optimizer):
-    """Let Megatron's bf16 optimizers checkpoint a model that also has fp32 parameters.
-
-    Falcon-H1 keeps A_log, D and dt_bias in fp32 inside a bf16 model, and Megatron 0.19.2
-    numbers such mixed groups inconsistently when it builds or loads a checkpoint, so one
-    parameter's state was paired with another's shape ("Optimizer shape (8,) does not match
-    model shape (128,)"; "size of tensor a (64) must match ... (4)"):
-    * `Float16OptimizerWithFloat16Params` keeps the fp32 parameters in its param groups (as
-      themselves) but numbers the checkpoint by `float16_groups`, which lacks them. While this is
-      open, each group lists every parameter in param-group order, an fp32 one as its own main
-      copy; loading then copies the saved fp32 values into those parameters themselves.
-    * `DistributedOptimizer` puts a group's fp32 shards before its bf16 ones in the inner
-      optimizer, but `model_param_group_index_map` keeps the model's interleaved order. While
-      this is open, the map points at each parameter's own shard.
-    Training itself pairs the groups correctly and is not touched.
-    """
-    megatron_optimizer = getattr(optimizer, "unwrapped", optimizer)
-    replacements = []  # (inner optimizer, {attribute: value while open}), all built before any is set
-    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        if hasattr(inner, "fp32_from_float16_groups") and hasattr(inner, "float16_groups"):
-            model_groups, main_groups = [], []
-            for group, model_params, main_params in zip(inner.optimizer.param_groups, inner.float16_groups,
-                                                        inner.fp32_from_float16_groups):
-                model_of_main = {id(main): model for main, model in zip(main_params, model_params)}
-                main_groups.append(list(group["params"]))
-                model_groups.append([model_of_main.get(id(param), param) for param in group["params"]])
-            replacements.append((inner, {"float16_groups": model_groups, "fp32_from_float16_groups": main_groups}))
-        elif hasattr(inner, "model_param_group_index_map") and hasattr(inner, "shard_fp32_groups"):
-            position = {id(param): (g, i) for g, group in enumerate(inner.optimizer.param_groups)
-                        for i, param in enumerate(group["params"])}
-            index_map = {}
-            for pairs in ((inner.model_fp32_groups, inner.shard_fp32_groups),
-                          (inner.model_float16_groups, inner.shard_fp32_from_float16_groups)):
-                for model_params, shards in zip(*pairs):
-                    for model_param, shard in zip(model_params, shards):
-                        if id(shard) not in position:
-                            raise NotImplementedError(
-                                "checkpointing a bf16 model with fp32 parameters supports Megatron's distributed "
-                                "optimizer with fp32 main shards only (no use_precision_aware_optimizer).")
-                        index_map[model_param] = position[id(shard)]
-            replacements.append((inner, {"model_param_group_index_map": index_map}))
-    saved = [(inner, {name: getattr(inner, name) for name in values}) for inner, values in replacements]
-    try:
-        for inner, values in replacements:
-            for name, value in values.items():
-                setattr(inner, name, value)
-        yield
-    finally:
-        for inner, values in saved:
-            for name, value in values.items():
-                setattr(inner, name, value)
-
-
-def _allocate_distributed_optimizer_state(optimizer) -> None:
-    """Give a fresh distributed optimizer its Adam state tensors before loading into them.
-
-    Megatron's DistributedOptimizer builds its loading state dict from the inner
-    optimizer's state, which torch's AdamW (used when TE/Apex are absent) creates
-    only on its first step; Megatron's `_init_optimizer_states_with_dummy_values`
-    takes that step with zero gradients. lr and weight decay are zeroed around it
-    so not even a decay step touches the weights.
-    """
-    megatron_optimizer = getattr(optimizer, "unwrapped", optimizer)
-    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        allocate = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
-        if allocate is None or len(inner.optimizer.state) > 0:
-            continue
-        groups = inner.optimizer.param_groups
-        saved = [(group["lr"], group["weight_decay"]) for group in groups]
-        for group in groups:
-            group["lr"], group["weight_decay"] = 0.0, 0.0
-        allocate()
-        for group, (lr, weight_decay) in zip(groups, saved):
-            group["lr"], group["weight_decay"] = lr, weight_decay
-
-
-def _load_optimizer_state(optimizer, state: dict) -> None:
-    """`optimizer.load_state_dict`, around Megatron 0.19.2 bugs in the distributed optimizer.
-
-    Megatron restores the step of torch's AdamW (used when TE/Apex are absent;
-    they keep no per-parameter step) from the saved param groups, then copies the
-    per-parameter tensors, where AdamW also keeps a tensor "step":
-    * "fully_reshardable" has no "step" among them: KeyError('step');
-    * "dp_reshardable" has one, but it is the freshly allocated state's, not the
-      saved one: the step count silently went back to 1.
-    The per-parameter copy now skips "step" (and any key the checkpoint lacks, as
-    Megatron already skips non-tensor entries), so the param groups' step stands.
-
-    A second bug on the same path (any distributed optimizer format): Megatron
-    restores torch AdamW's "step" as ONE tensor shared by every parameter's state,
-    and AdamW increments each parameter's step in place, so after a resume the
-    shared counter advanced once per parameter per step and the bias corrections
-    were wrong. Each parameter gets its own copy back.
-
-    The run's choice of torch's fused AdamW (train.fused_optimizer) survives the load, whatever
-    the checkpoint was saved with.
-    """
-    from recipes.optim import fused_adamw_enabled, set_fused_adamw
-
-    megatron_optimizer = getattr(optimizer, "unwrapped", optimizer)
-    fused = fused_adamw_enabled(megatron_optimizer)
-    patched = []
-    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        set_states = getattr(inner, "_set_main_param_and_optimizer_states", None)
-        if set_states is not None:
-            inner._set_main_param_and_optimizer_states = (
-                lambda model_param, tensors, set_states=set_states: set_states(
-                    model_param, defaultdict(lambda: None, _without_step(tensors))
-                )
-            )
-            patched.append(inner)
-    try:
-        # no_grad: 0.19.2's dp_reshardable loader (unlike the others) lacks it and
-        # copies into fp32 main params that are views of leaf parameters.
-        with torch.no_grad(), _fp32_params_numbered_as_the_optimizer_does(optimizer):
-            optimizer.load_state_dict(state)
-    finally:
-        for inner in patched:
-            del inner._set_main_param_and_optimizer_states
-    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        for param_state in inner.optimizer.state.values():
-            if isinstance(param_state.get("step"), torch.Tensor):
-                param_state["step"] = param_state["step"].clone()
-    # torch's load_state_dict took the saved param groups' fused/foreach flags: the run's own stand
-    set_fused_adamw(megatron_optimizer, fused)
-
-
-def _without_step(tensors: dict) -> dict:
-    return {key: value for key, value in tensors.items() if key != "step"}
 
 
 def _parallel_layout() -> dict:
@@ -444,13 +297,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# --------------------------------------------------------------------------------------
-# Shims for Megatron's torch_dist writer (see the module docstring).
-
-
-def _make_synchronous_save_work_everywhere() -> None:
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-    enable_cpu_megatron()  # the writer's torch.cuda.synchronize()

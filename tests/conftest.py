@@ -44,7 +44,7 @@ def run_in_triton_interpreter(script: Path, timeout: int = 240) -> subprocess.Co
 @pytest.fixture(scope="session")
 def megatron_single():
     """One-process gloo group + Megatron parallel state at TP=1."""
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     initialize_parallel(tp=1, pp=1)
     yield

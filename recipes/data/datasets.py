@@ -19,6 +19,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from falcon_h1.errors import ConfigValueError
 from recipes.data.bundled import BUNDLED, ensure_bundled_dataset, resolve_cache_dir
 from recipes.data.validation import parse_blend, parse_split, validate_data_config
 
@@ -39,8 +40,9 @@ def _check_splits_have_documents(prefixes: list[str], split: str) -> None:
             begin = int(round(bounds[index] * num_documents))
             end = int(round(bounds[index + 1] * num_documents))
             if end <= begin:
-                raise ValueError(
-                    f"data.split = {split!r} leaves the {name} split of data.paths entry "
+                raise ConfigValueError(
+                    "data.split", split, f"a split that gives the {name} split documents",
+                    message=f"data.split = {split!r} leaves the {name} split of data.paths entry "
                     f"{prefix!r} without documents (it has {num_documents}); give that split a "
                     f"larger share, set its share to 0, or use a dataset with more documents."
                 )

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from falcon_h1.errors import ConfigValueError
 VOCAB_MULTIPLE = 64
 BYTE_SPEC = "byte"
 
@@ -118,8 +119,9 @@ class HFJsonTokenizer(_TokenizerBase):
         try:
             self._tokenizer = Tokenizer.from_file(self.path)
         except Exception as error:
-            raise ValueError(
-                f"data.tokenizer = {path!r} could not be loaded as a Hugging Face tokenizers "
+            raise ConfigValueError(
+                "data.tokenizer", path, "'byte' or the path of a tokenizer.json file",
+                message=f"data.tokenizer = {path!r} could not be loaded as a Hugging Face tokenizers "
                 f"JSON file ({error}). Allowed: 'byte' or the path of a tokenizer.json file."
             ) from error
         self.unpadded_vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
@@ -142,8 +144,9 @@ class HFJsonTokenizer(_TokenizerBase):
             names.insert(0, declared)
         token_id = self._find_token(names)
         if token_id is None:
-            raise ValueError(
-                f"data.tokenizer = {spec!r} has no end-of-document token: documents need one "
+            raise ConfigValueError(
+                "data.tokenizer", spec, "a tokenizer with an end-of-document token",
+                message=f"data.tokenizer = {spec!r} has no end-of-document token: documents need one "
                 f"appended. Looked for tokenizer_config.json's eos_token and for "
                 f"{', '.join(EOD_CANDIDATES)}. Add one of these as a special token."
             )
@@ -208,8 +211,9 @@ def resolve_tokenizer_file(spec: str) -> Path:
         return path / "tokenizer.json"
     if path.is_file():
         return path
-    raise ValueError(
-        f"data.tokenizer = {spec!r}: no such file. Allowed: 'byte' (built-in byte-level "
+    raise ConfigValueError(
+        "data.tokenizer", spec, "'byte' or the path of a tokenizer.json file (or a folder holding one)",
+        message=f"data.tokenizer = {spec!r}: no such file. Allowed: 'byte' (built-in byte-level "
         f"tokenizer, no download) or the path of a Hugging Face tokenizers JSON file "
         f"(tokenizer.json, or a folder that holds one)."
     )
@@ -218,8 +222,9 @@ def resolve_tokenizer_file(spec: str) -> Path:
 def build_tokenizer(spec: str) -> ByteTokenizer | HFJsonTokenizer:
     """`data.tokenizer` -> tokenizer: "byte" or a local tokenizer.json path."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(
-            f"data.tokenizer = {spec!r}: expected 'byte' or the path of a Hugging Face "
+        raise ConfigValueError(
+            "data.tokenizer", spec, "'byte' or the path of a tokenizer.json file",
+            message=f"data.tokenizer = {spec!r}: expected 'byte' or the path of a Hugging Face "
             f"tokenizers JSON file."
         )
     if spec == BYTE_SPEC:

@@ -11,6 +11,7 @@ import math
 import os
 from typing import Optional, Sequence
 
+from falcon_h1.errors import ConfigValueError
 from recipes.data.bundled import BUNDLED
 from recipes.data.tokenizer import BYTE_SPEC, resolve_tokenizer_file
 
@@ -29,23 +30,25 @@ def _as_weight(item: str) -> Optional[float]:
 
 
 def parse_blend(paths: Sequence) -> tuple[list[str], Optional[list[float]]]:
-    """`data.paths` -> (prefixes, weights or None). Raises ValueError naming data.paths."""
+    """`data.paths` -> (prefixes, weights or None). Raises ConfigValueError naming data.paths."""
     if isinstance(paths, str) or not hasattr(paths, "__iter__"):
-        raise ValueError(f"data.paths = {paths!r}: expected a list. {PATHS_HELP}")
+        raise ConfigValueError("data.paths", paths, PATHS_HELP, message=f"data.paths = {paths!r}: expected a list. {PATHS_HELP}")
     items = [str(item) for item in paths]
     if not items:
-        raise ValueError(f"data.paths is empty. {PATHS_HELP}")
+        raise ConfigValueError("data.paths", items, PATHS_HELP, message=f"data.paths is empty. {PATHS_HELP}")
     if _as_weight(items[0]) is None:
         numeric = [item for item in items if _as_weight(item) is not None]
         if numeric:
-            raise ValueError(
-                f"data.paths = {items}: mixes prefixes with weights ({', '.join(numeric)}); "
+            raise ConfigValueError(
+                "data.paths", items, PATHS_HELP,
+                message=f"data.paths = {items}: mixes prefixes with weights ({', '.join(numeric)}); "
                 f"either give no weights or start with a weight and alternate. {PATHS_HELP}"
             )
         return items, None
     if len(items) % 2:
-        raise ValueError(
-            f"data.paths = {items}: weighted form needs weight/prefix pairs, got an odd "
+        raise ConfigValueError(
+            "data.paths", items, PATHS_HELP,
+            message=f"data.paths = {items}: weighted form needs weight/prefix pairs, got an odd "
             f"number of entries ({len(items)}). {PATHS_HELP}"
         )
     weights, prefixes = [], []
@@ -53,17 +56,20 @@ def parse_blend(paths: Sequence) -> tuple[list[str], Optional[list[float]]]:
         weight_text, prefix = items[position], items[position + 1]
         weight = _as_weight(weight_text)
         if weight is None:
-            raise ValueError(
-                f"data.paths[{position}] = {weight_text!r} is not a number; in the weighted "
+            raise ConfigValueError(
+                f"data.paths[{position}]", weight_text, "a weight (number)",
+                message=f"data.paths[{position}] = {weight_text!r} is not a number; in the weighted "
                 f"form every even entry is a weight. {PATHS_HELP}"
             )
         if not math.isfinite(weight) or weight <= 0:
-            raise ValueError(
-                f"data.paths[{position}] = {weight_text!r}: weights must be positive numbers."
+            raise ConfigValueError(
+                f"data.paths[{position}]", weight_text, "a positive number",
+                message=f"data.paths[{position}] = {weight_text!r}: weights must be positive numbers."
             )
         if _as_weight(prefix) is not None:
-            raise ValueError(
-                f"data.paths[{position + 1}] = {prefix!r} is a number where a prefix was "
+            raise ConfigValueError(
+                f"data.paths[{position + 1}]", prefix, "a dataset prefix",
+                message=f"data.paths[{position + 1}] = {prefix!r} is a number where a prefix was "
                 f"expected. {PATHS_HELP}"
             )
         weights.append(weight)
@@ -76,13 +82,15 @@ def parse_split(split: str) -> list[float]:
     parts = [part.strip() for part in str(split).split(",")]
     values = [_as_weight(part) for part in parts]
     if not 1 <= len(parts) <= 3 or any(v is None or v < 0 or not math.isfinite(v) for v in values):
-        raise ValueError(
-            f"data.split = {split!r}: expected up to three non-negative numbers "
+        raise ConfigValueError(
+            "data.split", split, "up to three non-negative numbers 'train,valid,test'",
+            message=f"data.split = {split!r}: expected up to three non-negative numbers "
             f"'train,valid,test', e.g. '98,2,0'."
         )
     values += [0.0] * (3 - len(values))
     if values[0] <= 0:
-        raise ValueError(f"data.split = {split!r}: the train share (first number) must be > 0.")
+        raise ConfigValueError("data.split", split, "a train share (first number) > 0",
+                               message=f"data.split = {split!r}: the train share (first number) must be > 0.")
     total = sum(values)
     return [value / total for value in values]
 
@@ -102,27 +110,28 @@ def _missing_files_problem(prefix: str) -> Optional[str]:
 
 
 def validate_data_config(data_cfg) -> None:
-    """Raise one ValueError listing every problem in `data.*`, before any work starts."""
-    prefixes, _ = parse_blend(getattr(data_cfg, "paths", [BUNDLED]))
-    problems = [
-        problem
+    """Raise one ConfigValueError listing every problem in `data.*` (it names the first one's
+    key), before any work starts."""
+    prefixes, _ = parse_blend(data_cfg.paths)
+    problems = [  # (key, value, message)
+        ("data.paths", prefix, problem)
         for prefix in prefixes
         if prefix != BUNDLED and (problem := _missing_files_problem(prefix))
     ]
     if problems:
-        problems.append(PATHS_HELP)
-    tokenizer_spec = getattr(data_cfg, "tokenizer", BYTE_SPEC)
-    if tokenizer_spec != BYTE_SPEC:
+        problems.append(("data.paths", data_cfg.paths, PATHS_HELP))
+    if data_cfg.tokenizer != BYTE_SPEC:
         try:
-            resolve_tokenizer_file(str(tokenizer_spec))
-        except ValueError as error:
-            problems.append(str(error))
+            resolve_tokenizer_file(str(data_cfg.tokenizer))
+        except ConfigValueError as error:
+            problems.append((error.key, error.value, str(error)))
     try:
-        parse_split(getattr(data_cfg, "split", "98,2,0"))
-    except ValueError as error:
-        problems.append(str(error))
-    seq_length = getattr(data_cfg, "seq_length", 1)
+        parse_split(data_cfg.split)
+    except ConfigValueError as error:
+        problems.append((error.key, error.value, str(error)))
+    seq_length = data_cfg.seq_length
     if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 1:
-        problems.append(f"data.seq_length = {seq_length!r}: expected a positive integer.")
+        problems.append(("data.seq_length", seq_length, f"data.seq_length = {seq_length!r}: expected a positive integer."))
     if problems:
-        raise ValueError(" ".join(problems))
+        key, value, _ = problems[0]
+        raise ConfigValueError(key, value, "see the message", message=" ".join(message for _, _, message in problems))

@@ -27,7 +27,7 @@ from bitnet_testutil import (  # noqa: E402
     tiny_gpt,
 )
 
-from falcon_h1.compat import initialize_parallel  # noqa: E402
+from falcon_h1.megatron_compat.parallel import initialize_parallel  # noqa: E402
 from recipes.config import BitNetConfig  # noqa: E402
 
 SEED = 1234

@@ -31,7 +31,7 @@ PARTIAL = ["attention_qkv", "mlp"]
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_cpu():
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 1234)
 

@@ -163,7 +163,7 @@ def test_against_onebitllms_triton():
 # --------------------------------------------------------------------------- the layers on GPU
 @pytest.fixture(scope="module")
 def megatron_gpu():
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 1234)
 

@@ -26,7 +26,9 @@ import yaml
 from conftest import HERE
 from torch.distributed.run import get_args_parser
 
-from launchers import ClusterError, ExecutorConfigError, launch, validate_executor
+from falcon_h1.errors import ConfigValueError
+from launchers import ClusterError, validate_executor
+from recipes.launch import launch
 
 DATA = HERE / "data"
 
@@ -204,15 +206,15 @@ def test_pod_command_runs_torchrun_with_the_operator_rendezvous(kube_recipe, tmp
 )
 def test_invalid_settings_are_named(kube_recipe, field, value, words):
     setattr(kube_recipe.executor.kubernetes, field, value)
-    with pytest.raises(ExecutorConfigError) as raised:
-        validate_executor(kube_recipe)
+    with pytest.raises(ConfigValueError) as raised:
+        validate_executor(kube_recipe.executor)
     for word in words:
         assert word in str(raised.value)
 
 
 def test_run_dir_off_the_volumes_is_refused(kube_recipe):
     kube_recipe.train.run_dir = "/tmp/run"
-    with pytest.raises(ExecutorConfigError, match=r"train.run_dir = '/tmp/run' is not on any PersistentVolumeClaim"):
+    with pytest.raises(ConfigValueError, match=r"train.run_dir = '/tmp/run' is not on any PersistentVolumeClaim"):
         launch(kube_recipe, dryrun=True)
 
 

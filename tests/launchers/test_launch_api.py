@@ -9,13 +9,15 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from launchers import EXECUTOR_KINDS, ExecutorConfigError, launch, validate_executor
+from falcon_h1.errors import ConfigValueError
+from launchers import EXECUTOR_KINDS, validate_executor
+from recipes.launch import launch
 
 
 def test_unknown_executor_kind_names_the_field_and_the_choices(recipe):
     recipe.executor.kind = "lsf"
-    for call in (lambda: validate_executor(recipe), lambda: launch(recipe, dryrun=True)):
-        with pytest.raises(ExecutorConfigError) as raised:
+    for call in (lambda: validate_executor(recipe.executor), lambda: launch(recipe, dryrun=True)):
+        with pytest.raises(ConfigValueError) as raised:
             call()
         message = str(raised.value)
         assert "executor.kind = 'lsf'" in message
@@ -84,5 +86,5 @@ def test_the_shipped_executor_configs_launch(overrides, kind, tmp_path, monkeypa
 def test_the_shipped_kubernetes_config_needs_an_image():
     from recipes.api import compose_recipe
 
-    with pytest.raises(ExecutorConfigError, match="executor.kubernetes.image"):
-        validate_executor(compose_recipe(["executor=kubernetes"]))
+    with pytest.raises(ConfigValueError, match="executor.kubernetes.image"):
+        validate_executor(compose_recipe(["executor=kubernetes"]).executor)

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
-from launchers import ExecutorConfigError, launch, validate_executor
+from falcon_h1.errors import ConfigValueError
+from launchers import validate_executor
+from recipes.launch import launch
 from launchers.slurm import parse_time_limit
 
 NODES = ["gpu-a01", "gpu-a02", "gpu-b17", "gpu-c03"]
@@ -225,11 +227,11 @@ def test_relative_run_dir_on_a_login_node_is_made_absolute(recipe, tmp_path, mon
 )
 def test_invalid_settings_are_named_before_anything_runs(big_recipe, field, value, words):
     setattr(big_recipe.executor.slurm, field, value)
-    with pytest.raises(ExecutorConfigError) as raised:
-        validate_executor(big_recipe)
+    with pytest.raises(ConfigValueError) as raised:
+        validate_executor(big_recipe.executor)
     for word in words:
         assert word in str(raised.value)
-    with pytest.raises(ExecutorConfigError):
+    with pytest.raises(ConfigValueError):
         launch(big_recipe, dryrun=True)
 
 
@@ -242,30 +244,30 @@ def test_processes_per_node_may_come_from_nproc_per_node(big_recipe):
     assert "--nproc-per-node=8 " in script
     big_recipe.executor.slurm.ntasks_per_node = 4  # two different answers
     with pytest.raises(
-        ExecutorConfigError, match="executor.nproc_per_node = 8 disagrees with executor.slurm.ntasks_per_node = 4"
+        ConfigValueError, match="executor.nproc_per_node = 8 disagrees with executor.slurm.ntasks_per_node = 4"
     ):
-        validate_executor(big_recipe)
+        validate_executor(big_recipe.executor)
     big_recipe.executor.slurm.ntasks_per_node = 1
     big_recipe.executor.nproc_per_node = 1  # one process for 8 GPUs
     with pytest.raises(
-        ExecutorConfigError, match="executor.slurm.gpus_per_node = 8: training runs one worker process per GPU"
+        ConfigValueError, match="executor.slurm.gpus_per_node = 8: training runs one worker process per GPU"
     ):
-        validate_executor(big_recipe)
+        validate_executor(big_recipe.executor)
 
 
 def test_ssh_tunnel_needs_a_host_and_an_absolute_job_dir(big_recipe):
     big_recipe.executor.slurm.tunnel = "ssh"
-    with pytest.raises(ExecutorConfigError, match="executor.slurm.ssh_host"):
-        validate_executor(big_recipe)
+    with pytest.raises(ConfigValueError, match="executor.slurm.ssh_host"):
+        validate_executor(big_recipe.executor)
     big_recipe.executor.slurm.ssh_host = "login.cluster"
-    with pytest.raises(ExecutorConfigError, match="executor.slurm.job_dir"):
-        validate_executor(big_recipe)
+    with pytest.raises(ConfigValueError, match="executor.slurm.job_dir"):
+        validate_executor(big_recipe.executor)
 
 
 def test_run_dir_outside_the_container_mounts_is_refused(big_recipe):
     big_recipe.train.run_dir = "/scratch/runs/x"
     with pytest.raises(
-        ExecutorConfigError, match=r"train.run_dir = '/scratch/runs/x' is not inside any container mount"
+        ConfigValueError, match=r"train.run_dir = '/scratch/runs/x' is not inside any container mount"
     ):
         launch(big_recipe, dryrun=True)
 

@@ -12,7 +12,8 @@ import yaml
 
 from falcon_h1.presets import PRESETS
 from recipes.api import CONFIG_DIR, compose_recipe, falcon_h1_pretrain
-from recipes.build import RecipeError, validate_recipe
+from falcon_h1.errors import ConfigValueError
+from recipes.build import validate_recipe
 from recipes.config import RecipeConfig
 
 GROUPS = {path.name: sorted(p.stem for p in path.glob("*.yaml")) for path in CONFIG_DIR.iterdir() if path.is_dir()}
@@ -75,7 +76,7 @@ def test_typo_or_wrong_type_fails_naming_the_key(override, key):
     (["train.precision=fp8"], "train.precision"),
 ])
 def test_invalid_recipe_fails_before_training(overrides, key):
-    with pytest.raises((RecipeError, ValueError)) as err:
+    with pytest.raises((ConfigValueError, ValueError)) as err:
         validate_recipe(compose_recipe(overrides))
     assert key in str(err.value)
 

@@ -61,11 +61,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("fused_optimizer", [True, False], ids=["foreach_norm", "megatron_norm"])
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
 def test_two_steps_match_float64_adamw_with_clipping(megatron_single, distributed_optimizer, fused_optimizer):
-    # fused_optimizer: the gradient norm and the clipping scale go through recipes.optim's foreach
+    # fused_optimizer: the gradient norm and the clipping scale go through megatron_compat.optimizer's foreach
     # replacements of Megatron's fallbacks (fused AdamW is set on CUDA only: test_optim_gpu.py)
     from megatron.core.optimizer import clip_grads
 
-    from recipes.optim import _foreach_l2_norm
+    from falcon_h1.megatron_compat.optimizer import _foreach_l2_norm
 
     model, config = tiny_gpt(seed=3)
     train_cfg, parallel_cfg = configs(**HYPER, fused_optimizer=fused_optimizer)
@@ -203,7 +203,7 @@ def test_bad_schedule_names_the_field(megatron_single, overrides, field):
 def test_fused_adamw_setting_survives_a_state_dict_load():
     # torch's load_state_dict brings back the saved groups' fused/foreach flags; set_fused_adamw
     # puts the run's own choice back, with the step counters where that path reads them
-    from recipes.optim import set_fused_adamw
+    from falcon_h1.megatron_compat.optimizer import set_fused_adamw
 
     def adamw(fused: bool):
         param = torch.nn.Parameter(torch.arange(4.0))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.api import compose_recipe, recipe_to_yaml
+from recipes.api import compose_recipe
+from recipes.recipe_file import recipe_to_yaml
 from tests.conftest import REPO, free_port
 
 COMMON = ["model=falcon_h1_micro", "model.vocab_size=320", "logger.wandb=false", "logger.progress_bar=false",
@@ -147,7 +148,8 @@ def test_report_draws_two_real_runs(tracked_runs, tmp_path):
 def test_bitnet_run_exports_ternary_weights_that_reproduce_its_forward(tracked_runs, tmp_path, megatron_single):
     import torch
 
-    from bitnet.export import load_frozen_bitnet, main as export_main
+    from bitnet.export import load_frozen_bitnet
+    from recipes.bitnet_export import main as export_main
     from falcon_h1.model import build_model
     from recipes.api import load_trained_model
     from recipes.build import effective_model_config
