@@ -88,3 +88,26 @@ def test_the_shipped_kubernetes_config_needs_an_image():
 
     with pytest.raises(ConfigValueError, match="executor.kubernetes.image"):
         validate_executor(compose_recipe(["executor=kubernetes"]).executor)
+
+
+def test_launchers_take_a_job_whatever_its_recipe_file_holds():
+    """launchers.launch knows the executor settings only: it places the run directory and asks
+    the caller for the recipe file's text for that directory."""
+    from launchers import ExecutorConfig, Job, launch as launch_job
+
+    asked = []
+
+    def recipe_yaml_for(run_dir: str) -> str:
+        asked.append(run_dir)
+        return f"anything: {run_dir}\n"
+
+    executor = ExecutorConfig(kind="kubernetes")
+    executor.kubernetes.image, executor.kubernetes.pvcs = "ghcr.io/x/falcon:1", {"runs": "/runs"}
+    result = launch_job(Job(name="Any Job", run_dir="exp/1", executor=executor, recipe_yaml_for=recipe_yaml_for,
+                            worker_module="my.worker"), dryrun=True)
+    assert asked == ["/runs/exp/1"] and result.run_dir == "/runs/exp/1"
+    configmap, job = yaml.safe_load_all(result.rendered)
+    assert configmap["data"]["recipe.yaml"] == result.recipe_yaml == "anything: /runs/exp/1\n"
+    command = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert command[-1].endswith("-m my.worker /etc/falcon-recipe/recipe.yaml")
+    assert result.wandb is None  # W&B is the trainer's business: recipes.launch fills it in

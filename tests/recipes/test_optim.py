@@ -222,3 +222,17 @@ def test_fused_adamw_setting_survives_a_state_dict_load():
     assert fused.param_groups[0]["fused"] is True and fused.state[p_fused]["step"].dtype == torch.float32
     set_fused_adamw(fused, False)
     assert fused.param_groups[0]["fused"] is None and fused.state[p_fused]["step"].device.type == "cpu"
+
+
+def test_ddp_bucket_size_sets_the_gradient_buckets(megatron_single):
+    def buckets(bucket_size):
+        model, config = tiny_gpt(seed=3)
+        train_cfg, parallel_cfg = configs()
+        parallel_cfg.overlap_grad_reduce, parallel_cfg.ddp_bucket_size = True, bucket_size
+        ddp = wrap_model(model, parallel_cfg, train_cfg, config)
+        return sum(len(group.buckets) for group in ddp.bucket_groups), sum(p.numel() for p in model.parameters())
+
+    default, numel = buckets(None)
+    assert default == 1  # Megatron's default bucket (>= 4e7 parameters) holds the whole tiny model
+    small, _ = buckets(3000)
+    assert small >= numel // 3000 // 2 and small > 2  # buckets of about 3000 parameters (whole tensors each)
