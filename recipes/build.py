@@ -142,18 +142,13 @@ def validate_parallel_layout(recipe: RecipeConfig, world_size: int) -> None:
 def build_model_for(recipe: RecipeConfig, model_cfg: FalconH1Config, **options):
     """`falcon_h1.model.build_model` for `recipe`: its BitNet layers, precision and kernel choice.
 
-    `train.force_reference_kernels` is applied here and nowhere else: the model config's
-    kernel backend and BitNet's kernels (which still choose process-wide, set here on every
-    build). `options` pass on to build_model (sequence_parallel, recompute, seed, initialize).
+    `train.force_reference_kernels` is applied here and nowhere else, as the model config's
+    kernel backend (the BitNet layers take theirs from it). `options` pass on to build_model
+    (sequence_parallel, recompute, seed, initialize).
     """
     from falcon_h1.model import build_model
 
-    force_reference = recipe.train.force_reference_kernels
-    if force_reference:
+    if recipe.train.force_reference_kernels:
         model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference")
     bitnet_cfg = recipe.bitnet if recipe.bitnet.enabled else None
-    if bitnet_cfg is not None:
-        from bitnet import use_reference_kernels
-
-        use_reference_kernels(force_reference)
     return build_model(model_cfg, bitnet_cfg, precision=resolve_precision(recipe.train.precision), **options)

@@ -69,17 +69,27 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # "bundled" = the small public-domain corpus shipped in recipes/data/corpus.
-    # Otherwise: Megatron indexed-dataset prefixes (path without .bin/.idx),
-    # optionally weighted: ["0.7", "/data/a_text_document", "0.3", "/data/b"].
+    # text: documents for pretraining; chat: conversations, loss on assistant tokens only
+    # (recipes/data/chat_dataset.py).
+    kind: str = "text"
+    # text: "bundled" = the small public-domain corpus shipped in recipes/data/corpus, or
+    # Megatron indexed-dataset prefixes (path without .bin/.idx).
+    # chat: .jsonl files, prefixes made by `falcon-preprocess --chat`, or "chat_demo".
+    # Either kind optionally weighted: ["0.7", "/data/a_text_document", "0.3", "/data/b"].
     paths: list[str] = field(default_factory=lambda: ["bundled"])
-    # "byte" = byte-level tokenizer that needs no download; otherwise the path of a
-    # Hugging Face `tokenizers` JSON file.
+    # "byte" = byte-level tokenizer that needs no download; "chat_demo" = the bundled chat
+    # tokenizer; otherwise the path of a Hugging Face `tokenizers` JSON file (or its folder,
+    # which for chat data must also hold the chat template).
     tokenizer: str = "byte"
     seq_length: int = 128
+    # train,valid,test shares by document (chat: by conversation).
     split: str = "98,2,0"
     cache_dir: Optional[str] = None
     num_workers: int = 0
+    # chat: whole conversations packed into each row (false: one conversation per row, padded).
+    packing: bool = True
+    # chat: a conversation longer than seq_length is cut to it ("truncate") or skipped ("drop").
+    overlong: str = "truncate"
 
 
 @dataclass

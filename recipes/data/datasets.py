@@ -53,8 +53,8 @@ def build_gpt_dataset_config(data_cfg, seq_length: int, seed: int, tokenizer, pr
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights),
-        split=getattr(data_cfg, "split", "98,2,0"),
-        path_to_cache=str(resolve_cache_dir(getattr(data_cfg, "cache_dir", None)) / "indices"),
+        split=data_cfg.split,
+        path_to_cache=str(resolve_cache_dir(data_cfg.cache_dir) / "indices"),
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -79,15 +79,22 @@ def build_train_valid_datasets(
     by one, read from a seq_length+1 window), "loss_mask" and "position_ids".
     Call on every rank when torch.distributed is initialised.
     """
+    if data_cfg.kind != "text":
+        raise ConfigValueError(
+            "data.kind", data_cfg.kind, "text for pretraining datasets",
+            message=f"data.kind = {data_cfg.kind!r} is not allowed for pretraining datasets (documents "
+            f"packed without boundaries, loss on every token): allowed data.kind = text; chat "
+            f"data is built by recipes.data.build_chat_datasets for fine-tuning."
+        )
     validate_data_config(data_cfg)
     prefixes, weights = parse_blend(data_cfg.paths)
-    cache_dir = getattr(data_cfg, "cache_dir", None)
+    cache_dir = data_cfg.cache_dir
     prefixes = [
         ensure_bundled_dataset(tokenizer, cache_dir) if prefix == BUNDLED else prefix
         for prefix in prefixes
     ]
     sizes = [num_train_samples, num_valid_samples, 0]
-    _check_splits_have_documents(prefixes, getattr(data_cfg, "split", "98,2,0"))
+    _check_splits_have_documents(prefixes, data_cfg.split)
     config = build_gpt_dataset_config(data_cfg, seq_length, seed, tokenizer, prefixes, weights)
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, is_built_on_rank or (lambda: True), config

@@ -109,29 +109,39 @@ def _missing_files_problem(prefix: str) -> Optional[str]:
     )
 
 
-def validate_data_config(data_cfg) -> None:
-    """Raise one ConfigValueError listing every problem in `data.*` (it names the first one's
-    key), before any work starts."""
-    prefixes, _ = parse_blend(data_cfg.paths)
-    problems = [  # (key, value, message)
-        ("data.paths", prefix, problem)
-        for prefix in prefixes
-        if prefix != BUNDLED and (problem := _missing_files_problem(prefix))
-    ]
+def raise_problems(problems: list[ConfigValueError]) -> None:
+    """Raise every problem found at once: one ConfigValueError with the first one's key and value
+    and all their messages, in order."""
     if problems:
-        problems.append(("data.paths", data_cfg.paths, PATHS_HELP))
+        first = problems[0]
+        raise ConfigValueError(first.key, first.value, first.allowed, message=" ".join(map(str, problems)))
+
+
+def validate_data_config(data_cfg) -> None:
+    """Raise one ConfigValueError listing every problem in `data.*`, before any work starts."""
+    from recipes.data.chat_validation import data_kind_problems, validate_chat_data_config
+
+    if data_cfg.kind == "chat":
+        return validate_chat_data_config(data_cfg)
+    prefixes, _ = parse_blend(data_cfg.paths)
+    missing = [(prefix, problem) for prefix in prefixes
+               if prefix != BUNDLED and (problem := _missing_files_problem(prefix))]
+    problems = []
+    if missing:
+        problems.append(ConfigValueError("data.paths", missing[0][0], PATHS_HELP,
+                                         message=" ".join([problem for _, problem in missing] + [PATHS_HELP])))
+    problems += data_kind_problems(data_cfg)
     if data_cfg.tokenizer != BYTE_SPEC:
         try:
             resolve_tokenizer_file(str(data_cfg.tokenizer))
         except ConfigValueError as error:
-            problems.append((error.key, error.value, str(error)))
+            problems.append(error)
     try:
         parse_split(data_cfg.split)
     except ConfigValueError as error:
-        problems.append((error.key, error.value, str(error)))
+        problems.append(error)
     seq_length = data_cfg.seq_length
     if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 1:
-        problems.append(("data.seq_length", seq_length, f"data.seq_length = {seq_length!r}: expected a positive integer."))
-    if problems:
-        key, value, _ = problems[0]
-        raise ConfigValueError(key, value, "see the message", message=" ".join(message for _, _, message in problems))
+        problems.append(ConfigValueError("data.seq_length", seq_length, "a positive integer",
+                                         message=f"data.seq_length = {seq_length!r}: expected a positive integer."))
+    raise_problems(problems)
