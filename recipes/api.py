@@ -93,7 +93,7 @@ def load_trained_model(run_dir: str | Path):
     """The model of a finished or running job, built from run_dir/config.yaml and loaded
     from its latest checkpoint (this process: TP=1, PP=1). Returns (model, recipe, step)."""
     from falcon_h1.megatron_compat.parallel import initialize_parallel
-    from recipes.build import build_model_for, validate_recipe
+    from recipes.build import build_model_for, effective_model_config
     from recipes.checkpointing import load_latest_checkpoint
 
     run_dir = Path(run_dir)
@@ -102,7 +102,7 @@ def load_trained_model(run_dir: str | Path):
         raise FileNotFoundError(f"{config_file} does not exist; allowed: a run directory written by falcon-train.")
     recipe = recipe_from_yaml(config_file)
     initialize_parallel(tp=1, pp=1, seed=recipe.train.seed)
-    model = build_model_for(recipe, validate_recipe(recipe).model_cfg, initialize=False)
+    model = build_model_for(recipe, effective_model_config(recipe), initialize=False)
     loaded = load_latest_checkpoint(run_dir / "checkpoints", [model], None, None)
     if loaded is None:
         raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint yet.")

@@ -24,12 +24,12 @@ def _register_now_resolver() -> None:
         OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern), use_cache=True)
 
 
-def to_recipe(cfg: DictConfig) -> RecipeConfig:
-    """A composed or loaded config -> the typed recipe, interpolations resolved (Hydra's own
-    `hydra` node, when present, is left out)."""
+def to_recipe(tree: DictConfig) -> RecipeConfig:
+    """A composed or loaded OmegaConf tree -> the typed recipe, interpolations resolved (Hydra's
+    own `hydra` node, when present, is left out)."""
     _register_now_resolver()
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg))
+    tree = OmegaConf.masked_copy(tree, [k for k in tree.keys() if k != "hydra"]) if "hydra" in tree else tree
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree))
 
 
 def resolved(recipe: RecipeConfig) -> RecipeConfig:

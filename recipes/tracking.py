@@ -120,15 +120,15 @@ class Tracker:
 
         wandb_mode = resolve_wandb_mode(logger_cfg.wandb_mode) if logger_cfg.wandb else "disabled"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        public_config = scrub_secrets(resolved_recipe)
+        public_recipe = scrub_secrets(resolved_recipe)
         self._backends.append(_JsonlBackend(self.run_dir))
         if logger_cfg.tensorboard:
             self._backends.append(_TensorBoardBackend(self.run_dir / TENSORBOARD_DIR))
         # MLflow before W&B: a missing mlflow fails before a W&B run is opened.
         if logger_cfg.mlflow:
-            self._backends.append(_MlflowBackend(self.run_dir, public_config, tags, self.run_name))
+            self._backends.append(_MlflowBackend(self.run_dir, public_recipe, tags, self.run_name))
         if wandb_mode != "disabled":
-            backend = _WandbBackend(self.run_dir, logger_cfg, wandb_mode, public_config, tags, self.run_name)
+            backend = _WandbBackend(self.run_dir, logger_cfg, wandb_mode, public_recipe, tags, self.run_name)
             self.wandb_run_id, self.wandb_mode = backend.run_id, backend.mode
             self._backends.append(backend)
 
@@ -238,7 +238,8 @@ class _TensorBoardBackend:
 
 
 class _WandbBackend:
-    def __init__(self, run_dir: Path, logger_cfg: LoggerConfig, mode: str, config: dict, tags: list[str], name: str):
+    def __init__(self, run_dir: Path, logger_cfg: LoggerConfig, mode: str, public_recipe: dict, tags: list[str],
+                 name: str):
         # Before importing wandb: no banners, no prompts, nothing waiting on a terminal.
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
@@ -254,7 +255,7 @@ class _WandbBackend:
             id=run_id,
             resume="allow",
             dir=str(run_dir),
-            config=config,
+            config=public_recipe,
             tags=list(tags),
             settings=wandb.Settings(silent=True),
         )
@@ -299,7 +300,7 @@ def _wandb_init_with_scrubbed_argv(mode: str, init_kwargs: dict):
 
 
 class _MlflowBackend:
-    def __init__(self, run_dir: Path, config: dict, tags: list[str], name: str):
+    def __init__(self, run_dir: Path, public_recipe: dict, tags: list[str], name: str):
         try:
             import mlflow
         except ImportError:
@@ -326,7 +327,7 @@ class _MlflowBackend:
             )
             self.run_id = run.info.run_id
             id_path.write_text(self.run_id + "\n")
-            params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+            params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in _flatten(public_recipe).items()]
             for start in range(0, len(params), 100):  # MLflow's batch limit
                 self.client.log_batch(self.run_id, params=params[start : start + 100])
 
