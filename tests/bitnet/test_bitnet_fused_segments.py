@@ -351,9 +351,9 @@ def test_export_then_frozen_fused_model_gives_same_logits(tmp_path, layers):
         export_bitnet_state_dict,
         load_bitnet_export,
         load_frozen_bitnet,
-        main,
         save_bitnet_state_dict,
     )
+    from recipes.bitnet_export import main
 
     cfg = BitNetConfig(enabled=True, layers=layers)
     model = _micro(True, cfg, seed=8, dtype=torch.float32)
