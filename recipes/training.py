@@ -400,13 +400,9 @@ def _peak_memory_gib() -> float:
 
 def _peak_flops(device: torch.device) -> float:
     """Dense bf16 peak of the accelerator, for MFU; 0 where unknown (CPU)."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("B200", 2250e12)):
-        if key in name:
-            return peak
-    return 0.0
+    from falcon_h1.flops import dense_bf16_peak_flops
+
+    return dense_bf16_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0
 
 
 # ------------------------------------------------------------------------------- the summary
