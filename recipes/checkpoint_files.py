@@ -225,8 +225,8 @@ def disk_full_message(error: BaseException, directory: Path, needed_bytes: int) 
     free = shutil.disk_usage(_existing_parent(directory)).free
     if not (_has_disk_full_errno(error) or free < needed_bytes - directory_bytes(directory)):
         return None
-    return (f"no space left on {_existing_parent(directory)}, needs ~{_megabytes(needed_bytes)} MB "
-            f"for this checkpoint ({_megabytes(free)} MB free)")
+    return (f"no space left on {_existing_parent(directory.parent)}, needs ~{_megabytes(needed_bytes)} MB "
+            f"for this checkpoint ({_megabytes(free)} MB were free when the write failed)")
 
 
 def _has_disk_full_errno(error: BaseException) -> bool:
@@ -254,7 +254,7 @@ def _existing_parent(path: Path) -> Path:
 
 
 def _megabytes(count: int) -> str:
-    return f"{count / 2**20:,.1f}" if count < 10 * 2**20 else f"{count / 2**20:,.0f}"
+    return f"{count / 1e6:,.1f}" if count < 10e6 else f"{count / 1e6:,.0f}"
 
 
 def fsync_dir(path: Path) -> None:

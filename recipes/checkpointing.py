@@ -100,6 +100,8 @@ DISTRIBUTED_OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 # Errors of reading a checkpoint's bytes (not of a model that does not match them); torch's own
 # messages for these advise an unsafe `weights_only=False` load, which must not reach the user.
 _UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, CheckpointException)
+# torch_dist stores each tensor as its own torch.save record: ~1.6 KB of headers on top of the data.
+_STORED_TENSOR_OVERHEAD = 1600
 
 
 class CheckpointError(RuntimeError):
@@ -316,7 +318,7 @@ def _checkpoint_bytes(state: dict) -> int:
     for value in nested_values(state):
         if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and is_main_replica(value.replica_id):
             if isinstance(value.data, torch.Tensor):
-                local += value.data.numel() * value.data.element_size()
+                local += value.data.numel() * value.data.element_size() + _STORED_TENSOR_OVERHEAD
     every_rank = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, local)
     return sum(every_rank)

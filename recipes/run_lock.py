@@ -125,7 +125,7 @@ def acquire(run_dir: Path, requeue_wait_s: float = REQUEUE_WAIT_S) -> RunDirLock
         if not _same_file(fd, path):  # released and removed between our open and lock
             os.close(fd)
             continue
-        previous = _read_holder(path)
+        previous = _parse_holder(os.pread(fd, 1 << 16, 0))  # not via a new open: closing it would unlock
         _write_holder(fd)
         if previous:
             logger.warning("%s: took over the lock of %s, which is gone (its lock was free).",
@@ -195,11 +195,19 @@ def _write_holder(fd: int) -> None:
 
 
 def _read_holder(path: Path) -> Optional[dict]:
-    """The holder's record, or None when the file is gone or not written yet."""
+    """The holder's record, or None when the file is gone or not written yet. Only for a
+    process that does not hold the lock: closing any descriptor of the file drops its lock."""
     try:
-        with open(path) as stream:  # never the holding process: closing would drop its lock
-            record = json.loads(stream.read() or "null")
-    except (OSError, ValueError):
+        with open(path, "rb") as stream:
+            return _parse_holder(stream.read())
+    except OSError:
+        return None
+
+
+def _parse_holder(data: bytes) -> Optional[dict]:
+    try:
+        record = json.loads(data or b"null")
+    except ValueError:
         return None
     return record if isinstance(record, dict) else None
 
