@@ -167,13 +167,15 @@ class _Wait:
                 self.announced = True
             time.sleep(POLL_S)
             return
-        holder = holder or {}
-        waited = " and did not let go within the requeue wait" if _is_earlier_attempt_of_this_job(holder) else ""
+        requeued = bool(holder) and _is_earlier_attempt_of_this_job(holder)
+        waited = " and did not let go within the requeue wait" if requeued else ""
+        leftover = (f"stop it: kill {holder.get('pid')} on {holder.get('host')}" if holder else
+                    f"stop it; the holder has not written its pid into {self.path}")
         raise RunDirInUse(
             f"train.run_dir = {str(self.path.parent)!r} is in use: {_describe(holder)} {how}{waited}. A second "
             "training in the same directory would mix its checkpoints and metrics with that one's. Allowed: a "
             "train.run_dir no other training uses, or wait until that training ends (if it is a leftover, "
-            f"stop it: kill {holder.get('pid')} on {holder.get('host')})."
+            f"{leftover})."
         )
 
 
@@ -212,7 +214,9 @@ def _parse_holder(data: bytes) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
-def _describe(holder: dict) -> str:
+def _describe(holder: Optional[dict]) -> str:
+    if not holder:
+        return "an unknown process"
     job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
     return f"pid {holder.get('pid')} on host {holder.get('host')}{job}, started {holder.get('started')}"
 
