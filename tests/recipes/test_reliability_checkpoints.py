@@ -15,7 +15,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # engine_testutil
 from recipes.api import compose_recipe
 from recipes.build import RecipeError, validate_recipe
-from recipes.checkpoint_files import MANIFEST, read_manifest, verification_problems
 from tests.recipes import reliability_runs as runs
 
 SAVE_EVERY_2 = ("train.max_steps=6", "train.save_interval=2")
@@ -64,6 +63,8 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one_identically(ref
     assert f"resumed from step 4 ({run_dir / 'checkpoints' / 'iter_0000004'})" in out.stdout
     assert "weights_only" not in said
     assert runs.losses(run_dir) == straight  # steps 5 and 6 trained again, bit-identical
+    from recipes.checkpoint_files import read_manifest, verification_problems
+
     manifest, _ = read_manifest(newest)  # the re-saved step 6 replaced the damaged one
     assert not verification_problems(newest, manifest, manifest["files"])
 
@@ -82,6 +83,7 @@ def _tiny_state(seed: int):
 
 def test_no_loadable_checkpoint_names_each_one_and_why(megatron_single, tmp_path):
     from engine_testutil import train
+    from recipes.checkpoint_files import MANIFEST
     from recipes.checkpointing import CheckpointError, load_latest_checkpoint, save_checkpoint
 
     state = _tiny_state(1)

@@ -16,7 +16,6 @@ import pytest
 
 from recipes.api import compose_recipe
 from recipes.build import RecipeError
-from recipes.resume import check_resume_config
 from tests.recipes import reliability_runs as runs
 
 PLAN = ("train.max_steps=4", "train.save_interval=2")
@@ -45,6 +44,8 @@ def _copy(stopped, tmp_path):
     ("parallel.distributed_optimizer=true", "parallel.distributed_optimizer = False"),
 ])
 def test_changed_model_or_data_fields_are_refused_with_the_way_out(stopped, override, field):
+    from recipes.resume import check_resume_config
+
     recipe = compose_recipe(runs.COMMON + [f"train.run_dir={stopped}", *PLAN, override])
     with pytest.raises(RecipeError) as refused:
         check_resume_config(recipe, stopped)

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from recipes.build import RecipeError
-from recipes.run_lock import LOCK_FILE, RunDirInUse, acquire
 from tests.conftest import REPO
 from tests.recipes import reliability_runs as runs
 
+LOCK_FILE = "run.lock"
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -73,6 +73,8 @@ def test_second_training_in_the_same_run_dir_refuses_naming_the_holder(tmp_path)
 
 
 def test_lock_of_a_killed_process_is_taken_over_and_released_on_exit(tmp_path, caplog):
+    from recipes.run_lock import RunDirInUse, acquire
+
     run_dir = tmp_path / "run"
     holder = _holder(run_dir, 600)
     with pytest.raises(RunDirInUse, match=f"pid {holder.pid} on host"):
@@ -92,6 +94,8 @@ def test_lock_of_a_killed_process_is_taken_over_and_released_on_exit(tmp_path, c
 
 
 def test_slurm_requeue_waits_for_its_earlier_attempt_but_another_job_refuses(tmp_path, monkeypatch):
+    from recipes.run_lock import RunDirInUse, acquire
+
     run_dir = tmp_path / "run"
     earlier = _holder(run_dir, 600, SLURM_JOB_ID="4242")
     monkeypatch.setenv("SLURM_JOB_ID", "4243")
@@ -119,6 +123,8 @@ def test_slurm_requeue_waits_for_its_earlier_attempt_but_another_job_refuses(tmp
 
 
 def test_without_posix_locks_an_exclusive_file_decides(tmp_path, monkeypatch):
+    from recipes.run_lock import RunDirInUse, acquire
+
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")
 

@@ -12,7 +12,6 @@ from recipes.api import compose_recipe
 from recipes.config import DataConfig
 from recipes.data import build_tokenizer, validate_data_config
 from recipes.data.preprocess import write_indexed_dataset
-from recipes.data.validation import check_token_ids_fit
 from tests.recipes import reliability_runs as runs
 
 
@@ -41,6 +40,8 @@ def test_token_ids_beyond_the_vocabulary_stop_training_before_it_starts(megatron
     assert f"{prefix}.bin holds token ids 1..400" in message and "model.vocab_size = 320" in message
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     # Ids inside the vocabulary pass (the scan is remembered per file version).
+    from recipes.data.validation import check_token_ids_fit
+
     fine = _write_ids(tmp_path / "fine", [[5, 6, 319] * 30 for _ in range(10)])
     check_token_ids_fit(DataConfig(paths=[fine], cache_dir=str(tmp_path / "cache")), 320)
     check_token_ids_fit(DataConfig(paths=[fine], cache_dir=str(tmp_path / "cache")), 320)
