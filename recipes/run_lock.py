@@ -58,10 +58,6 @@ class RunDirLock:
     def __init__(self, path: Optional[Path], fd: Optional[int]):
         self.path, self._fd = path, fd
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def release(self) -> None:
         if self._fd is None:
             return
