@@ -20,9 +20,9 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxa
 # the JIT specialises pointers and integers divisible by 16; without this, loads come out scalar
 DIVISIBLE = {"x_ptr", "w_ptr", "bias_ptr", "scale_ptr", "dy_ptr", "dx_ptr", "dw_partial_ptr", "out_ptr", "g_ptr",
              "channels", "stride_xb", "stride_xl", "stride_dyb", "stride_dyl", "stride_dxb", "stride_dxl",
-             "stride_ob", "stride_ol"}
+             "stride_ob", "stride_ol", "seq_idx_ptr", "stride_sb"}
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "scale_ptr": "*fp32", "dy_ptr": "*bf16",
-            "dx_ptr": "*bf16", "dw_partial_ptr": "*fp32", "out_ptr": "*bf16", "g_ptr": "*fp32"}
+            "dx_ptr": "*bf16", "dw_partial_ptr": "*fp32", "out_ptr": "*bf16", "g_ptr": "*fp32", "seq_idx_ptr": "*i32"}
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int):
@@ -46,14 +46,17 @@ def report(name: str, kernel) -> None:
 
 
 def main():
-    flags = {"HAS_BIAS": True, "HAS_SCALE": True}
-    for bl, bc, nw in [(32, 128, 4)]:
-        report(f"fwd {bl}x{bc} w{nw}", compile_kernel(ct._conv_silu_fwd_kernel,
-                                                     {**flags, "BLOCK_L": bl, "BLOCK_C": bc}, nw))
-    for bl, bc, nw, rows in [(32, 128, 4, 64), (16, 128, 4, 64)]:
-        report(f"bwd pass 1 {bl}x{bc} w{nw} r{rows}", compile_kernel(
-            ct._conv_silu_bwd_pre_kernel, {**flags, "ROWS_PER_PROGRAM": rows, "BLOCK_L": bl, "BLOCK_C": bc}, nw))
-    report("bwd pass 2 32x128 w4", compile_kernel(ct._conv_bwd_dx_kernel, {"BLOCK_L": 32, "BLOCK_C": 128}, 4))
+    for packed in (False, True):   # unpacked rows, and packed rows (seq_idx: taps masked per document)
+        flags = {"HAS_BIAS": True, "HAS_SCALE": True, "HAS_SEQ_IDX": packed}
+        tag = " seq_idx" if packed else ""
+        for bl, bc, nw in [(32, 128, 4)]:
+            report(f"fwd {bl}x{bc} w{nw}{tag}", compile_kernel(ct._conv_silu_fwd_kernel,
+                                                              {**flags, "BLOCK_L": bl, "BLOCK_C": bc}, nw))
+        for bl, bc, nw, rows in [(32, 128, 4, 64), (16, 128, 4, 64)]:
+            report(f"bwd pass 1 {bl}x{bc} w{nw} r{rows}{tag}", compile_kernel(
+                ct._conv_silu_bwd_pre_kernel, {**flags, "ROWS_PER_PROGRAM": rows, "BLOCK_L": bl, "BLOCK_C": bc}, nw))
+        report(f"bwd pass 2 32x128 w4{tag}", compile_kernel(
+            ct._conv_bwd_dx_kernel, {"HAS_SEQ_IDX": packed, "BLOCK_L": 32, "BLOCK_C": 128}, 4))
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
 """BitNet b1.58 ternary training for Megatron Core.
 
-Quantisers (`quantize_weights`, `quantize_activations`) dispatch by device: Triton kernels on
-CUDA, the pure-PyTorch reference (`bitnet.reference`) elsewhere.
+Quantisers (`quantize_weights`, `quantize_activations`) run on the Triton kernels for CUDA
+tensors and on the pure-PyTorch reference (`bitnet.reference`) elsewhere, or as their
+`kernel_backend` argument says (see `bitnet.kernels`).
 """
 
 from bitnet.kernels import (
@@ -12,7 +13,6 @@ from bitnet.kernels import (
     quantize_weights,
     ste_fused,
     ste_reference,
-    use_reference_kernels,
 )
 from bitnet.reference import dequantize_activations, dequantize_weights
 
@@ -26,5 +26,4 @@ __all__ = [
     "int8_linear",
     "ste_reference",
     "ste_fused",
-    "use_reference_kernels",
 ]

@@ -167,7 +167,7 @@ def export_from_state_dict(state_dict: dict, bitnet_param_names, out_path: str,
             stats = reference.weight_stats(weight)
             quantized_sum = stats[0]
         else:
-            stats = reference.segment_weight_stats(weight, layout)
+            stats = reference.weight_stats(weight, layout)
             quantized_sum = sum(stats[i, 0] for i, q in enumerate(layout.quantized) if q)
         if not math.isfinite(float(quantized_sum)):
             raise ValueError(f"export_from_state_dict: parameter {name} holds non-finite values")
@@ -175,7 +175,7 @@ def export_from_state_dict(state_dict: dict, bitnet_param_names, out_path: str,
             ternary, scale = reference.quantize_weights(weight, stats)
             tensors.update(_ternary_entries(name, ternary, scale))
         else:
-            ternary, scale = reference.quantize_weights_segmented(weight, layout, stats)
+            ternary, scale = reference.quantize_weights(weight, stats, layout)
             tensors.update(_ternary_entries(name, ternary, scale, layout.full_precision_part(weight)))
     tensors.update(_plain_tensors(state_dict, skip=set(names)))
     _save(tensors, names, out_path, layouts=layouts)

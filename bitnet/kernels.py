@@ -1,9 +1,17 @@
-"""One entry point per BitNet operation, dispatched by device: Triton on CUDA, reference on CPU.
+"""One entry point per BitNet operation, computed by the kernels of a backend.
+
+`kernel_backend` (the same values as the model's `kernel_backend`; a BitNet layer takes it from
+its `BitNetLinearOptions`, fixed when the layer is built):
+- "auto": the Triton kernels for CUDA tensors of float32 / bfloat16 / float16, the pure-PyTorch
+  reference (`bitnet.reference`) for everything else;
+- "reference": the reference everywhere;
+- "triton": the Triton kernels, an error for a tensor they cannot take.
 
 Also the two straight-through estimators (`ste_reference`, the pattern of the references, and
 `ste_fused`, a custom autograd function) and the int8 forward GEMM.
 
-The signatures match `reference.py`; see its docstring for the numerics.
+The signatures match `reference.py`; see its docstring for the numerics and the `layout`
+(fused projections) arguments.
 """
 
 from __future__ import annotations
@@ -14,87 +22,77 @@ import torch
 
 from bitnet import reference
 
+KERNEL_BACKENDS = ("auto", "reference", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_force_reference = False
-_triton_module = None
 
 
-def use_reference_kernels(enabled: bool) -> None:
-    """Run the pure-PyTorch reference even on CUDA (recipe field `train.force_reference_kernels`)."""
-    global _force_reference
-    _force_reference = bool(enabled)
+def validate_kernel_backend(kernel_backend: str) -> str:
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(
+            f"BitNet kernel_backend={kernel_backend!r}; allowed: {list(KERNEL_BACKENDS)} (the model's "
+            "kernel_backend values)"
+        )
+    return kernel_backend
+
+
+def _uses_triton(kernel_backend: str, t: torch.Tensor, fits_triton: bool) -> bool:
+    validate_kernel_backend(kernel_backend)
+    if kernel_backend == "reference":
+        return False
+    if kernel_backend == "triton" and not fits_triton:
+        raise ValueError(
+            f"BitNet kernel_backend='triton' got a {t.dtype} tensor on {t.device}; allowed: CUDA "
+            f"tensors of {[str(d) for d in _TRITON_DTYPES]} (int8 operands for the GEMM), or "
+            "kernel_backend 'auto' / 'reference'"
+        )
+    return fits_triton
 
 
 def _triton():
-    global _triton_module
-    if _triton_module is None:
-        from bitnet import triton_kernels
+    from bitnet import triton_kernels  # imports triton: only when a Triton kernel is used
 
-        _triton_module = triton_kernels
-    return _triton_module
+    return triton_kernels
 
 
-def _backend(t: torch.Tensor):
-    if t.is_cuda and t.dtype in _TRITON_DTYPES and not _force_reference:
-        return _triton()
-    return reference
+def backend(t: torch.Tensor, kernel_backend: str = "auto"):
+    """The module (`bitnet.reference` or `bitnet.triton_kernels`) that computes on `t`."""
+    fits_triton = t.is_cuda and t.dtype in _TRITON_DTYPES
+    return _triton() if _uses_triton(kernel_backend, t, fits_triton) else reference
 
 
-def weight_stats(w: torch.Tensor) -> torch.Tensor:
-    """float64 `[sum(|w|), numel]`; all-reduce it (SUM) to quantise a shard with the global mean."""
-    return _backend(w).weight_stats(w)
+def weight_stats(w: torch.Tensor, layout=None, kernel_backend: str = "auto") -> torch.Tensor:
+    """float64 `[sum(|w|), numel]` ([n, 2], per segment, with a layout); all-reduce it (SUM)
+    to quantise a shard with the global mean."""
+    return backend(w, kernel_backend).weight_stats(w, layout)
 
 
-def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None):
-    """-> (ternary int8 like w, 0-d float32 scale); dequantised = ternary * scale."""
-    return _backend(w).quantize_weights(w, stats)
+def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None,
+                     kernel_backend: str = "auto"):
+    """-> (ternary int8 like w, float32 scale: 0-d, or [n] with a layout); dequantised =
+    ternary * scale. Full-precision segments: ternary 0 and scale 0."""
+    return backend(w, kernel_backend).quantize_weights(w, stats, layout)
 
 
-def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
-    return _backend(w).fake_quantize_weights(w, stats)
+def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None,
+                          kernel_backend: str = "auto") -> torch.Tensor:
+    return backend(w, kernel_backend).fake_quantize_weights(w, stats, layout)
 
 
-def activation_absmax(x: torch.Tensor) -> torch.Tensor:
-    """Per-row max|x| (float32); all-reduce it (MAX) when the row is sharded."""
-    return _backend(x).activation_absmax(x)
+def activation_absmax(x: torch.Tensor, layout=None, kernel_backend: str = "auto") -> torch.Tensor:
+    """Per-row max|x| (float32; [..., n], per segment, with a layout); all-reduce it (MAX) when
+    the row is sharded."""
+    return backend(x, kernel_backend).activation_absmax(x, layout)
 
 
-def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None):
-    """-> (int8 like x, float32 scale shaped x.shape[:-1]); dequantised = int8 * scale."""
-    return _backend(x).quantize_activations(x, absmax)
+def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None,
+                         kernel_backend: str = "auto"):
+    """-> (int8 like x, float32 scale shaped x.shape[:-1], or [..., n] with a layout)."""
+    return backend(x, kernel_backend).quantize_activations(x, absmax, layout)
 
 
-def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None) -> torch.Tensor:
-    return _backend(x).fake_quantize_activations(x, absmax)
-
-
-# ------------------------------------------------ segmented (fused) linears, see bitnet.segments
-def segment_weight_stats(w: torch.Tensor, layout) -> torch.Tensor:
-    """float64 [n_segments, 2] of `[sum(|w|), numel]`; all-reduce it (SUM) over the TP group."""
-    return _backend(w).segment_weight_stats(w, layout)
-
-
-def quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None):
-    """-> (ternary int8 like w, float32 scales [n_segments]); 0 in full-precision segments."""
-    return _backend(w).quantize_weights_segmented(w, layout, stats)
-
-
-def fake_quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None) -> torch.Tensor:
-    return _backend(w).fake_quantize_weights_segmented(w, layout, stats)
-
-
-def segment_activation_absmax(x: torch.Tensor, layout) -> torch.Tensor:
-    """[..., n_segments] per-row max|x| of each segment; all-reduce it (MAX) when sharded."""
-    return _backend(x).segment_activation_absmax(x, layout)
-
-
-def quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None):
-    """-> (int8 like x, float32 scales [..., n_segments])."""
-    return _backend(x).quantize_activations_segmented(x, layout, absmax)
-
-
-def fake_quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None) -> torch.Tensor:
-    return _backend(x).fake_quantize_activations_segmented(x, layout, absmax)
+def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None,
+                              kernel_backend: str = "auto") -> torch.Tensor:
+    return backend(x, kernel_backend).fake_quantize_activations(x, absmax, layout)
 
 
 # ---------------------------------------------------------------- straight-through estimators
@@ -130,12 +128,14 @@ def int8_linear(
     w_q: torch.Tensor,
     w_scale: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
+    kernel_backend: str = "auto",
 ) -> torch.Tensor:
     """`(x_q @ w_q^T) * x_scale[:, None] * w_scale` for x_q [M, K] int8, w_q [N, K] int8, as
     out_dtype (rescaled in float32 first); w_scale is 0-d or [N] (one per output feature).
 
     On CUDA a Triton GEMM on the int8 tensor cores with the rescale fused into its epilogue
-    (exact in int32: |sum| <= 128 * K); elsewhere the float64 reference (also exact)."""
-    if x_q.is_cuda and not _force_reference:
+    (exact in int32: |sum| <= 128 * K); the float64 reference (also exact) for the reference
+    backend or CPU tensors."""
+    if _uses_triton(kernel_backend, x_q, x_q.is_cuda):
         return _triton().int8_linear(x_q, x_scale, w_q, w_scale, out_dtype)
     return reference.int8_linear(x_q, x_scale, w_q, w_scale).to(out_dtype)

@@ -2,7 +2,9 @@
 
 The layers keep Megatron's forward (returns `(output, bias)`, gather_output, input_is_parallel,
 sequence parallel, async gradient all-reduce): they override only `_forward_impl`, the matmul
-step, and hand it the fake-quantised input and weight.
+step, and hand it the fake-quantised input and weight (or run int8 GEMMs themselves). How they
+compute is fixed when the layer is built (`BitNetLinearOptions`: STE, int8 GEMM, SubLN, kernel
+backend); nothing process-wide changes it.
 
 Tensor parallelism does not change the model (unlike Megatron-LM PR 3002, which quantises each
 shard with its own mean):
@@ -16,7 +18,8 @@ Gradients are straight-through (identity through both quantisers).
 Fused projections (`bitnet_segments`, see `bitnet.segments`): a column linear whose output rows,
 or a row linear whose input features, are the concatenation of several projections quantises
 every segment as that projection alone would be (own global absmean, own per-token scale for
-row-linear inputs, own on/off switch), so fusing does not change the model.
+row-linear inputs, own on/off switch), so fusing does not change the model. A plain projection
+is the one-segment layout: plain and fused layers run the same code.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from bitnet import kernels, reference
-from bitnet.segments import Segment, SegmentLayout
+from bitnet.segments import Segment, SegmentLayout, single_segment
 
 # Values allowed in `bitnet.layers` of the recipe.
 ALLOWED_LAYERS = ("attention_qkv", "attention_out", "mamba_in", "mamba_out", "mlp", "lm_head")
@@ -56,18 +59,26 @@ LAYER_TYPES = {
 
 @dataclass(frozen=True)
 class BitNetLinearOptions:
-    """Per-layer switches, taken from `recipes.config.BitNetConfig`."""
+    """Per-layer choices, fixed when the layer is built (from the BitNet config, see
+    `options_from_config`)."""
 
     fused: bool = True  # custom autograd STE (Triton on GPU); False: x + (q(x) - x).detach()
     int8_matmul: bool = False  # int8 x ternary forward GEMM (int8 tensor cores on CUDA)
     subln: bool = False  # non-learnable RMSNorm of the input before quantising it
+    kernel_backend: str = "auto"  # bitnet.kernels.KERNEL_BACKENDS: Triton on CUDA, or the reference
+
+    def __post_init__(self):
+        kernels.validate_kernel_backend(self.kernel_backend)
 
 
-def options_from_config(bitnet_cfg) -> BitNetLinearOptions:
+def options_from_config(bitnet_cfg, kernel_backend: str = "auto") -> BitNetLinearOptions:
+    """bitnet_cfg: recipes.config.BitNetConfig; kernel_backend: the model's (auto | reference |
+    triton)."""
     return BitNetLinearOptions(
-        fused=bool(getattr(bitnet_cfg, "fused", True)),
-        int8_matmul=bool(getattr(bitnet_cfg, "int8_matmul", False)),
-        subln=bool(getattr(bitnet_cfg, "subln", False)),
+        fused=bool(bitnet_cfg.fused),
+        int8_matmul=bool(bitnet_cfg.int8_matmul),
+        subln=bool(bitnet_cfg.subln),
+        kernel_backend=kernel_backend,
     )
 
 
@@ -163,10 +174,31 @@ class _Int8LinearSTE(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
+def _part(t: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
+    """t[start:end] along dim; the tensor itself when that is all of it (no slice for autograd
+    to scatter back, as with a plain projection's one segment)."""
+    if start == 0 and end == t.shape[dim]:
+        return t
+    return t.narrow(dim, start, end - start)
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 class _BitNetLinearMixin:
-    """The quantised matmul shared by the column and row layers."""
+    """The quantised matmul shared by the column and row layers.
+
+    Every layer runs on a `SegmentLayout` (`_layout`): a plain projection's is one segment, a
+    fused projection's the `bitnet_segments` it was built with. `_input_layout` holds the
+    segments of the input features: the row linear's own; one segment for a column linear,
+    whose input every output row shares."""
 
     default_bitnet_options = BitNetLinearOptions()
+    # µP folding multiplies the weight by per-row multipliers before the GEMM; a quantised weight
+    # would be re-quantised with another absmean (other ternary values), so the model keeps the
+    # multipliers outside BitNet linears.
+    supports_weight_scaling = False
     _input_sharded_along_features = False
     _segment_dim = 0  # bitnet_segments run along the weight's output rows (column linear)
 
@@ -177,21 +209,21 @@ class _BitNetLinearMixin:
         self._finite_watch = _NonFiniteWeightWatch()
         self._frozen = False
         self._tp_size = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
-        self.bitnet_segments = None
-        if segments is not None:
-            layout = SegmentLayout(segments, self._segment_dim)
-            if layout.size != local_size:
-                what = "output rows" if self._segment_dim == 0 else "input features"
-                raise ValueError(
-                    f"{type(self).__name__}: bitnet_segments {layout} cover {layout.size} {what}; "
-                    f"allowed: exactly this rank's {local_size}"
-                )
-            self.bitnet_segments = layout
+        # The segments as built (None: a plain projection; the export format records which).
+        self.bitnet_segments = None if segments is None else SegmentLayout(segments, self._segment_dim)
+        self._layout = (single_segment(local_size, self._segment_dim) if self.bitnet_segments is None
+                        else self.bitnet_segments)
+        if self._layout.size != local_size:
+            what = "output rows" if self._segment_dim == 0 else "input features"
+            raise ValueError(
+                f"{type(self).__name__}: bitnet_segments {self._layout} cover {self._layout.size} {what}; "
+                f"allowed: exactly this rank's {local_size}"
+            )
+        self._input_layout = self._layout if self._segment_dim == 1 else single_segment(self.input_size, 1)
 
     @property
-    def _input_segments(self) -> SegmentLayout | None:
-        """The segments of the input features (a row linear with bitnet_segments), else None."""
-        return self.bitnet_segments if self._segment_dim == 1 else None
+    def _kernel_backend(self) -> str:
+        return self.bitnet_options.kernel_backend
 
     # ------------------------------------------------------------------- quantisation pieces
     def _weight_label(self) -> str:
@@ -199,50 +231,43 @@ class _BitNetLinearMixin:
             return f"{self.bitnet_name}.weight"
         return (
             f"{type(self).__name__}(in={self.input_size}, out={self.output_size}).weight "
-            "(call bitnet.label_bitnet_layers(model) for its full name)"
+            "(call bitnet.layers.label_bitnet_layers(model) for its full name)"
         )
 
     def weight_stats(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """float64 `[sum|W|, numel]` of the full (unsharded) weight — `[n_segments, 2]`, one
-        row per segment, with bitnet_segments; checks the quantised weights are finite."""
+        """float64 [n_segments, 2] of `[sum|W|, numel]` of the full (unsharded) weight, one row
+        per segment (one for a plain projection); checks the quantised weights are finite."""
         weight = self.weight if weight is None else weight
-        layout = self.bitnet_segments
         with torch.no_grad():
-            if layout is None:
-                stats = kernels.weight_stats(weight)
-            else:
-                stats = kernels.segment_weight_stats(weight, layout)
+            stats = kernels.weight_stats(weight, self._layout, self._kernel_backend)
             if self._tp_size > 1:
                 dist.all_reduce(stats, group=self.tp_group)
-            checked = stats[0] if layout is None else self._quantized_abs_sum(stats)
+            checked = self._quantized_abs_sum(stats)
         self._finite_watch.check(checked, self._weight_label)
         return stats
 
     def _quantized_abs_sum(self, stats: torch.Tensor) -> torch.Tensor:
         # Full-precision segments are not checked, as a plain linear's weight is not.
         sums = stats[:, 0]
-        if not self.bitnet_segments.all_quantized:
-            quantized = self.bitnet_segments.tables(sums.device).quantized
+        if not self._layout.all_quantized:
+            quantized = self._layout.tables(sums.device).quantized
             sums = torch.where(quantized, sums, torch.zeros_like(sums))
-        return sums.sum()
+        return sums[0] if len(sums) == 1 else sums.sum()  # one segment: no reduction kernel
 
     def _quantize_weight(self, weight: torch.Tensor):
-        """(ternary int8, scale) of `weight` without gradient (see quantized_weight)."""
+        """(ternary int8, scales [n_segments]) of `weight` without gradient (see quantized_weight)."""
         with torch.no_grad():
             if self._frozen:
                 return self.frozen_ternary, self.frozen_scale
-            stats = self.weight_stats(weight)
-            if self.bitnet_segments is None:
-                return kernels.quantize_weights(weight, stats)
-            return kernels.quantize_weights_segmented(weight, self.bitnet_segments, stats)
+            return kernels.quantize_weights(weight, self.weight_stats(weight), self._layout, self._kernel_backend)
 
     def quantized_weight(self):
-        """(ternary int8 of this rank's shard, scale of the full weight): the scale is 0-d, or
-        with bitnet_segments one per segment ([n_segments]; full-precision segments have
-        ternary 0 and scale 0)."""
-        result = self._quantize_weight(self.weight)
+        """(ternary int8 of this rank's shard, scale of the full weight): the scale is 0-d for a
+        plain projection, one per segment ([n_segments]) with bitnet_segments (full-precision
+        segments have ternary 0 and scale 0)."""
+        ternary, scales = self._quantize_weight(self.weight)
         self._finite_watch.flush(self._weight_label)
-        return result
+        return ternary, (scales if self.bitnet_segments is not None else scales.reshape(()))
 
     def _ste(self, x, fake_quant, *args):
         if not x.requires_grad:
@@ -256,58 +281,47 @@ class _BitNetLinearMixin:
         if self._frozen:
             return self.weight  # holds ternary * scale (and full-precision segments) already
         stats = self.weight_stats(weight)
-        if self.bitnet_segments is None:
-            return self._ste(weight, kernels.fake_quantize_weights, stats)
-        return self._ste(weight, kernels.fake_quantize_weights_segmented, self.bitnet_segments, stats)
+        return self._ste(weight, kernels.fake_quantize_weights, stats, self._layout, self._kernel_backend)
 
     def _fake_quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         absmax = self._input_absmax(x)
-        layout = self._input_segments
-        if layout is None:
-            return self._ste(x, kernels.fake_quantize_activations, absmax)
-        return self._ste(x, kernels.fake_quantize_activations_segmented, layout, absmax)
+        return self._ste(x, kernels.fake_quantize_activations, absmax, self._input_layout, self._kernel_backend)
+
+    def _quantize_input(self, x2: torch.Tensor):
+        """(int8, scales [M, n_input_segments]) of the 2-D input, without gradient."""
+        with torch.no_grad():
+            return kernels.quantize_activations(x2, self._input_absmax(x2), self._input_layout, self._kernel_backend)
 
     def _input_absmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Per-token absmax over the full feature dimension (per input segment, [..., n], with
-        segments) when this rank holds a slice of it; None when the kernel may take it from the
-        local row."""
+        """Per-token absmax of every input segment over the full feature dimension, [..., n],
+        when this rank holds a slice of it; None when the kernel may take it from the local row."""
         if not (self._input_sharded_along_features and self._tp_size > 1):
             return None
-        layout = self._input_segments
         with torch.no_grad():
-            if layout is None:
-                absmax = kernels.activation_absmax(x)
-            else:
-                absmax = kernels.segment_activation_absmax(x, layout)
+            absmax = kernels.activation_absmax(x, self._input_layout, self._kernel_backend)
             dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=self.tp_group)
         return absmax
 
     def _subln(self, x: torch.Tensor) -> torch.Tensor:
-        """Non-learnable RMSNorm over the full feature dimension (all ranks' slices); over each
-        quantised input segment's features for a row linear with segments."""
-        if self._input_segments is not None:
-            return self._segment_subln(x, self._input_segments)
-        xf = x.to(reference.compute_dtype(x))  # float32 (float64 for float64 input)
-        sum_sq = (xf * xf).sum(dim=-1, keepdim=True)
-        if self._input_sharded_along_features and self._tp_size > 1:
-            sum_sq = _AllReduceSum.apply(sum_sq, self.tp_group)
-        return (xf * torch.rsqrt(sum_sq / self.input_size + self.config.layernorm_epsilon)).to(x.dtype)
-
-    def _segment_subln(self, x: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+        """Non-learnable RMSNorm of each quantised input segment over its full features (all
+        ranks' slices); full-precision segments as they are, as their own projections would
+        see them."""
+        layout = self._input_layout
         xf = x.to(reference.compute_dtype(x))  # float32 (float64 for float64 input)
         parts = layout.split(xf, -1)
         sum_sq = torch.stack([(p * p).sum(dim=-1) for p in parts], dim=-1)  # [..., n], one reduce
-        if self._tp_size > 1:
+        shards = 1
+        if self._input_sharded_along_features and self._tp_size > 1:
             sum_sq = _AllReduceSum.apply(sum_sq, self.tp_group)
+            shards = self._tp_size  # Megatron shards every segment evenly
         out = []
         for i, (segment, raw, part) in enumerate(zip(layout.segments, layout.split(x, -1), parts)):
-            if not segment.quantized:  # its separate projection would be a plain linear
+            if not segment.quantized:
                 out.append(raw)
                 continue
-            features = segment.size * self._tp_size  # Megatron shards every segment evenly
-            inv_rms = torch.rsqrt(sum_sq[..., i : i + 1] / features + self.config.layernorm_epsilon)
+            inv_rms = torch.rsqrt(sum_sq[..., i : i + 1] / (segment.size * shards) + self.config.layernorm_epsilon)
             out.append((part * inv_rms).to(x.dtype))
-        return torch.cat(out, dim=-1)
+        return _cat(out, -1)
 
     # ------------------------------------------------------------------------------ forward
     def _forward_impl(self, input, weight, **kwargs):
@@ -315,15 +329,12 @@ class _BitNetLinearMixin:
         # given; the fake-quantised weight is a temporary without one, so the gradient takes the
         # ordinary path (param.grad), which Megatron's DDP hooks add to main_grad.
         kwargs["gradient_accumulation_fusion"] = False
-        layout = self.bitnet_segments
-        if layout is not None and self._segment_dim == 0 and not layout.all_quantized:
-            return self._mixed_column_forward(input, weight, **kwargs)
+        if self._gemm_by_parts:
+            return self._forward_by_parts(input, weight, **kwargs)
         x = self._subln(input) if self.bitnet_options.subln else input
-        if self.bitnet_options.int8_matmul:
-            return self._int8_forward(x, weight, **kwargs)
-        x_fq = self._fake_quantized_input(x)
-        w_fq = self._fake_quantized_weight(weight)
-        return super()._forward_impl(input=x_fq, weight=w_fq, **kwargs)
+        return super()._forward_impl(
+            input=self._fake_quantized_input(x), weight=self._fake_quantized_weight(weight), **kwargs
+        )
 
     def _gather_input(self, x, allreduce_dgrad: bool, sequence_parallel: bool, tp_group):
         """The communication Megatron's linear function does around its GEMM, for the paths
@@ -335,69 +346,6 @@ class _BitNetLinearMixin:
             return copy_to_tensor_model_parallel_region(x, group=group)
         return x
 
-    def _int8_forward(self, x, weight, *, bias=None, allreduce_dgrad=False,
-                      sequence_parallel=False, tp_group=None, **_):
-        x = self._gather_input(x, allreduce_dgrad, sequence_parallel, tp_group)
-        x2 = x.reshape(-1, x.shape[-1])
-        w_q, w_scale = self._quantize_weight(weight)
-        if self._input_segments is not None:
-            y = self._int8_segmented_input(x2, weight, w_q, w_scale, self._input_segments)
-        else:
-            with torch.no_grad():
-                x_q, x_scale = kernels.quantize_activations(x2, self._input_absmax(x2))
-            if self.bitnet_segments is not None:  # segments of output rows: a scale per row
-                w_scale = self.bitnet_segments.along_weight(w_scale).reshape(-1)
-            y = _Int8LinearSTE.apply(x2, weight, x_q, x_scale, w_q, w_scale)
-        y = y.reshape(*x.shape[:-1], w_q.shape[0])
-        return y + bias if bias is not None else y
-
-    def _int8_segmented_input(self, x2, weight, w_q, w_scales, layout: SegmentLayout):
-        """Row linear with segments: each quantised segment has its own per-token scale along
-        K, so one int8 GEMM per segment (full-precision segments in float), summed."""
-        with torch.no_grad():
-            x_q, x_scales = kernels.quantize_activations_segmented(x2, layout, self._input_absmax(x2))
-        y = None
-        for i, ((start, end), quantized) in enumerate(zip(layout.ranges(), layout.quantized)):
-            cols = slice(start, end)
-            if quantized:
-                part = _Int8LinearSTE.apply(
-                    x2[:, cols], weight[:, cols], x_q[:, cols], x_scales[:, i], w_q[:, cols], w_scales[i]
-                )
-            else:
-                part = F.linear(x2[:, cols], weight[:, cols])
-            y = part if y is None else y + part
-        return y
-
-    def _mixed_column_forward(self, x, weight, *, bias=None, allreduce_dgrad=False,
-                              sequence_parallel=False, tp_group=None, **_):
-        """Column linear with full-precision segments: their rows see the input as it is, the
-        quantised rows its (SubLN-ed) quantised version, as separate projections would. One GEMM
-        per run of like segments, concatenated; the input is communicated once."""
-        layout = self.bitnet_segments
-        x = self._gather_input(x, allreduce_dgrad, sequence_parallel, tp_group)
-        x_in = self._subln(x) if self.bitnet_options.subln else x
-        outputs = []
-        if self.bitnet_options.int8_matmul:
-            x2 = x_in.reshape(-1, x_in.shape[-1])
-            with torch.no_grad():
-                x_q, x_scale = kernels.quantize_activations(x2)
-            w_q, w_scales = self._quantize_weight(weight)
-            row_scales = layout.along_weight(w_scales).reshape(-1)
-            for start, end, quantized in layout.runs():
-                rows = slice(start, end)
-                if quantized:
-                    y = _Int8LinearSTE.apply(x2, weight[rows], x_q, x_scale, w_q[rows], row_scales[rows])
-                    outputs.append(y.reshape(*x.shape[:-1], end - start))
-                else:
-                    outputs.append(F.linear(x, weight[rows]))
-        else:
-            x_fq = self._fake_quantized_input(x_in)
-            w_fq = self._fake_quantized_weight(weight)  # full-precision rows pass through
-            for start, end, quantized in layout.runs():
-                outputs.append(F.linear(x_fq if quantized else x, w_fq[start:end]))
-        y = torch.cat(outputs, dim=-1)
-        return y + bias if bias is not None else y
-
     # ----------------------------------------------------------------------- frozen export
     def freeze_quantized(self, ternary: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                          full_precision: torch.Tensor | None = None):
@@ -407,10 +355,10 @@ class _BitNetLinearMixin:
         longer trained; without arguments the current weight is quantised. With bitnet_segments,
         `scale` has one entry per segment and `full_precision` holds the full-precision segments
         (concatenated along the segmented dimension; None when every segment is quantised)."""
-        layout = self.bitnet_segments
+        layout = self._layout
         if ternary is None:
             ternary, scale = self.quantized_weight()
-            full_precision = None if layout is None else layout.full_precision_part(self.weight.detach())
+            full_precision = layout.full_precision_part(self.weight.detach())
         if tuple(ternary.shape) != tuple(self.weight.shape):
             raise ValueError(
                 f"freeze_quantized of {self._weight_label()}: ternary shape {tuple(ternary.shape)}, "
@@ -418,18 +366,14 @@ class _BitNetLinearMixin:
             )
         device = self.weight.device
         ternary = ternary.to(device=device, dtype=torch.int8)
-        if layout is None:
-            scale = scale.to(device=device).reshape(())
-            weight = reference.dequantize_weights(ternary, scale, self.weight.dtype)
-        else:
-            scale = scale.to(device=device).reshape(-1)
-            if scale.numel() != len(layout):
-                raise ValueError(
-                    f"freeze_quantized of {self._weight_label()}: {scale.numel()} scales; "
-                    f"allowed: one per segment ({len(layout)}: {layout})"
-                )
-            weight = reference.dequantize_weights_segmented(ternary, scale, layout, self.weight.dtype)
-            weight = self._insert_full_precision(weight, full_precision)
+        scale = scale.to(device=device).reshape(-1)
+        if scale.numel() != len(layout):
+            raise ValueError(
+                f"freeze_quantized of {self._weight_label()}: {scale.numel()} scales; "
+                f"allowed: one per segment ({len(layout)}: {layout})"
+            )
+        weight = reference.dequantize_weights(ternary, scale, self.weight.dtype, layout)
+        weight = self._insert_full_precision(weight, full_precision)
         self.register_buffer("frozen_ternary", ternary, persistent=False)
         self.register_buffer("frozen_scale", scale, persistent=False)
         with torch.no_grad():
@@ -438,7 +382,7 @@ class _BitNetLinearMixin:
         self._frozen = True
 
     def _insert_full_precision(self, weight: torch.Tensor, full_precision: torch.Tensor | None):
-        layout = self.bitnet_segments
+        layout = self._layout
         fp_sizes = [s.size for s in layout.segments if not s.quantized]
         expected = list(weight.shape)
         expected[layout.dim] = sum(fp_sizes)
@@ -460,7 +404,8 @@ class _BitNetLinearMixin:
         o = self.bitnet_options
         return (
             super().extra_repr()
-            + f", bitnet(fused={o.fused}, int8_matmul={o.int8_matmul}, subln={o.subln}"
+            + f", bitnet(fused={o.fused}, int8_matmul={o.int8_matmul}, subln={o.subln}, "
+            + f"kernel_backend={o.kernel_backend}"
             + (f", segments={self.bitnet_segments}" if self.bitnet_segments is not None else "")
             + (", frozen)" if self._frozen else ")")
         )
@@ -475,6 +420,40 @@ class BitNetColumnParallelLinear(_BitNetLinearMixin, ColumnParallelLinear):
                  bitnet_segments=None, **kwargs):
         super().__init__(input_size, output_size, **kwargs)
         self._bitnet_setup(bitnet_options, kwargs.get("name"), bitnet_segments, self.output_size_per_partition)
+
+    @property
+    def _gemm_by_parts(self) -> bool:
+        # Full-precision rows see the input as it is, quantised rows its quantised version: two
+        # inputs, so one GEMM per run of like rows instead of Megatron's one.
+        return self.bitnet_options.int8_matmul or not self._layout.all_quantized
+
+    def _forward_by_parts(self, x, weight, *, bias=None, allreduce_dgrad=False,
+                          sequence_parallel=False, tp_group=None, **_):
+        """One GEMM per run of like output segments (int8 or fake-quantised float for quantised
+        runs, float for full-precision ones), concatenated; the input is communicated once."""
+        x = self._gather_input(x, allreduce_dgrad, sequence_parallel, tp_group)
+        x_in = self._subln(x) if self.bitnet_options.subln else x
+        int8 = self.bitnet_options.int8_matmul
+        if int8:
+            x2 = x_in.reshape(-1, x_in.shape[-1])
+            x_q, x_scales = self._quantize_input(x2)
+            w_q, w_scales = self._quantize_weight(weight)
+            row_scales = self._layout.along_weight(w_scales).reshape(-1)
+        else:
+            x_fq = self._fake_quantized_input(x_in)
+            w_fq = self._fake_quantized_weight(weight)  # full-precision rows pass through
+        outputs = []
+        for start, end, quantized in self._layout.runs():
+            if not quantized:
+                outputs.append(F.linear(x, _part(weight, 0, start, end)))
+            elif int8:
+                y = _Int8LinearSTE.apply(x2, _part(weight, 0, start, end), x_q, x_scales[:, 0],
+                                         _part(w_q, 0, start, end), _part(row_scales, 0, start, end))
+                outputs.append(y.reshape(*x.shape[:-1], end - start))
+            else:
+                outputs.append(F.linear(x_fq, _part(w_fq, 0, start, end)))
+        y = _cat(outputs, -1)
+        return y + bias if bias is not None else y
 
 
 class BitNetRowParallelLinear(_BitNetLinearMixin, RowParallelLinear):
@@ -491,13 +470,40 @@ class BitNetRowParallelLinear(_BitNetLinearMixin, RowParallelLinear):
         super().__init__(input_size, output_size, **kwargs)
         self._bitnet_setup(bitnet_options, kwargs.get("name"), bitnet_segments, self.input_size_per_partition)
 
+    @property
+    def _gemm_by_parts(self) -> bool:
+        # Fake-quantised segments (full-precision ones passing through) make one float GEMM; the
+        # int8 GEMM takes one activation scale per row, so one per input segment.
+        return self.bitnet_options.int8_matmul
+
+    def _forward_by_parts(self, x, weight, *, bias=None, allreduce_dgrad=False,
+                          sequence_parallel=False, tp_group=None, **_):
+        """int8: one GEMM per input segment, each with its own per-token scale along K (float
+        for full-precision segments), summed."""
+        x = self._gather_input(x, allreduce_dgrad, sequence_parallel, tp_group)
+        x_in = self._subln(x) if self.bitnet_options.subln else x
+        x2 = x_in.reshape(-1, x_in.shape[-1])
+        w_q, w_scales = self._quantize_weight(weight)
+        x_q, x_scales = self._quantize_input(x2)
+        y = None
+        for i, ((start, end), quantized) in enumerate(zip(self._layout.ranges(), self._layout.quantized)):
+            x_part, w_part = _part(x2, 1, start, end), _part(weight, 1, start, end)
+            if quantized:
+                part = _Int8LinearSTE.apply(x_part, w_part, _part(x_q, 1, start, end), x_scales[:, i],
+                                            _part(w_q, 1, start, end), w_scales[i])
+            else:
+                part = F.linear(x_part, w_part)
+            y = part if y is None else y + part
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y + bias if bias is not None else y
+
 
 BITNET_LINEAR_TYPES = (BitNetColumnParallelLinear, BitNetRowParallelLinear)
 
 
 # ----------------------------------------------------------------------------- selection
 def validate_bitnet_layers(bitnet_cfg) -> list[str]:
-    layers = getattr(bitnet_cfg, "layers", None)
+    layers = bitnet_cfg.layers
     if layers is None or isinstance(layers, str):
         raise ValueError(
             f"bitnet.layers must be a list of layer types, got {layers!r}; "
@@ -530,12 +536,12 @@ def _parallel_bases(parallel: str):
     raise ValueError(f"select_linear: parallel={parallel!r}; allowed: 'column', 'row'")
 
 
-def select_linear(bitnet_cfg, layer_type: str, parallel: str) -> type:
-    """The linear class for one projection: a BitNet layer if `bitnet_cfg` quantises
-    `layer_type`, else Megatron's plain ColumnParallelLinear / RowParallelLinear.
+def select_linear(bitnet_cfg, layer_type: str, parallel: str, kernel_backend: str = "auto") -> type:
+    """The linear class for one projection: a BitNet layer (one segment) if `bitnet_cfg`
+    quantises `layer_type`, else Megatron's plain ColumnParallelLinear / RowParallelLinear.
 
     bitnet_cfg: recipes.config.BitNetConfig or None. layer_type: one of LAYER_TYPES.
-    parallel: "column" or "row"."""
+    parallel: "column" or "row". kernel_backend: the model's (auto | reference | triton)."""
     plain, _ = _parallel_bases(parallel)
     if layer_type not in LAYER_TYPES:
         raise ValueError(
@@ -544,12 +550,12 @@ def select_linear(bitnet_cfg, layer_type: str, parallel: str) -> type:
     if bitnet_cfg is None:
         return plain
     enabled_types = set(validate_bitnet_layers(bitnet_cfg))
-    if not getattr(bitnet_cfg, "enabled", False) or not (LAYER_TYPES[layer_type] & enabled_types):
+    if not bitnet_cfg.enabled or not (LAYER_TYPES[layer_type] & enabled_types):
         return plain
-    return bitnet_linear_class(parallel, options_from_config(bitnet_cfg))
+    return bitnet_linear_class(parallel, options_from_config(bitnet_cfg, kernel_backend))
 
 
-def select_segmented_linear(bitnet_cfg, segments, parallel: str):
+def select_segmented_linear(bitnet_cfg, segments, parallel: str, kernel_backend: str = "auto"):
     """The constructor of a fused projection that stands for several projections.
 
     segments: (name, local size, layer type) in order: the rows of a column linear's output,
@@ -567,12 +573,12 @@ def select_segmented_linear(bitnet_cfg, segments, parallel: str):
     if bitnet_cfg is None:
         return plain
     enabled_types = set(validate_bitnet_layers(bitnet_cfg))
-    if not getattr(bitnet_cfg, "enabled", False):
+    if not bitnet_cfg.enabled:
         return plain
     parsed = [Segment(name, size, bool(LAYER_TYPES[t] & enabled_types)) for name, size, t in segments]
     if not any(s.quantized for s in parsed):
         return plain
-    cls = bitnet_linear_class(parallel, options_from_config(bitnet_cfg))
+    cls = bitnet_linear_class(parallel, options_from_config(bitnet_cfg, kernel_backend))
     return functools.partial(cls, bitnet_segments=parsed)
 
 

@@ -2,7 +2,7 @@
 
 Numerics (the Triton kernels in `triton_kernels.py` reproduce every rounding step):
 
-Weights, one scale for the whole tensor (`/work/shared/specs/bitnet.md`):
+Weights, one scale for the whole tensor (BitNet b1.58, "absmean" quantisation):
     S     = sum(|W|) accumulated in float64, N = number of elements
     m     = max(S / N, 1e-5)                     (float64, then rounded to the compute dtype)
     s     = 1 / m                                (float64, then rounded to the compute dtype)
@@ -21,18 +21,23 @@ rounding, which is what lets TP=1 and TP=2 produce the same ternary weights. The
 values are `q * scale` (not `q / s` as in onebitllms) so that an exported (ternary, scale) pair
 reproduces the training forward bit for bit; the two differ by at most one float rounding.
 
-`stats` arguments: a float64 tensor `[sum(|W|), N]`, given when the sum runs over more than
+`layout` arguments (`bitnet.segments.SegmentLayout`, fused projections): each quantised
+segment is quantised exactly as the formulas above quantise a separate tensor: one weight scale
+per segment (stats [n, 2], scales [n]), activations per row and per segment of the last
+dimension (absmax and scales [..., n]). Full-precision segments pass through the fake quantisers
+and are 0 in the int8 / ternary outputs. Without a layout a tensor is one segment: stats [2], a
+0-d weight scale, activation scales shaped x.shape[:-1].
+
+`stats` arguments: float64 `[sum(|W|), N]` per segment, given when the sum runs over more than
 the tensor at hand (a tensor-parallel shard: the layer all-reduces it over the TP group).
 `absmax` arguments: per-row max|x| (before the 1e-5 clamp), given when the row is sharded.
-
-The `*_segmented` functions (fused projections, see `bitnet.segments`) apply the functions
-above to each segment's slice: stats [n, 2], one weight scale per segment, activations
-quantised per row and per segment of the last dimension (absmax [..., n]).
 """
 
 from __future__ import annotations
 
 import torch
+
+from bitnet.segments import feature_layout, weight_layout
 
 WEIGHT_EPS = 1e-5
 ACTIVATION_EPS = 1e-5
@@ -58,66 +63,130 @@ def round_half_up(v: torch.Tensor) -> torch.Tensor:
     return torch.floor(v + 0.5)
 
 
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 # ----------------------------------------------------------------------------- weights
-def weight_stats(w: torch.Tensor) -> torch.Tensor:
-    """float64 `[sum(|w|), numel]` of this tensor (shard)."""
+def _abs_sum_and_numel(w: torch.Tensor) -> torch.Tensor:
     abs_sum = w.detach().abs().sum(dtype=torch.float64)
     return torch.stack([abs_sum, abs_sum.new_tensor(float(w.numel()))])
 
 
-def weight_scales(w: torch.Tensor, stats: torch.Tensor | None = None):
-    """(m, s) in the compute dtype of `w`: dequantisation scale and its reciprocal."""
-    if stats is None:
-        stats = weight_stats(w)
+def weight_scales(w: torch.Tensor, stats: torch.Tensor):
+    """(m, s) in the compute dtype of `w`, from one segment's float64 `[sum|W|, N]`: the
+    dequantisation scale and its reciprocal."""
     mean = torch.clamp(true_div(stats[0], stats[1]), min=WEIGHT_EPS)  # float64
     c = compute_dtype(w)
     return mean.to(c), true_div(1.0, mean).to(c)
 
 
-def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None):
-    """-> (ternary int8 tensor shaped like w, 0-d scale); dequantised = ternary * scale."""
+def _quantize_weight_segment(w: torch.Tensor, stats: torch.Tensor):
     m, s = weight_scales(w, stats)
-    q = torch.clamp(round_half_up(w.detach().to(m.dtype) * s), -1, 1)
-    return q.to(torch.int8), m
+    return torch.clamp(round_half_up(w.detach().to(m.dtype) * s), -1, 1).to(torch.int8), m
 
 
-def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
-    """The dequantised ternary weight, in w's dtype."""
-    q, m = quantize_weights(w, stats)
-    return dequantize_weights(q, m, w.dtype)
+def weight_stats(w: torch.Tensor, layout=None) -> torch.Tensor:
+    """float64 `[sum(|w|), numel]` of this tensor (shard); [n, 2], one row per segment, with a
+    layout."""
+    w2, lay = weight_layout(w, layout)
+    stats = torch.stack([_abs_sum_and_numel(part) for part in lay.split(w2, lay.dim)])
+    return stats if layout is not None else stats[0]
 
 
-def dequantize_weights(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None):
+    """-> (ternary int8 shaped like w, scale): dequantised = ternary * scale, one scale per
+    segment ([n]; 0 for full-precision segments, whose ternary is 0) or 0-d without a layout."""
+    w2, lay = weight_layout(w, layout)
+    stats = weight_stats(w2, lay) if stats is None else stats.reshape(len(lay), 2)
+    ternary, scales = [], []
+    for part, part_stats, quantized in zip(lay.split(w2, lay.dim), stats, lay.quantized):
+        q, m = _quantize_weight_segment(part, part_stats)
+        ternary.append(q if quantized else torch.zeros_like(q))
+        scales.append(m if quantized else torch.zeros_like(m))
+    ternary, scales = _cat(ternary, lay.dim), torch.stack(scales)
+    return (ternary, scales) if layout is not None else (ternary.reshape(w.shape), scales[0])
+
+
+def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None) -> torch.Tensor:
+    """The dequantised ternary weight in w's dtype; full-precision segments as they are."""
+    w2, lay = weight_layout(w, layout)
+    stats = weight_stats(w2, lay) if stats is None else stats.reshape(len(lay), 2)
+    parts = []
+    for part, part_stats, quantized in zip(lay.split(w2, lay.dim), stats, lay.quantized):
+        if quantized:
+            q, m = _quantize_weight_segment(part, part_stats)
+            parts.append(dequantize_weights(q, m, w.dtype))
+        else:
+            parts.append(part.detach())
+    return _cat(parts, lay.dim).reshape(w.shape)
+
+
+def dequantize_weights(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, layout=None) -> torch.Tensor:
+    """ternary * scale (with a layout: * its segment's scale)."""
+    if layout is not None:
+        scale = layout.along_weight(scale)
     return (q.to(scale.dtype) * scale).to(dtype)
 
 
 # ------------------------------------------------------------------------- activations
-def activation_absmax(x: torch.Tensor) -> torch.Tensor:
-    """Per-row max|x| over the last dimension, in the compute dtype (no clamp)."""
+def _absmax(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax(dim=-1).to(compute_dtype(x))
 
 
-def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None):
-    """-> (int8 tensor shaped like x, scale per row shaped x.shape[:-1]);
-    dequantised = int8 * scale[..., None]."""
-    if x.dim() < 1:
-        raise ValueError(f"quantize_activations: x must have rank >= 1, got shape {tuple(x.shape)}")
+def _quantize_activation_segment(x: torch.Tensor, absmax: torch.Tensor):
     c = compute_dtype(x)
-    if absmax is None:
-        absmax = activation_absmax(x)
     a = torch.clamp(absmax.to(c), min=ACTIVATION_EPS)
     s = true_div(ACTIVATION_LEVELS, a)
     q = torch.clamp(round_half_up(x.detach().to(c) * s.unsqueeze(-1)), -128, 127)
     return q.to(torch.int8), true_div(a, ACTIVATION_LEVELS)
 
 
-def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None) -> torch.Tensor:
-    """The dequantised int8 activations, in x's dtype."""
-    q, scale = quantize_activations(x, absmax)
-    return dequantize_activations(q, scale, x.dtype)
+def activation_absmax(x: torch.Tensor, layout=None) -> torch.Tensor:
+    """Per-row max|x| over the last dimension, in the compute dtype (no clamp); [..., n], per
+    segment of the last dimension, with a layout."""
+    lay = feature_layout(x, layout)
+    absmax = torch.stack([_absmax(part) for part in lay.split(x, -1)], dim=-1)
+    return absmax if layout is not None else absmax[..., 0]
+
+
+def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None):
+    """-> (int8 tensor shaped like x, scale per row shaped x.shape[:-1], or [..., n] per row and
+    segment with a layout); dequantised = int8 * scale. Full-precision segments: int8 0 (their
+    scale is computed but unused)."""
+    lay = feature_layout(x, layout)
+    if absmax is None:
+        absmax = activation_absmax(x, lay)
+    elif layout is None:
+        absmax = absmax.unsqueeze(-1)
+    values, scales = [], []
+    for i, (part, quantized) in enumerate(zip(lay.split(x, -1), lay.quantized)):
+        q, scale = _quantize_activation_segment(part, absmax[..., i])
+        values.append(q if quantized else torch.zeros_like(q))
+        scales.append(scale)
+    values, scales = _cat(values, -1), torch.stack(scales, dim=-1)
+    return values, (scales if layout is not None else scales[..., 0])
+
+
+def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None) -> torch.Tensor:
+    """The dequantised int8 activations in x's dtype; full-precision segments as they are."""
+    lay = feature_layout(x, layout)
+    if absmax is None:
+        absmax = activation_absmax(x, lay)
+    elif layout is None:
+        absmax = absmax.unsqueeze(-1)
+    parts = []
+    for i, (part, quantized) in enumerate(zip(lay.split(x, -1), lay.quantized)):
+        if quantized:
+            q, scale = _quantize_activation_segment(part, absmax[..., i])
+            parts.append(dequantize_activations(q, scale, x.dtype))
+        else:
+            parts.append(part.detach())
+    return _cat(parts, -1)
 
 
 def dequantize_activations(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 * its row's scale (scale shaped q.shape[:-1])."""
     return (q.to(scale.dtype) * scale.unsqueeze(-1)).to(dtype)
 
 
@@ -131,69 +200,3 @@ def int8_linear(
     value the int8 tensor-core GEMM computes in int32, before the float rescale."""
     acc = x_q.to(torch.float64) @ w_q.to(torch.float64).t()
     return (acc.to(torch.float32) * x_scale.to(torch.float32).unsqueeze(-1)) * w_scale.to(torch.float32)
-
-
-# ---------------------------------------------------------------- segmented (fused) linears
-# `layout` is a `bitnet.segments.SegmentLayout`. Each quantised segment is quantised exactly as
-# the functions above quantise a separate tensor (they are called on the segment's slice);
-# full-precision segments pass through (fake quantisers) or become 0 (int8 / ternary outputs).
-def segment_weight_stats(w: torch.Tensor, layout) -> torch.Tensor:
-    """float64 [n, 2]: `[sum(|w|), numel]` of every segment of this tensor (shard)."""
-    return torch.stack([weight_stats(part) for part in layout.split(w, layout.dim)])
-
-
-def quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None):
-    """-> (ternary int8 like w, scales [n]): dequantised segment i = ternary * scales[i].
-    Full-precision segments: ternary 0 and scale 0 (their weights are kept elsewhere)."""
-    if stats is None:
-        stats = segment_weight_stats(w, layout)
-    ternary, scales = [], []
-    for i, (part, quantized) in enumerate(zip(layout.split(w, layout.dim), layout.quantized)):
-        q, m = quantize_weights(part, stats[i])
-        ternary.append(q if quantized else torch.zeros_like(q))
-        scales.append(m if quantized else torch.zeros_like(m))
-    return torch.cat(ternary, dim=layout.dim), torch.stack(scales)
-
-
-def fake_quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantised segments dequantised (each with its own scale), full-precision ones as they are."""
-    if stats is None:
-        stats = segment_weight_stats(w, layout)
-    parts = [
-        fake_quantize_weights(part, stats[i]) if quantized else part.detach()
-        for i, (part, quantized) in enumerate(zip(layout.split(w, layout.dim), layout.quantized))
-    ]
-    return torch.cat(parts, dim=layout.dim)
-
-
-def dequantize_weights_segmented(q: torch.Tensor, scales: torch.Tensor, layout, dtype: torch.dtype) -> torch.Tensor:
-    """ternary * (its segment's scale), as `dequantize_weights` does per segment."""
-    return (q.to(scales.dtype) * layout.along_weight(scales)).to(dtype)
-
-
-def segment_activation_absmax(x: torch.Tensor, layout) -> torch.Tensor:
-    """[..., n]: per-row max|x| over each segment of the last dimension (no clamp)."""
-    return torch.stack([activation_absmax(part) for part in layout.split(x, -1)], dim=-1)
-
-
-def quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None):
-    """-> (int8 like x, scales [..., n]): every segment of the last dim quantised per row with
-    its own absmax. Full-precision segments: int8 0 (their scale is computed but unused)."""
-    if absmax is None:
-        absmax = segment_activation_absmax(x, layout)
-    values, scales = [], []
-    for i, (part, quantized) in enumerate(zip(layout.split(x, -1), layout.quantized)):
-        q, scale = quantize_activations(part, absmax[..., i])
-        values.append(q if quantized else torch.zeros_like(q))
-        scales.append(scale)
-    return torch.cat(values, dim=-1), torch.stack(scales, dim=-1)
-
-
-def fake_quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None) -> torch.Tensor:
-    if absmax is None:
-        absmax = segment_activation_absmax(x, layout)
-    parts = [
-        fake_quantize_activations(part, absmax[..., i]) if quantized else part.detach()
-        for i, (part, quantized) in enumerate(zip(layout.split(x, -1), layout.quantized))
-    ]
-    return torch.cat(parts, dim=-1)

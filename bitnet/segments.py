@@ -10,11 +10,13 @@ every segment is quantised as its own projection would be:
 - a segment whose layer type is not in `bitnet.layers` stays full precision (weight and input).
 
 `SegmentLayout` holds that description for one layer; the quantisers in `bitnet.reference`
-and `bitnet.triton_kernels` take it.
+and `bitnet.triton_kernels` take it. A plain projection is the one-segment layout
+(`single_segment`), so plain and fused linears run the same code.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -36,6 +38,7 @@ class SegmentTables(NamedTuple):
     flags: torch.Tensor  # int8 [n]: 1 = quantised
     index: torch.Tensor  # int64 [size]: segment of every position along the segmented dim
     quantized: torch.Tensor  # bool [n]
+    sizes: torch.Tensor  # float64 [n]: rows (dim 0) or columns (dim 1) of each segment
 
 
 class SegmentLayout:
@@ -58,7 +61,6 @@ class SegmentLayout:
             bounds.append(bounds[-1] + s.size)
         self.bounds = tuple(bounds)
         self._tables: dict = {}
-        self._numels: dict = {}
 
     # ------------------------------------------------------------------------ description
     def __len__(self) -> int:
@@ -104,7 +106,10 @@ class SegmentLayout:
         return [tuple(r) for r in runs]
 
     def split(self, t: torch.Tensor, dim: int) -> list[torch.Tensor]:
-        """Views of `t` per segment along `dim`."""
+        """Views of `t` per segment along `dim` (one segment: `t` itself, so autograd has no
+        slice to scatter back)."""
+        if len(self.segments) == 1 and t.shape[dim] == self.size:
+            return [t]
         return [t.narrow(dim, start, end - start) for start, end in self.ranges()]
 
     def full_precision_part(self, w: torch.Tensor) -> torch.Tensor | None:
@@ -124,19 +129,15 @@ class SegmentLayout:
                 flags=flags.to(device),
                 index=torch.repeat_interleave(torch.arange(len(self)), sizes).to(device),
                 quantized=flags.bool().to(device),
+                sizes=sizes.to(torch.float64).to(device),
             )
             self._tables[device] = tables
         return tables
 
     def segment_numels(self, shape, device) -> torch.Tensor:
-        """float64 [n]: elements of each segment of a weight shaped `shape` (on `device`)."""
-        key = (tuple(shape), torch.device(device))
-        numels = self._numels.get(key)
-        if numels is None:
-            other = shape[1 - self.dim]
-            numels = torch.tensor([float(s.size * other) for s in self.segments], dtype=torch.float64).to(device)
-            self._numels[key] = numels
-        return numels
+        """float64 [n]: elements of each segment of a weight shaped `shape` (on `device`; computed
+        there from the cached tables, so no host-to-device copy)."""
+        return self.tables(device).sizes * float(shape[1 - self.dim])
 
     def along_weight(self, per_segment: torch.Tensor) -> torch.Tensor:
         """[n] per-segment values -> one per weight row ([size, 1], dim 0) or column ([size],
@@ -172,6 +173,29 @@ class SegmentLayout:
             segments.append(Segment(entry["name"], entry["end"] - entry["start"], bool(entry["quantized"])))
             expected_start = entry["end"]
         return SegmentLayout(segments, int(data["dim"]))
+
+
+@functools.lru_cache(maxsize=None)
+def single_segment(size: int, dim: int) -> SegmentLayout:
+    """The layout of a plain projection: one quantised segment spanning `size` along `dim`.
+    Cached, so its device tables are built once however many layers or calls use it."""
+    return SegmentLayout([Segment("all", size)], dim)
+
+
+def weight_layout(w: torch.Tensor, layout: SegmentLayout | None):
+    """(w as 2-D [rows, cols], its layout): `layout` as given, or for a plain tensor (None) the
+    whole tensor as one row of one segment, whatever its shape."""
+    if layout is not None:
+        return w, layout
+    return w.reshape(1, -1), single_segment(1, 0)
+
+
+def feature_layout(x: torch.Tensor, layout: SegmentLayout | None) -> SegmentLayout:
+    """The segments of x's last dimension (the features of activations): `layout` as given, or
+    one segment over all of them for a plain tensor (None)."""
+    if x.dim() < 1:
+        raise ValueError(f"BitNet activation quantisers: x must have rank >= 1, got shape {tuple(x.shape)}")
+    return layout if layout is not None else single_segment(x.shape[-1], 1)
 
 
 def _as_segment(s) -> Segment:

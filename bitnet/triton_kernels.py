@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from bitnet.segments import feature_layout, weight_layout
+
 _SUM_BLOCK = 4096
 _SUM_MAX_PROGRAMS = 1024
 _QUANT_BLOCK = 2048
@@ -57,161 +59,13 @@ def _round_clamp(v, lo, hi):
     return tl.minimum(tl.maximum(tl.floor(v + 0.5), lo), hi)
 
 
+# `layout` is a bitnet.segments.SegmentLayout (None: the tensor is one segment); its
+# `tables(device)` hold the segment bounds and quantised flags on the device, so the kernels
+# read them without a host round trip.
 @triton.jit
-def _abs_sum_partial_kernel(w_ptr, partial_ptr, n, BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
-    start = pid.to(tl.int64) * BLOCK * BLOCKS_PER_PROGRAM
-    for i in range(BLOCKS_PER_PROGRAM):
-        offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        w = tl.load(w_ptr + offs, mask=offs < n, other=0.0)
-        acc += tl.abs(w.to(tl.float64))
-    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
-
-
-@triton.jit
-def _weight_quant_kernel(
-    w_ptr, stats_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr, TERNARY_OUT: tl.constexpr
-):
-    pid = tl.program_id(0)
-    m, s = _weight_scales(stats_ptr)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = _round_clamp(w * s, -1.0, 1.0)
-    if TERNARY_OUT:
-        tl.store(out_ptr + offs, q.to(tl.int8), mask=mask)
-    else:
-        tl.store(out_ptr + offs, (q * m).to(out_ptr.dtype.element_ty), mask=mask)
-    if pid == 0:
-        tl.store(scale_ptr, m)
-
-
-@triton.jit
-def _row_absmax_kernel(x_ptr, absmax_ptr, D, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    tl.store(absmax_ptr + row, _range_absmax(x_ptr + row * D, 0, D, BLOCK_D))
-
-
-@triton.jit
-def _act_quant_kernel(
-    x_ptr,
-    absmax_ptr,
-    out_ptr,
-    scale_ptr,
-    D,
-    BLOCK_D: tl.constexpr,
-    HAS_ABSMAX: tl.constexpr,
-    INT8_OUT: tl.constexpr,
-):
-    """One program per row: absmax (unless given), then quantise the row."""
-    row = tl.program_id(0).to(tl.int64)
-    base = x_ptr + row * D
-    if HAS_ABSMAX:
-        a = tl.load(absmax_ptr + row).to(tl.float32)
-    else:
-        a = _range_absmax(base, 0, D, BLOCK_D)
-    s, scale = _activation_scales(a)
-    for start in range(0, D, BLOCK_D):
-        offs = start + tl.arange(0, BLOCK_D)
-        mask = offs < D
-        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        q = _round_clamp(x * s, -128.0, 127.0)
-        if INT8_OUT:
-            tl.store(out_ptr + row * D + offs, q.to(tl.int8), mask=mask)
-        else:
-            tl.store(out_ptr + row * D + offs, (q * scale).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale)
-
-
-# ------------------------------------------------------------------------------ wrappers
-def weight_stats(w: torch.Tensor) -> torch.Tensor:
-    """float64 `[sum(|w|), numel]` on w's device; no host synchronisation."""
-    w = w.detach().contiguous()
-    n = w.numel()
-    blocks = triton.cdiv(n, _SUM_BLOCK)
-    per_program = triton.next_power_of_2(triton.cdiv(blocks, _SUM_MAX_PROGRAMS))
-    programs = max(1, triton.cdiv(blocks, per_program))
-    partial = torch.empty(programs, dtype=torch.float64, device=w.device)
-    _abs_sum_partial_kernel[(programs,)](
-        w, partial, n, BLOCK=_SUM_BLOCK, BLOCKS_PER_PROGRAM=per_program, **_NO_FMA
-    )
-    stats = torch.empty(2, dtype=torch.float64, device=w.device)
-    torch.sum(partial, dim=0, out=stats[0])
-    stats[1].fill_(float(n))
-    return stats
-
-
-def _weight_quant(w: torch.Tensor, stats: torch.Tensor | None, ternary_out: bool):
-    w = w.detach().contiguous()
-    if stats is None:
-        stats = weight_stats(w)
-    n = w.numel()
-    out = torch.empty_like(w, dtype=torch.int8 if ternary_out else w.dtype)
-    scale = torch.empty((), dtype=torch.float32, device=w.device)
-    grid = (max(1, triton.cdiv(n, _QUANT_BLOCK)),)
-    _weight_quant_kernel[grid](
-        w, stats.to(torch.float64).contiguous(), out, scale, n,
-        BLOCK=_QUANT_BLOCK, TERNARY_OUT=ternary_out, **_NO_FMA,
-    )
-    return out, scale
-
-
-def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None):
-    return _weight_quant(w, stats, ternary_out=True)
-
-
-def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
-    return _weight_quant(w, stats, ternary_out=False)[0]
-
-
-def _rows(x: torch.Tensor):
-    x = x.detach().contiguous()
-    d = x.shape[-1]
-    rows = x.numel() // d if d else 0
-    return x, rows, d
-
-
-def _block_d(d: int) -> int:
-    return min(triton.next_power_of_2(max(d, 16)), 4096)
-
-
-def activation_absmax(x: torch.Tensor) -> torch.Tensor:
-    x, rows, d = _rows(x)
-    absmax = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    if rows:
-        _row_absmax_kernel[(rows,)](x, absmax, d, BLOCK_D=_block_d(d), **_NO_FMA)
-    return absmax
-
-
-def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, int8_out: bool):
-    x, rows, d = _rows(x)
-    out = torch.empty_like(x, dtype=torch.int8 if int8_out else x.dtype)
-    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    if rows:
-        absmax_arg = scale if absmax is None else absmax.to(torch.float32).contiguous()
-        _act_quant_kernel[(rows,)](
-            x, absmax_arg, out, scale, d,
-            BLOCK_D=_block_d(d), HAS_ABSMAX=absmax is not None, INT8_OUT=int8_out, **_NO_FMA,
-        )
-    return out, scale
-
-
-def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None):
-    return _act_quant(x, absmax, int8_out=True)
-
-
-def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None) -> torch.Tensor:
-    return _act_quant(x, absmax, int8_out=False)[0]
-
-
-# --------------------------------------------------------------- segmented (fused) linears
-# `layout` is a bitnet.segments.SegmentLayout; its `tables(device)` hold the segment bounds
-# and quantised flags on the device, so the kernels read them without a host round trip.
-@triton.jit
-def _segment_abs_sum_partial_kernel(
+def _abs_sum_partial_kernel(
     w_ptr, bounds_ptr, partial_ptr, rows, cols, programs,
-    SEG_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+    N_SEG: tl.constexpr, SEG_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
 ):
     """Program (p, i) sums |w| (float64) over its share of segment i: rows (SEG_DIM 0) or
     columns (SEG_DIM 1) bounds[i] .. bounds[i + 1] of the row-major w [rows, cols]."""
@@ -221,43 +75,47 @@ def _segment_abs_sum_partial_kernel(
     hi = tl.load(bounds_ptr + seg + 1).to(tl.int64)
     # lo, hi are int64, so every offset below is int64 (rows, cols may be specialised ints).
     if SEG_DIM == 0:
+        base = w_ptr + lo * cols
         n = (hi - lo) * cols
     else:
+        base = w_ptr + lo
         n = rows * (hi - lo)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     start = pid.to(tl.int64) * BLOCK * BLOCKS_PER_PROGRAM
     for i in range(BLOCKS_PER_PROGRAM):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        if SEG_DIM == 0:
-            addr = lo * cols + offs
+        if SEG_DIM == 0 or N_SEG == 1:  # contiguous: whole rows, or a lone segment of every column
+            addr = base + offs
         else:
-            addr = (offs // (hi - lo)) * cols + lo + offs % (hi - lo)
-        w = tl.load(w_ptr + addr, mask=offs < n, other=0.0)
+            addr = base + (offs // (hi - lo)) * cols + offs % (hi - lo)
+        w = tl.load(addr, mask=offs < n, other=0.0)
         acc += tl.abs(w.to(tl.float64))
     tl.store(partial_ptr + seg * programs + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _segment_weight_quant_kernel(
+def _weight_quant_kernel(
     w_ptr, stats_ptr, bounds_ptr, flags_ptr, out_ptr, scale_ptr, n, cols,
     N_SEG: tl.constexpr, SEG_DIM: tl.constexpr, BLOCK: tl.constexpr, TERNARY_OUT: tl.constexpr,
 ):
-    """`_weight_quant_kernel` with each element's (m, s) taken from its segment (row of w for
-    SEG_DIM 0, column for 1); elements of full-precision segments are copied (0 in the ternary
-    output, and their scale is 0)."""
+    """Quantises each element with the (m, s) of its segment (row of w for SEG_DIM 0, column
+    for 1); elements of full-precision segments are copied (0 in the ternary output, and their
+    scale is 0)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    # Every program finishes each segment's mean from its float64 stats: cheaper than launches.
+    # Segment 0 starts at 0; a later segment takes over from its start (segments come in
+    # order). With one segment the position is never needed, and the compiler drops it.
+    m, s = _weight_scales(stats_ptr)
+    quantized = tl.load(flags_ptr) != 0
+    if pid == 0:
+        tl.store(scale_ptr, tl.where(quantized, m, 0.0))
     if SEG_DIM == 0:
         pos = offs // cols
     else:
         pos = offs % cols
-    m = tl.zeros([BLOCK], dtype=tl.float32)
-    s = tl.zeros([BLOCK], dtype=tl.float32)
-    quantized = pos < 0
-    # Every program finishes each segment's mean from its float64 stats: cheaper than launches.
-    # Segments come in order, so the last one starting at or before `pos` is pos's segment.
-    for i in tl.static_range(N_SEG):
+    for i in tl.static_range(1, N_SEG):
         m_i, s_i = _weight_scales(stats_ptr + 2 * i)
         flag_i = tl.load(flags_ptr + i) != 0
         inside = pos >= tl.load(bounds_ptr + i).to(tl.int64)
@@ -276,7 +134,7 @@ def _segment_weight_quant_kernel(
 
 
 @triton.jit
-def _segment_row_absmax_kernel(x_ptr, bounds_ptr, absmax_ptr, D, N_SEG: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_absmax_kernel(x_ptr, bounds_ptr, absmax_ptr, D, N_SEG: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (row, i): max|x| over segment i of the row."""
     row = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
@@ -286,12 +144,12 @@ def _segment_row_absmax_kernel(x_ptr, bounds_ptr, absmax_ptr, D, N_SEG: tl.const
 
 
 @triton.jit
-def _segment_act_quant_kernel(
+def _act_quant_kernel(
     x_ptr, bounds_ptr, flags_ptr, absmax_ptr, out_ptr, scale_ptr, D,
     N_SEG: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ABSMAX: tl.constexpr, INT8_OUT: tl.constexpr,
 ):
-    """`_act_quant_kernel` for segment i of one row (program (row, i)); a full-precision
-    segment is copied (or 0 in the int8 output)."""
+    """Program (row, i): absmax of segment i of the row (unless given), then quantise it; a
+    full-precision segment is copied (or 0 in the int8 output)."""
     row = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     lo = tl.load(bounds_ptr + seg)
@@ -317,83 +175,95 @@ def _segment_act_quant_kernel(
     tl.store(scale_ptr + row * N_SEG + seg, scale)
 
 
-def segment_weight_stats(w: torch.Tensor, layout) -> torch.Tensor:
-    """float64 [n, 2]: `[sum(|w|), numel]` per segment; no host synchronisation."""
-    w = w.detach().contiguous()
-    rows, cols = w.shape
-    tables = layout.tables(w.device)
-    other = cols if layout.dim == 0 else rows
-    blocks = triton.cdiv(max(s.size for s in layout.segments) * other, _SUM_BLOCK)
+# ------------------------------------------------------------------------------ wrappers
+def weight_stats(w: torch.Tensor, layout=None) -> torch.Tensor:
+    """float64 `[sum(|w|), numel]` on w's device ([n, 2] per segment with a layout); no host
+    synchronisation."""
+    w2, lay = weight_layout(w.detach().contiguous(), layout)
+    rows, cols = w2.shape
+    tables = lay.tables(w2.device)
+    other = cols if lay.dim == 0 else rows
+    blocks = triton.cdiv(max(s.size for s in lay.segments) * other, _SUM_BLOCK)
     per_program = triton.next_power_of_2(triton.cdiv(blocks, _SUM_MAX_PROGRAMS))
     programs = max(1, triton.cdiv(blocks, per_program))
-    partial = torch.empty(len(layout), programs, dtype=torch.float64, device=w.device)
-    _segment_abs_sum_partial_kernel[(programs, len(layout))](
-        w, tables.bounds, partial, rows, cols, programs,
-        SEG_DIM=layout.dim, BLOCK=_SUM_BLOCK, BLOCKS_PER_PROGRAM=per_program, **_NO_FMA,
+    partial = torch.empty(len(lay), programs, dtype=torch.float64, device=w2.device)
+    _abs_sum_partial_kernel[(programs, len(lay))](
+        w2, tables.bounds, partial, rows, cols, programs,
+        N_SEG=len(lay), SEG_DIM=lay.dim, BLOCK=_SUM_BLOCK, BLOCKS_PER_PROGRAM=per_program, **_NO_FMA,
     )
-    return torch.stack([partial.sum(dim=1), layout.segment_numels(w.shape, w.device)], dim=1)
+    stats = torch.stack([partial.sum(dim=1), lay.segment_numels(w2.shape, w2.device)], dim=1)
+    return stats if layout is not None else stats[0]
 
 
-def _segment_weight_quant(w: torch.Tensor, layout, stats: torch.Tensor | None, ternary_out: bool):
-    w = w.detach().contiguous()
-    if stats is None:
-        stats = segment_weight_stats(w, layout)
-    tables = layout.tables(w.device)
-    out = torch.empty_like(w, dtype=torch.int8 if ternary_out else w.dtype)
-    scales = torch.empty(len(layout), dtype=torch.float32, device=w.device)
-    n = w.numel()
+def _weight_quant(w: torch.Tensor, stats: torch.Tensor | None, layout, ternary_out: bool):
+    w2, lay = weight_layout(w.detach().contiguous(), layout)
+    stats = weight_stats(w2, lay) if stats is None else stats.reshape(len(lay), 2)
+    tables = lay.tables(w2.device)
+    out = torch.empty_like(w2, dtype=torch.int8 if ternary_out else w2.dtype)
+    scales = torch.empty(len(lay), dtype=torch.float32, device=w2.device)
+    n = w2.numel()
     grid = (max(1, triton.cdiv(n, _QUANT_BLOCK)),)
-    _segment_weight_quant_kernel[grid](
-        w, stats.to(torch.float64).contiguous(), tables.bounds, tables.flags, out, scales, n, w.shape[1],
-        N_SEG=len(layout), SEG_DIM=layout.dim, BLOCK=_QUANT_BLOCK, TERNARY_OUT=ternary_out, **_NO_FMA,
+    _weight_quant_kernel[grid](
+        w2, stats.to(torch.float64).contiguous(), tables.bounds, tables.flags, out, scales, n, w2.shape[1],
+        N_SEG=len(lay), SEG_DIM=lay.dim, BLOCK=_QUANT_BLOCK, TERNARY_OUT=ternary_out, **_NO_FMA,
     )
-    return out, scales
+    return (out, scales) if layout is not None else (out.reshape(w.shape), scales[0])
 
 
-def quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None):
-    return _segment_weight_quant(w, layout, stats, ternary_out=True)
+def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None):
+    return _weight_quant(w, stats, layout, ternary_out=True)
 
 
-def fake_quantize_weights_segmented(w: torch.Tensor, layout, stats: torch.Tensor | None = None) -> torch.Tensor:
-    return _segment_weight_quant(w, layout, stats, ternary_out=False)[0]
+def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None) -> torch.Tensor:
+    return _weight_quant(w, stats, layout, ternary_out=False)[0]
 
 
-def _segment_block_d(layout) -> int:
-    return _block_d(max(s.size for s in layout.segments))
+def _rows(x: torch.Tensor):
+    x = x.detach().contiguous()
+    d = x.shape[-1]
+    rows = x.numel() // d if d else 0
+    return x, rows, d
 
 
-def segment_activation_absmax(x: torch.Tensor, layout) -> torch.Tensor:
+def _block_d(layout) -> int:
+    return min(triton.next_power_of_2(max(max(s.size for s in layout.segments), 16)), 4096)
+
+
+def activation_absmax(x: torch.Tensor, layout=None) -> torch.Tensor:
+    lay = feature_layout(x, layout)
     x, rows, d = _rows(x)
-    absmax = torch.empty(*x.shape[:-1], len(layout), dtype=torch.float32, device=x.device)
+    absmax = torch.empty(*x.shape[:-1], len(lay), dtype=torch.float32, device=x.device)
     if rows:
-        _segment_row_absmax_kernel[(rows, len(layout))](
-            x, layout.tables(x.device).bounds, absmax, d,
-            N_SEG=len(layout), BLOCK_D=_segment_block_d(layout), **_NO_FMA,
+        _row_absmax_kernel[(rows, len(lay))](
+            x, lay.tables(x.device).bounds, absmax, d, N_SEG=len(lay), BLOCK_D=_block_d(lay), **_NO_FMA,
         )
-    return absmax
+    return absmax if layout is not None else absmax[..., 0]
 
 
-def _segment_act_quant(x: torch.Tensor, layout, absmax: torch.Tensor | None, int8_out: bool):
+def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, layout, int8_out: bool):
+    lay = feature_layout(x, layout)
     x, rows, d = _rows(x)
     out = torch.empty_like(x, dtype=torch.int8 if int8_out else x.dtype)
-    scale = torch.empty(*x.shape[:-1], len(layout), dtype=torch.float32, device=x.device)
+    scale = torch.empty(*x.shape[:-1], len(lay), dtype=torch.float32, device=x.device)
     if rows:
-        tables = layout.tables(x.device)
-        absmax_arg = scale if absmax is None else absmax.to(torch.float32).contiguous()
-        _segment_act_quant_kernel[(rows, len(layout))](
+        tables = lay.tables(x.device)
+        if absmax is None:
+            absmax_arg = scale  # not read
+        else:
+            absmax_arg = (absmax if layout is not None else absmax.unsqueeze(-1)).to(torch.float32).contiguous()
+        _act_quant_kernel[(rows, len(lay))](
             x, tables.bounds, tables.flags, absmax_arg, out, scale, d,
-            N_SEG=len(layout), BLOCK_D=_segment_block_d(layout), HAS_ABSMAX=absmax is not None,
-            INT8_OUT=int8_out, **_NO_FMA,
+            N_SEG=len(lay), BLOCK_D=_block_d(lay), HAS_ABSMAX=absmax is not None, INT8_OUT=int8_out, **_NO_FMA,
         )
-    return out, scale
+    return out, (scale if layout is not None else scale[..., 0])
 
 
-def quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None):
-    return _segment_act_quant(x, layout, absmax, int8_out=True)
+def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None):
+    return _act_quant(x, absmax, layout, int8_out=True)
 
 
-def fake_quantize_activations_segmented(x: torch.Tensor, layout, absmax: torch.Tensor | None = None) -> torch.Tensor:
-    return _segment_act_quant(x, layout, absmax, int8_out=False)[0]
+def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None) -> torch.Tensor:
+    return _act_quant(x, absmax, layout, int8_out=False)[0]
 
 
 # --------------------------------------------------------------------------- int8 GEMM

@@ -7,7 +7,6 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
@@ -18,6 +17,7 @@ from falcon_h1 import kernels
 from falcon_h1.compat import MEGATRON_FUSIONS_OFF, recompute
 from falcon_h1.config import FalconH1Config, resolve
 from falcon_h1.layers import FalconH1Layer, RMSNorm
+from falcon_h1.rope import RotaryFrequencies
 from falcon_h1.weights import accumulated_grad
 
 
@@ -72,7 +72,9 @@ class FalconH1Model(MegatronModule):
 
     forward(input_ids) -> logits [batch, seq, vocab] (gathered over TP, vocab padding
     removed); forward(input_ids, labels=...) -> per-token loss [batch, seq] computed
-    on the vocab-parallel logits without gathering them.
+    on the vocab-parallel logits without gathering them, multiplied by `loss_mask`
+    [batch, seq] when given (not averaged: the caller reduces). `position_ids` [batch, seq]
+    are the RoPE positions of the tokens (default 0..seq-1 for every row).
     """
 
     def __init__(self, cfg: FalconH1Config, config: TransformerConfig, bitnet_cfg=None,
@@ -96,8 +98,7 @@ class FalconH1Model(MegatronModule):
         self.layers = torch.nn.ModuleList(
             FalconH1Layer(cfg, config, kinds[i], bitnet_cfg) for i in range(first, last))
         if cfg.has_attention:
-            self.rotary = RotaryEmbedding(kv_channels=cfg.kv_channels, rotary_percent=1.0,
-                                          rotary_base=cfg.rope_theta)
+            self.rotary = RotaryFrequencies(cfg)
         if post_process:
             self.final_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
             lm_head_cls = ColumnParallelLinear
@@ -152,7 +153,7 @@ class FalconH1Model(MegatronModule):
         else:
             h = self.input_tensor
         seq_len = input_ids.shape[1]
-        rotary = self.rotary(seq_len) if cfg.has_attention else None
+        rotary = self.rotary(seq_len, position_ids, input_ids.device) if cfg.has_attention else None
         full_recompute = self.config.recompute_granularity == "full" and self.training
         for layer in self.layers:
             h = recompute(layer, h, rotary) if full_recompute else layer(h, rotary)
@@ -168,7 +169,8 @@ class FalconH1Model(MegatronModule):
         # the fast path masks the padding itself and overwrites the logits with their gradient
         fast = kernels.use_fast_path(cfg.kernel_backend, logits.device)
         loss = kernels.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), cfg.vocab_size, fast)
-        return loss.transpose(0, 1).contiguous()                      # [b, s]
+        loss = loss.transpose(0, 1).contiguous()                      # [b, s]
+        return loss if loss_mask is None else loss * loss_mask
 
 
 def build_model(

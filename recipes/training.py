@@ -107,10 +107,6 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     if t.resume and has_checkpoints(ckpt_root):
         check_resume_config(recipe, run_dir)
 
-    if recipe.bitnet.enabled:
-        from bitnet import use_reference_kernels
-
-        use_reference_kernels(t.force_reference_kernels)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
+from falcon_h1.kernels.documents import check_seq_idx
 from falcon_h1.kernels.ssd_reference import ssd_chunk_scan_reference
 
 
@@ -54,34 +55,38 @@ def use_fast_path(backend: str, device: torch.device) -> bool:
     return False
 
 
-def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z=None):
+def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z=None, seq_idx=None):
     """Mamba-2 SSD over a sequence. dt_raw is before bias/softplus/clamp. Returns [b,l,h,p].
 
     With z [b,l,h,p] the output is gated, y * silu(z) (inside the scan kernel on the fast path).
+    With seq_idx [b,l] int32 (kernels.documents) the state restarts at each packed document.
     """
+    check_seq_idx(seq_idx, x.shape[:2])
     if fast:
         from falcon_h1.kernels.ssd_triton import ssd_chunk_scan_triton
 
-        return ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, z=z)
+        return ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, z=z, seq_idx=seq_idx)
     dt = F.softplus(dt_raw.float() + dt_bias.float())
     lo, hi = dt_limit
     if lo > 0.0 or hi != math.inf:
         dt = dt.clamp(min=lo, max=hi)
-    y = ssd_chunk_scan_reference(x, dt, A, B, C, chunk_size, D).to(x.dtype)
+    y = ssd_chunk_scan_reference(x, dt, A, B, C, chunk_size, D, seq_idx=seq_idx).to(x.dtype)
     return y if z is None else y * F.silu(z)
 
 
-def causal_conv1d_silu(x, weight, bias, fast: bool, out_scale=None):
+def causal_conv1d_silu(x, weight, bias, fast: bool, out_scale=None, seq_idx=None):
     """x [b, l, c] -> silu(causal depthwise conv) [b, l, c], times out_scale [c] (a constant) if given.
 
     The fast path reads x in place (channel stride 1, any batch/sequence strides) and
     returns a contiguous [b, l, c]; the reference goes through torch's [b, c, l] conv1d.
+    With seq_idx [b, l] int32 (kernels.documents) no tap reads another packed document.
     """
+    check_seq_idx(seq_idx, x.shape[:2])
     if fast and FAST_PATH.triton_conv and weight.shape[-1] == 4:
         from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton
 
-        return causal_conv1d_silu_triton(x, weight, bias, out_scale)
-    out = causal_conv1d_silu_reference(x, weight, bias)
+        return causal_conv1d_silu_triton(x, weight, bias, out_scale, seq_idx=seq_idx)
+    out = causal_conv1d_silu_reference(x, weight, bias, seq_idx=seq_idx)
     return out if out_scale is None else out * out_scale.to(out.dtype)
 
 
@@ -136,12 +141,18 @@ def vocab_parallel_cross_entropy(logits, labels, vocab_size: int, fast: bool):
     return tensor_parallel.vocab_parallel_cross_entropy(mask_vocab_padding(logits, vocab_size).float(), labels)
 
 
-def causal_attention(q, k, v, scale: float, backend: str):
+def causal_attention(q, k, v, scale: float, backend: str, documents=None):
     """q [b, hq, l, d], k/v [b, hkv, l, d] (GQA) -> [b, hq, l, d].
 
     backend "unfused" materialises the score matrix (as Megatron's local
     DotProductAttention does); otherwise torch SDPA (flash / cuDNN on GPU).
+    documents (kernels.documents.Documents of packed rows): causal within each document
+    only, by kernels.document_attention (which also offers backends "flex" and "varlen").
     """
+    if documents is not None:
+        from falcon_h1.kernels.document_attention import document_causal_attention
+
+        return document_causal_attention(q, k, v, scale, backend, documents)
     rep = q.shape[1] // k.shape[1]
     if backend == "unfused":
         k = k.repeat_interleave(rep, dim=1)

@@ -10,6 +10,11 @@ Arithmetic is fp32 whatever the input dtype.
 Optional `out_scale` [channels] multiplies the activation (a per-channel constant such
 as a µP multiplier of the consumer), so it costs no separate pass.
 
+Optional `seq_idx` [batch, seq] (document number per token, kernels.documents) makes the
+documents of a packed row independent: a tap reading a row of another document than its
+output row's reads zero, forward and backward (HAS_SEQ_IDX: without it the kernels are the
+unpacked ones, unchanged).
+
 Reference: conv_reference.causal_conv1d_silu_reference (the tests compare the two).
 """
 
@@ -33,18 +38,42 @@ def _load_taps(w_ptr, cols, col_mask):
 
 
 @triton.jit
-def _load_rows(base, rows, seq_len, stride_l, cols, col_mask):
-    """[rows, cols] tile as fp32; rows outside [0, seq_len) read as 0 (causal zero padding)."""
-    mask = ((rows >= 0) & (rows < seq_len))[:, None] & col_mask[None, :]
+def _in_range(rows, seq_len):
+    """Rows inside [0, seq_len): the others read as 0 (causal zero padding)."""
+    return (rows >= 0) & (rows < seq_len)
+
+
+@triton.jit
+def _documents(seq_base, rows, seq_len, stride_sl, HAS_SEQ_IDX: tl.constexpr):
+    """Document number of each row (rows past the end: -2, matching no row)."""
+    if HAS_SEQ_IDX:
+        return tl.load(seq_base + rows.to(tl.int64) * stride_sl, mask=_in_range(rows, seq_len), other=-2)
+    return rows
+
+
+@triton.jit
+def _readable(seq_base, src, seq_len, stride_sl, doc, HAS_SEQ_IDX: tl.constexpr):
+    """Which source rows a tap may read for output rows of documents `doc`: in range and,
+    with seq_idx, in the same document (another document's rows read as 0)."""
+    ok = _in_range(src, seq_len)
+    if HAS_SEQ_IDX:
+        ok = ok & (tl.load(seq_base + src.to(tl.int64) * stride_sl, mask=ok, other=-1) == doc)
+    return ok
+
+
+@triton.jit
+def _load_rows(base, rows, row_ok, stride_l, cols, col_mask):
+    """[rows, cols] tile as fp32; rows where row_ok is False read as 0."""
+    mask = row_ok[:, None] & col_mask[None, :]
     ptrs = base + rows[:, None].to(tl.int64) * stride_l + cols[None, :]
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _conv_silu_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, out_ptr,
-    seq_len, channels, stride_xb, stride_xl, stride_ob, stride_ol,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, seq_idx_ptr, out_ptr,
+    seq_len, channels, stride_xb, stride_xl, stride_sb, stride_sl, stride_ob, stride_ol,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -52,12 +81,17 @@ def _conv_silu_fwd_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < channels
     x_base = x_ptr + batch.to(tl.int64) * stride_xb
+    s_base = seq_idx_ptr + batch.to(tl.int64) * stride_sb
+    doc = _documents(s_base, rows, seq_len, stride_sl, HAS_SEQ_IDX)
     # weight is [channels, 4] contiguous: tap j multiplies x[t - 3 + j]
     w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
-    acc = _load_rows(x_base, rows - 3, seq_len, stride_xl, cols, col_mask) * w0[None, :]
-    acc += _load_rows(x_base, rows - 2, seq_len, stride_xl, cols, col_mask) * w1[None, :]
-    acc += _load_rows(x_base, rows - 1, seq_len, stride_xl, cols, col_mask) * w2[None, :]
-    acc += _load_rows(x_base, rows, seq_len, stride_xl, cols, col_mask) * w3[None, :]
+    acc = _load_rows(x_base, rows - 3, _readable(s_base, rows - 3, seq_len, stride_sl, doc, HAS_SEQ_IDX),
+                     stride_xl, cols, col_mask) * w0[None, :]
+    acc += _load_rows(x_base, rows - 2, _readable(s_base, rows - 2, seq_len, stride_sl, doc, HAS_SEQ_IDX),
+                      stride_xl, cols, col_mask) * w1[None, :]
+    acc += _load_rows(x_base, rows - 1, _readable(s_base, rows - 1, seq_len, stride_sl, doc, HAS_SEQ_IDX),
+                      stride_xl, cols, col_mask) * w2[None, :]
+    acc += _load_rows(x_base, rows, _in_range(rows, seq_len), stride_xl, cols, col_mask) * w3[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out = acc * tl.sigmoid(acc)
@@ -78,10 +112,10 @@ def _dpre(x_a, x_b, x_c, x_d, dy, w0, w1, w2, w3, bias, scale):
 
 @triton.jit
 def _conv_silu_bwd_pre_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, dy_ptr, g_ptr, dw_partial_ptr,
-    seq_len, channels, stride_xb, stride_xl, stride_dyb, stride_dyl,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, seq_idx_ptr, dy_ptr, g_ptr, dw_partial_ptr,
+    seq_len, channels, stride_xb, stride_xl, stride_sb, stride_sl, stride_dyb, stride_dyl,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Pass 1 of the backward: g = d(out)/d(pre-activation) for every row, written as fp32
     [b, l, c], and a [5, channels] partial of (dw, dbias) per program: dw_j = sum_t g[t] x[t-3+j].
@@ -93,6 +127,7 @@ def _conv_silu_bwd_pre_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < channels
     x_base = x_ptr + batch.to(tl.int64) * stride_xb
+    s_base = seq_idx_ptr + batch.to(tl.int64) * stride_sb
     dy_base = dy_ptr + batch.to(tl.int64) * stride_dyb
     w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
     if HAS_BIAS:
@@ -112,12 +147,18 @@ def _conv_silu_bwd_pre_kernel(
     first_row = pid_l * ROWS_PER_PROGRAM
     for offset in range(0, ROWS_PER_PROGRAM, BLOCK_L):
         rows = first_row + offset + tl.arange(0, BLOCK_L)
-        xm3 = _load_rows(x_base, rows - 3, seq_len, stride_xl, cols, col_mask)
-        xm2 = _load_rows(x_base, rows - 2, seq_len, stride_xl, cols, col_mask)
-        xm1 = _load_rows(x_base, rows - 1, seq_len, stride_xl, cols, col_mask)
-        x0 = _load_rows(x_base, rows, seq_len, stride_xl, cols, col_mask)
+        doc = _documents(s_base, rows, seq_len, stride_sl, HAS_SEQ_IDX)
+        # the forward's windows, masked alike: dw_j then sums only the inputs tap j really read
+        xm3 = _load_rows(x_base, rows - 3, _readable(s_base, rows - 3, seq_len, stride_sl, doc, HAS_SEQ_IDX),
+                         stride_xl, cols, col_mask)
+        xm2 = _load_rows(x_base, rows - 2, _readable(s_base, rows - 2, seq_len, stride_sl, doc, HAS_SEQ_IDX),
+                         stride_xl, cols, col_mask)
+        xm1 = _load_rows(x_base, rows - 1, _readable(s_base, rows - 1, seq_len, stride_sl, doc, HAS_SEQ_IDX),
+                         stride_xl, cols, col_mask)
+        in_range = _in_range(rows, seq_len)
+        x0 = _load_rows(x_base, rows, in_range, stride_xl, cols, col_mask)
         # dy rows past the end read 0, so g there is 0: no contribution from padding
-        g = _dpre(xm3, xm2, xm1, x0, _load_rows(dy_base, rows, seq_len, stride_dyl, cols, col_mask),
+        g = _dpre(xm3, xm2, xm1, x0, _load_rows(dy_base, rows, in_range, stride_dyl, cols, col_mask),
                   w0, w1, w2, w3, bias, scale)
         dw0 += tl.sum(g * xm3, axis=0)
         dw1 += tl.sum(g * xm2, axis=0)
@@ -138,20 +179,26 @@ def _conv_silu_bwd_pre_kernel(
 
 @triton.jit
 def _conv_bwd_dx_kernel(
-    g_ptr, w_ptr, dx_ptr, seq_len, channels, stride_dxb, stride_dxl,
-    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    g_ptr, w_ptr, seq_idx_ptr, dx_ptr, seq_len, channels, stride_sb, stride_sl, stride_dxb, stride_dxl,
+    HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Pass 2: dx[t] = sum_j w_j g[t + 3 - j] (the transposed conv; g rows past the end are 0)."""
+    """Pass 2: dx[t] = sum_j w_j g[t + 3 - j] (the transposed conv; g rows past the end are 0,
+    and with seq_idx so are rows of another document, whose outputs did not read x[t])."""
     pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < channels
     g_base = g_ptr + batch.to(tl.int64) * seq_len * channels
+    s_base = seq_idx_ptr + batch.to(tl.int64) * stride_sb
+    doc = _documents(s_base, rows, seq_len, stride_sl, HAS_SEQ_IDX)
     w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
-    dx = _load_rows(g_base, rows, seq_len, channels, cols, col_mask) * w3[None, :]
-    dx += _load_rows(g_base, rows + 1, seq_len, channels, cols, col_mask) * w2[None, :]
-    dx += _load_rows(g_base, rows + 2, seq_len, channels, cols, col_mask) * w1[None, :]
-    dx += _load_rows(g_base, rows + 3, seq_len, channels, cols, col_mask) * w0[None, :]
+    dx = _load_rows(g_base, rows, _in_range(rows, seq_len), channels, cols, col_mask) * w3[None, :]
+    dx += _load_rows(g_base, rows + 1, _readable(s_base, rows + 1, seq_len, stride_sl, doc, HAS_SEQ_IDX),
+                     channels, cols, col_mask) * w2[None, :]
+    dx += _load_rows(g_base, rows + 2, _readable(s_base, rows + 2, seq_len, stride_sl, doc, HAS_SEQ_IDX),
+                     channels, cols, col_mask) * w1[None, :]
+    dx += _load_rows(g_base, rows + 3, _readable(s_base, rows + 3, seq_len, stride_sl, doc, HAS_SEQ_IDX),
+                     channels, cols, col_mask) * w0[None, :]
     mask = (rows < seq_len)[:, None] & col_mask[None, :]
     dx_ptrs = dx_ptr + batch.to(tl.int64) * stride_dxb + rows[:, None].to(tl.int64) * stride_dxl + cols[None, :]
     tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -169,21 +216,30 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def conv_silu_forward(x, weight, bias, out_scale=None):
-    """x [b, l, c] (channel stride 1), weight [c, 4], bias [c] or None -> [b, l, c] contiguous."""
+def _seq_idx_args(seq_idx, fallback):
+    """(pointer, batch stride, sequence stride) of seq_idx, or of a dummy when there is none."""
+    if seq_idx is None:
+        return fallback, 0, 0
+    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
+
+
+def conv_silu_forward(x, weight, bias, out_scale=None, seq_idx=None):
+    """x [b, l, c] (channel stride 1), weight [c, 4], bias [c] or None, seq_idx [b, l] int32 or
+    None -> [b, l, c] contiguous."""
     batch, seq_len, channels = x.shape
     out = torch.empty(batch, seq_len, channels, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(seq_len, FWD_BLOCK_L), triton.cdiv(channels, FWD_BLOCK_C), batch)
+    seq_ptr, stride_sb, stride_sl = _seq_idx_args(seq_idx, weight)
     _conv_silu_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight, out,
-        seq_len, channels, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, HAS_SCALE=out_scale is not None,
+        x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight, seq_ptr,
+        out, seq_len, channels, x.stride(0), x.stride(1), stride_sb, stride_sl, out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, HAS_SCALE=out_scale is not None, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_L=FWD_BLOCK_L, BLOCK_C=FWD_BLOCK_C, num_warps=FWD_WARPS,
     )
     return out
 
 
-def conv_silu_backward(dy, x, weight, bias, out_scale=None, dx=None):
+def conv_silu_backward(dy, x, weight, bias, out_scale=None, dx=None, seq_idx=None):
     """-> dx [b, l, c] in x's dtype, dweight [c, 4] and dbias [c] (None without bias) in weight's dtype.
 
     dx: optional output buffer [b, l, c] with channel stride 1 (e.g. a slice of a larger
@@ -197,13 +253,16 @@ def conv_silu_backward(dy, x, weight, bias, out_scale=None, dx=None):
     n_l = triton.cdiv(seq_len, BWD_ROWS_PER_PROGRAM)
     partial = torch.empty(batch * n_l, 5, channels, device=x.device, dtype=torch.float32)
     grid = (n_l, triton.cdiv(channels, BWD_BLOCK_C), batch)
+    seq_ptr, stride_sb, stride_sl = _seq_idx_args(seq_idx, weight)
     _conv_silu_bwd_pre_kernel[grid](
-        x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight,
-        dy, g, partial, seq_len, channels, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, HAS_BIAS=bias is not None, HAS_SCALE=out_scale is not None,
+        x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight, seq_ptr,
+        dy, g, partial, seq_len, channels, x.stride(0), x.stride(1), stride_sb, stride_sl, dy.stride(0),
+        dy.stride(1), ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, HAS_BIAS=bias is not None,
+        HAS_SCALE=out_scale is not None, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_C=BWD_BLOCK_C, BLOCK_L=BWD_BLOCK_L, num_warps=BWD_WARPS)
     grid = (triton.cdiv(seq_len, FWD_BLOCK_L), triton.cdiv(channels, FWD_BLOCK_C), batch)
-    _conv_bwd_dx_kernel[grid](g, weight, dx, seq_len, channels, dx.stride(0), dx.stride(1),
+    _conv_bwd_dx_kernel[grid](g, weight, seq_ptr, dx, seq_len, channels, stride_sb, stride_sl, dx.stride(0),
+                              dx.stride(1), HAS_SEQ_IDX=seq_idx is not None,
                               BLOCK_L=FWD_BLOCK_L, BLOCK_C=FWD_BLOCK_C, num_warps=FWD_WARPS)
     sums = partial.sum(0)                      # [5, c] fp32, deterministic (no atomics)
     dweight = sums[:4].t().to(weight.dtype)
@@ -213,24 +272,25 @@ def conv_silu_backward(dy, x, weight, bias, out_scale=None, dx=None):
 
 class CausalConv1dSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, out_scale):
+    def forward(ctx, x, weight, bias, out_scale, seq_idx):
         x = _channels_last(x)
         weight = weight.contiguous()
-        ctx.save_for_backward(x, weight, bias, out_scale)
-        return conv_silu_forward(x, weight, bias, out_scale)
+        ctx.save_for_backward(x, weight, bias, out_scale, seq_idx)
+        return conv_silu_forward(x, weight, bias, out_scale, seq_idx)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, out_scale = ctx.saved_tensors
-        dx, dweight, dbias = conv_silu_backward(dy, x, weight, bias, out_scale)
-        return dx, dweight, dbias, None
+        x, weight, bias, out_scale, seq_idx = ctx.saved_tensors
+        dx, dweight, dbias = conv_silu_backward(dy, x, weight, bias, out_scale, seq_idx=seq_idx)
+        return dx, dweight, dbias, None, None
 
 
-def causal_conv1d_silu_triton(x, weight, bias, out_scale=None):
-    """silu(causal depthwise conv(x)) * out_scale on [b, l, c]; out_scale is a constant (no grad)."""
+def causal_conv1d_silu_triton(x, weight, bias, out_scale=None, seq_idx=None):
+    """silu(causal depthwise conv(x)) * out_scale on [b, l, c]; out_scale is a constant (no grad);
+    seq_idx [b, l] int32 (kernels.documents) keeps each packed document's window to itself."""
     if weight.shape[-1] != KERNEL_WIDTH:
         raise ValueError(f"mamba_d_conv = {weight.shape[-1]}: the Triton conv kernel supports only "
                          f"{KERNEL_WIDTH}; use model.kernel_backend = 'reference'.")
     if out_scale is not None:
         out_scale = out_scale.detach().float().contiguous()
-    return CausalConv1dSiLU.apply(x, weight, bias, out_scale)
+    return CausalConv1dSiLU.apply(x, weight, bias, out_scale, seq_idx)

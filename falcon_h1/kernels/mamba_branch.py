@@ -21,6 +21,7 @@ import torch
 
 from falcon_h1.kernels import FAST_PATH
 from falcon_h1.kernels.conv_triton import conv_silu_backward, conv_silu_forward
+from falcon_h1.kernels.documents import check_seq_idx
 from falcon_h1.kernels.ssd_backward import ssd_backward_from_forward_states
 
 
@@ -39,28 +40,29 @@ def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
 
 class MambaConvScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, widths, heads, groups,
+    def forward(ctx, zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, widths, heads, groups,
                 chunk_size, dt_limit):
         d_z, d_bc, _ = widths
         scan_fwd, _ = _ssd_functions()
         z, xBC, dt = zxbcdt.split([d_z, d_z + 2 * d_bc, heads], dim=-1)
-        x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale).split([d_z, d_bc, d_bc], dim=-1)
+        x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx).split([d_z, d_bc, d_bc], dim=-1)
         out, out_x, dt_proc, dA_cumsum, states, _ = scan_fwd(
             _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), chunk_size, D=D, z=_heads(z, heads),
-            dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)
+            dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit)
         scan_state = (dt_proc, dA_cumsum, states) if FAST_PATH.ssd_keep_forward_states else ()
-        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, out_x, *scan_state)
+        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, out_x,
+                              *scan_state)
         ctx.shape = (widths, heads, groups, chunk_size, dt_limit)
         return out.flatten(-2)
 
     @staticmethod
     def backward(ctx, dy):
-        zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, out_x, *scan_state = ctx.saved_tensors
+        zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, out_x, *scan_state = ctx.saved_tensors
         (d_z, d_bc, _), heads, groups, chunk_size, dt_limit = ctx.shape
         _, scan_bwd = _ssd_functions()
         conv_channels = d_z + 2 * d_bc
         z, xBC, dt = zxbcdt.split([d_z, conv_channels, heads], dim=-1)
-        x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale).split([d_z, d_bc, d_bc], dim=-1)
+        x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx).split([d_z, d_bc, d_bc], dim=-1)
         batch, seq = zxbcdt.shape[:2]
         # gradient of zxbcdt allocated [s, b, .] (the in-projection's layout), handed out as [b, s, .]
         dzxbcdt = torch.empty(seq, batch, zxbcdt.shape[-1], device=dy.device, dtype=zxbcdt.dtype).transpose(0, 1)
@@ -71,24 +73,28 @@ class MambaConvScan(torch.autograd.Function):
             dA, dD, ddt_bias = ssd_backward_from_forward_states(
                 _heads(dy, heads), _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), out_x, *scan_state,
                 chunk_size, D, _heads(z, heads), dt_bias, dt_limit, _heads(dx, heads), ddt, _heads(dB, groups),
-                _heads(dC, groups), _heads(dz, heads))
+                _heads(dC, groups), _heads(dz, heads), seq_idx=seq_idx)
         else:
             _, _, dA, _, _, dD, _, ddt_bias, _ = scan_bwd(
                 _heads(dy, heads), _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), out_x, chunk_size,
-                D=D, z=_heads(z, heads), dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit,
+                D=D, z=_heads(z, heads), dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
                 dx=_heads(dx, heads), ddt=ddt, dB=_heads(dB, groups), dC=_heads(dC, groups), dz=_heads(dz, heads))
-        _, dweight, dbias = conv_silu_backward(dxBC, xBC, conv_weight, conv_bias, conv_scale, dx=dxBC_raw)
-        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None
+        _, dweight, dbias = conv_silu_backward(dxBC, xBC, conv_weight, conv_bias, conv_scale, dx=dxBC_raw,
+                                               seq_idx=seq_idx)
+        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None, None
 
 
 def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d_ssm: int, d_bc: int,
-                    heads: int, groups: int, chunk_size: int, dt_limit) -> torch.Tensor:
+                    heads: int, groups: int, chunk_size: int, dt_limit, seq_idx=None) -> torch.Tensor:
     """zxbcdt [b, s, d_ssm + d_ssm + 2 d_bc + heads] (channel stride 1) -> y * silu(z) [b, s, d_ssm].
 
     conv_scale [conv channels] or None multiplies the conv output (a constant: µP folding).
+    seq_idx [b, s] int32 (kernels.documents): packed documents, each with its own conv window
+    and SSM state starting from zero.
     """
+    check_seq_idx(seq_idx, zxbcdt.shape[:2])
     if conv_scale is not None:
         conv_scale = conv_scale.detach().float().contiguous()
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    return MambaConvScan.apply(zxbcdt, conv_weight.contiguous(), conv_bias, conv_scale, A, D, dt_bias,
+    return MambaConvScan.apply(zxbcdt, conv_weight.contiguous(), conv_bias, conv_scale, A, D, dt_bias, seq_idx,
                                (d_ssm, d_bc, heads), heads, groups, chunk_size, (lo, hi))

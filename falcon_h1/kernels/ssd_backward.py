@@ -29,31 +29,34 @@ def _kernels():
 
 
 def ssd_backward_from_forward_states(dout, x, dt_raw, A, B, C, out_x, dt, dA_cumsum, states, chunk_size, D, z,
-                                     dt_bias, dt_limit, dx, ddt_raw, dB, dC, dz):
-    """Gradients of the gated SSD scan (dt softplus, no initial state, no seq_idx), written into
-    the given dx / ddt_raw / dB / dC / dz; returns (dA, dD, ddt_bias).
+                                     dt_bias, dt_limit, dx, ddt_raw, dB, dC, dz, seq_idx=None):
+    """Gradients of the gated SSD scan (dt softplus, no initial state), written into the given
+    dx / ddt_raw / dB / dC / dz; returns (dA, dD, ddt_bias).
 
     out_x, dt, dA_cumsum, states: the forward's pre-gate output, processed dt [b, h, c, l],
-    dA cumsum [b, h, c, l] and states entering each chunk [b, c, h, p, n].
+    dA cumsum [b, h, c, l] and states entering each chunk [b, c, h, p, n]. seq_idx [b, l]:
+    the packed documents the forward was given (each kernel takes it where mamba_ssm's
+    backward passes it).
     """
     k = _kernels()
     dstate = B.shape[-1]
     groups = B.shape[2]
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    CB = k._bmm_chunk_fwd(C, B, chunk_size, output_dtype=torch.float32)
+    CB = k._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
     dz, dout, dD, *_ = k._chunk_scan_bwd_dz(x, z, out_x, dout, chunk_size=chunk_size, has_ddAcs=False, D=D, dz=dz)
-    dstates = k._chunk_scan_bwd_dstates(C, dA_cumsum, dout, dtype=torch.float32)
+    dstates = k._chunk_scan_bwd_dstates(C, dA_cumsum, dout, seq_idx=seq_idx, dtype=torch.float32)
     flat = lambda t: t.flatten(-2)                       # [..., p, n] -> [..., p * n]
     unflat = lambda t: t.unflatten(-1, (-1, dstate))
     dstates, ddA_chunk_cumsum, _, states = k._state_passing_bwd(
-        flat(states), dA_cumsum[:, :, :, -1], flat(dstates), dstates_dtype=x.dtype, states_dtype=x.dtype,
-        chunk_size=chunk_size)
+        flat(states), dA_cumsum[:, :, :, -1], flat(dstates), seq_idx=seq_idx, dstates_dtype=x.dtype,
+        states_dtype=x.dtype, chunk_size=chunk_size)
     states, dstates = unflat(states), unflat(dstates)
-    dx, ddt, _ = k._chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dout, dstates, D=D, dx=dx)
-    dB_part, ddA_next = k._chunk_state_bwd_db(x, dt, dA_cumsum, dstates, B=B, ngroups=groups)
-    dC_part, ddA_cumsum_prev = k._chunk_scan_bwd_dC(states, dA_cumsum, dout, C=C, ngroups=groups)
-    dCB = k._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, ngroups=groups).to(CB.dtype)
+    dx, ddt, _ = k._chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dout, dstates, D=D, seq_idx=seq_idx,
+                                                  dx=dx)
+    dB_part, ddA_next = k._chunk_state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=groups)
+    dC_part, ddA_cumsum_prev = k._chunk_scan_bwd_dC(states, dA_cumsum, dout, seq_idx=seq_idx, C=C, ngroups=groups)
+    dCB = k._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, seq_idx=seq_idx, ngroups=groups).to(CB.dtype)
     k._bmm_chunk_bwd(C, dCB, residual=dB_part, out=dB)
     k._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_part, out=dC)
     ddA_cumsum_prev[..., -1] += ddA_chunk_cumsum

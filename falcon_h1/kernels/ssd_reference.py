@@ -5,6 +5,11 @@ Computes, per head h and position t (state S of shape [p, N]):
     y_t = S_t C_t + D_h * x_t
 chunked: exact quadratic attention-like form inside each chunk of length Q and a
 linear recurrence over chunk states between chunks. Runs on any device, in fp32.
+
+With seq_idx [b, l] (document number per token, non-decreasing along the row; see
+kernels.documents) the state restarts from zero at each document's first token: every decay
+factor that spans a document boundary is replaced by an exact zero (a mask, not a -inf in the
+log-decays, so no inf - inf arises forward or backward).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ def ssd_chunk_scan_reference(
     C: torch.Tensor,   # [b, l, g, n]
     chunk_size: int,
     D: torch.Tensor | None = None,  # [h]
+    seq_idx: torch.Tensor | None = None,  # [b, l] int
 ) -> torch.Tensor:
     """Returns y [b, l, h, p] in fp32."""
     b, l, h, p = x.shape
@@ -44,6 +50,8 @@ def ssd_chunk_scan_reference(
         # zero dt on padded steps keeps the states of real steps untouched
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
+        if seq_idx is not None:  # padded steps join the last document (their dt is 0 anyway)
+            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
     n_chunks = (l + pad) // chunk_size
 
     def chunks(t):
@@ -56,17 +64,30 @@ def ssd_chunk_scan_reference(
 
     # within chunks: y_t += sum_{s<=t} C_t.B_s * exp(a_cum_t - a_cum_s) * x_s dt_s
     decay = torch.exp(_segment_sum(a))             # [b, h, c, q, q]
+    if seq_idx is not None:
+        doc = chunks(seq_idx)                       # [b, c, q]
+        decay = decay * (doc[:, None, :, :, None] == doc[:, None, :, None, :])
     scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * decay
     y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
 
     # state at the end of each chunk from that chunk's own inputs
     to_end = torch.exp(a_cum[..., -1:] - a_cum)    # [b, h, c, q]
+    if seq_idx is not None:  # only the chunk's last document reaches its end state
+        last = doc[:, :, -1:]                       # [b, c, 1]
+        to_end = to_end * (doc == last)[:, None]
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, to_end, xdt)
     # carry states across chunks: S_c = exp(sum a over chunk c) S_{c-1} + states_c
     chunk_decay = torch.exp(_segment_sum(F.pad(a_cum[..., -1], (1, 0))))  # [b, h, c+1, c+1]
+    into_chunk = torch.exp(a_cum)                  # [b, h, c, q]: entering state -> position
+    if seq_idx is not None:
+        # end-state c (index c+1; index 0 is the zero start) survives to end-state z only in
+        # one document; the state entering chunk z reaches only tokens of its document
+        ends = F.pad(last[..., 0], (1, 0), value=-1)  # [b, c+1]
+        chunk_decay = chunk_decay * (ends[:, None, :, None] == ends[:, None, None, :])
+        into_chunk = into_chunk * (doc == ends[:, :-1, None])[:, None]
     states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
     carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]  # state entering chunk z
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, carried, torch.exp(a_cum))
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, carried, into_chunk)
 
     y = y.reshape(b, n_chunks * chunk_size, h, p)[:, :l]
     if D is not None:
@@ -74,8 +95,9 @@ def ssd_chunk_scan_reference(
     return y
 
 
-def ssd_sequential_float64(x, dt, A, B, C, D=None) -> torch.Tensor:
-    """Step-by-step recurrence in float64: the independent check of the chunked form."""
+def ssd_sequential_float64(x, dt, A, B, C, D=None, seq_idx=None) -> torch.Tensor:
+    """Step-by-step recurrence in float64: the independent check of the chunked form.
+    With seq_idx [b, l], the state is zeroed where the document number changes."""
     b, l, h, p = x.shape
     g = B.shape[2]
     x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
@@ -84,6 +106,8 @@ def ssd_sequential_float64(x, dt, A, B, C, D=None) -> torch.Tensor:
     state = x.new_zeros(b, h, p, B.shape[-1])
     ys = []
     for t in range(l):
+        if seq_idx is not None and t > 0:
+            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(state.dtype)[:, None, None, None]
         decay = torch.exp(dt[:, t] * A)[..., None, None]
         state = decay * state + torch.einsum("bhp,bhn->bhpn", x[:, t] * dt[:, t, :, None], B[:, t])
         ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))

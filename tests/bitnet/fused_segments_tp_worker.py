@@ -56,11 +56,7 @@ def fake_quantized_hf_state(model) -> dict:
     saved = []
     for _, layer in bitnet_layers(model):
         ternary, scale = layer.quantized_weight()
-        layout = layer.bitnet_segments
-        if layout is None:
-            dequantised = reference.dequantize_weights(ternary, scale, layer.weight.dtype)
-        else:
-            dequantised = reference.dequantize_weights_segmented(ternary, scale, layout, layer.weight.dtype)
+        dequantised = reference.dequantize_weights(ternary, scale, layer.weight.dtype, layer.bitnet_segments)
         saved.append((layer.weight, layer.weight.data))
         layer.weight.data = dequantised
     state = dict(gather_hf_state(model))

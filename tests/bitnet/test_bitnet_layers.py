@@ -66,6 +66,37 @@ def test_select_linear_binds_options():
     assert L.select_linear(BitNetConfig(enabled=True), "mlp", "row") is L.BitNetRowParallelLinear
 
 
+def test_kernel_backend_is_fixed_when_the_layer_is_built():
+    L = _layers()
+    cfg = BitNetConfig(enabled=True, layers=["mlp", "mamba_in"])
+    row = L.select_linear(cfg, "mlp", "row", kernel_backend="reference")
+    assert row.default_bitnet_options.kernel_backend == "reference"
+    assert L.select_linear(cfg, "mlp", "row").default_bitnet_options.kernel_backend == "auto"
+    fused = L.select_segmented_linear(cfg, [("qkv", 8, "attention_qkv"), ("zx", 8, "mamba_in")], "column",
+                                      kernel_backend="reference")
+    assert fused.func.default_bitnet_options.kernel_backend == "reference"
+    with pytest.raises(ValueError, match=r"kernel_backend='fast'; allowed: \['auto', 'reference', 'triton'\]"):
+        L.BitNetLinearOptions(kernel_backend="fast")
+    with pytest.raises(ValueError, match=r"kernel_backend='fast'; allowed"):
+        L.select_linear(cfg, "mlp", "column", kernel_backend="fast")
+    # The Triton kernels need CUDA tensors: a CPU layer asked for them says so at its first forward.
+    layer = _column(L.BitNetLinearOptions(kernel_backend="triton"))
+    with pytest.raises(ValueError, match=r"kernel_backend='triton' got a torch.float32 tensor on cpu"):
+        layer(torch.randn(2, 1, 24))
+
+
+def test_bitnet_linears_refuse_weight_scaling():
+    """The model folds µP multipliers into a weight only where the linear allows it: a BitNet
+    weight scaled per row would be quantised with another absmean."""
+    L = _layers()
+    cfg = BitNetConfig(enabled=True, layers=["mlp", "attention_qkv"], subln=True)
+    classes = [L.select_linear(cfg, "mlp", "column"), L.select_linear(cfg, "mlp", "row"),
+               L.select_linear(BitNetConfig(enabled=True), "mlp", "row"),
+               L.select_segmented_linear(cfg, [("qkv", 8, "attention_qkv"), ("zx", 8, "mamba_in")], "column").func]
+    assert all(issubclass(c, (L.BitNetColumnParallelLinear, L.BitNetRowParallelLinear)) for c in classes)
+    assert all(c.supports_weight_scaling is False for c in classes)
+
+
 def test_select_linear_errors():
     L = _layers()
     with pytest.raises(ValueError, match=r"bitnet\.layers: 'mlp_in' .*allowed values: \['attention_qkv'"):

@@ -18,7 +18,7 @@ from bitnet_testutil import near_tie, np_activation_quant, np_weight_quant  # no
 import bitnet  # noqa: E402
 from bitnet import reference  # noqa: E402
 
-# Copy of /work/shared/specs/bitnet_vectors.json (computed in float64 from the spec formulas).
+# Test vectors computed in float64 from the BitNet b1.58 formulas (see bitnet/reference.py).
 VECTORS = json.loads((Path(__file__).parent / "data" / "bitnet_vectors.json").read_text())
 
 

@@ -101,4 +101,17 @@ def test_int8_linear_cpu_is_exact():
 
 def test_cpu_dispatches_to_reference():
     t = torch.randn(4, 4)
-    assert kernels._backend(t) is reference
+    assert kernels.backend(t) is reference
+
+
+def test_kernel_backend_choice():
+    t = torch.randn(4, 4)
+    assert kernels.backend(t, "reference") is reference
+    with pytest.raises(ValueError, match=r"kernel_backend='fast'; allowed: \['auto', 'reference', 'triton'\]"):
+        kernels.quantize_weights(t, kernel_backend="fast")
+    with pytest.raises(ValueError, match=r"kernel_backend='triton' got a torch.float32 tensor on cpu"):
+        kernels.fake_quantize_activations(t, kernel_backend="triton")
+    x_q, x_s = kernels.quantize_activations(t)
+    w_q, w_s = kernels.quantize_weights(t)
+    with pytest.raises(ValueError, match=r"kernel_backend='triton' got a torch.int8 tensor on cpu"):
+        kernels.int8_linear(x_q, x_s, w_q, w_s, kernel_backend="triton")

@@ -168,7 +168,7 @@ def megatron_gpu():
     initialize_parallel(1, 1, 1234)
 
 
-def _layer_pair(subln=False, int8=False, dtype=torch.bfloat16):
+def _layer_pair(subln=False, int8=False, dtype=torch.bfloat16, kernel_backend="auto"):
     import os
     import sys
 
@@ -178,7 +178,7 @@ def _layer_pair(subln=False, int8=False, dtype=torch.bfloat16):
     from bitnet.layers import BitNetColumnParallelLinear, BitNetLinearOptions, BitNetRowParallelLinear
 
     config = tiny_config(1, use_cpu_initialization=False, params_dtype=dtype, bf16=dtype == torch.bfloat16)
-    options = BitNetLinearOptions(subln=subln, int8_matmul=int8)
+    options = BitNetLinearOptions(subln=subln, int8_matmul=int8, kernel_backend=kernel_backend)
     up = BitNetColumnParallelLinear(64, 256, config=config, init_method=torch.nn.init.normal_,
                                     bias=False, gather_output=False, bitnet_options=options)
     down = BitNetRowParallelLinear(256, 64, config=config, init_method=torch.nn.init.normal_,
@@ -189,22 +189,18 @@ def _layer_pair(subln=False, int8=False, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("subln", [False, True])
 def test_layer_triton_equals_reference(megatron_gpu, subln):
-    from bitnet import kernels
-
     up, _ = _layer_pair(subln=subln)
+    up_ref, _ = _layer_pair(subln=subln, kernel_backend="reference")
+    up_ref.load_state_dict(up.state_dict())
     x = torch.randn(32, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y_triton, _ = up(x)
     y_triton.float().square().sum().backward()
     grad_triton, wgrad_triton = x.grad.clone(), up.weight.grad.clone()
-    x.grad, up.weight.grad = None, None
-    kernels.use_reference_kernels(True)
-    try:
-        y_ref, _ = up(x)
-        y_ref.float().square().sum().backward()
-    finally:
-        kernels.use_reference_kernels(False)
+    x.grad = None
+    y_ref, _ = up_ref(x)
+    y_ref.float().square().sum().backward()
     assert torch.equal(y_triton, y_ref)
-    assert torch.equal(x.grad, grad_triton) and torch.equal(up.weight.grad, wgrad_triton)
+    assert torch.equal(x.grad, grad_triton) and torch.equal(up_ref.weight.grad, wgrad_triton)
 
 
 def test_layer_int8_forward_matches_fake_quant(megatron_gpu):
@@ -249,14 +245,14 @@ def test_segmented_weight_quant_matches_reference(name, dtype):
     tk, ref = _tk(), _ref()
     layout = _layouts()[name]
     w = (torch.randn(2000, 1000, generator=torch.Generator().manual_seed(5)) * 0.02).to(dtype).cuda()
-    stats_t, stats_r = tk.segment_weight_stats(w, layout), ref.segment_weight_stats(w, layout)
+    stats_t, stats_r = tk.weight_stats(w, layout), ref.weight_stats(w, layout)
     assert torch.equal(stats_t[:, 1], stats_r[:, 1])
     torch.testing.assert_close(stats_t, stats_r, rtol=1e-12, atol=0)
-    q_t, m_t = tk.quantize_weights_segmented(w, layout, stats_r)
-    q_r, m_r = ref.quantize_weights_segmented(w, layout, stats_r)
+    q_t, m_t = tk.quantize_weights(w, stats_r, layout)
+    q_r, m_r = ref.quantize_weights(w, stats_r, layout)
     assert torch.equal(q_t, q_r) and torch.equal(m_t, m_r)
-    assert torch.equal(tk.fake_quantize_weights_segmented(w, layout, stats_r),
-                       ref.fake_quantize_weights_segmented(w, layout, stats_r))
+    assert torch.equal(tk.fake_quantize_weights(w, stats_r, layout),
+                       ref.fake_quantize_weights(w, stats_r, layout))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -265,13 +261,13 @@ def test_segmented_activation_quant_matches_reference(name, dtype):
     tk, ref = _tk(), _ref()
     layout = _layouts()[name]
     x = (torch.randn(4, 33, 1000, generator=torch.Generator().manual_seed(6)) * 3).to(dtype).cuda()
-    assert torch.equal(tk.segment_activation_absmax(x, layout), ref.segment_activation_absmax(x, layout))
-    for absmax in (None, ref.segment_activation_absmax(x, layout) * 2):
-        q_t, s_t = tk.quantize_activations_segmented(x, layout, absmax)
-        q_r, s_r = ref.quantize_activations_segmented(x, layout, absmax)
+    assert torch.equal(tk.activation_absmax(x, layout), ref.activation_absmax(x, layout))
+    for absmax in (None, ref.activation_absmax(x, layout) * 2):
+        q_t, s_t = tk.quantize_activations(x, absmax, layout)
+        q_r, s_r = ref.quantize_activations(x, absmax, layout)
         assert torch.equal(q_t, q_r) and torch.equal(s_t, s_r)
-        assert torch.equal(tk.fake_quantize_activations_segmented(x, layout, absmax),
-                           ref.fake_quantize_activations_segmented(x, layout, absmax))
+        assert torch.equal(tk.fake_quantize_activations(x, absmax, layout),
+                           ref.fake_quantize_activations(x, absmax, layout))
 
 
 def test_int8_linear_per_row_scale():
@@ -281,7 +277,7 @@ def test_int8_linear_per_row_scale():
     x = torch.randn(300, 1000, device="cuda") * 2
     w = torch.randn(2000, 1000, device="cuda") * 0.02
     x_q, x_s = kernels.quantize_activations(x)
-    w_q, w_scales = kernels.quantize_weights_segmented(w, layout)
+    w_q, w_scales = kernels.quantize_weights(w, layout=layout)
     row_scales = layout.along_weight(w_scales).reshape(-1)
     assert torch.equal(kernels.int8_linear(x_q, x_s, w_q, row_scales),
                        _ref().int8_linear(x_q, x_s, w_q, row_scales))
@@ -292,15 +288,15 @@ def test_segmented_quant_has_no_host_sync():
     rows, cols = _layouts()["rows"], _layouts()["cols"]
     w = torch.randn(2000, 1000, device="cuda")
     for _ in range(2):  # compile and build the device tables outside the check
-        tk.fake_quantize_weights_segmented(w, rows)
-        tk.fake_quantize_weights_segmented(w, cols)
-        tk.fake_quantize_activations_segmented(w, cols)
+        tk.fake_quantize_weights(w, layout=rows)
+        tk.fake_quantize_weights(w, layout=cols)
+        tk.fake_quantize_activations(w, layout=cols)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        tk.fake_quantize_weights_segmented(w, rows)
-        tk.quantize_weights_segmented(w, cols)
-        tk.fake_quantize_activations_segmented(w, cols, tk.segment_activation_absmax(w, cols))
+        tk.fake_quantize_weights(w, layout=rows)
+        tk.quantize_weights(w, layout=cols)
+        tk.fake_quantize_activations(w, tk.activation_absmax(w, cols), cols)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -313,31 +309,30 @@ def test_fused_segmented_layers_triton_equal_reference(megatron_gpu, subln):
     sys.path.insert(0, os.path.dirname(__file__))
     from bitnet_testutil import tiny_config
 
-    from bitnet import kernels
     from bitnet.layers import BitNetColumnParallelLinear, BitNetLinearOptions, BitNetRowParallelLinear
 
     config = tiny_config(1, use_cpu_initialization=False, params_dtype=torch.bfloat16, bf16=True)
-    options = BitNetLinearOptions(subln=subln)
-    up = BitNetColumnParallelLinear(64, 256, config=config, init_method=torch.nn.init.normal_, bias=False,
-                                    gather_output=False, bitnet_options=options,
-                                    bitnet_segments=[("qkv", 96), ("zxbcdt", 160, False)])
-    down = BitNetRowParallelLinear(256, 64, config=config, init_method=torch.nn.init.normal_, bias=False,
-                                   input_is_parallel=True, skip_bias_add=False, bitnet_options=options,
-                                   bitnet_segments=[("y_ssm", 128), ("o_attn", 128)])
-    x = torch.randn(32, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
-    def run():
+    def pair(kernel_backend):
+        options = BitNetLinearOptions(subln=subln, kernel_backend=kernel_backend)
+        up = BitNetColumnParallelLinear(64, 256, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                        gather_output=False, bitnet_options=options,
+                                        bitnet_segments=[("qkv", 96), ("zxbcdt", 160, False)])
+        down = BitNetRowParallelLinear(256, 64, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                       input_is_parallel=True, skip_bias_add=False, bitnet_options=options,
+                                       bitnet_segments=[("y_ssm", 128), ("o_attn", 128)])
+        return up, down
+
+    triton_pair, reference_pair = pair("auto"), pair("reference")
+    for a, b in zip(triton_pair, reference_pair):
+        b.load_state_dict(a.state_dict())
+    x0 = torch.randn(32, 2, 64, device="cuda", dtype=torch.bfloat16)
+
+    def run(up, down):
+        x = x0.clone().requires_grad_(True)
         y = down(torch.nn.functional.gelu(up(x)[0]))[0]
         y.float().square().sum().backward()
-        out = (y.detach(), x.grad.clone(), up.weight.grad.clone(), down.weight.grad.clone())
-        x.grad = up.weight.grad = down.weight.grad = None
-        return out
+        return y.detach(), x.grad, up.weight.grad, down.weight.grad
 
-    got = run()
-    kernels.use_reference_kernels(True)
-    try:
-        want = run()
-    finally:
-        kernels.use_reference_kernels(False)
-    for a, b in zip(got, want):
+    for a, b in zip(run(*triton_pair), run(*reference_pair)):
         assert torch.equal(a, b)

@@ -1,5 +1,5 @@
-"""Runs the BitNet Triton kernels of the segmented (fused) linears on CPU through Triton's
-interpreter (TRITON_INTERPRET=1, set by test_triton_interpret.py before this process imports
+"""Runs the BitNet Triton kernels (segmented layouts of fused linears, and plain tensors, which
+are one segment) on CPU through Triton's interpreter (TRITON_INTERPRET=1, set by test_triton_interpret.py before this process imports
 triton) and compares them bit for bit with the PyTorch reference. Prints one line per check;
 exit 1 on failure.
 
@@ -38,6 +38,7 @@ def weight_checks(g):
     layouts = {
         "rows": SegmentLayout([("a", 7), ("b", 200, False), ("c", 93)], 0),
         "rows_one": SegmentLayout([("all", 300)], 0),
+        "cols_one": SegmentLayout([("all", 50)], 1),  # a plain row linear's layout
         "cols": SegmentLayout([("y", 13), ("o", 37)], 1),
         "cols_fp": SegmentLayout([("y", 13, False), ("o", 37)], 1),
     }
@@ -45,21 +46,21 @@ def weight_checks(g):
         wd = w.to(dtype)
         for name, layout in layouts.items():
             tag = f"{name} {dtype}"
-            s_t, s_r = tk.segment_weight_stats(wd, layout), ref.segment_weight_stats(wd, layout)
+            s_t, s_r = tk.weight_stats(wd, layout), ref.weight_stats(wd, layout)
             check(f"weight stats {tag}", torch.equal(s_t[:, 1], s_r[:, 1])
                   and torch.allclose(s_t[:, 0], s_r[:, 0], rtol=1e-12, atol=0))
             for stats in (s_r, s_r * torch.tensor([3.0, 2.0], dtype=torch.float64)):  # given (TP) stats
-                q_t, m_t = tk.quantize_weights_segmented(wd, layout, stats)
-                q_r, m_r = ref.quantize_weights_segmented(wd, layout, stats)
+                q_t, m_t = tk.quantize_weights(wd, stats, layout)
+                q_r, m_r = ref.quantize_weights(wd, stats, layout)
                 check(f"quantize weights {tag}", torch.equal(q_t, q_r) and torch.equal(m_t, m_r))
                 check(f"fake-quantize weights {tag}", torch.equal(
-                    tk.fake_quantize_weights_segmented(wd, layout, stats),
-                    ref.fake_quantize_weights_segmented(wd, layout, stats)))
-            # One segment = the unsegmented quantiser.
-            if name == "rows_one":
+                    tk.fake_quantize_weights(wd, stats, layout),
+                    ref.fake_quantize_weights(wd, stats, layout)))
+            # One segment = the whole tensor without a layout.
+            if name in ("rows_one", "cols_one"):
                 check(f"one segment = unsegmented {tag}", torch.equal(
-                    tk.fake_quantize_weights_segmented(wd, layout), ref.fake_quantize_weights(wd)))
-        # The unsegmented kernels the segmented ones mirror.
+                    tk.fake_quantize_weights(wd, layout=layout), ref.fake_quantize_weights(wd)))
+        # Without a layout (one segment, 0-d scale).
         s_t, s_r = tk.weight_stats(wd), ref.weight_stats(wd)
         check(f"unsegmented weight stats {dtype}", torch.equal(s_t[1], s_r[1])
               and torch.allclose(s_t[0], s_r[0], rtol=1e-12, atol=0))
@@ -82,17 +83,17 @@ def activation_checks(g):
         for name, layout in layouts.items():
             tag = f"{name} {dtype}"
             check(f"segment absmax {tag}", torch.equal(
-                tk.segment_activation_absmax(xd, layout), ref.segment_activation_absmax(xd, layout)))
-            absmax_tp = ref.segment_activation_absmax(xd, layout) * 2  # the TP all-reduce's max
+                tk.activation_absmax(xd, layout), ref.activation_absmax(xd, layout)))
+            absmax_tp = ref.activation_absmax(xd, layout) * 2  # the TP all-reduce's max
             for absmax in (None, absmax_tp):
-                q_t, s_t = tk.quantize_activations_segmented(xd, layout, absmax)
-                q_r, s_r = ref.quantize_activations_segmented(xd, layout, absmax)
+                q_t, s_t = tk.quantize_activations(xd, absmax, layout)
+                q_r, s_r = ref.quantize_activations(xd, absmax, layout)
                 check(f"quantize activations {tag} absmax={absmax is not None}",
                       torch.equal(q_t, q_r) and torch.equal(s_t, s_r))
                 check(f"fake-quantize activations {tag} absmax={absmax is not None}", torch.equal(
-                    tk.fake_quantize_activations_segmented(xd, layout, absmax),
-                    ref.fake_quantize_activations_segmented(xd, layout, absmax)))
-    # The unsegmented kernels the segmented ones mirror.
+                    tk.fake_quantize_activations(xd, absmax, layout),
+                    ref.fake_quantize_activations(xd, absmax, layout)))
+    # Without a layout (one segment, scales shaped x.shape[:-1]).
     check("unsegmented quantize activations", all(
         torch.equal(a, b) for a, b in zip(tk.quantize_activations(x), ref.quantize_activations(x))))
     for dtype in (torch.float32, torch.float16):
@@ -111,7 +112,7 @@ def int8_checks(g):
     w = torch.randn(40, 24, generator=g) * 0.02
     w[:21] *= 5
     x_q, x_scale = ref.quantize_activations(torch.randn(37, 24, generator=g))
-    w_q, w_scales = ref.quantize_weights_segmented(w, layout)
+    w_q, w_scales = ref.quantize_weights(w, layout=layout)
     row_scales = layout.along_weight(w_scales).reshape(-1)
     m, k, n = x_q.shape[0], x_q.shape[1], w_q.shape[0]
     for per_n, scale in ((True, row_scales), (False, w_scales[:1])):

@@ -2,7 +2,9 @@
 conv, one autograd function writing its gradients in place) on CPU through Triton's interpreter
 (TRITON_INTERPRET=1, set by test_mamba_branch.py before this process imports triton) and compares
 it, in float64, with the pure-PyTorch reference path: causal conv + chunked SSD scan + gating.
-Prints one line per check; exit 1 on failure.
+Packed rows (seq_idx) go through the fused branch and through the unfused GPU path (Triton
+conv, then mamba_ssm's gated scan) and must equal every document run alone on the reference
+path; the same rows run as one sequence must not. Prints one line per check; exit 1 on failure.
 
 mamba_ssm's launchers assume a GPU in three places, which are answered for the CPU here: they
 enter `torch.cuda.device(index)`, read the SM count, and autotune over several configurations
@@ -25,7 +27,9 @@ torch.cuda.get_device_properties = lambda *args: types.SimpleNamespace(multi_pro
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from falcon_h1.kernels import FAST_PATH, causal_conv1d_silu, ssd_scan  # noqa: E402
+from falcon_h1.kernels.documents import documents_from_position_ids  # noqa: E402
 from falcon_h1.kernels.mamba_branch import _ssd_functions, mamba_conv_scan  # noqa: E402
+from tests.falcon_h1.packed_rows import documents, position_ids  # noqa: E402
 
 _ssd_functions()
 import mamba_ssm.ops.triton as mamba_triton  # noqa: E402
@@ -36,27 +40,47 @@ for info in pkgutil.iter_modules(mamba_triton.__path__):
             value.configs = value.configs[:1]
 
 TOLERANCE = 1e-5  # the kernels compute in fp32 whatever the input dtype: fp32 rounding (seen: ~1e-6)
+LEAK_MARGIN = 1e-2  # how far the packed rows run as one sequence must be from the documents alone
 LIMIT = (0.0, float("inf"))
 
 
-def run(fused, proj, w, bias, scale, A, D, dt_bias, dy, dims):
+def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None):
+    """path: "fused" (kernels.mamba_branch), "split" (Triton conv, then the gated Triton scan)
+    or "reference" (pure PyTorch). -> [y, d_projection, d_params...]"""
     d, bc, h, groups, extra, chunk = dims
     leaf = proj.clone().requires_grad_()
     params = [t.clone().requires_grad_() if t is not None else None for t in (w, bias, A, D, dt_bias)]
     zxbcdt = leaf[..., extra:].transpose(0, 1)  # strided [b, s, .] view of an [s, b, .] projection
-    if fused:
-        y = mamba_conv_scan(zxbcdt, params[0], params[1], scale, *params[2:], d, bc, h, groups, chunk, LIMIT)
+    if path == "fused":
+        y = mamba_conv_scan(zxbcdt, params[0], params[1], scale, *params[2:], d, bc, h, groups, chunk, LIMIT,
+                            seq_idx=seq_idx)
     else:
+        fast = path == "split"
         z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
-        x, B, C = causal_conv1d_silu(xBC, params[0], params[1], False, out_scale=scale).split([d, bc, bc], dim=-1)
+        x, B, C = causal_conv1d_silu(xBC, params[0], params[1], fast, out_scale=scale,
+                                     seq_idx=seq_idx).split([d, bc, bc], dim=-1)
         y = ssd_scan(x.unflatten(-1, (h, -1)), dt, params[2], B.unflatten(-1, (groups, -1)),
-                     C.unflatten(-1, (groups, -1)), chunk, params[3], params[4], LIMIT, False)
-        y = y.flatten(-2) * F.silu(z)
+                     C.unflatten(-1, (groups, -1)), chunk, params[3], params[4], LIMIT, fast,
+                     z=z.unflatten(-1, (h, -1)) if fast else None, seq_idx=seq_idx)
+        y = y.flatten(-2) if fast else y.flatten(-2) * F.silu(z)
     y.backward(dy)
     return [y, leaf.grad] + [p.grad for p in params if p is not None]
 
 
-def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, with_bias=True):
+def documents_alone(proj, w, bias, scale, A, D, dt_bias, dy, dims, rows):
+    """Every document of the packed rows run alone on the reference path, assembled like `run`'s
+    result for the packed rows (outputs and input gradients in place, parameter gradients summed)."""
+    y, d_proj, d_params = torch.zeros_like(dy), torch.zeros_like(proj), None
+    for row, start, end in documents(rows):
+        alone = run("reference", proj[start:end, row:row + 1], w, bias, scale, A, D, dt_bias,
+                    dy[row:row + 1, start:end], dims)
+        y[row, start:end] = alone[0][0].detach()
+        d_proj[start:end, row] = alone[1][:, 0]
+        d_params = alone[2:] if d_params is None else [a + b for a, b in zip(d_params, alone[2:])]
+    return [y, d_proj, *d_params]
+
+
+def inputs(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, with_bias):
     d, bc, extra = heads * head_dim, groups * state, 5
     width = 2 * d + 2 * bc + heads
     proj = torch.randn(length, batch, extra + width, generator=g, dtype=torch.float64)
@@ -68,15 +92,39 @@ def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, w
     dt_bias = torch.rand(heads, generator=g, dtype=torch.float64)
     dy = torch.randn(batch, length, d, generator=g, dtype=torch.float64)
     dims = (d, bc, heads, groups, extra, chunk)
-    want = run(False, proj, w, bias, scale, A, D, dt_bias, dy, dims)
-    got = run(True, proj, w, bias, scale, A, D, dt_bias, dy, dims)
+    return proj, w, bias, scale, A, D, dt_bias, dy, dims
+
+
+def errors_of(got, want, with_bias):
     names = ["y", "d_in_projection", "d_conv_weight"] + ["d_conv_bias"] * with_bias + ["dA", "dD", "ddt_bias"]
-    errors = {n: ((a - b).norm() / b.norm()).item() for n, a, b in zip(names, got, want)}
-    errors["attention_columns_untouched"] = got[1][..., :extra].abs().max().item()
+    return {n: ((a - b).norm() / b.norm()).item() for n, a, b in zip(names, got, want)}
+
+
+def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, with_bias=True):
+    args = inputs(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, with_bias)
+    want = run("reference", *args)
+    got = run("fused", *args)
+    errors = errors_of(got, want, with_bias)
+    errors["attention_columns_untouched"] = got[1][..., :args[-1][4]].abs().max().item()
     label = (f"b={batch} l={length} h={heads} p={head_dim} g={groups} n={state} chunk={chunk} "
              f"scale={with_scale} bias={with_bias}")
     print(label, {k: f"{v:.1e}" for k, v in errors.items()})
     return max(errors.values()) <= TOLERANCE
+
+
+def check_packed(path, rows, heads, head_dim, groups, state, chunk, g):
+    """Packed rows with seq_idx == each document alone; the rows as one sequence (SSM state
+    and conv window leaking across documents; on the reference path, which computes the same
+    function faster) must be far from it in every output, so the comparison sees a leak."""
+    args = inputs(len(rows), sum(rows[0]), heads, head_dim, groups, state, chunk, True, g, True)
+    seq_idx = documents_from_position_ids(position_ids(rows)).seq_idx
+    want = documents_alone(*args, rows)
+    errors = errors_of(run(path, *args, seq_idx=seq_idx), want, True)
+    leaks = errors_of(run("reference", *args), want, True)
+    print(f"packed {path} rows={rows} h={heads} p={head_dim} g={groups} n={state} chunk={chunk}",
+          {k: f"{v:.1e}" for k, v in errors.items()},
+          f"as one sequence (must exceed {LEAK_MARGIN:.0e}):", {k: f"{v:.1e}" for k, v in leaks.items()})
+    return max(errors.values()) <= TOLERANCE and min(leaks.values()) >= LEAK_MARGIN
 
 
 ok = True
@@ -89,5 +137,9 @@ for keep_states in (True, False):
         check(2, 40, 4, 8, 2, 8, 16, True, g),   # length not a multiple of the chunk, 2 groups
         check(1, 32, 2, 16, 1, 16, 16, False, g),
         check(1, 24, 2, 8, 1, 8, 16, True, g, with_bias=False),  # mamba_conv_bias = false
+        # documents of uneven lengths (none a multiple of the chunk; several crossing chunk
+        # boundaries, one shorter than the conv window), different splits per row
+        check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g),
     ])
+ok &= check_packed("split", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g)
 sys.exit(0 if ok else 1)

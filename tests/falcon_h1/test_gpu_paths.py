@@ -18,6 +18,26 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def packed_seq_idx(batch: int, length: int, packed: bool = True):
+    """seq_idx [batch, length] of rows packed with documents of uneven lengths (shorter than the
+    conv window, across chunks and blocks; a different split per row), or None (unpacked)."""
+    if not packed:
+        return None
+    from falcon_h1.kernels.documents import documents_from_position_ids
+    from tests.falcon_h1.packed_rows import position_ids
+
+    pattern = [1, 2, 130, 77, 300, 5, 211, 700, 43]
+    rows = []
+    for row in range(batch):
+        lengths, left, i = [], length, row
+        while left:
+            lengths.append(min(pattern[i % len(pattern)], left))
+            left -= lengths[-1]
+            i += 1
+        rows.append(lengths)
+    return documents_from_position_ids(position_ids(rows).cuda()).seq_idx
+
+
 def test_triton_ssd_matches_reference():
     from falcon_h1.kernels import ssd_scan
 
@@ -85,7 +105,8 @@ def _poison_allocator(numel: int = 1 << 24):
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOLERANCE)])
 @pytest.mark.parametrize("length", [4096, 1000, 3])
-def test_triton_conv_matches_reference(dtype, tolerance, length):
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_triton_conv_matches_reference(dtype, tolerance, length, packed):
     from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
     from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton
 
@@ -96,13 +117,14 @@ def test_triton_conv_matches_reference(dtype, tolerance, length):
     w, bias = torch.randn(c, 4, device="cuda", generator=g) * 0.5, torch.randn(c, device="cuda", generator=g)
     scale = torch.rand(c, device="cuda", generator=g) + 0.5
     dy = torch.randn(b, length, c, device="cuda", generator=g)
+    seq_idx = packed_seq_idx(b, length, packed)
     # float64 reference: an fp32 cuDNN conv may run in TF32, too coarse for the fp32 check
     ref = [t.detach().double().requires_grad_() for t in (x, w, bias)]
-    want = causal_conv1d_silu_reference(*ref) * scale.double()
+    want = causal_conv1d_silu_reference(*ref, seq_idx=seq_idx) * scale.double()
     want.backward(dy.double())
     fast = [t.detach().to(dtype).requires_grad_() for t in (x, w, bias)]
     _poison_allocator()
-    got = causal_conv1d_silu_triton(*fast, scale)
+    got = causal_conv1d_silu_triton(*fast, scale, seq_idx=seq_idx)
     _poison_allocator()
     got.backward(dy.to(dtype))
     errors = {name: rel(a, r) for name, a, r in [
@@ -129,8 +151,10 @@ def test_triton_swiglu_matches_reference(dtype, tolerance):
     assert rel(got, want) <= tolerance and rel(fast.grad, ref.grad) <= tolerance
 
 
-def test_triton_ssd_gating_matches_reference():
-    """The scan kernel's own gating (z passed in) against the reference y * silu(z)."""
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_triton_ssd_gating_matches_reference(packed):
+    """The scan kernel's own gating (z passed in) against the reference y * silu(z); packed:
+    both with the same seq_idx (the reference equals each document alone: test_kernels.py)."""
     from falcon_h1.kernels import ssd_scan
 
     if not use_fast_path("auto", torch.device("cuda")):
@@ -142,13 +166,14 @@ def test_triton_ssd_gating_matches_reference():
     A = -torch.rand(h, device="cuda", generator=g) * 4 - 0.5
     D, dt_bias = torch.randn(h, device="cuda", generator=g), torch.rand(h, device="cuda", generator=g)
     grad = torch.randn(b, l, h, p, device="cuda", generator=g)
+    seq_idx = packed_seq_idx(b, l, packed)
     outputs = {}
     for fast, dtype in ((False, torch.float32), (True, torch.bfloat16)):
         inputs = [t.detach().to(dtype).requires_grad_() for t in (x, dt, B, C, z)]
         xi, dti, Bi, Ci, zi = inputs
         heads = lambda t, k: t.unflatten(-1, (k, -1))
         y = ssd_scan(heads(xi, h), dti, A, heads(Bi, groups), heads(Ci, groups), 128, D, dt_bias,
-                     (0.0, float("inf")), fast, z=heads(zi, h))
+                     (0.0, float("inf")), fast, z=heads(zi, h), seq_idx=seq_idx)
         y.backward(grad.to(dtype))
         outputs[fast] = [y] + [t.grad for t in inputs]
     names = ["y", "dx", "ddt", "dB", "dC", "dz"]
@@ -167,7 +192,8 @@ def ssd_keep_forward_states(request):
 
 
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_fused_mamba_branch_matches_reference(with_scale, ssd_keep_forward_states):
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_fused_mamba_branch_matches_reference(with_scale, packed, ssd_keep_forward_states):
     """kernels.mamba_branch (conv + gated scan in one autograd function writing its gradients
     into [s, b]-laid-out buffers) in bf16 against the reference conv + chunked scan + gating
     in fp32, on a strided [s, b] in-projection slice like the mixer's; the scan's backward from
@@ -192,6 +218,7 @@ def test_fused_mamba_branch_matches_reference(with_scale, ssd_keep_forward_state
     D, dt_bias = torch.randn(h, device="cuda", generator=g), torch.rand(h, device="cuda", generator=g)
     dy = torch.randn(b, l, d, device="cuda", generator=g)
     limit = (0.0, float("inf"))
+    seq_idx = packed_seq_idx(b, l, packed)
     outputs = {}
     for fused, dtype in ((False, torch.float32), (True, torch.bfloat16)):
         leaf = proj.detach().to(dtype).clone().requires_grad_()
@@ -199,17 +226,41 @@ def test_fused_mamba_branch_matches_reference(with_scale, ssd_keep_forward_state
         extra_params = [t.clone().requires_grad_() for t in (A, D, dt_bias)]
         zxbcdt = leaf[..., extra:].transpose(0, 1)
         if fused:
-            y = mamba_conv_scan(zxbcdt, *params, scale, *extra_params, d, bc, h, groups, 64, limit)
+            y = mamba_conv_scan(zxbcdt, *params, scale, *extra_params, d, bc, h, groups, 64, limit, seq_idx=seq_idx)
         else:
             z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
-            xBC = causal_conv1d_silu(xBC, *params, False, out_scale=scale)
+            xBC = causal_conv1d_silu(xBC, *params, False, out_scale=scale, seq_idx=seq_idx)
             x, B, C = xBC.split([d, bc, bc], dim=-1)
             y = ssd_scan(x.unflatten(-1, (h, p)), dt, extra_params[0], B.unflatten(-1, (groups, n)),
-                         C.unflatten(-1, (groups, n)), 64, extra_params[1], extra_params[2], limit, False)
+                         C.unflatten(-1, (groups, n)), 64, extra_params[1], extra_params[2], limit, False,
+                         seq_idx=seq_idx)
             y = y.flatten(-2) * F.silu(z)
         y.backward(dy.to(dtype))
         assert leaf.grad[..., :extra].abs().max() == 0
         outputs[fused] = [y, leaf.grad[..., extra:]] + [t.grad for t in params + extra_params]
     names = ["y", "dzxbcdt", "dconv_w", "dconv_b", "dA", "dD", "ddt_bias"]
     errors = {name: rel(got, ref) for name, ref, got in zip(names, outputs[False], outputs[True])}
+    assert max(errors.values()) <= BF16_TOLERANCE, errors
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "varlen"])
+def test_packed_attention_backends_match_reference(backend):
+    """The GPU candidates for attention within packed documents (bf16, fwd + bwd, GQA) against
+    the unfused fp32 reference with the same documents (which equals each document alone on
+    CPU: test_kernels.py)."""
+    from falcon_h1.kernels import causal_attention
+    from falcon_h1.kernels.documents import Documents
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    b, hq, hkv, l, d = 2, 8, 2, 1000, 64
+    docs = Documents(seq_idx=packed_seq_idx(b, l))
+    q, k, v = (torch.randn(b, heads, l, d, device="cuda", generator=g) for heads in (hq, hkv, hkv))
+    dy = torch.randn(b, hq, l, d, device="cuda", generator=g)
+    outputs = {}
+    for name, dtype in (("unfused", torch.float32), (backend, torch.bfloat16)):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
+        out = causal_attention(*leaves, d ** -0.5, name, documents=docs)
+        out.backward(dy.to(dtype))
+        outputs[name] = [out] + [t.grad for t in leaves]
+    errors = {n: rel(got, ref) for n, ref, got in zip(["out", "dq", "dk", "dv"], outputs["unfused"], outputs[backend])}
     assert max(errors.values()) <= BF16_TOLERANCE, errors

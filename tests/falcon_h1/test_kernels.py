@@ -48,7 +48,8 @@ def test_attention_backends_agree_with_gqa():
 
 def test_triton_kernels_match_float64_in_interpreter():
     """The Triton conv+SiLU and SwiGLU kernels (forward and backward) run on CPU under
-    Triton's interpreter in a subprocess (the variable must be set before triton loads)."""
+    Triton's interpreter in a subprocess (the variable must be set before triton loads);
+    the conv also on packed rows (seq_idx) against every document convolved alone."""
     from pathlib import Path
 
     from tests.conftest import run_in_triton_interpreter
@@ -82,3 +83,141 @@ def test_folded_multipliers_gradients_match_transformers(megatron_single, tmp_pa
             got = torch.cat(pieces[name]).reshape(param.shape).double()
             want = param.grad.double()
             assert ((got - want).norm() / want.norm()).item() <= 1e-5, (fused, name)
+
+
+# ---- packed rows: every document independent (kernels.documents) ----
+
+PACKED_ROWS = [[11, 14, 15], [3, 24, 13]]  # uneven lengths, none a multiple of the chunks below
+TOLERANCE = 1e-5                           # fp32, relative
+LEAK_MARGIN = 1e-2                         # a computation leaking across documents is this far off
+
+
+def _rel(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def _alone(rows, fn, *seq_tensors):
+    """fn run on every document alone (seq_tensors sliced [row, start:end] along dim 1), the
+    outputs assembled into packed rows."""
+    from tests.falcon_h1.packed_rows import documents
+
+    pieces = [[] for _ in rows]
+    for row, start, end in documents(rows):
+        pieces[row].append(fn(*(t[row:row + 1, start:end] for t in seq_tensors)))
+    return torch.cat([torch.cat(p, dim=1) for p in pieces])
+
+
+def _grads(fn, leaves, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    out.backward(dy)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _seq_idx(rows):
+    from falcon_h1.kernels.documents import documents_from_position_ids
+    from tests.falcon_h1.packed_rows import position_ids
+
+    return documents_from_position_ids(position_ids(rows)).seq_idx
+
+
+def _ssd_inputs(rows, g):
+    b, l, h, p, groups, n = len(rows), sum(rows[0]), 4, 3, 2, 5
+    return dict(x=torch.randn(b, l, h, p, generator=g), dt_raw=torch.randn(b, l, h, generator=g) - 1,
+                B=torch.randn(b, l, groups, n, generator=g), C=torch.randn(b, l, groups, n, generator=g),
+                z=torch.randn(b, l, h, p, generator=g), A=-torch.rand(h, generator=g) * 2,
+                D=torch.randn(h, generator=g), dt_bias=torch.rand(h, generator=g))
+
+
+@pytest.mark.parametrize("rows,chunk", [(PACKED_ROWS, 8), (PACKED_ROWS, 16), ([[5, 30, 5]], 8)])
+def test_packed_ssd_scan_equals_documents_alone(rows, chunk):
+    """kernels.ssd_scan (reference path, gated) on packed rows with seq_idx: output and every
+    gradient equal each document scanned alone. [[5, 30, 5]] at chunk 8 has a document
+    spanning whole chunks (the state carried over several chunk ends inside one document)."""
+    from falcon_h1.kernels import ssd_scan
+
+    g = torch.Generator().manual_seed(chunk + len(rows))
+    t = _ssd_inputs(rows, g)
+    seq_idx = _seq_idx(rows)
+    dy = torch.randn_like(t["x"])
+    limit = (0.0, float("inf"))
+
+    def scan(x, dt_raw, B, C, z, A, D, dt_bias, seq_idx=None):
+        return ssd_scan(x, dt_raw, A, B, C, chunk, D, dt_bias, limit, False, z=z, seq_idx=seq_idx)
+
+    seq_names, params = ["x", "dt_raw", "B", "C", "z"], ["A", "D", "dt_bias"]
+    leaves = [t[k] for k in seq_names + params]
+    got = _grads(lambda *a: scan(*a, seq_idx=seq_idx), leaves, dy)
+
+    def alone(*a):
+        seq, par = a[:5], a[5:]
+        return _alone(rows, lambda *s: scan(*s, *par), *seq)
+
+    want = _grads(alone, leaves, dy)
+    leaky = _grads(scan, leaves, dy)
+    for name, a, b, c in zip(["y"] + seq_names + params, got, want, leaky):
+        assert _rel(a, b) <= TOLERANCE, name
+        if name != "D":  # dD = sum(dy * silu(z) * x) does not involve the state
+            assert _rel(c, b) >= LEAK_MARGIN, name   # the comparison sees a state leaking across documents
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 16])
+def test_packed_chunked_ssd_equals_sequential_recurrence_with_resets(chunk):
+    """The chunked reference with seq_idx against the step-by-step float64 recurrence that
+    zeroes the state where the document number changes."""
+    g = torch.Generator().manual_seed(chunk)
+    t = _ssd_inputs(PACKED_ROWS, g)
+    dt = torch.nn.functional.softplus(t["dt_raw"])
+    seq_idx = _seq_idx(PACKED_ROWS)
+    got = ssd_chunk_scan_reference(t["x"], dt, t["A"], t["B"], t["C"], chunk, t["D"], seq_idx=seq_idx)
+    want = ssd_sequential_float64(t["x"], dt, t["A"], t["B"], t["C"], t["D"], seq_idx=seq_idx)
+    assert _rel(got, want) < 1e-6
+
+
+def test_packed_causal_conv_equals_documents_alone():
+    """The reference conv + SiLU with seq_idx: output and gradients equal each document
+    convolved alone (its window starting from zeros); the rows convolved whole are far off."""
+    g = torch.Generator().manual_seed(3)
+    b, l, c = len(PACKED_ROWS), sum(PACKED_ROWS[0]), 6
+    x, w, bias = torch.randn(b, l, c, generator=g), torch.randn(c, 4, generator=g), torch.randn(c, generator=g)
+    dy = torch.randn(b, l, c, generator=g)
+    seq_idx = _seq_idx(PACKED_ROWS)
+    got = _grads(lambda x, w, bias: causal_conv1d_silu_reference(x, w, bias, seq_idx=seq_idx), [x, w, bias], dy)
+    want = _grads(lambda x, w, bias: _alone(PACKED_ROWS, lambda s: causal_conv1d_silu_reference(s, w, bias), x),
+                  [x, w, bias], dy)
+    leaky = _grads(causal_conv1d_silu_reference, [x, w, bias], dy)
+    for name, a, b_, c_ in zip(["out", "dx", "dweight", "dbias"], got, want, leaky):
+        assert _rel(a, b_) <= TOLERANCE, name
+        if name != "dbias":  # dbias sums g over positions: a leak moves it less
+            assert _rel(c_, b_) >= LEAK_MARGIN, name
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unfused", "flex"])
+def test_packed_attention_equals_documents_alone(backend):
+    """causal_attention with documents: each query attends only its own document's past,
+    i.e. equals plain causal attention on every document alone (fp32, with GQA); gradients
+    too, except FlexAttention (torch has no FlexAttention backward on CPU)."""
+    from falcon_h1.kernels.documents import documents_from_position_ids
+    from tests.falcon_h1.packed_rows import position_ids
+
+    g = torch.Generator().manual_seed(4)
+    b, l = len(PACKED_ROWS), sum(PACKED_ROWS[0])
+    q, k, v = torch.randn(b, 4, l, 8, generator=g), torch.randn(b, 2, l, 8, generator=g), torch.randn(b, 2, l, 8, generator=g)
+    dy = torch.randn(b, 4, l, 8, generator=g)
+    docs = documents_from_position_ids(position_ids(PACKED_ROWS))
+    heads_last = lambda t: t.transpose(1, 2)   # documents are sliced along dim 1
+    packed = lambda q, k, v: causal_attention(q, k, v, 0.3, backend, documents=docs)
+
+    def alone(q, k, v):
+        one = lambda q, k, v: heads_last(causal_attention(heads_last(q), heads_last(k), heads_last(v), 0.3, "sdpa"))
+        return heads_last(_alone(PACKED_ROWS, one, heads_last(q), heads_last(k), heads_last(v)))
+
+    if backend == "flex":
+        with torch.no_grad():
+            assert _rel(packed(q, k, v), alone(q, k, v)) <= TOLERANCE
+        return
+    got, want = _grads(packed, [q, k, v], dy), _grads(alone, [q, k, v], dy)
+    leaky = _grads(lambda q, k, v: causal_attention(q, k, v, 0.3, backend), [q, k, v], dy)
+    for name, a, b_, c_ in zip(["out", "dq", "dk", "dv"], got, want, leaky):
+        assert _rel(a, b_) <= TOLERANCE, name
+        assert _rel(c_, b_) >= LEAK_MARGIN, name
