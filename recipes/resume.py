@@ -36,12 +36,14 @@ _ORDER = "changes the data order"
 RESUME_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("model.attention_backend", None),  # how attention is computed, not what
     ("model.kernel_backend", None),
-    ("model.*", _MODEL),
-    ("mup.*", _MODEL),
+    ("model.*", _MODEL),  # the µP multipliers too: mup.mode is resolved into model.* when composed
     ("bitnet.enabled", _MODEL),
     ("bitnet.layers", _MODEL),
     ("bitnet.subln", _MODEL),
+    ("data.kind", _ORDER),
     ("data.paths", _ORDER),
+    ("data.packing", _ORDER),
+    ("data.overlong", _ORDER),
     ("data.tokenizer", "changes the token ids"),
     ("data.seq_length", _ORDER),
     ("data.split", _ORDER),
@@ -67,9 +69,9 @@ def check_resume_config(recipe, run_dir) -> None:
     saved_file = Path(run_dir) / CONFIG_FILE
     if not saved_file.is_file():
         return
-    saved = _effective(_flatten(yaml.safe_load(saved_file.read_text()) or {}))
+    saved = _flatten(yaml.safe_load(saved_file.read_text()) or {})
     # Through YAML like the saved file, so both sides compare as the same plain types.
-    new = _effective(_flatten(yaml.safe_load(yaml.safe_dump(scrub_secrets(dataclasses.asdict(recipe))))))
+    new = _flatten(yaml.safe_load(yaml.safe_dump(scrub_secrets(dataclasses.asdict(recipe)))))
     refused = []
     for key, old_value in saved.items():
         if key not in new or key in _NEVER_COMPARED or old_value == MASK or new[key] == old_value:
@@ -91,12 +93,6 @@ def _rule(key: str) -> Optional[str]:
         if fnmatch.fnmatchcase(key, pattern):
             return reason
     return None
-
-
-def _effective(flat: dict[str, Any]) -> dict[str, Any]:
-    """A µP multiplier left null means the model preset's value (recipes.build.effective_model_config)."""
-    return {key: flat.get(f"model.{key[4:]}", value) if key.startswith("mup.") and value is None else value
-            for key, value in flat.items()}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

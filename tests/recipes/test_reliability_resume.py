@@ -39,7 +39,7 @@ def _copy(stopped, tmp_path):
     ("bitnet=on", "bitnet.enabled = False (this recipe: True; changes the model)"),
     ("data.seq_length=32", "data.seq_length = 64 (this recipe: 32; changes the data order)"),
     ("train.seed=7", "train.seed = 1234 (this recipe: 7; changes the data order)"),
-    ("mup.ssm_out_multiplier=0.5", "mup.ssm_out_multiplier = 1.0 (this recipe: 0.5; changes the model)"),
+    ("model.ssm_out_multiplier=0.5", "model.ssm_out_multiplier = 1.0 (this recipe: 0.5; changes the model)"),
     ("train.adam_beta1=0.8", "train.adam_beta1 = 0.9 (this recipe: 0.8; is restored with the optimizer state"),
     ("parallel.distributed_optimizer=true", "parallel.distributed_optimizer = False"),
 ])
