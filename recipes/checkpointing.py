@@ -192,13 +192,13 @@ def save_checkpoint(
 
 
 def load_latest_checkpoint(
-    ckpt_root: Union[str, Path], model_chunks, optimizer, scheduler, announce: bool = False
+    ckpt_root: Union[str, Path], model_chunks, optimizer, scheduler, train_to_step: Optional[int] = None
 ) -> Optional[tuple[int, dict]]:
     """Restore the newest complete, verified checkpoint under `ckpt_root` into the given objects.
 
     Returns `(step, extra)`, or None when `ckpt_root` holds no checkpoint yet; raises
-    CheckpointError when it holds some but none verifies. `announce`: rank 0 prints
-    "resumed from step N (path)".
+    CheckpointError when it holds some but none verifies. `train_to_step`: the step a
+    resumed run trains to; rank 0 prints "resumed from step N (path)" when N is before it.
     The model may be laid out at other tensor/pipeline/data parallel sizes than
     the saved one; so may the optimizer state, except a distributed optimizer's
     saved as "dp_reshardable" (then only the DP size may change).
@@ -232,7 +232,7 @@ def load_latest_checkpoint(
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"][parallel_state.get_data_parallel_rank(with_context_parallel=True)])
-    if announce and dist.get_rank() == 0:
+    if train_to_step is not None and loaded["iteration"] < train_to_step and dist.get_rank() == 0:
         print(f"resumed from step {loaded['iteration']} ({ckpt_dir})", flush=True)
     return loaded["iteration"], loaded["extra"]
 

@@ -143,7 +143,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     if has_checkpoint and not t.resume:
         raise ValueError(f"train.resume = false but {ckpt_root} already holds checkpoints; allowed: "
                          "train.resume = true (continue that run) or a new train.run_dir (nothing is overwritten).")
-    loaded = (load_latest_checkpoint(ckpt_root, [ddp_model], optimizer, scheduler, announce=True)
+    loaded = (load_latest_checkpoint(ckpt_root, [ddp_model], optimizer, scheduler, train_to_step=t.max_steps)
               if has_checkpoint else None)
     if loaded is not None:
         start_step, extra = loaded

@@ -96,5 +96,6 @@ def test_cut_off_metrics_line_is_dropped_and_the_resumed_summary_covers_the_whol
     before = runs.snapshot(run_dir)
     again = runs.run(runs.write_recipe(run_dir, *PLAN))
     assert f"{run_dir} is already finished: its latest checkpoint is step 4 and train.max_steps = 4" in again.stdout
+    assert "resumed from" not in again.stdout
     assert f"finished 4 steps: loss {first_launch[1]:.4f} -> {logged[4]:.4f}" in again.stdout
     assert runs.snapshot(run_dir) == before
