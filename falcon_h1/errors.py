@@ -18,3 +18,8 @@ class ConfigValueError(ValueError):
     def __init__(self, key: str, value: Any, allowed: str, message: str | None = None):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(message if message is not None else f"{key} = {value!r} is not allowed: {allowed}.")
+
+    def __reduce__(self):
+        # Rebuilt with all four fields when it travels between processes (pickled by
+        # torch.distributed.broadcast_object_list, multiprocessing), not from the message alone.
+        return type(self), (self.key, self.value, self.allowed, str(self))

@@ -273,7 +273,8 @@ class ParallelHybridMixer(MegatronModule):
 
             y = mamba_conv_scan(zxbcdt.transpose(0, 1), self.conv1d_weight, self.conv1d_bias, conv_scale,
                                 -torch.exp(self.A_log.float()), self.D, self.dt_bias, d.z, d.bc, d.ssm_heads,
-                                d.groups, c.mamba_chunk_size, tuple(c.time_step_limit), k.ssd_keep_forward_states)
+                                d.groups, c.mamba_chunk_size, tuple(c.time_step_limit),
+                                keep_forward_states=k.ssd_keep_forward_states)
             return y.transpose(0, 1)
         z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .] views
         xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, k.triton_conv,

@@ -102,9 +102,10 @@ def run(recipe: RecipeConfig, executor: str | None = None):
     return launch(recipe, dryrun=recipe.dryrun)
 
 
-def load_trained_model(run_dir: str | Path):
+def load_trained_model(run_dir: str | Path, tp: int = 1):
     """The model of a finished or running job, built from run_dir/config.yaml and loaded
-    from its latest checkpoint (this process: TP=1, PP=1). Returns (model, recipe, step)."""
+    from its latest checkpoint at tensor-parallel size `tp` (1: this process; more: one
+    process per rank, under torchrun) and PP=1. Returns (model, recipe, step)."""
     from falcon_h1.megatron_compat.parallel import initialize_parallel
     from recipes.build import build_model_for, effective_model_config
     from recipes.checkpointing import load_latest_checkpoint
@@ -114,7 +115,7 @@ def load_trained_model(run_dir: str | Path):
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist; allowed: a run directory written by falcon-train.")
     recipe = recipe_from_yaml(config_file)
-    initialize_parallel(tp=1, pp=1, seed=recipe.train.seed)
+    initialize_parallel(tp=tp, pp=1, seed=recipe.train.seed)
     model = build_model_for(recipe, effective_model_config(recipe), initialize=False)
     loaded = load_latest_checkpoint(run_dir / "checkpoints", [model], None, None)
     if loaded is None:

@@ -106,6 +106,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     seed: int = 1234
     save_interval: int = 50
+    # After each save, keep the newest N complete checkpoints and delete older ones (>= 1).
+    keep_checkpoints: int = 3
     eval_interval: int = 0
     eval_iters: int = 2
     log_interval: int = 1
@@ -127,6 +129,10 @@ class TrainConfig:
     # the main-to-model parameter copies (any device; Megatron's own fallbacks read every
     # parameter's norm back to the host, a sync each) and torch's fused AdamW (GPU); false: Megatron's.
     fused_optimizer: bool = True
+    # End of training: sample this many new tokens after sample_prompt (printed with the
+    # summary; recipes.generate.sample_after_training); 0 = no sample.
+    sample_tokens: int = 0
+    sample_prompt: str = ""
 
 
 @dataclass

@@ -43,6 +43,8 @@ class TrainSummary:
     # The step whose forward/backward was captured into the CUDA graph (replayed by every later
     # step); None for an eager run or one that ended before the capture.
     cuda_graph_step: Optional[int] = None
+    # train.sample_tokens new tokens after train.sample_prompt, generated at the end; None if 0.
+    sample: Optional[str] = None
 
     def report(self) -> str:
         """What the run did and where its outputs are, as `falcon-train` prints it."""
@@ -56,6 +58,7 @@ class TrainSummary:
             f"report:      falcon-report {self.run_dir}"
             + (f"\nCUDA graph:  captured at step {self.cuda_graph_step}, replayed after"
                if self.cuda_graph_step else "")
+            + (f"\nsample:      {self.sample}" if self.sample else "")
         )
 
 
@@ -65,12 +68,13 @@ class RunState:
 
     recipe: RecipeConfig
     model_cfg: FalconH1Config
+    model: Any  # the model itself, inside ddp_model
     ddp_model: Any
     optimizer: Any
     scheduler: Any
     data_iter: Any
     valid_ds: Any
-    tracker: Any
+    run_lock: Any  # this run's hold on its run_dir (recipes.run_lock)
     progress: Any
     device: torch.device
     world: int
@@ -85,6 +89,7 @@ class RunState:
     flops_per_token: float
     peak_flops: float
     graph_stream: Any  # the CUDA graph's capture stream, None for an eager run
+    tracker: Any = None  # started once the run is known to have steps to do
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
     tokens_per_s: float = 0.0
@@ -106,26 +111,42 @@ def _rank() -> int:
 def train(recipe: RecipeConfig) -> TrainSummary:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from recipes.generate import sample_after_training
+    from recipes.resume import finished_run
+
+    t = recipe.train
     state = build_run_state(recipe)
+    if state.start_step >= t.max_steps:  # a rerun of a finished run: say so, change nothing
+        state.run_lock.release()
+        return TrainSummary(**finished_run(state.run_dir, state.start_step, t.max_steps, _rank()))
+    state.tracker = _start_tracking(state)
     state.ddp_model.train()
-    with state.progress, state.tracker, _training_schedule(get_forward_backward_func(), recipe.train) as fwd_bwd:
-        for step in range(state.start_step, recipe.train.max_steps):
+    with state.run_lock, state.progress, state.tracker, \
+            _training_schedule(get_forward_backward_func(), t) as fwd_bwd:
+        for step in range(state.start_step, t.max_steps):
             result = train_step(state, fwd_bwd, step)
             if log_eval_save(state, step + 1, result):
                 break
-        return finish(state)
+        summary = finish(state)
+    summary.sample = sample_after_training(state.model, recipe)
+    return summary
 
 
 # ------------------------------------------------------------------------ build the run state
 def build_run_state(recipe: RecipeConfig) -> RunState:
-    """Validate, join the processes, build model, DDP, optimizer and data, resume, start tracking."""
+    """Validate, join the processes, lock the run directory, build model, DDP, optimizer and
+    data, and resume."""
     from megatron.core import parallel_state
 
     from falcon_h1.flops import training_flops_per_token
     from falcon_h1.megatron_compat.parallel import default_device
     from recipes.build import validate_cuda_graph_device, validate_recipe
+    from recipes.checkpoint_files import has_checkpoints
     from recipes.data import build_tokenizer, build_train_valid_datasets, make_data_iterator
+    from recipes.data.validation import check_token_ids_fit
     from recipes.progress import Progress
+    from recipes.resume import check_resume_config
+    from recipes.run_lock import lock_run_dir
 
     logging.getLogger("megatron").setLevel(logging.WARNING)
     t, data_cfg = recipe.train, recipe.data
@@ -133,12 +154,18 @@ def build_run_state(recipe: RecipeConfig) -> RunState:
     validate_cuda_graph_device(recipe, torch.cuda.is_available())
     world, dp = _init_processes(recipe)
     dp_rank = parallel_state.get_data_parallel_rank()
+    run_dir = Path(t.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    run_lock = lock_run_dir(run_dir)  # released at the end of train()'s `with`
+    if t.resume and has_checkpoints(ckpt_root):
+        check_resume_config(recipe, run_dir)
     tokenizer = build_tokenizer(data_cfg.tokenizer)
     if tokenizer.vocab_size > checked.model_cfg.vocab_size:
         raise ConfigValueError(
             "model.vocab_size", checked.model_cfg.vocab_size, "model.vocab_size >= the tokenizer's vocabulary",
             message=f"data.tokenizer {data_cfg.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size = "
                     f"{checked.model_cfg.vocab_size}; allowed: model.vocab_size >= the tokenizer's vocabulary.")
+    check_token_ids_fit(data_cfg, checked.model_cfg.vocab_size)
     model, ddp_model, optimizer, scheduler, graph_stream = _build_model_and_optimizer(recipe, checked)
 
     global_batch = t.global_batch_size
@@ -150,19 +177,17 @@ def build_run_state(recipe: RecipeConfig) -> RunState:
             "train.eval_interval", t.eval_interval, "a non-zero second share of data.split, or eval_interval 0",
             message=f"train.eval_interval = {t.eval_interval} needs a validation split, but data.split = "
                     f"{data_cfg.split!r} gives it none; allowed: a non-zero second share or eval_interval 0.")
-    run_dir = Path(t.run_dir)
-    ckpt_root = run_dir / "checkpoints"
     start_step, consumed, resumed_from = _resume(recipe, ckpt_root, model, ddp_model, optimizer, scheduler)
-    tracker = _start_tracking(recipe, run_dir, checked.model_cfg, dp)
 
     device = default_device()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     return RunState(
-        recipe=recipe, model_cfg=checked.model_cfg, ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler,
+        recipe=recipe, model_cfg=checked.model_cfg, model=model, ddp_model=ddp_model, optimizer=optimizer,
+        scheduler=scheduler,
         data_iter=make_data_iterator(train_ds, t.micro_batch_size, dp_rank, dp, consumed, t.seed,
                                      data_cfg.num_workers),
-        valid_ds=valid_ds, tracker=tracker,
+        valid_ds=valid_ds, run_lock=run_lock,
         progress=Progress(t.max_steps, start_step, enabled=recipe.logger.progress_bar and _rank() == 0),
         device=device, world=world, dp=dp, dp_rank=dp_rank,
         num_microbatches=global_batch // (t.micro_batch_size * dp), run_dir=run_dir, ckpt_root=ckpt_root,
@@ -215,16 +240,18 @@ def _build_model_and_optimizer(recipe: RecipeConfig, checked):
 def _resume(recipe: RecipeConfig, ckpt_root: Path, model, ddp_model, optimizer, scheduler):
     """Continue from run_dir's latest checkpoint, or start from train.load_dir's weights;
     returns (start step, consumed samples, the step resumed from or None)."""
+    from recipes.checkpoint_files import has_checkpoints
     from recipes.checkpointing import load_latest_checkpoint
 
     t = recipe.train
-    has_checkpoint = (ckpt_root / "latest_checkpointed_iteration.txt").is_file()
+    has_checkpoint = has_checkpoints(ckpt_root)
     if has_checkpoint and not t.resume:
         raise ConfigValueError(
             "train.resume", t.resume, "true (continue that run) or a new train.run_dir",
             message=f"train.resume = false but {ckpt_root} already holds checkpoints; allowed: "
                     "train.resume = true (continue that run) or a new train.run_dir (nothing is overwritten).")
-    loaded = load_latest_checkpoint(ckpt_root, [ddp_model], optimizer, scheduler) if has_checkpoint else None
+    loaded = (load_latest_checkpoint(ckpt_root, [ddp_model], optimizer, scheduler, train_to_step=t.max_steps)
+              if has_checkpoint else None)
     if loaded is not None:
         start_step, extra = loaded
         return start_step, extra["consumed_samples"], start_step
@@ -251,18 +278,22 @@ def _load_initial_weights(model, load_dir: str) -> None:
                     "(config.json + *.safetensors) nor falcon-train checkpoints.")
 
 
-def _start_tracking(recipe: RecipeConfig, run_dir: Path, model_cfg: FalconH1Config, dp: int):
-    """run_dir/config.yaml + metadata.json (rank 0) and the run's Tracker."""
+def _start_tracking(state: RunState):
+    """run_dir/config.yaml + metadata.json and a metrics.jsonl a killed run left whole (rank 0),
+    and the run's Tracker."""
+    from recipes.resume import repair_metrics_log
     from recipes.run_metadata import write_run_metadata
     from recipes.tracking import Tracker
 
+    recipe = state.recipe
     resolved = dataclasses.asdict(recipe)
     if _rank() == 0:
-        write_run_metadata(run_dir, resolved)
-    tags = [model_cfg.name, f"attention_ratio={recipe.model.attention_ratio}",
+        write_run_metadata(state.run_dir, resolved)
+        repair_metrics_log(state.run_dir)
+    tags = [state.model_cfg.name, f"attention_ratio={recipe.model.attention_ratio}",
             f"bitnet={'on' if recipe.bitnet.enabled else 'off'}", f"executor={recipe.executor.kind}",
-            f"tp={recipe.parallel.tp}", f"dp={dp}"]
-    return Tracker(str(run_dir), recipe.logger, resolved, tags, _rank())
+            f"tp={recipe.parallel.tp}", f"dp={state.dp}"]
+    return Tracker(str(state.run_dir), recipe.logger, resolved, tags, _rank())
 
 
 # ------------------------------------------------------------------------- one training step
@@ -365,7 +396,7 @@ def log_eval_save(state: RunState, step: int, result: StepResult) -> bool:
     stop_early = bool(t.exit_after_steps) and len(state.losses) >= t.exit_after_steps
     if t.save_interval and (step % t.save_interval == 0 or step == t.max_steps or stop_early):
         save_checkpoint(state.ckpt_root, step, [state.ddp_model], state.optimizer, state.scheduler,
-                        {"consumed_samples": state.consumed})
+                        {"consumed_samples": state.consumed}, keep=t.keep_checkpoints)
     return stop_early
 
 
@@ -408,13 +439,16 @@ def _peak_flops(device: torch.device) -> float:
 # ------------------------------------------------------------------------------- the summary
 def finish(state: RunState) -> TrainSummary:
     """The run's summary, also logged to the trackers."""
+    from recipes.resume import whole_run_first_loss
+
     losses = state.losses
     summary = TrainSummary(
         run_dir=str(state.run_dir), steps=state.start_step + len(losses),
-        first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
+        first_loss=whole_run_first_loss(state.run_dir, losses), final_loss=losses[-1] if losses else math.nan,
         losses=losses, tokens_per_s=state.tokens_per_s, checkpoint_dir=str(state.ckpt_root),
         resumed_from=state.resumed_from, cuda_graph_step=state.cuda_graph_step)
-    state.tracker.log_summary({"final_loss": summary.final_loss, "tokens_per_s": summary.tokens_per_s,
+    state.tracker.log_summary({"first_loss": summary.first_loss, "final_loss": summary.final_loss,
+                               "tokens_per_s": summary.tokens_per_s,
                                "steps": summary.steps,
                                **({"cuda_graph_step": state.cuda_graph_step} if state.cuda_graph_step else {})})
     return summary

@@ -8,7 +8,9 @@ Each function works on Megatron's private optimizer attributes, so each names wh
 - `allocate_distributed_optimizer_state`: a fresh distributed optimizer over torch's AdamW (what
   Megatron uses without Transformer Engine / Apex) has no state to load into.
 - `load_optimizer_state`: loading the distributed optimizer's AdamW state failed
-  (KeyError('step')) or silently reset or shared the AdamW step counter.
+  (KeyError('step')) or silently reset or shared the AdamW step counter; and a resumed run that
+  changed train.lr, train.min_lr or train.weight_decay failed ("Could not find parameter group
+  with key ... in loaded checkpoint").
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def load_optimizer_state(optimizer, state: dict) -> None:
                 )
             )
             patched.append(inner)
+    _give_saved_param_groups_this_runs_schedule(megatron_optimizer, state)
     try:
         # no_grad: 0.19.2's dp_reshardable loader (unlike the others) lacks it and
         # copies into fp32 main params that are views of leaf parameters.
@@ -147,6 +150,45 @@ def load_optimizer_state(optimizer, state: dict) -> None:
                 param_state["step"] = param_state["step"].clone()
     # torch's load_state_dict took the saved param groups' fused/foreach flags: the run's own stand
     set_fused_adamw(megatron_optimizer, fused)
+
+
+def _give_saved_param_groups_this_runs_schedule(megatron_optimizer, state) -> None:
+    """Let a resumed run change train.lr, train.min_lr and train.weight_decay.
+
+    Megatron 0.19.2 keeps each param group's schedule (max_lr, min_lr, start_wd, end_wd) in the
+    group and in the checkpoint, pairs saved groups with the current ones by a key that includes
+    those values, and fails when one changed ("Could not find parameter group with key ... in
+    loaded checkpoint"); had it paired them, the saved values would have driven the schedule.
+    Each saved group takes the schedule values of the current group it corresponds to (same
+    weight-decay / lr multipliers and flags), so the pairing holds and the recipe's schedule
+    applies from the resumed step on, as `recipes.schedules.build_scheduler` intends.
+    """
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    schedule_keys = ("max_lr", "min_lr", "start_wd", "end_wd")
+    structure_keys = [key for key in param_group_identifier_keys if key not in schedule_keys]
+    current: dict[tuple, set] = defaultdict(set)  # structure -> the schedule values (only keys a group sets)
+    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        for group in inner.optimizer.param_groups:
+            schedule = tuple((key, group[key]) for key in schedule_keys if key in group)
+            current[tuple(group.get(key) for key in structure_keys)].add(schedule)
+
+    def visit(node) -> None:
+        if isinstance(node, dict):
+            for group in node.get("param_groups", []) if isinstance(node.get("param_groups"), list) else []:
+                if isinstance(group, dict):
+                    matches = current.get(tuple(group.get(key) for key in structure_keys), set())
+                    if len(matches) == 1:
+                        for key in schedule_keys:
+                            group.pop(key, None)
+                        group.update(next(iter(matches)))
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    visit(state)
 
 
 def _without_step(tensors: dict) -> dict:
