@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     if os.path.isdir(args.input):  # a falcon-train run directory: its latest checkpoint
-        from recipes.api import load_trained_model
+        from recipes.trained_model import load_trained_model
 
         model, recipe, step = load_trained_model(args.input)
         if not recipe.bitnet.enabled:

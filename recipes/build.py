@@ -102,10 +102,10 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
         if not isinstance(value, int) or value < 1:
             _fail(f"train.{key}", value, "a positive integer")
     schedule = checked_schedule(t)
+    if isinstance(t.sample_tokens, bool) or not isinstance(t.sample_tokens, int) or t.sample_tokens < 0:
+        _fail("train.sample_tokens", t.sample_tokens, "an integer >= 0 (0: no sample at the end)")
     from recipes.checkpoint_files import validate_keep_checkpoints
-    from recipes.generate import validate_sample_settings
 
-    validate_sample_settings(t)
     validate_keep_checkpoints(t.keep_checkpoints)
     if recipe.data.seq_length < 1 or recipe.data.seq_length > model_cfg.max_position_embeddings:
         _fail("data.seq_length", recipe.data.seq_length,

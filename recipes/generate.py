@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from falcon_h1.errors import ConfigValueError
-
 
 class TextStreamer:
     """Prints the text of one row's new tokens as they arrive (Hugging Face's streamer protocol:
@@ -131,14 +129,6 @@ def sample_after_training(model, recipe) -> Optional[str]:
     text = complete(model, tokenizer, [tokenizer.prompt_ids(train_cfg.sample_prompt)], None,
                     max_new_tokens=train_cfg.sample_tokens, do_sample=True, temperature=0.8, seed=train_cfg.seed)[0]
     return train_cfg.sample_prompt + text
-
-
-def validate_sample_settings(train_cfg) -> None:
-    tokens = train_cfg.sample_tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ConfigValueError("train.sample_tokens", tokens, "an integer >= 0 (0: no sample at the end)",
-                               message=f"train.sample_tokens = {tokens!r}; allowed: an integer >= 0 (0: no sample "
-                                       "at the end).")
 
 
 def _parser() -> argparse.ArgumentParser:

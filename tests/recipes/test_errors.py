@@ -44,3 +44,17 @@ def test_cli_reports_a_data_error_as_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"falcon-train: error: data.paths entry '{tmp_path}/none'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_error_crosses_processes_whole():
+    # torch.distributed.broadcast_object_list pickles it (the run-dir lock sends rank 0's refusal
+    # to every rank); a subclass keeps its type
+    import pickle
+
+    from recipes.run_lock import RunDirInUse
+
+    for error in (ConfigValueError("train.lr", -1.0, "a value >= 0"),
+                  RunDirInUse("train.run_dir", "/r", "a free run dir", message="train.run_dir = '/r' is in use")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert (copy.key, copy.value, copy.allowed) == (error.key, error.value, error.allowed)
