@@ -38,6 +38,7 @@ def ssd_chunk_scan_reference(
     chunk_size: int,
     D: torch.Tensor | None = None,  # [h]
     seq_idx: torch.Tensor | None = None,  # [b, l] int
+    initial_states: torch.Tensor | None = None,  # [b, h, p, n]: the state before the first token
 ) -> torch.Tensor:
     """Returns y [b, l, h, p] in fp32."""
     b, l, h, p = x.shape
@@ -85,7 +86,8 @@ def ssd_chunk_scan_reference(
         ends = F.pad(last[..., 0], (1, 0), value=-1)  # [b, c+1]
         chunk_decay = chunk_decay * (ends[:, None, :, None] == ends[:, None, None, :])
         into_chunk = into_chunk * (doc == ends[:, :-1, None])[:, None]
-    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
+    start = torch.zeros_like(states[:, :1]) if initial_states is None else initial_states.float()[:, None]
+    states = torch.cat([start, states], dim=1)
     carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]  # state entering chunk z
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, carried, into_chunk)
 
