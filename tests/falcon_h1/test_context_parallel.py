@@ -1,0 +1,159 @@
+"""Context parallelism in one process (all ranks emulated, falcon_h1.context_parallel): the
+sharded attention, conv and SSD scan equal the whole sequence computed directly, forward and
+backward. The references are a float64 masked softmax, a float64 tap-by-tap conv and the
+float64 step-by-step SSM recurrence over the whole sequence."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from falcon_h1 import kernels
+from falcon_h1.context_parallel import ContextParallelLayout, context_parallel_attention, rank_chunks, shard_batch
+from falcon_h1.context_parallel.mamba import (as_chunk_batch, carried_in_states, causal_conv1d_silu,
+                                              from_chunk_batch)
+from falcon_h1.kernels.ssd_reference import ssd_sequential_float64
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def test_rank_r_holds_chunks_r_and_its_mirror():
+    assert [rank_chunks(4, r) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
+    layout = ContextParallelLayout.emulated(2)
+    assert layout.local_chunks == (0, 3, 1, 2)
+    assert layout.positions(8).tolist() == [0, 1, 6, 7, 2, 3, 4, 5]
+
+
+def test_shard_then_unshard_is_the_sequence():
+    seq = torch.arange(24).reshape(1, 24)
+    shards = [ContextParallelLayout.for_rank(3, r, None).shard(seq, dim=1) for r in range(3)]
+    assert shards[0].tolist() == [[0, 1, 2, 3, 20, 21, 22, 23]]
+    assert shards[2].tolist() == [[8, 9, 10, 11, 12, 13, 14, 15]]
+    assert torch.equal(ContextParallelLayout.emulated(3).unshard(shards, dim=1), seq)
+
+
+def test_shard_batch_cuts_every_entry_and_refuses_other_shapes():
+    layout = ContextParallelLayout.for_rank(2, 1, None)
+    batch = {"tokens": torch.arange(16).reshape(2, 8), "loss_mask": torch.ones(2, 8)}
+    out = shard_batch(batch, layout)
+    assert out["tokens"].tolist() == [[2, 3, 4, 5], [10, 11, 12, 13]] and out["loss_mask"].shape == (2, 4)
+    with pytest.raises(ValueError, match="seq"):
+        shard_batch({"tokens": torch.zeros(2, 8), "attention_mask": torch.zeros(2, 1, 8, 8)}, layout)
+    with pytest.raises(ValueError, match="2 \\* cp = 4"):
+        layout.shard(torch.zeros(1, 6), dim=1)
+
+
+def _float64_causal_attention(q, k, v, scale):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    l = q.shape[2]
+    mask = torch.ones(l, l, dtype=torch.bool).triu(1)
+    return torch.softmax(scores.masked_fill(mask, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+@pytest.mark.parametrize("backend", ["sdpa", "unfused"])
+def test_attention_over_shards_is_causal_attention_of_the_sequence(cp, backend):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 12 * cp, 8, generator=g, dtype=torch.float64, requires_grad=True)
+               for h in (4, 2, 2))
+    want = _float64_causal_attention(q, k, v, 0.3)
+    dout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    layout = ContextParallelLayout.emulated(cp)
+    local = [layout.shard(t, dim=2) for t in (q, k, v)]
+    out = context_parallel_attention(*local, scale=0.3, backend=backend, layout=layout)
+    tolerance = 1e-12 if backend == "sdpa" else 1e-6  # the unfused softmax runs in fp32
+    assert rel(out, layout.shard(want, dim=2)) <= tolerance
+    grads = torch.autograd.grad(out, (q, k, v), layout.shard(dout, dim=2))
+    for got, expected in zip(grads, want_grads):
+        assert rel(got, expected) <= tolerance
+
+
+def _float64_conv_silu(x, weight, bias):
+    """x [b, l, c]: out_t = silu(bias + sum_j weight[:, j] * x_{t - (k-1) + j}), zeros before 0."""
+    k = weight.shape[-1]
+    padded = F.pad(x, (0, 0, k - 1, 0))
+    out = bias + sum(weight[:, j] * padded[:, j:j + x.shape[1]] for j in range(k))
+    return F.silu(out)
+
+
+def _mamba_inputs(seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, h, p, groups, n, width = 2, 4, 3, 2, 5, 4
+    channels = h * p + 2 * groups * n
+    leaf = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    return dict(xBC=leaf(seq, b, channels), dt_raw=leaf(seq, b, h), weight=leaf(channels, width, scale=0.5),
+                bias=leaf(channels), A=(-torch.rand(h, generator=g, dtype=torch.float64) - 0.5).requires_grad_(),
+                D=leaf(h), dt_bias=leaf(h, scale=0.5), dims=(h, p, groups, n))
+
+
+def _whole_sequence_mamba(t):
+    """Conv + SiLU and the SSM recurrence over the whole [s, b, .] sequence, float64."""
+    h, p, groups, n = t["dims"]
+    xBC = _float64_conv_silu(t["xBC"].transpose(0, 1), t["weight"], t["bias"])
+    x, B, C = xBC.split([h * p, groups * n, groups * n], dim=-1)
+    dt = F.softplus(t["dt_raw"].transpose(0, 1) + t["dt_bias"])
+    y = ssd_sequential_float64(x.unflatten(-1, (h, -1)), dt, t["A"], B.unflatten(-1, (groups, -1)),
+                               C.unflatten(-1, (groups, -1)), t["D"])
+    return y.flatten(-2).transpose(0, 1)
+
+
+def _sharded_mamba(t, layout, chunk_size):
+    """The same through falcon_h1.context_parallel.mamba on this layout's shards (reference kernels)."""
+    h, p, groups, n = t["dims"]
+    heads = lambda v, m: v.unflatten(-1, (m, -1))
+    xBC = as_chunk_batch(layout.shard(t["xBC"], dim=0), layout)
+    dt_raw = as_chunk_batch(layout.shard(t["dt_raw"], dim=0), layout)
+    xBC = causal_conv1d_silu(xBC, t["weight"], t["bias"], False, None, layout)
+    x, B, C = xBC.split([h * p, groups * n, groups * n], dim=-1)
+    start = carried_in_states(heads(x, h), dt_raw, t["A"], heads(B, groups), t["dt_bias"], (0.0, math.inf), layout)
+    y = kernels.ssd_scan(heads(x, h), dt_raw, t["A"], heads(B, groups), heads(C, groups), chunk_size, t["D"],
+                         t["dt_bias"], (0.0, math.inf), False, initial_states=start)
+    return from_chunk_batch(y.flatten(-2), layout)
+
+
+def test_chunk_batch_round_trip():
+    layout = ContextParallelLayout.emulated(2)
+    t = torch.arange(8 * 3 * 2).reshape(8, 3, 2)
+    batch = as_chunk_batch(t, layout)
+    assert batch.shape == (4 * 3, 2, 2) and torch.equal(batch[3 + 1], t[2:4, 1])  # chunk 1 of sample 1
+    assert torch.equal(from_chunk_batch(batch, layout), t)
+
+
+@pytest.mark.parametrize("cp, seq, chunk_size", [(2, 48, 5), (3, 36, 4), (4, 64, 16)])
+def test_mamba_over_shards_is_the_recurrence_over_the_sequence(cp, seq, chunk_size):
+    # chunk sizes that do not divide the shards' chunks: the SSD chunks straddle shard chunks
+    t = _mamba_inputs(seq)
+    want = _whole_sequence_mamba(t)
+    layout = ContextParallelLayout.emulated(cp)
+    got = _sharded_mamba(t, layout, chunk_size)
+    assert rel(got, layout.shard(want, dim=0)) <= 2e-6  # the reference scan runs in fp32
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    leaves = [t[k] for k in ("xBC", "dt_raw", "weight", "bias", "A", "D", "dt_bias")]
+    want_grads = torch.autograd.grad(want, leaves, dout)
+    grads = torch.autograd.grad(got, leaves, layout.shard(dout, dim=0))
+    for name, got_grad, expected in zip(("xBC", "dt_raw", "weight", "bias", "A", "D", "dt_bias"), grads, want_grads):
+        assert rel(got_grad, expected) <= 2e-6, name
+
+
+def test_conv_halo_needs_chunks_at_least_as_long_as_the_halo():
+    t = _mamba_inputs(8)
+    layout = ContextParallelLayout.emulated(2)
+    xBC = as_chunk_batch(layout.shard(t["xBC"], dim=0), layout)
+    with pytest.raises(ValueError, match="mamba_d_conv - 1 = 3"):
+        causal_conv1d_silu(xBC, t["weight"], t["bias"], False, None, layout)
+
+
+def test_causal_attention_with_fewer_queries_aligns_them_to_the_end():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 10, 8, generator=g, dtype=torch.float64) for h in (2, 1, 1))
+    want = _float64_causal_attention(q, k, v, 0.5)[:, :, 6:]
+    assert rel(kernels.causal_attention(q[:, :, 6:], k, v, 0.5, "sdpa"), want) <= 1e-12
+    assert rel(kernels.causal_attention(q[:, :, 6:], k, v, 0.5, "unfused"), want) <= 1e-6  # fp32 softmax
+    with pytest.raises(ValueError, match="queries"):
+        kernels.causal_attention(q, k[:, :, :4], v[:, :, :4], 0.5, "sdpa")
