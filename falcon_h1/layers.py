@@ -17,6 +17,7 @@ per-channel scales of the projection inputs/outputs, never folded into weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from falcon_h1 import kernels
 from falcon_h1.compat import recompute
 from falcon_h1.config import FalconH1Config
+from falcon_h1.context_parallel import ContextParallelLayout, context_parallel_attention
+from falcon_h1.context_parallel import mamba as cp_mamba
 
 
 @dataclass(frozen=True)
@@ -161,9 +164,11 @@ def _row(cfg_t, in_size, out_size, cls):
 class ParallelHybridMixer(MegatronModule):
     """Attention and/or Mamba-2 on the same input; outputs summed."""
 
-    def __init__(self, cfg: FalconH1Config, config, attention: bool, mamba: bool, bitnet_cfg=None):
+    def __init__(self, cfg: FalconH1Config, config, attention: bool, mamba: bool, bitnet_cfg=None,
+                 context_parallel: Optional[ContextParallelLayout] = None):
         super().__init__(config)
         self.cfg, self.attention, self.mamba = cfg, attention, mamba
+        self.context_parallel = context_parallel  # this rank's chunks of each sequence; None: all of it
         tp = _tp_size()
         dims = self.dims = LocalDims.of(cfg, tp, attention, mamba)
         self.fused = cfg.fused_projections
@@ -257,7 +262,10 @@ class ParallelHybridMixer(MegatronModule):
         k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         backend = "sdpa" if c.attention_backend == "auto" else c.attention_backend
-        o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend)
+        if self.context_parallel is not None:
+            o = context_parallel_attention(q, k, v, hd ** -0.5, backend, self.context_parallel)
+        else:
+            o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend)
         return o.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def _mamba(self, zxbcdt, folded: bool = False):
@@ -266,10 +274,10 @@ class ParallelHybridMixer(MegatronModule):
         folded: ssm_out_multiplier is applied by the conv kernel to x (see _register_scales),
         so y comes out already scaled.
         """
-        d, c = self.dims, self.cfg
+        d, c, cp = self.dims, self.cfg, self.context_parallel
         fast = kernels.use_fast_path(c.kernel_backend, zxbcdt.device)
         gate_in_scan = not c.mamba_rms_norm and kernels.FAST_PATH.gate_in_scan  # kernel gates y * silu(z)
-        if kernels.fused_mamba_branch_applies(fast, self.conv1d_weight.shape[-1], gate_in_scan):
+        if cp is None and kernels.fused_mamba_branch_applies(fast, self.conv1d_weight.shape[-1], gate_in_scan):
             from falcon_h1.kernels.mamba_branch import mamba_conv_scan
 
             y = mamba_conv_scan(zxbcdt.transpose(0, 1), self.conv1d_weight, self.conv1d_bias,
@@ -277,21 +285,29 @@ class ParallelHybridMixer(MegatronModule):
                                 self.dt_bias, d.z, d.bc, d.ssm_heads, d.groups, c.mamba_chunk_size,
                                 tuple(c.time_step_limit))
             return y.transpose(0, 1)
-        z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .] views
-        xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, fast,
-                                         out_scale=self.conv_out_scale if folded else None)
+        # [b, s, .] views; under context parallelism this rank's chunks as a batch [chunks * b, c, .]
+        zx = zxbcdt.transpose(0, 1) if cp is None else cp_mamba.as_chunk_batch(zxbcdt, cp)
+        z, xBC, dt = zx.split([d.z, d.conv_channels, d.dt], dim=-1)
+        conv_scale = self.conv_out_scale if folded else None
+        if cp is None:
+            xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, fast, out_scale=conv_scale)
+        else:
+            xBC = cp_mamba.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, fast, conv_scale, cp)
         x, B, C = xBC.split([d.z, d.bc, d.bc], dim=-1)
         heads = lambda t, n: t.unflatten(-1, (n, -1))  # splitting the contiguous last dim: a view
+        A, limit = -torch.exp(self.A_log.float()), tuple(c.time_step_limit)
+        start = None if cp is None else cp_mamba.carried_in_states(
+            heads(x, d.ssm_heads), dt, A, heads(B, d.groups), self.dt_bias, limit, cp)
         y = kernels.ssd_scan(
-            heads(x, d.ssm_heads), dt, -torch.exp(self.A_log.float()), heads(B, d.groups), heads(C, d.groups),
-            c.mamba_chunk_size, self.D, self.dt_bias, tuple(c.time_step_limit), fast,
-            z=heads(z, d.ssm_heads) if gate_in_scan else None,
+            heads(x, d.ssm_heads), dt, A, heads(B, d.groups), heads(C, d.groups),
+            c.mamba_chunk_size, self.D, self.dt_bias, limit, fast,
+            z=heads(z, d.ssm_heads) if gate_in_scan else None, initial_states=start,
         ).flatten(-2)
         if c.mamba_rms_norm:
             y = gated_rms_norm(y, z, self.norm_weight, d.groups, c.rms_norm_eps, c.mamba_norm_before_gate)
         elif not gate_in_scan:
             y = y * F.silu(z)
-        return y.transpose(0, 1)
+        return y.transpose(0, 1) if cp is None else cp_mamba.from_chunk_batch(y, cp)
 
     def forward(self, u, rotary_freqs):
         if self._scales_in_weights():
@@ -412,13 +428,14 @@ class SwiGLUMLP(MegatronModule):
 class FalconH1Layer(MegatronModule):
     """norm -> mixer (attention ∥ Mamba-2) -> residual -> norm -> SwiGLU MLP -> residual."""
 
-    def __init__(self, cfg: FalconH1Config, config, kind: str, bitnet_cfg=None):
+    def __init__(self, cfg: FalconH1Config, config, kind: str, bitnet_cfg=None,
+                 context_parallel: Optional[ContextParallelLayout] = None):
         super().__init__(config)
         self.kind = kind
         attention, mamba = kind in ("hybrid", "attention"), kind in ("hybrid", "mamba")
         if attention or mamba:
             self.input_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
-            self.mixer = ParallelHybridMixer(cfg, config, attention, mamba, bitnet_cfg)
+            self.mixer = ParallelHybridMixer(cfg, config, attention, mamba, bitnet_cfg, context_parallel)
         self.pre_ff_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLUMLP(cfg, config, bitnet_cfg)
 

@@ -17,6 +17,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from falcon_h1 import kernels
 from falcon_h1.compat import MEGATRON_FUSIONS_OFF, recompute
 from falcon_h1.config import FalconH1Config, resolve
+from falcon_h1.context_parallel import ContextParallelLayout
 from falcon_h1.layers import FalconH1Layer, RMSNorm
 from falcon_h1.weights import accumulated_grad
 
@@ -33,7 +34,7 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:
 
 def make_transformer_config(
     cfg: FalconH1Config, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
-    params_dtype: torch.dtype = torch.float32, bf16: bool = False, recompute: str = "none",
+    params_dtype: torch.dtype = torch.float32, bf16: bool = False, recompute: str = "none", cp: int = 1,
 ) -> TransformerConfig:
     """Megatron's TransformerConfig for a Falcon-H1 config. CPU-safe fusions off without CUDA."""
     on_gpu = torch.cuda.is_available()
@@ -53,6 +54,7 @@ def make_transformer_config(
         init_method_std=cfg.initializer_range,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype if pp > 1 else None,
@@ -76,9 +78,13 @@ class FalconH1Model(MegatronModule):
     """
 
     def __init__(self, cfg: FalconH1Config, config: TransformerConfig, bitnet_cfg=None,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True,
+                 context_parallel: Optional[ContextParallelLayout] = None):
         super().__init__(config)
         self.cfg = cfg
+        # with context parallelism the inputs, positions and outputs are this rank's chunks of
+        # each sequence (falcon_h1.context_parallel)
+        self.context_parallel = context_parallel
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's schedules ask for
         self.pre_process, self.post_process = pre_process, post_process
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -94,10 +100,11 @@ class FalconH1Model(MegatronModule):
         first, last = self._layer_range(len(kinds))
         self.layer_offset = first
         self.layers = torch.nn.ModuleList(
-            FalconH1Layer(cfg, config, kinds[i], bitnet_cfg) for i in range(first, last))
+            FalconH1Layer(cfg, config, kinds[i], bitnet_cfg, context_parallel) for i in range(first, last))
         if cfg.has_attention:
             self.rotary = RotaryEmbedding(kv_channels=cfg.kv_channels, rotary_percent=1.0,
                                           rotary_base=cfg.rope_theta)
+            self.rotary.cp_group = None  # positions under context parallelism are indexed in _rotary
         if post_process:
             self.final_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
             lm_head_cls = ColumnParallelLinear
@@ -133,6 +140,14 @@ class FalconH1Model(MegatronModule):
                 sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
         return sd
 
+    def _rotary(self, seq_len: int, device):
+        """RoPE frequencies [seq_len, 1, 1, d] of this rank's tokens (their global positions)."""
+        layout = self.context_parallel
+        if layout is None:
+            return self.rotary(seq_len)
+        positions = layout.positions(seq_len, device)
+        return self.rotary(layout.sequence_length(seq_len))[positions]
+
     def set_input_tensor(self, input_tensor):
         """Pipeline parallelism hands the previous stage's activations in here."""
         if isinstance(input_tensor, (list, tuple)):
@@ -151,8 +166,7 @@ class FalconH1Model(MegatronModule):
                 h = tensor_parallel.scatter_to_sequence_parallel_region(h)
         else:
             h = self.input_tensor
-        seq_len = input_ids.shape[1]
-        rotary = self.rotary(seq_len) if cfg.has_attention else None
+        rotary = self._rotary(input_ids.shape[1], input_ids.device) if cfg.has_attention else None
         full_recompute = self.config.recompute_granularity == "full" and self.training
         for layer in self.layers:
             h = recompute(layer, h, rotary) if full_recompute else layer(h, rotary)
@@ -174,12 +188,15 @@ class FalconH1Model(MegatronModule):
 def build_model(
     cfg: FalconH1Config, bitnet_cfg=None, sequence_parallel: bool = False, precision: str = "fp32",
     recompute: str = "none", seed: int = 1234, initialize: bool = True, device: Optional[torch.device] = None,
+    context_parallel: Optional[ContextParallelLayout] = None,
 ) -> FalconH1Model:
     """The one place a Falcon-H1 config becomes a Megatron model on this rank.
 
     Needs Megatron's parallel state (falcon_h1.compat.initialize_parallel). Weights
     are initialised from `seed` in the Hugging Face layout and sliced per rank, so
-    any TP size starts from the same model.
+    any TP size starts from the same model. `context_parallel`: which chunks of each
+    sequence this model sees (default: this rank's under Megatron's context-parallel
+    group, none at cp = 1; `ContextParallelLayout.emulated(cp)` runs all ranks in one process).
     """
     from falcon_h1.compat import default_device
     from falcon_h1.weights import init_weights
@@ -187,12 +204,14 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cfg = resolve(cfg, tp)
+    layout = context_parallel if context_parallel is not None else ContextParallelLayout.current()
     bf16 = precision == "bf16"
     config = make_transformer_config(cfg, tp, pp, sequence_parallel, torch.bfloat16 if bf16 else torch.float32,
-                                     bf16, recompute)
+                                     bf16, recompute, cp=parallel_state.get_context_parallel_world_size())
     model = FalconH1Model(
         cfg, config, bitnet_cfg,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage())
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        context_parallel=layout)
     model.to(device or default_device())
     if bitnet_cfg is not None and bitnet_cfg.enabled:
         from bitnet.layers import label_bitnet_layers

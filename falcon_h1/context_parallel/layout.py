@@ -62,6 +62,10 @@ class ContextParallelLayout:
                              f"{len(self.local_chunks)} equal chunks")
         return local_length // len(self.local_chunks)
 
+    def sequence_length(self, local_length: int) -> int:
+        """The whole sequence's length, from this rank's share of it."""
+        return self.chunk_length(local_length) * self.n_chunks
+
     def slot(self, chunk: int) -> int:
         """Where global chunk `chunk` sits among the gathered chunks."""
         return self.gathered_chunks.index(chunk)

@@ -157,3 +157,33 @@ def test_causal_attention_with_fewer_queries_aligns_them_to_the_end():
     assert rel(kernels.causal_attention(q[:, :, 6:], k, v, 0.5, "unfused"), want) <= 1e-6  # fp32 softmax
     with pytest.raises(ValueError, match="queries"):
         kernels.causal_attention(q, k[:, :, :4], v[:, :, :4], 0.5, "sdpa")
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+def test_model_on_emulated_shards_is_the_model_on_the_sequence(megatron_single, cp):
+    """The whole model (hybrid layers, attention_ratio 0.25, 2 B/C groups) with every rank's shard
+    in one process: logits, per-token loss and every gradient as without context parallelism."""
+    from falcon_h1.model import build_model
+    from falcon_h1.presets import get_preset
+
+    cfg = get_preset("falcon_h1_micro").replace(vocab_size=100, attention_ratio=0.25, layer_pattern="HMAH",
+                                                num_hidden_layers=4)
+    g = torch.Generator().manual_seed(5)
+    seq = 48 * cp  # each shard chunk 24 tokens: one and a half SSD chunks of 16
+    ids, labels = (torch.randint(0, 100, (2, seq), generator=g) for _ in range(2))
+    layout = ContextParallelLayout.emulated(cp)
+    results = []
+    for context in (None, layout):
+        model = build_model(cfg, seed=7, context_parallel=context)
+        inputs = (ids, labels) if context is None else (layout.shard(ids, 1), layout.shard(labels, 1))
+        logits = model(inputs[0])
+        loss = model(inputs[0], labels=inputs[1])
+        loss.sum().backward()
+        if context is not None:
+            logits, loss = layout.in_sequence_order(logits, 1), layout.in_sequence_order(loss, 1)
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (logits, loss, grads), (cp_logits, cp_loss, cp_grads) = results
+    assert rel(cp_logits, logits) <= 1e-6 and rel(cp_loss, loss) <= 1e-6
+    assert grads.keys() == cp_grads.keys()
+    for name in grads:
+        assert rel(cp_grads[name], grads[name]) <= 1e-6, name
