@@ -19,10 +19,7 @@ chunks send back (kernels return the initial state's gradient), so the gradient 
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from falcon_h1 import kernels
 from falcon_h1.context_parallel.layout import ContextParallelLayout
@@ -65,35 +62,26 @@ def causal_conv1d_silu(xBC, weight, bias, triton: bool, out_scale, layout: Conte
     return out[:, halo:]
 
 
-def _processed_dt(dt_raw, dt_bias, dt_limit):
-    """The scan's step sizes: softplus(dt_raw + dt_bias) clamped to dt_limit (as the kernels do), fp32."""
-    dt = F.softplus(dt_raw.float() + dt_bias.float())
-    lo, hi = dt_limit
-    if lo > 0.0 or hi != math.inf:
-        dt = dt.clamp(min=lo, max=hi)
-    return dt
-
-
 def chunk_end_states(x, dt, A, B):
     """The state at the end of each chunk scanned from zero, and the chunk's log decay.
 
     x [n, c, h, p], dt [n, c, h] (processed), A [h], B [n, c, g, n_state] ->
-    (E [n, h, p, n_state] fp32, a [n, h] fp32 = sum_t dt_t A).
+    (E [n, h, p, n_state], a [n, h] = sum_t dt_t A), in dt's dtype.
     """
     n, c, h, p = x.shape
     groups = B.shape[2]
-    log_decay = torch.cumsum(dt * A.float(), dim=1)                       # [n, c, h]
+    log_decay = torch.cumsum(dt * A.to(dt.dtype), dim=1)                  # [n, c, h]
     total = log_decay[:, -1]
     weight = dt * torch.exp(total[:, None] - log_decay)                   # step t's share of the end state
-    xw = (x.float() * weight[..., None]).unflatten(2, (groups, h // groups))  # [n, c, g, h/g, p]
-    end = torch.einsum("ncgrp,ncgs->ngrps", xw, B.float()).flatten(1, 2)
+    xw = (x.to(dt.dtype) * weight[..., None]).unflatten(2, (groups, h // groups))  # [n, c, g, h/g, p]
+    end = torch.einsum("ncgrp,ncgs->ngrps", xw, B.to(dt.dtype)).flatten(1, 2)
     return end, total
 
 
 def carried_in_states(x, dt_raw, A, B, dt_bias, dt_limit, layout: ContextParallelLayout):
     """x [chunks * b, c, h, p], dt_raw [chunks * b, c, h], B [chunks * b, c, g, n_state] of this
-    rank's chunks -> the state [chunks * b, h, p, n_state] (fp32) each chunk starts from."""
-    end, total = chunk_end_states(x, _processed_dt(dt_raw, dt_bias, dt_limit), A, B)
+    rank's chunks -> the state [chunks * b, h, p, n_state] (fp32, or float64) each chunk starts from."""
+    end, total = chunk_end_states(x, kernels.scan_step_sizes(dt_raw, dt_bias, dt_limit), A, B)
     mb, h, p, n = end.shape
     b = mb // len(layout.local_chunks)
     packed = torch.cat([end.flatten(2), total[..., None]], dim=-1)        # one collective for both

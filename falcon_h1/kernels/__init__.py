@@ -55,6 +55,17 @@ def use_fast_path(backend: str, device: torch.device) -> bool:
     return False
 
 
+def scan_step_sizes(dt_raw, dt_bias, dt_limit):
+    """The SSD scan's step sizes: softplus(dt_raw + dt_bias) clamped to dt_limit, as mamba_ssm's
+    kernels compute them, in fp32 (float64 for float64 inputs)."""
+    compute = torch.promote_types(dt_raw.dtype, torch.float32)
+    dt = F.softplus(dt_raw.to(compute) + dt_bias.to(compute))
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != math.inf:
+        dt = dt.clamp(min=lo, max=hi)
+    return dt
+
+
 def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z=None, seq_idx=None,
              initial_states=None):
     """Mamba-2 SSD over a sequence. dt_raw is before bias/softplus/clamp. Returns [b,l,h,p].
@@ -73,10 +84,7 @@ def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z
 
         return ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, z=z, seq_idx=seq_idx,
                                      initial_states=initial_states)
-    dt = F.softplus(dt_raw.float() + dt_bias.float())
-    lo, hi = dt_limit
-    if lo > 0.0 or hi != math.inf:
-        dt = dt.clamp(min=lo, max=hi)
+    dt = scan_step_sizes(dt_raw, dt_bias, dt_limit)
     y = ssd_chunk_scan_reference(x, dt, A, B, C, chunk_size, D, seq_idx=seq_idx,
                                  initial_states=initial_states).to(x.dtype)
     return y if z is None else y * F.silu(z)

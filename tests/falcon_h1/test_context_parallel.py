@@ -159,10 +159,12 @@ def test_causal_attention_with_fewer_queries_aligns_them_to_the_end():
         kernels.causal_attention(q, k[:, :, :4], v[:, :, :4], 0.5, "sdpa")
 
 
-@pytest.mark.parametrize("cp", [2, 3])
-def test_model_on_emulated_shards_is_the_model_on_the_sequence(megatron_single, cp):
+@pytest.mark.parametrize("cp, dtype, tolerance", [(2, torch.float64, 1e-6), (3, torch.float64, 1e-6),
+                                                  (2, torch.float32, 5e-6)])
+def test_model_on_emulated_shards_is_the_model_on_the_sequence(megatron_single, cp, dtype, tolerance):
     """The whole model (hybrid layers, attention_ratio 0.25, 2 B/C groups) with every rank's shard
-    in one process: logits, per-token loss and every gradient as without context parallelism."""
+    in one process: logits, per-token loss and every gradient as without context parallelism.
+    In fp32 any other summation order moves small, cancelling gradients by ~1e-6 already."""
     from falcon_h1.model import build_model
     from falcon_h1.presets import get_preset
 
@@ -174,7 +176,7 @@ def test_model_on_emulated_shards_is_the_model_on_the_sequence(megatron_single, 
     layout = ContextParallelLayout.emulated(cp)
     results = []
     for context in (None, layout):
-        model = build_model(cfg, seed=7, context_parallel=context)
+        model = build_model(cfg, seed=7, context_parallel=context).to(dtype)
         inputs = (ids, labels) if context is None else (layout.shard(ids, 1), layout.shard(labels, 1))
         logits = model(inputs[0])
         loss = model(inputs[0], labels=inputs[1])
@@ -183,7 +185,7 @@ def test_model_on_emulated_shards_is_the_model_on_the_sequence(megatron_single, 
             logits, loss = layout.in_sequence_order(logits, 1), layout.in_sequence_order(loss, 1)
         results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
     (logits, loss, grads), (cp_logits, cp_loss, cp_grads) = results
-    assert rel(cp_logits, logits) <= 1e-6 and rel(cp_loss, loss) <= 1e-6
+    assert rel(cp_logits, logits) <= tolerance and rel(cp_loss, loss) <= tolerance
     assert grads.keys() == cp_grads.keys()
     for name in grads:
-        assert rel(cp_grads[name], grads[name]) <= 1e-6, name
+        assert rel(cp_grads[name], grads[name]) <= tolerance, name
