@@ -88,7 +88,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     p, t = recipe.parallel, recipe.train
     model_cfg = validate_recipe(recipe)  # config errors before any process group or file
     validate_cuda_graph_device(recipe, torch.cuda.is_available())
-    initialize_parallel(tp=p.tp, pp=p.pp, seed=t.seed)
+    initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=t.seed)
     if t.cuda_graph:
         _use_graph_safe_rng_tracker(t.seed)
     world = dist.get_world_size()
@@ -146,10 +146,11 @@ def train(recipe: RecipeConfig) -> TrainSummary:
         write_run_metadata(run_dir, resolved)
     tags = [model_cfg.name, f"attention_ratio={recipe.model.attention_ratio}",
             f"bitnet={'on' if recipe.bitnet.enabled else 'off'}", f"executor={recipe.executor.kind}",
-            f"tp={p.tp}", f"dp={dp}"]
+            f"tp={p.tp}", f"cp={p.cp}", f"dp={dp}"]
     tracker = Tracker(str(run_dir), recipe.logger, resolved, tags, _rank(), recipe.logger.wandb_run_name)
 
-    data_iter = make_data_iterator(train_ds, micro, dp_rank, dp, consumed, t.seed, recipe.data.num_workers)
+    data_iter = _this_ranks_shards(
+        make_data_iterator(train_ds, micro, dp_rank, dp, consumed, t.seed, recipe.data.num_workers), model)
     flops_per_token = training_flops_per_token(model_cfg, seq)
     peak = _peak_flops(device)
     progress = Progress(t.max_steps, start_step, enabled=recipe.logger.progress_bar and _rank() == 0)
@@ -233,8 +234,19 @@ def _load_initial_weights(model, load_dir: str) -> None:
                                 "(config.json + *.safetensors) nor falcon-train checkpoints.")
 
 
+def _this_ranks_shards(batches, model):
+    """The batches as the model sees them: under context parallelism this rank's chunks of every
+    sequence (tokens, labels, loss mask and positions alike); the data-parallel rank picks the
+    samples, so the ranks of one context-parallel group read the same ones."""
+    from falcon_h1.context_parallel import shard_batch
+
+    layout = model.context_parallel
+    return batches if layout is None else (shard_batch(batch, layout) for batch in batches)
+
+
 def _global_mean_loss(reduced: list[dict]) -> float:
-    """Token-weighted mean over this step's microbatches and the data-parallel group."""
+    """Token-weighted mean over this step's microbatches and the data x context-parallel group
+    (each context-parallel rank holds part of every sequence's tokens)."""
     from megatron.core import parallel_state
 
     if not reduced:  # not the last pipeline stage
@@ -244,7 +256,7 @@ def _global_mean_loss(reduced: list[dict]) -> float:
     if dist.is_initialized():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         totals = totals.to(device)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
         totals = totals.cpu()
@@ -258,7 +270,8 @@ def _evaluate(ddp_model, valid_ds, recipe, dp_rank, dp, device) -> float:
     from recipes.data import make_data_iterator
 
     t = recipe.train
-    it = make_data_iterator(valid_ds, t.micro_batch_size, dp_rank, dp, 0, t.seed)
+    it = _this_ranks_shards(make_data_iterator(valid_ds, t.micro_batch_size, dp_rank, dp, 0, t.seed),
+                            ddp_model.module)
     ddp_model.eval()
     totals = []
     with _device_mode():
