@@ -28,7 +28,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from falcon_h1 import kernels
+from falcon_h1 import kernels, rope
 from falcon_h1.compat import recompute
 from falcon_h1.config import FalconH1Config
 from falcon_h1.context_parallel import ContextParallelLayout, context_parallel_attention
@@ -258,8 +258,8 @@ class ParallelHybridMixer(MegatronModule):
         s, b = q.shape[:2]
         hd = c.kv_channels
         q, k, v = q.reshape(s, b, -1, hd), k.reshape(s, b, -1, hd), v.reshape(s, b, -1, hd)
-        q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config)
-        k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config)
+        q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config, mscale=rope.attention_scaling(c))
+        k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config, mscale=rope.attention_scaling(c))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         backend = "sdpa" if c.attention_backend == "auto" else c.attention_backend
         if self.context_parallel is not None:

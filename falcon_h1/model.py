@@ -7,7 +7,6 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
@@ -17,8 +16,9 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from falcon_h1 import kernels
 from falcon_h1.compat import MEGATRON_FUSIONS_OFF, recompute
 from falcon_h1.config import FalconH1Config, resolve
-from falcon_h1.context_parallel import ContextParallelLayout
+from falcon_h1.context_parallel import ContextParallelLayout, check_model
 from falcon_h1.layers import FalconH1Layer, RMSNorm
+from falcon_h1.rope import RotaryFrequencies
 from falcon_h1.weights import accumulated_grad
 
 
@@ -74,7 +74,9 @@ class FalconH1Model(MegatronModule):
 
     forward(input_ids) -> logits [batch, seq, vocab] (gathered over TP, vocab padding
     removed); forward(input_ids, labels=...) -> per-token loss [batch, seq] computed
-    on the vocab-parallel logits without gathering them.
+    on the vocab-parallel logits without gathering them, multiplied by `loss_mask`
+    [batch, seq] when given (not averaged: the caller reduces). `position_ids` [batch, seq]
+    are the RoPE positions of the tokens (default 0..seq-1 for every row).
     """
 
     def __init__(self, cfg: FalconH1Config, config: TransformerConfig, bitnet_cfg=None,
@@ -102,9 +104,7 @@ class FalconH1Model(MegatronModule):
         self.layers = torch.nn.ModuleList(
             FalconH1Layer(cfg, config, kinds[i], bitnet_cfg, context_parallel) for i in range(first, last))
         if cfg.has_attention:
-            self.rotary = RotaryEmbedding(kv_channels=cfg.kv_channels, rotary_percent=1.0,
-                                          rotary_base=cfg.rope_theta)
-            self.rotary.cp_group = None  # positions under context parallelism are indexed in _rotary
+            self.rotary = RotaryFrequencies(cfg)
         if post_process:
             self.final_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
             lm_head_cls = ColumnParallelLinear
@@ -140,14 +140,6 @@ class FalconH1Model(MegatronModule):
                 sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
         return sd
 
-    def _rotary(self, seq_len: int, device):
-        """RoPE frequencies [seq_len, 1, 1, d] of this rank's tokens (their global positions)."""
-        layout = self.context_parallel
-        if layout is None:
-            return self.rotary(seq_len)
-        positions = layout.positions(seq_len, device)
-        return self.rotary(layout.sequence_length(seq_len))[positions]
-
     def set_input_tensor(self, input_tensor):
         """Pipeline parallelism hands the previous stage's activations in here."""
         if isinstance(input_tensor, (list, tuple)):
@@ -166,7 +158,10 @@ class FalconH1Model(MegatronModule):
                 h = tensor_parallel.scatter_to_sequence_parallel_region(h)
         else:
             h = self.input_tensor
-        rotary = self._rotary(input_ids.shape[1], input_ids.device) if cfg.has_attention else None
+        seq_len = input_ids.shape[1]
+        if position_ids is None and self.context_parallel is not None:
+            position_ids = self.context_parallel.positions(seq_len, input_ids.device)[None]  # global positions
+        rotary = self.rotary(seq_len, position_ids, input_ids.device) if cfg.has_attention else None
         full_recompute = self.config.recompute_granularity == "full" and self.training
         for layer in self.layers:
             h = recompute(layer, h, rotary) if full_recompute else layer(h, rotary)
@@ -182,7 +177,8 @@ class FalconH1Model(MegatronModule):
         # the fast path masks the padding itself and overwrites the logits with their gradient
         fast = kernels.use_fast_path(cfg.kernel_backend, logits.device)
         loss = kernels.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), cfg.vocab_size, fast)
-        return loss.transpose(0, 1).contiguous()                      # [b, s]
+        loss = loss.transpose(0, 1).contiguous()                      # [b, s]
+        return loss if loss_mask is None else loss * loss_mask
 
 
 def build_model(
@@ -205,6 +201,8 @@ def build_model(
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cfg = resolve(cfg, tp)
     layout = context_parallel if context_parallel is not None else ContextParallelLayout.current()
+    if layout is not None:
+        check_model(cfg, layout.cp)
     bf16 = precision == "bf16"
     config = make_transformer_config(cfg, tp, pp, sequence_parallel, torch.bfloat16 if bf16 else torch.float32,
                                      bf16, recompute, cp=parallel_state.get_context_parallel_world_size())

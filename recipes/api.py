@@ -23,7 +23,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
+    from recipes.hydra_presets import register_presets
+
     ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
+    register_presets()
 
 
 def compose_recipe(overrides: Iterable[str] = ()) -> RecipeConfig:
@@ -31,11 +34,15 @@ def compose_recipe(overrides: Iterable[str] = ()) -> RecipeConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from recipes.build import check_overrides
+
+    overrides = list(overrides)
+    check_overrides(overrides)
     register_schema()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name="config", overrides=overrides)
     return to_recipe(cfg)
 
 
@@ -81,10 +88,14 @@ def falcon_h1_pretrain(size: str = "tiny", *, bitnet: bool = False, executor: st
 def run(recipe: RecipeConfig, executor: str | None = None):
     """Train in this process (local, one process) or launch through an executor; both
     validate the recipe before anything starts."""
-    from recipes.build import validate_recipe
+    import sys
+
+    from recipes.build import mup_report, validate_recipe
 
     if executor is not None:
         recipe.executor.kind = executor
+    for line in mup_report(recipe):
+        print(f"falcon-train: {line}", file=sys.stderr)
     if recipe.executor.kind == "local" and recipe.executor.nproc_per_node == 1 and not recipe.dryrun:
         from recipes.training import train
 

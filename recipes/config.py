@@ -16,17 +16,14 @@ from falcon_h1.config import FalconH1Config
 
 @dataclass
 class MupConfig:
-    """µP forward multipliers. `None` keeps the value of the model preset."""
+    """Where the model's 14 µP multipliers (the `model.*_multiplier` keys, one key each) come from.
 
-    embedding_multiplier: Optional[float] = None
-    lm_head_multiplier: Optional[float] = None
-    key_multiplier: Optional[float] = None
-    attention_in_multiplier: Optional[float] = None
-    attention_out_multiplier: Optional[float] = None
-    ssm_in_multiplier: Optional[float] = None
-    ssm_out_multiplier: Optional[float] = None
-    ssm_multipliers: Optional[list[float]] = None  # z, x, B, C, dt
-    mlp_multipliers: Optional[list[float]] = None  # gate, down
+    mode: preset (the model preset's values) | derived (the width relations of falcon_h1/mup.py
+    applied to the composed model's widths) | unit (all 1). Resolved when the recipe is composed
+    (see recipes/hydra_presets.py); a multiplier set explicitly in `model.` wins in every mode.
+    """
+
+    mode: str = "preset"
 
 
 @dataclass

@@ -101,7 +101,7 @@ def scrub_secrets(config: Any) -> Any:
     """A plain copy of `config` with secret values replaced by "***".
 
     Numbers, booleans and None under secret-looking keys are kept: they cannot be
-    credentials, and hyperparameters such as `mup.key_multiplier` must stay readable.
+    credentials, and hyperparameters such as `model.key_multiplier` must stay readable.
     """
     return _scrub(to_plain(config), _secret_env_values())
 

@@ -33,6 +33,18 @@ from falcon_h1.context_parallel.layout import ContextParallelLayout, rank_chunks
 
 
 
+def check_model(cfg, cp: int) -> None:
+    """What context parallelism needs of the model config, beyond the sequence split."""
+    from falcon_h1.config import ConfigError
+    from falcon_h1.rope import rope_type
+
+    if cp > 1 and cfg.has_attention and rope_type(cfg) in ("dynamic", "longrope"):
+        raise ConfigError(
+            f"model.rope_scaling = {cfg.rope_scaling!r} is not allowed with parallel.cp = {cp}: rope_type "
+            "dynamic and longrope pick their frequencies from the largest position in the batch, which each "
+            "context-parallel rank sees only part of; allowed: another rope_type, or parallel.cp = 1.")
+
+
 def shard_batch(batch: dict, layout: ContextParallelLayout) -> dict:
     """This rank's shard of a training batch: every entry is a [b, s] tensor (tokens, labels,
     loss mask, positions), cut along the sequence."""
@@ -42,4 +54,4 @@ def shard_batch(batch: dict, layout: ContextParallelLayout) -> dict:
     return {key: layout.shard(value, dim=1) for key, value in batch.items()}
 
 
-__all__ = ["ContextParallelLayout", "context_parallel_attention", "rank_chunks", "shard_batch"]
+__all__ = ["ContextParallelLayout", "check_model", "context_parallel_attention", "rank_chunks", "shard_batch"]
