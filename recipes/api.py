@@ -109,6 +109,7 @@ def run(recipe: RecipeConfig, executor: str | None = None):
 def load_trained_model(run_dir: str | Path, step: int | None = None):
     """The model of a finished or running job, built from run_dir/config.yaml and loaded
     from its latest checkpoint (this process: TP=1, PP=1). Returns (model, recipe, step)."""
+    from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.compat import initialize_parallel
     from falcon_h1.model import build_model
     from recipes.build import effective_model_config, resolve_precision
@@ -120,9 +121,9 @@ def load_trained_model(run_dir: str | Path, step: int | None = None):
         raise FileNotFoundError(f"{config_file} does not exist; allowed: a run directory written by falcon-train.")
     recipe = recipe_from_yaml(config_file)
     initialize_parallel(tp=1, pp=1, seed=recipe.train.seed)
-    bitnet = recipe.bitnet if recipe.bitnet.enabled else None
-    model = build_model(effective_model_config(recipe), bitnet, precision=resolve_precision(recipe.train.precision),
-                        initialize=False)
+    model_cfg = effective_model_config(recipe)
+    model = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet, model_cfg.kernel_backend),
+                        precision=resolve_precision(recipe.train.precision), initialize=False)
     loaded = load_latest_checkpoint(run_dir / "checkpoints", [model], None, None)
     if loaded is None:
         raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint yet.")
