@@ -20,6 +20,7 @@ chunks send back (kernels return the initial state's gradient), so the gradient 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from falcon_h1 import kernels
 from falcon_h1.context_parallel.layout import ContextParallelLayout
@@ -81,7 +82,10 @@ def chunk_end_states(x, dt, A, B):
 def carried_in_states(x, dt_raw, A, B, dt_bias, dt_limit, layout: ContextParallelLayout):
     """x [chunks * b, c, h, p], dt_raw [chunks * b, c, h], B [chunks * b, c, g, n_state] of this
     rank's chunks -> the state [chunks * b, h, p, n_state] (fp32, or float64) each chunk starts from."""
-    end, total = chunk_end_states(x, kernels.scan_step_sizes(dt_raw, dt_bias, dt_limit), A, B)
+    # recomputed in the backward: it would otherwise keep an fp32 copy of x per layer (no randomness
+    # inside, so no RNG state to save, which a CUDA graph capture could not do)
+    end, total = checkpoint(chunk_end_states, x, kernels.scan_step_sizes(dt_raw, dt_bias, dt_limit), A, B,
+                            use_reentrant=False, preserve_rng_state=False)
     mb, h, p, n = end.shape
     b = mb // len(layout.local_chunks)
     packed = torch.cat([end.flatten(2), total[..., None]], dim=-1)        # one collective for both
