@@ -19,7 +19,9 @@ from falcon_h1.context_parallel.layout import ContextParallelLayout
 def context_parallel_attention(q, k, v, scale: float, backend: str, layout: ContextParallelLayout):
     """q [b, hq, s, d], k/v [b, hkv, s, d] for this rank's s tokens -> [b, hq, s, d]."""
     c = layout.chunk_length(q.shape[2])
-    kv = layout.in_sequence_order(layout.gather(torch.cat([k, v], dim=1), dim=2), dim=2)
+    # gathered sequence-major ([s, b, heads, d], how the mixer made k and v before permuting them)
+    kv = torch.cat([k.movedim(2, 0), v.movedim(2, 0)], dim=2)
+    kv = layout.in_sequence_order(layout.gather(kv, dim=0), dim=0).movedim(0, 2)
     k_all, v_all = kv.split([k.shape[1], v.shape[1]], dim=1)
     out = []
     for j, g in enumerate(layout.local_chunks):
