@@ -5,6 +5,8 @@ Megatron's DDP does over the data x context-parallel group), gathered over TP in
 The model runs in float64 (see `run`).
 
     cp_worker.py CP TP OUT
+
+once without and once with full recomputation.
 """
 
 import sys
@@ -30,12 +32,15 @@ def inputs():
     return torch.randint(0, 100, (BATCH, SEQ), generator=g), torch.randint(0, 100, (BATCH, SEQ), generator=g)
 
 
-def run(cp: int, tp: int = 1, sequence_parallel: bool = False):
+RECOMPUTE = ("none", "full")  # full: each layer's collectives rerun in the backward
+
+
+def run(cp: int, tp: int = 1, sequence_parallel: bool = False, recompute: str = "none"):
     initialize_parallel(tp=tp, cp=cp)
     cfg = get_preset("falcon_h1_micro").replace(**CONFIG)
     # float64: in fp32, any two summation orders already move small, cancelling gradients (conv
     # biases) by ~1e-6; in float64 a correct split agrees to ~1e-15 (fp32 islands: the loss, A)
-    model = build_model(cfg, seed=7, sequence_parallel=sequence_parallel).double()
+    model = build_model(cfg, seed=7, sequence_parallel=sequence_parallel, recompute=recompute).double()
     ids, labels = inputs()
     layout = model.context_parallel
     if layout is not None:
@@ -60,6 +65,6 @@ def _whole_sequence(local, layout: ContextParallelLayout, group):
 
 if __name__ == "__main__":
     cp, tp, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    results = run(cp, tp, sequence_parallel=tp > 1)
+    results = {recompute: run(cp, tp, sequence_parallel=tp > 1, recompute=recompute) for recompute in RECOMPUTE}
     if dist.get_rank() == 0:
         torch.save(results, out)

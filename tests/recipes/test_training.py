@@ -134,8 +134,9 @@ def test_cp2_checkpoint_resumes_at_cp1_with_the_same_losses(cp2_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_cp2_dp2_follows_one_process_curve(tmp_path, reference_dir, reference_run):
-    _worker(_write_recipe(tmp_path, "four", "train.max_steps=12", "train.save_interval=0", "parallel.cp=2"), nproc=4)
+@pytest.mark.parametrize("layout", [["parallel.cp=2"], ["parallel.cp=2", "parallel.pp=2"]], ids=["cp2_dp2", "cp2_pp2"])
+def test_context_parallel_on_four_processes_follows_one_process_curve(tmp_path, reference_dir, reference_run, layout):
+    _worker(_write_recipe(tmp_path, "four", "train.max_steps=12", "train.save_interval=0", *layout), nproc=4)
     _assert_follows_one_process_curve(tmp_path / "four", reference_dir, reference_run)
 
 
