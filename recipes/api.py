@@ -106,9 +106,10 @@ def run(recipe: RecipeConfig, executor: str | None = None):
     return launchers.launch(recipe, dryrun=recipe.dryrun)
 
 
-def load_trained_model(run_dir: str | Path, step: int | None = None):
+def load_trained_model(run_dir: str | Path, step: int | None = None, tp: int = 1):
     """The model of a finished or running job, built from run_dir/config.yaml and loaded
-    from its latest checkpoint (this process: TP=1, PP=1). Returns (model, recipe, step)."""
+    from its latest checkpoint at tensor-parallel size `tp` (1: this process; more: one
+    process per rank, under torchrun) and PP=1. Returns (model, recipe, step)."""
     from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.compat import initialize_parallel
     from falcon_h1.model import build_model
@@ -120,7 +121,7 @@ def load_trained_model(run_dir: str | Path, step: int | None = None):
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist; allowed: a run directory written by falcon-train.")
     recipe = recipe_from_yaml(config_file)
-    initialize_parallel(tp=1, pp=1, seed=recipe.train.seed)
+    initialize_parallel(tp=tp, pp=1, seed=recipe.train.seed)
     model_cfg = effective_model_config(recipe)
     model = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet, model_cfg.kernel_backend),
                         precision=resolve_precision(recipe.train.precision), initialize=False)

@@ -97,6 +97,9 @@ def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
     from recipes.schedules import validate_train_schedule
 
     validate_train_schedule(t)
+    from recipes.generate import validate_sample_settings
+
+    validate_sample_settings(t)
     if recipe.data.seq_length < 1 or recipe.data.seq_length > model_cfg.max_position_embeddings:
         _fail("data.seq_length", recipe.data.seq_length,
               f"1 .. model.max_position_embeddings = {model_cfg.max_position_embeddings}")

@@ -121,6 +121,10 @@ class TrainConfig:
     # the main-to-model parameter copies (any device; Megatron's own fallbacks read every
     # parameter's norm back to the host, a sync each) and torch's fused AdamW (GPU); false: Megatron's.
     fused_optimizer: bool = True
+    # End of training: sample this many new tokens after sample_prompt (printed with the
+    # summary; recipes.generate.sample_after_training); 0 = no sample.
+    sample_tokens: int = 0
+    sample_prompt: str = ""
 
 
 @dataclass

@@ -32,6 +32,7 @@ def _print_summary(summary) -> None:
         f"report:      falcon-report {summary.run_dir}"
         + (f"\nCUDA graph:  captured at step {summary.cuda_graph_step}, replayed after"
            if summary.cuda_graph_step else "")
+        + (f"\nsample:      {summary.sample}" if summary.sample else "")
     )
 
 

@@ -38,6 +38,8 @@ class TrainSummary:
     # The step whose forward/backward was captured into the CUDA graph (replayed by every later
     # step); None for an eager run or one that ended before the capture.
     cuda_graph_step: Optional[int] = None
+    # train.sample_tokens new tokens after train.sample_prompt, generated at the end; None if 0.
+    sample: Optional[str] = None
 
 
 def _rank() -> int:
@@ -216,6 +218,9 @@ def train(recipe: RecipeConfig) -> TrainSummary:
             cuda_graph_step=cuda_graph_step)
         tracker.log_summary({"final_loss": summary.final_loss, "tokens_per_s": tokens_per_s, "steps": summary.steps,
                              **({"cuda_graph_step": cuda_graph_step} if cuda_graph_step else {})})
+    from recipes.generate import sample_after_training
+
+    summary.sample = sample_after_training(model, recipe)
     return summary
 
 
