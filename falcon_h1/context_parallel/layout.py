@@ -98,6 +98,9 @@ class ContextParallelLayout:
         order when dim is the sequence); the backward sums each rank's gradient contributions
         back onto its own slice (a reduce-scatter)."""
         if self.group is None:
+            if self.local_chunks != self.gathered_chunks:
+                raise ValueError("this layout has no process group to gather the other ranks' chunks over; "
+                                 "ContextParallelLayout.emulated(cp) holds every rank's chunks in one process")
             return local
         return _AllGather.apply(local, dim, self.group)
 

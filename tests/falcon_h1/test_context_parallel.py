@@ -204,3 +204,8 @@ def test_triton_conv_and_scan_under_context_parallelism_in_interpreter():
     from tests.conftest import run_in_triton_interpreter
 
     run_in_triton_interpreter(Path(__file__).with_name("context_parallel_interpret_worker.py"), timeout=300)
+
+
+def test_a_rank_layout_without_a_group_refuses_to_gather():
+    with pytest.raises(ValueError, match="emulated"):
+        ContextParallelLayout.for_rank(2, 0, None).gather(torch.zeros(4), dim=0)
