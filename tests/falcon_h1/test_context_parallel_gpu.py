@@ -2,7 +2,8 @@
 (ContextParallelLayout.emulated: the layers run exactly the code of a context-parallel run, the
 all-gather being the identity): the causal attention of chunks against their key prefix (SDPA
 flash with the lower-right causal mask), mamba_ssm's scan from carried-in states, and the whole
-model (bf16, Triton kernels) against the reference path in fp32 without context parallelism.
+model (bf16, Triton kernels; also with Megatron's full recomputation) against the reference path
+in fp32 without context parallelism.
 Skipped without CUDA; the CPU tests (test_context_parallel*.py) check the same code on CPU."""
 
 import pytest
@@ -93,23 +94,26 @@ def test_model_fast_path_on_emulated_shards_matches_reference(megatron_single, c
     ids, labels = (torch.randint(0, cfg.vocab_size, (2, seq), device="cuda", generator=g) for _ in range(2))
     layout = ContextParallelLayout.emulated(cp)
     results = {}
-    for backend, precision, context in (("reference", "fp32", None), ("reference", "bf16", None),
-                                        ("auto", "bf16", None), ("auto", "bf16", layout)):
-        model = build_model(cfg.replace(kernel_backend=backend), precision=precision, seed=3, context_parallel=context)
+    runs = (("reference", "fp32", None, "none"), ("reference", "bf16", None, "none"), ("auto", "bf16", None, "none"),
+            ("auto", "bf16", layout, "none"), ("auto", "bf16", layout, "full"))  # full: Megatron's recompute
+    for backend, precision, context, recompute in runs:
+        model = build_model(cfg.replace(kernel_backend=backend), precision=precision, seed=3, recompute=recompute,
+                            context_parallel=context)
         tokens, targets = (ids, labels) if context is None else (layout.shard(ids, 1), layout.shard(labels, 1))
         logits = model(tokens)
         loss = model(tokens, labels=targets)
         loss.float().mean().backward()
         if context is not None:
             logits, loss = layout.in_sequence_order(logits, 1), layout.in_sequence_order(loss, 1)
-        results[backend, precision, context is not None] = (logits.float(), loss.float(),
-                                                            dict(gather_hf_state(model, grads=True)))
-    ref_logits, ref_loss, ref_grads = results["reference", "fp32", False]
-    bf16_ref_grads = results["reference", "bf16", False][2]
-    fast_logits, fast_loss, _ = results["auto", "bf16", False]
-    logits, loss, grads = results["auto", "bf16", True]
-    assert rel(logits, ref_logits) <= BF16_TOLERANCE and rel(loss, ref_loss) <= BF16_TOLERANCE
-    assert rel(logits, fast_logits) <= BF16_TOLERANCE and rel(loss, fast_loss) <= BF16_TOLERANCE
-    for name, ref in ref_grads.items():
-        bound = max(3 * BF16_TOLERANCE, 2 * rel(bf16_ref_grads[name], ref))
-        assert rel(grads[name], ref) <= bound, (name, rel(grads[name], ref), bound)
+        results[backend, precision, context is not None, recompute] = (
+            logits.float(), loss.float(), dict(gather_hf_state(model, grads=True)))
+    ref_logits, ref_loss, ref_grads = results["reference", "fp32", False, "none"]
+    bf16_ref_grads = results["reference", "bf16", False, "none"][2]
+    fast_logits, fast_loss, _ = results["auto", "bf16", False, "none"]
+    for recompute in ("none", "full"):
+        logits, loss, grads = results["auto", "bf16", True, recompute]
+        assert rel(logits, ref_logits) <= BF16_TOLERANCE and rel(loss, ref_loss) <= BF16_TOLERANCE
+        assert rel(logits, fast_logits) <= BF16_TOLERANCE and rel(loss, fast_loss) <= BF16_TOLERANCE
+        for name, ref in ref_grads.items():
+            bound = max(3 * BF16_TOLERANCE, 2 * rel(bf16_ref_grads[name], ref))
+            assert rel(grads[name], ref) <= bound, (recompute, name, rel(grads[name], ref), bound)
