@@ -71,8 +71,6 @@ class BitNetLinearOptions:
     int8_matmul: bool = False  # int8 x ternary forward GEMM (int8 tensor cores on CUDA)
     subln: bool = False  # non-learnable RMSNorm of the input before quantising it
     kernel_backend: str = "auto"  # bitnet.kernels.KERNEL_BACKENDS: Triton on CUDA, or the reference
-    # Quantise the weight once per optimizer step (bitnet.weight_cache); False: at every forward.
-    cache_quantized_weight: bool = True
     # The backward keeps the int8 input and its scales (1 byte an element) and dequantises it for
     # the weight gradient, instead of the fake-quantised float input (fused float GEMM only; the
     # int8 GEMM always keeps int8). Same gradients bit for bit.
@@ -282,7 +280,7 @@ class _BitNetLinearMixin:
         if self._frozen:
             return self._gemm_weight_from(self.frozen_ternary, self.frozen_scale, fake=self.weight)
         self._finite_watch.poll(self._weight_label)
-        if weight is self.weight and self.bitnet_options.cache_quantized_weight:
+        if weight is self.weight:
             return self._weight_cache.get(weight, lambda: self._make_gemm_weight(weight))
         return self._make_gemm_weight(weight)
 
