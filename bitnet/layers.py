@@ -125,8 +125,9 @@ class _NonFiniteWeightWatch:
 
     def poll(self, label) -> None:
         """Check the copy in flight if it has landed (a forward that reuses the cached
-        quantisation makes no new sum, but still reports the last one)."""
-        if self._pending and self._event.query():
+        quantisation makes no new sum, but still reports the last one). Not while a CUDA graph
+        is captured, where querying an event is not allowed."""
+        if self._pending and not torch.cuda.is_current_stream_capturing() and self._event.query():
             self._pending = False
             _raise_if_nonfinite(self._host.item(), label)
 
