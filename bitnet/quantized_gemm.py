@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from bitnet import kernels, reference
+from bitnet import kernels
 from bitnet.segments import SegmentLayout, single_segment
 
 
@@ -69,6 +69,14 @@ class _GemmPlan:
     w_dtype: torch.dtype
 
 
+def _dequantize_ternary(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """reference.dequantize_weights in one pass and without float32 temporaries: -1, 0 and 1
+    times a scale is exact in any float format, so rounding the scale to `dtype` first gives the
+    same bits as rounding the float32 product."""
+    scale = scale.unsqueeze(-1) if scale.dim() else scale  # one per output row, or one
+    return w_q * scale.to(dtype)
+
+
 class _QuantizedGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, x_q, x_scale, x_fq, w_fq, w_q, w_scale, plan: _GemmPlan):
@@ -93,12 +101,7 @@ class _QuantizedGemm(torch.autograd.Function):
         x_saved = [saved.pop(0) for _ in range(2 if ctx.keeps_int8_input else 1)]
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            if ctx.keeps_float_weight:
-                w_fq = saved[0]
-            else:
-                w_q, w_scale = saved
-                w_fq = reference.dequantize_weights(w_q, w_scale.unsqueeze(-1) if w_scale.dim() else w_scale,
-                                                    plan.x_dtype)
+            w_fq = saved[0] if ctx.keeps_float_weight else _dequantize_ternary(*saved, plan.x_dtype)
             grad_x = grad.matmul(w_fq)
         if ctx.needs_input_grad[1]:
             if ctx.keeps_int8_input:

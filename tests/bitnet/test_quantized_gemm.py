@@ -152,3 +152,16 @@ def test_full_precision_input_segments_keep_the_float_input():
     x = torch.randn(5, 2, 40, requires_grad=True)
     _, kept, _ = _kept_bytes(layer, x)
     assert [t.dtype for t in kept if t.shape[:2] == x.shape[:2]] == [torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ternary_dequantisation_in_one_pass_is_the_reference(dtype):
+    from bitnet.quantized_gemm import _dequantize_ternary
+
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(3)) * 0.05
+    w_q, scale = reference.quantize_weights(w)
+    rows = torch.rand(64, generator=torch.Generator().manual_seed(4)) + 1e-3  # one scale per output row
+    assert torch.equal(_dequantize_ternary(w_q, scale, dtype), reference.dequantize_weights(w_q, scale, dtype))
+    assert torch.equal(_dequantize_ternary(w_q, rows, dtype),
+                       reference.dequantize_weights(w_q, rows.unsqueeze(-1), dtype))
+    assert _dequantize_ternary(w_q, scale, dtype).dtype == dtype
