@@ -188,11 +188,12 @@ class _BitNetLinearMixin:
 
     default_bitnet_options = BitNetLinearOptions()
     # µP folding multiplies the weight by per-row multipliers before the GEMM; a quantised weight
-    # would be re-quantised with another absmean (other ternary values), so the model keeps the
-    # multipliers outside BitNet linears.
+    # would be re-quantised with another absmean (other ternary values). The column linear takes
+    # the multipliers as `output_row_scale` instead, applied to the weight after quantising it.
     supports_weight_scaling = False
     _input_sharded_along_features = False
     _segment_dim = 0  # bitnet_segments run along the weight's output rows (column linear)
+    _output_row_scale = None  # set for one forward (BitNetColumnParallelLinear.forward)
 
     def _bitnet_setup(self, options: BitNetLinearOptions | None, name: str | None, segments,
                       local_size: int) -> None:
@@ -276,14 +277,17 @@ class _BitNetLinearMixin:
 
     # ------------------------------------------------------------------- the GEMM operands
     def _gemm_weight(self, weight: torch.Tensor) -> QuantizedWeight:
-        """The quantised weight the GEMM multiplies: from the cache while `weight` is the layer's
-        unchanged parameter, else made now."""
+        """The quantised weight the GEMM multiplies (with this forward's output row scale folded
+        in): from the cache while `weight` is the layer's unchanged parameter, else made now."""
+        row_scale = self._output_row_scale
         if self._frozen:
-            return self._gemm_weight_from(self.frozen_ternary, self.frozen_scale, fake=self.weight)
+            frozen = self._gemm_weight_from(self.frozen_ternary, self.frozen_scale, fake=self.weight)
+            return frozen.with_row_scale(row_scale)
         self._finite_watch.poll(self._weight_label)
+        make = lambda: self._make_gemm_weight(weight).with_row_scale(row_scale)
         if weight is self.weight:
-            return self._weight_cache.get(weight, lambda: self._make_gemm_weight(weight))
-        return self._make_gemm_weight(weight)
+            return self._weight_cache.get(weight, make, also=row_scale)
+        return make()
 
     def _make_gemm_weight(self, weight: torch.Tensor) -> QuantizedWeight:
         with torch.no_grad():
@@ -324,8 +328,11 @@ class _BitNetLinearMixin:
         options = self.bitnet_options
         if options.fused or options.int8_matmul:
             return quantized_gemm(x, weight, x_quantized, w_quantized, options.int8_matmul, self._kernel_backend)
-        # the reference pattern: autograd through two elementwise straight-through graphs
-        return F.linear(x + (x_quantized.fq - x).detach(), weight + (w_quantized.fq - weight).detach())
+        # the reference pattern: autograd through two elementwise straight-through graphs (of the
+        # row-scaled weight when a scale is folded in, so that its gradient carries the scale)
+        s = w_quantized.grad_row_scale
+        w = weight if s is None else weight * s.to(weight.dtype).unsqueeze(-1)
+        return F.linear(x + (x_quantized.fq - x).detach(), w + (w_quantized.fq - w).detach())
 
     def _input_absmax(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-token absmax of every input segment over the full feature dimension, [..., n],
@@ -456,16 +463,43 @@ class BitNetColumnParallelLinear(_BitNetLinearMixin, ColumnParallelLinear):
         super().__init__(input_size, output_size, **kwargs)
         self._bitnet_setup(bitnet_options, kwargs.get("name"), bitnet_segments, self.output_size_per_partition)
 
+    # The model may fold constant per-row multipliers of the output (µP) into the weight when
+    # the linear scales the weight it quantised, not the one it is handed (supports_weight_scaling).
+    supports_output_row_scale = True
+
+    def forward(self, input_, weight=None, runtime_gather_output=None, output_row_scale=None):
+        """Megatron's forward. output_row_scale: constant multipliers of this rank's output rows
+        ([rows] or [rows, 1]): the output is (input @ q(W)^T) * output_row_scale, computed as
+        input @ (output_row_scale * q(W))^T with the scaled quantised weight cached like the
+        quantised one, so no activation-sized multiply is left (the weight gradient carries the
+        scale, as autograd of a scaled weight would)."""
+        if output_row_scale is not None:
+            if output_row_scale.numel() != self.output_size_per_partition or output_row_scale.requires_grad:
+                raise ValueError(
+                    f"{type(self).__name__}: output_row_scale of shape {tuple(output_row_scale.shape)} "
+                    f"(requires_grad={output_row_scale.requires_grad}); allowed: a constant with one value per "
+                    f"output row of this rank ({self.output_size_per_partition}), requires_grad=False"
+                )
+        self._output_row_scale = output_row_scale
+        try:
+            return super().forward(input_, weight, runtime_gather_output)
+        finally:
+            self._output_row_scale = None
+
     def _gemm(self, x, x_in, weight, x_quantized: QuantizedInput, w_quantized: QuantizedWeight):
         """One GEMM per run of like output segments, concatenated: quantised runs multiply the
         quantised input, full-precision runs the raw one."""
         outputs = []
+        row_scale = self._output_row_scale
         for start, end, quantized in self._layout.runs():
             w_part = _part(weight, 0, start, end)
             if quantized:
                 outputs.append(self._matmul(x_in, w_part, x_quantized, w_quantized.rows(start, end)))
-            else:
+            elif row_scale is None:
                 outputs.append(F.linear(x, w_part))
+            else:
+                scale = _part(row_scale.reshape(-1), 0, start, end).to(w_part.dtype).unsqueeze(-1)
+                outputs.append(F.linear(x, w_part * scale))
         return _cat(outputs, -1)
 
 

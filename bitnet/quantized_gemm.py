@@ -43,21 +43,33 @@ class QuantizedInput(NamedTuple):
 
 class QuantizedWeight(NamedTuple):
     """The weight as the GEMM sees it: fq, the dequantised weight (the float GEMM); or q, the
-    ternary int8, with scale: 0-d, or one per output row [N] (the int8 GEMM)."""
+    ternary int8, with scale: 0-d, or one per output row [N] (the int8 GEMM). grad_row_scale:
+    constant multipliers [N] of the output rows already folded into fq / scale, which the weight
+    gradient carries too (None: none)."""
 
     fq: torch.Tensor | None = None
     q: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    grad_row_scale: torch.Tensor | None = None
 
     def rows(self, start: int, end: int) -> "QuantizedWeight":
         cut = lambda t: None if t is None else t.narrow(0, start, end - start)
         scale = self.scale if self.scale is None or self.scale.dim() == 0 else cut(self.scale)
-        return QuantizedWeight(cut(self.fq), cut(self.q), scale)
+        return QuantizedWeight(cut(self.fq), cut(self.q), scale, cut(self.grad_row_scale))
 
     def columns(self, start: int, end: int, scale: torch.Tensor | None = None) -> "QuantizedWeight":
         """Columns start:end; `scale` replaces the int8 scale (a row linear's segment has one)."""
         cut = lambda t: None if t is None else t.narrow(1, start, end - start)
-        return QuantizedWeight(cut(self.fq), cut(self.q), self.scale if scale is None else scale)
+        return QuantizedWeight(cut(self.fq), cut(self.q), self.scale if scale is None else scale, self.grad_row_scale)
+
+    def with_row_scale(self, row_scale: torch.Tensor | None) -> "QuantizedWeight":
+        """Output rows times constant multipliers `row_scale` [N]: (x @ W^T) * s as x @ (s W)^T."""
+        if row_scale is None:
+            return self
+        s = row_scale.reshape(-1)
+        fq = None if self.fq is None else self.fq * s.to(self.fq.dtype).unsqueeze(-1)
+        scale = None if self.scale is None else self.scale * s.to(self.scale.dtype)
+        return QuantizedWeight(fq, self.q, scale, s)
 
 
 @dataclass(frozen=True)
@@ -79,7 +91,7 @@ def _dequantize_ternary(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
 class _QuantizedGemm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, x_q, x_scale, x_fq, w_fq, w_q, w_scale, plan: _GemmPlan):
+    def forward(ctx, x, weight, x_q, x_scale, x_fq, w_fq, w_q, w_scale, w_grad_row_scale, plan: _GemmPlan):
         if plan.int8:
             k = x_q.shape[-1]
             y = kernels.int8_linear(x_q.reshape(-1, k), x_scale.reshape(-1), w_q, w_scale, out_dtype=plan.x_dtype,
@@ -90,8 +102,10 @@ class _QuantizedGemm(torch.autograd.Function):
         ctx.plan = plan
         ctx.keeps_int8_input = x_q is not None
         ctx.keeps_float_weight = w_fq is not None
+        ctx.has_row_scale = w_grad_row_scale is not None
         ctx.save_for_backward(*((x_q, x_scale) if x_q is not None else (x_fq,)),
-                              *((w_fq,) if w_fq is not None else (w_q, w_scale)))
+                              *((w_fq,) if w_fq is not None else (w_q, w_scale)),
+                              *((w_grad_row_scale,) if w_grad_row_scale is not None else ()))
         return y
 
     @staticmethod
@@ -99,6 +113,7 @@ class _QuantizedGemm(torch.autograd.Function):
         plan = ctx.plan
         saved = list(ctx.saved_tensors)
         x_saved = [saved.pop(0) for _ in range(2 if ctx.keeps_int8_input else 1)]
+        row_scale = saved.pop() if ctx.has_row_scale else None
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             w_fq = saved[0] if ctx.keeps_float_weight else _dequantize_ternary(*saved, plan.x_dtype)
@@ -109,7 +124,9 @@ class _QuantizedGemm(torch.autograd.Function):
             else:
                 x_fq = x_saved[0]
             grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(x_fq.reshape(-1, x_fq.shape[-1])).to(plan.w_dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None
+            if row_scale is not None:
+                grad_w = grad_w * row_scale.to(grad_w.dtype).unsqueeze(-1)
+        return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
 def quantized_gemm(x: torch.Tensor, weight: torch.Tensor, x_quantized: QuantizedInput, w_quantized: QuantizedWeight,
@@ -127,4 +144,5 @@ def quantized_gemm(x: torch.Tensor, weight: torch.Tensor, x_quantized: Quantized
                          f"{x_quantized.layout}, int8 {'given' if q is not None else 'missing'}")
     fq = None if int8 else x_quantized.fq
     return _QuantizedGemm.apply(x, weight, q, scale, fq, w_quantized.fq if not int8 else None,
-                                w_quantized.q if int8 else None, w_quantized.scale if int8 else None, plan)
+                                w_quantized.q if int8 else None, w_quantized.scale if int8 else None,
+                                w_quantized.grad_row_scale, plan)

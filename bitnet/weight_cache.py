@@ -62,6 +62,10 @@ def _watch_optimizer_steps() -> None:
         _hook = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
+def _identity(t: torch.Tensor) -> tuple:
+    return t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)
+
+
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -74,14 +78,16 @@ class QuantizedWeightCache(Generic[T]):
         self._key = None
         self._value: T | None = None
 
-    def get(self, param: torch.Tensor, make: Callable[[], T]) -> T:
+    def get(self, param: torch.Tensor, make: Callable[[], T], also: torch.Tensor | None = None) -> T:
+        """`also`: another tensor the quantisation is made from (a constant scale folded in), held
+        to the same rules as the parameter."""
         if _capturing(param):
             self.clear()  # its memory is not needed beside the graph's own copy
             return make()
         if _off_because is not None:
             return make()
         _watch_optimizer_steps()
-        key = (_optimizer_steps, param._version, param.data_ptr(), param.dtype, param.device, tuple(param.shape))
+        key = (_optimizer_steps, *_identity(param), *(_identity(also) if also is not None else ()))
         if key == self._key:
             return self._value
         self.clear()  # free the stale quantisation before making the new one
