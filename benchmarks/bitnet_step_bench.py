@@ -199,7 +199,8 @@ def _rebuilt(layer, plain: bool = False, **option_changes):
     return new.cuda()
 
 
-def _kept_mib(layer, x) -> float:
+def _kept_mib(forward, params) -> float:
+    """MiB autograd keeps for the backward of `forward()`, parameters (no copies) left out."""
     kept = []
 
     def pack(t):
@@ -207,10 +208,48 @@ def _kept_mib(layer, x) -> float:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
+        forward()
     unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
-    weight_storage = layer.weight.untyped_storage().data_ptr()  # the parameter itself is no copy
-    return sum(n for ptr, n in unique.items() if ptr != weight_storage) / 2**20
+    for p in params:
+        unique.pop(p.untyped_storage().data_ptr(), None)
+    return sum(unique.values()) / 2**20
+
+
+def _mlp_rows(mlp, preset, batch: int, seq: int, bench) -> list[tuple[str, float, float]]:
+    """(label, fwd+bwd ms, kept MiB) of one MLP block three ways: the bf16 model's (µP scales on
+    fc1's weight rows, the Triton SwiGLU), the BitNet model's today (falcon_h1 keeps the scales on
+    the activations for BitNet linears: eager silu(gate * m_gate) * up * m_down), and BitNet with
+    the scales as fc1's output_row_scale and the Triton SwiGLU (what falcon_h1 can wire)."""
+    import torch.nn.functional as F
+
+    from falcon_h1.kernels.swiglu_triton import swiglu_triton
+
+    m_gate, m_down = preset.mlp_multipliers
+    f = preset.intermediate_size
+    fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+    row_scale = torch.tensor([m_gate] * f + [m_down] * f).to(fc1.weight.device, torch.bfloat16)[:, None]
+    plain1, plain2 = _rebuilt(fc1, plain=True), _rebuilt(fc2, plain=True)
+    u = torch.randn(seq, batch, preset.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(seq, batch, preset.hidden_size, device="cuda", dtype=torch.bfloat16)
+
+    def bf16_folded():
+        return plain2(swiglu_triton(plain1(u, weight=plain1.weight * row_scale)[0]))[0]
+
+    def bitnet_today():
+        gate, up = fc1(u)[0].chunk(2, dim=-1)
+        return fc2(F.silu(gate * m_gate) * up * m_down)[0]
+
+    def bitnet_row_scaled():
+        return fc2(swiglu_triton(fc1(u, output_row_scale=row_scale)[0]))[0]
+
+    rows = []
+    for label, forward, params in (
+            ("MLP block: bf16, scales folded, Triton SwiGLU (the bf16 model)", bf16_folded, (plain1.weight, plain2.weight)),
+            ("MLP block: BitNet today, scales on activations, eager SwiGLU", bitnet_today, (fc1.weight, fc2.weight)),
+            ("MLP block: BitNet, output_row_scale, Triton SwiGLU", bitnet_row_scaled, (fc1.weight, fc2.weight))):
+        ms = bench(lambda fwd=forward: fwd().backward(grad), (u, *params))
+        rows.append((label, ms, _kept_mib(forward, params)))
+    return rows
 
 
 def layer_table(preset, batch: int, seq: int) -> list[dict]:
@@ -272,7 +311,7 @@ def layer_table(preset, batch: int, seq: int) -> list[dict]:
         for label, linear in linears.items():
             fwd_bwd = lambda lin=linear: lin(xg)[0].backward(grad_out)
             timings[f"fwd+bwd: {label}"] = bench(fwd_bwd, (xg, linear.weight))
-            kept[label] = _kept_mib(linear, xg)
+            kept[label] = _kept_mib(lambda lin=linear: lin(xg), (linear.weight,))
         cached = linears["BitNet (weight cached, int8 input kept)"]
         timings["fwd+bwd: BitNet, weight quantised at this forward"] = bench(
             lambda: (weights_changed(), cached(xg)[0].backward(grad_out)), (xg, cached.weight))
@@ -286,6 +325,12 @@ def layer_table(preset, batch: int, seq: int) -> list[dict]:
                          "gib_per_step": mib * n_layers / 1024})
             print(f"   kept for backward: {label:37s} {mib:9.2f} MiB x{n_layers} = {mib * n_layers / 1024:6.2f} GiB",
                   flush=True)
+    print(" the MLP block (fc1, SwiGLU with µP multipliers, fc2), fwd+bwd", flush=True)
+    for label, ms, mib in _mlp_rows(one_layer.layers[0].mlp, preset, batch, seq, bench):
+        rows.append({"layer": "layers.0.mlp", "what": label, "ms": ms, "ms_per_step": ms * n_layers, "mib": mib,
+                     "gib_per_step": mib * n_layers / 1024})
+        print(f"   {label:64s} {ms:8.4f} ms x{n_layers} = {ms * n_layers:7.2f} ms; kept {mib:8.1f} MiB "
+              f"x{n_layers} = {mib * n_layers / 1024:6.2f} GiB", flush=True)
     one_layer = None
     return rows
 
