@@ -16,10 +16,12 @@ Code that writes weights behind all three (`param.data.copy_(...)` outside an op
 calls `weights_changed()`.
 
 CUDA graphs replay the captured kernels without running this check, so a forward that is being
-captured neither reads nor keeps an entry: the graph quantises on every replay. An optimizer
-step that is itself captured would change weights at every replay without the hook running, so
-it turns the cache off for the rest of the process. Entries made under `torch.inference_mode()`
-could not be saved for a later backward, so none is kept there.
+captured neither reads nor keeps an entry: the graph quantises on every replay, and from then on
+the layer keeps no entry (its training runs by replays; an eager evaluation in between would
+only leave a copy beside the graph's). An optimizer step that is itself captured would change
+weights at every replay without the hook running, so it turns the cache off for the rest of the
+process. Entries made under `torch.inference_mode()` could not be saved for a later backward, so
+none is kept there.
 """
 
 from __future__ import annotations
@@ -77,14 +79,15 @@ class QuantizedWeightCache(Generic[T]):
     def __init__(self):
         self._key = None
         self._value: T | None = None
+        self._captured = False
 
     def get(self, param: torch.Tensor, make: Callable[[], T], also: torch.Tensor | None = None) -> T:
         """`also`: another tensor the quantisation is made from (a constant scale folded in), held
         to the same rules as the parameter."""
         if _capturing(param):
-            self.clear()  # its memory is not needed beside the graph's own copy
-            return make()
-        if _off_because is not None:
+            self._captured = True
+        if self._captured or _off_because is not None:
+            self.clear()
             return make()
         _watch_optimizer_steps()
         key = (_optimizer_steps, *_identity(param), *(_identity(also) if also is not None else ()))

@@ -423,3 +423,34 @@ def test_cuda_graph_replays_quantise_the_current_weight(megatron_gpu):
         fresh.load_state_dict(layer.state_dict())
         assert torch.equal(y, fresh(x)[0])
         optimizer.step()
+    with torch.no_grad():  # an eager evaluation between replays: correct, and keeps no copy
+        fresh = _bitnet_column()
+        fresh.load_state_dict(layer.state_dict())
+        assert torch.equal(layer(x)[0], fresh(x)[0])
+    assert not layer._weight_cache.holds
+
+
+def test_a_captured_optimizer_step_turns_the_cache_off(megatron_gpu, monkeypatch):
+    """A capturable optimizer replayed by a graph changes weights without a step hook: eager
+    forwards must then quantise every time."""
+    from bitnet import weight_cache
+
+    monkeypatch.setattr(weight_cache, "_off_because", None)
+    layer = _bitnet_column()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, capturable=True, foreach=True)
+    x = torch.randn(64, 2, 256, device="cuda", dtype=torch.bfloat16)
+    layer(x)[0].float().square().mean().backward()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        optimizer.step()  # warm-up: state allocated outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    assert "captured in a CUDA graph" in weight_cache.cache_disabled_reason()
+    for _ in range(2):
+        graph.replay()
+        fresh = _bitnet_column()
+        fresh.load_state_dict(layer.state_dict())
+        assert torch.equal(layer(x)[0], fresh(x)[0])
