@@ -307,3 +307,13 @@ def test_output_row_scale_is_part_of_the_cached_quantisation():
         layer(x, output_row_scale=torch.ones(39))
     with pytest.raises(ValueError, match=r"requires_grad=True.*allowed: a constant"):
         layer(x, output_row_scale=torch.ones(40, requires_grad=True))
+
+
+def test_megatron_features_of_its_own_linear_function_are_refused():
+    """Deferred embedding weight gradients (with pipeline parallelism) live in Megatron's linear
+    function, which BitNet linears replace: refused when the layer is built, not ignored."""
+    config = tiny_config()
+    config.defer_embedding_wgrad_compute = True  # TransformerConfig allows it only with pipeline parallelism
+    with pytest.raises(ValueError, match=r"BitNetColumnParallelLinear: config.defer_embedding_wgrad_compute is on"):
+        _layers().BitNetColumnParallelLinear(24, 40, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                             gather_output=False)
