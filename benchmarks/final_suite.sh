@@ -15,7 +15,7 @@ set -uo pipefail
 source benchmarks/device_setup.sh
 G=_cuda_graph
 VARIANTS=${VARIANTS:-ours_fused$G,ours_fused_ssd_recompute$G,ours_fused_no_fused_ce$G,hf_transformers,hf_transformers$G,ours_fused}
-timeout 360 python3 -m falcon_h1.bench --size 0.5b --seq 4096 --batch 4 --steps 5 --warmup 3 --kernels no_sweep \
+timeout 360 python3 -m benchmarks.falcon_bench --size 0.5b --seq 4096 --batch 4 --steps 5 --warmup 3 --kernels no_sweep \
   --variants "$VARIANTS" --profile ours_fused --json "$OUT/bench_b4.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_b4.txt"
 left() { echo $((570 - SECONDS)); }
 if [ "${TESTS:-1}" = 1 ] && [ "$(left)" -gt 60 ]; then

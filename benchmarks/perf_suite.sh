@@ -6,8 +6,8 @@
 #      TEST_TIMEOUT (s), BENCH_ARGS (extra falcon-bench flags, e.g. --no-kernels).
 set -uo pipefail
 source benchmarks/device_setup.sh
-python3 -m falcon_h1.bench --size 0.5b --seq 4096 --batch 4 --steps ${STEPS:-5} --warmup 3 \
-  --variants ${VARIANTS:-ours_fused_prev,ours_fused,ours_fused_conv_only,ours_fused_no_swiglu,ours_fused_prev,ours_fused} \
+python3 -m benchmarks.falcon_bench --size 0.5b --seq 4096 --batch 4 --steps ${STEPS:-5} --warmup 3 \
+  --variants ${VARIANTS:-ours_fused_options_off,ours_fused,ours_fused_conv_only,ours_fused_no_swiglu,ours_fused_options_off,ours_fused} \
   --profile "${PROFILE-}" ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 \
   | grep -v -i warn | tee "$OUT/bench.txt"
 if [ "${TESTS:-}" != none ]; then

@@ -17,7 +17,7 @@ MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | he
 MICRO_3B=$([ "$MEM_MIB" -ge 122880 ] && echo 2 || echo 1)
 left() { echo $((570 - SECONDS)); }
 if [ "${B1:-0}" = 1 ]; then
-  python3 -m falcon_h1.bench --size 0.5b --seq 4096 --batch 1 --steps 5 --warmup 2 --kernels none \
+  python3 -m benchmarks.falcon_bench --size 0.5b --seq 4096 --batch 1 --steps 5 --warmup 2 --kernels none \
     --variants ours_fused_cuda_graph,ours_unfused_unfused_attention,hf_transformers,ours_fused \
     --json "$OUT/bench_b1.json" 2>&1 | grep -v -i warn | tail -9 | tee -a "$OUT/suite.log"
 fi
@@ -31,7 +31,7 @@ train() { name=$1; shift
   cp /tmp/train_$name/scaling.json "$OUT/train_$name.json" 2>/dev/null; }
 train 05b_fused_optimizer
 train 05b_megatron_optimizer --override train.fused_optimizer=false
-timeout 150 python3 -m falcon_h1.bench --variants "" --kernels no_sweep --json "$OUT/kernels.json" 2>&1 \
+timeout 150 python3 -m benchmarks.falcon_bench --variants "" --kernels no_sweep --json "$OUT/kernels.json" 2>&1 \
   | grep -v -i warn | grep -E "^  (kernel|ssd profile)" | tee -a "$OUT/suite.log"
 train 3b_fused_optimizer --dp-model falcon_h1_3b --dp-micro-batch "$MICRO_3B"
 train 3b_megatron_optimizer --dp-model falcon_h1_3b --dp-micro-batch "$MICRO_3B" --override train.fused_optimizer=false

@@ -5,7 +5,7 @@ from falcon_h1.presets import PRESETS, get_preset
 
 __all__ = [
     "ConfigError", "FalconH1Config", "PRESETS", "apply_attention_ratio", "build_model", "from_hf",
-    "get_preset", "resolve", "to_hf", "validate",
+    "generate", "get_preset", "resolve", "to_hf", "validate",
 ]
 
 
@@ -15,6 +15,10 @@ def __getattr__(name):
         from falcon_h1.model import build_model
 
         return build_model
+    if name == "generate":
+        from falcon_h1.generation import generate
+
+        return generate
     if name in ("from_hf", "to_hf"):
         from falcon_h1 import hf
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 # One character per decoder layer: H = parallel hybrid (attention + Mamba-2 side by
 # side, then MLP), A = attention + MLP, M = Mamba-2 + MLP, "-" = MLP only.
 LAYER_KINDS = {"H": "hybrid", "A": "attention", "M": "mamba", "-": "mlp"}
 ATTENTION_BACKENDS = ("auto", "sdpa", "unfused")
 KERNEL_BACKENDS = ("auto", "reference", "triton")
+UNSUPPORTED_BIASES = ("projectors_bias", "attention_bias", "mlp_bias", "mamba_proj_bias")
 
 
 @dataclass
@@ -32,6 +33,9 @@ class FalconH1Config:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     rope_theta: float = 1e11
+    # Hugging Face's rope_parameters without rope_theta: None (plain RoPE) or {"rope_type": ..., ...};
+    # every type FalconH1 runs is implemented in falcon_h1/rope.py.
+    rope_scaling: Optional[dict[str, Any]] = None
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     # Mamba-2
@@ -48,6 +52,7 @@ class FalconH1Config:
     mamba_rms_norm: bool = False
     mamba_norm_before_gate: bool = False
     time_step_limit: list[float] = field(default_factory=lambda: [0.0, math.inf])
+    # Biases are not implemented (the released models have none): true is refused, not ignored.
     projectors_bias: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -72,6 +77,11 @@ class FalconH1Config:
     fused_projections: bool = True
     attention_backend: str = "auto"
     kernel_backend: str = "auto"
+    # Hugging Face config.json keys that do not change what the model computes (token ids,
+    # use_cache, transformers_version, TII's own keys, ...) and the source's
+    # generation_config.json: falcon_h1.from_hf keeps them, falcon_h1.to_hf writes them back.
+    hf_extra_config: dict[str, Any] = field(default_factory=dict)
+    hf_generation_config: Optional[dict[str, Any]] = None
 
     # ---- derived sizes ----
     @property
@@ -185,6 +195,13 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
         _fail("mlp_multipliers", cfg.mlp_multipliers, "2 numbers (gate, down)")
     if len(cfg.time_step_limit) != 2 or cfg.time_step_limit[0] > cfg.time_step_limit[1]:
         _fail("time_step_limit", cfg.time_step_limit, "[min, max] with min <= max")
+    for name in UNSUPPORTED_BIASES:
+        if getattr(cfg, name) is not False:
+            _fail(name, getattr(cfg, name), "false (bias parameters are not implemented; the released "
+                  "Falcon-H1 models have none)")
+    from falcon_h1.rope import validate_rope_scaling
+
+    validate_rope_scaling(cfg)
 
     kinds = set(cfg.layer_kinds)
     if kinds & {"hybrid", "attention"}:

@@ -32,3 +32,17 @@ def forward_flops_per_token(cfg: FalconH1Config, seq_length: int) -> float:
 
 def training_flops_per_token(cfg: FalconH1Config, seq_length: int) -> float:
     return 3.0 * forward_flops_per_token(cfg, seq_length)
+
+
+# Dense bf16 tensor-core peak (no sparsity) by the name CUDA reports, from NVIDIA's data sheets
+# (SXM parts); the H200 has the H100's compute with more memory.
+DENSE_BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def dense_bf16_peak_flops(device_name: str) -> float:
+    """Peak FLOP/s of the accelerator called `device_name` (torch.cuda.get_device_name), for MFU;
+    0.0 where it is not in the table."""
+    for key, peak in DENSE_BF16_PEAK_FLOPS.items():
+        if key in device_name:
+            return peak
+    return 0.0

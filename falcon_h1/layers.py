@@ -8,10 +8,13 @@ The mixer runs attention and Mamba-2 on the same normed input. With
 `fused_projections` one column-parallel GEMM produces [q, k, v, z, x, B, C, dt]
 and one row-parallel GEMM projects the concatenated branch outputs [y_ssm, o_attn]
 (summing two out-projections equals one over the concatenation), so a mixer costs
-one tensor-parallel all-reduce instead of two. Under BitNet the fused projections
-quantise their attention and Mamba parts separately (bitnet.segments), so fused
-and unfused are the same model. µP multipliers are applied as
-per-channel scales of the projection inputs/outputs, never folded into weights.
+one tensor-parallel all-reduce instead of two.
+
+The linear classes come from the model's LinearSpec (falcon_h1.linears), the kernels' choices
+from its KernelOptions (falcon_h1.kernels), both fixed when the model is built. µP multipliers
+are config, never baked into stored weights: they scale the projection inputs/outputs, or, where
+the in-projection supports it, ride on its weight rows and the conv output at each step
+(`scales_in_weights`), which is the same function with less activation traffic.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
 from megatron.core.ssm.utils import _split_tensor_factory
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from falcon_h1 import kernels
+from falcon_h1 import kernels, rope
 from falcon_h1.compat import recompute
 from falcon_h1.config import FalconH1Config
+from falcon_h1.kernels import KernelOptions
+from falcon_h1.linears import LinearSpec, supports_weight_scaling
 
 
 @dataclass(frozen=True)
@@ -103,19 +107,15 @@ def _split_factory(sharded_tensor, sections: list[int], names: list[str], dim: i
 class RMSNorm(MegatronModule):
     """RMSNorm computed in fp32 like the reference (weight applied in the input dtype)."""
 
-    def __init__(self, config, hidden_size: int, eps: float):
+    def __init__(self, config, hidden_size: int, eps: float, kernel_options: KernelOptions):
         super().__init__(config)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         _mark_sequence_parallel(self.weight, config)
         self.eps = eps
+        self.fused = kernel_options.fused_rms_norm
 
     def forward(self, x):
-        if x.is_cuda and kernels.FAST_PATH.fused_rms_norm:  # fp32 inside, one pass forward, one backward
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return kernels.rms_norm(x, self.weight, self.eps, self.fused)
 
 
 def gated_rms_norm(y, z, weight, groups: int, eps: float, norm_before_gate: bool):
@@ -131,23 +131,6 @@ def gated_rms_norm(y, z, weight, groups: int, eps: float, norm_before_gate: bool
     return h.to(dtype)
 
 
-def _linear_class(bitnet_cfg, layer_type: str, parallel: str):
-    if bitnet_cfg is None or not bitnet_cfg.enabled:
-        return ColumnParallelLinear if parallel == "column" else RowParallelLinear
-    from bitnet.layers import select_linear
-
-    return select_linear(bitnet_cfg, layer_type, parallel)
-
-
-def _fused_linear_class(bitnet_cfg, segments, parallel: str):
-    """Like _linear_class for a fused projection; segments: (name, local size, BitNet layer type)."""
-    if bitnet_cfg is None or not bitnet_cfg.enabled:
-        return ColumnParallelLinear if parallel == "column" else RowParallelLinear
-    from bitnet.layers import select_segmented_linear
-
-    return select_segmented_linear(bitnet_cfg, segments, parallel)
-
-
 def _column(cfg_t, in_size, out_size, cls):
     return cls(in_size, out_size, config=cfg_t, init_method=cfg_t.init_method, bias=False,
                gather_output=False, skip_bias_add=True)
@@ -158,34 +141,49 @@ def _row(cfg_t, in_size, out_size, cls):
                bias=False, input_is_parallel=True, skip_bias_add=True)
 
 
+def _register_row_scale(module: torch.nn.Module, name: str, values: list[float], dtype: torch.dtype) -> None:
+    """A constant per-row weight scale [rows, 1] (fp32 values rounded once to the weight's dtype),
+    kept as a buffer so it follows the module's .to() and is never cast or copied per step (a
+    kernel launch saved per layer and step, and nothing for a CUDA graph to capture)."""
+    scale = torch.tensor(values, dtype=torch.float32).to(dtype)[:, None]
+    module.register_buffer(name, scale, persistent=False)
+
+
+def _project_row_scaled(linear, u, row_scale):
+    """(u @ W^T) * s as u @ (W * s)^T: one weight-sized multiply instead of activation-sized ones
+    forward and backward; autograd carries the scale into W's gradient."""
+    return linear(u, weight=linear.weight * row_scale)[0]
+
+
 class ParallelHybridMixer(MegatronModule):
     """Attention and/or Mamba-2 on the same input; outputs summed."""
 
-    def __init__(self, cfg: FalconH1Config, config, attention: bool, mamba: bool, bitnet_cfg=None):
+    def __init__(self, cfg: FalconH1Config, config, attention: bool, mamba: bool, linears: LinearSpec,
+                 kernel_options: KernelOptions):
         super().__init__(config)
         self.cfg, self.attention, self.mamba = cfg, attention, mamba
+        self.kernel_options = kernel_options
         tp = _tp_size()
         dims = self.dims = LocalDims.of(cfg, tp, attention, mamba)
         self.fused = cfg.fused_projections
         H = cfg.hidden_size
         if self.fused:
-            # Under BitNet each segment is quantised as its unfused projection is (own absmean,
-            # own activation scale, own bitnet.layers switch), so fusing keeps the model.
+            # Each segment stands for its unfused projection (under BitNet: quantised as that one
+            # alone would be, with its own switch), so fusing keeps the model.
             in_segments = ([("qkv", sum(dims.attention_in), "attention_qkv")] * attention
                            + [("zxbcdt", sum(dims.mamba_in), "mamba_in")] * mamba)
             out_segments = [("y_ssm", dims.z, "mamba_out")] * mamba + [("o_attn", dims.q, "attention_out")] * attention
             self.in_proj = _column(config, H, tp * sum(dims.attention_in + dims.mamba_in),
-                                   _fused_linear_class(bitnet_cfg, in_segments, "column"))
-            self.out_proj = _row(config, tp * (dims.z + dims.q), H, _fused_linear_class(bitnet_cfg, out_segments, "row"))
+                                   linears.fused_linear(in_segments, "column"))
+            self.out_proj = _row(config, tp * (dims.z + dims.q), H, linears.fused_linear(out_segments, "row"))
         else:
             if attention:
                 self.attn_in_proj = _column(config, H, tp * sum(dims.attention_in),
-                                            _linear_class(bitnet_cfg, "attention_qkv", "column"))
-                self.attn_out_proj = _row(config, tp * dims.q, H, _linear_class(bitnet_cfg, "attention_out", "row"))
+                                            linears.linear("attention_qkv", "column"))
+                self.attn_out_proj = _row(config, tp * dims.q, H, linears.linear("attention_out", "row"))
             if mamba:
-                self.mamba_in_proj = _column(config, H, tp * sum(dims.mamba_in),
-                                             _linear_class(bitnet_cfg, "mamba_in", "column"))
-                self.mamba_out_proj = _row(config, tp * dims.z, H, _linear_class(bitnet_cfg, "mamba_out", "row"))
+                self.mamba_in_proj = _column(config, H, tp * sum(dims.mamba_in), linears.linear("mamba_in", "column"))
+                self.mamba_out_proj = _row(config, tp * dims.z, H, linears.linear("mamba_out", "row"))
         if mamba:
             dtype = config.params_dtype
             self.conv1d_weight = torch.nn.Parameter(torch.empty(dims.conv_channels, cfg.mamba_d_conv, dtype=dtype))
@@ -204,10 +202,27 @@ class ParallelHybridMixer(MegatronModule):
                 params.append(self.norm_weight)
             for p in params:
                 _mark_tp(p)
+        # the scan kernel gates y * silu(z) itself unless the gated RMSNorm comes between
+        self.gate_in_scan = kernel_options.gate_in_scan and not cfg.mamba_rms_norm
+        self.fused_mamba_branch = (mamba and kernel_options.fused_mamba_branch and cfg.mamba_d_conv == 4
+                                   and self.gate_in_scan)
+        self.scales_in_weights = self._scales_fold_into_weights()
         self._register_scales()
 
+    def _in_projections(self) -> list[str]:
+        return ["in_proj"] if self.fused else ["attn_in_proj"] * self.attention + ["mamba_in_proj"] * self.mamba
+
+    def _scales_fold_into_weights(self) -> bool:
+        """Whether the µP multipliers ride on the in-projection's weight rows and the conv output
+        instead of the activations: exact in real arithmetic, only rounding differs. Needs linears
+        that multiply the weight they are handed (falcon_h1.linears.supports_weight_scaling) and no
+        gated RMSNorm (which would normalise a scale folded into x away)."""
+        return (self.kernel_options.fold_scales and not self.cfg.mamba_rms_norm
+                and all(supports_weight_scaling(getattr(self, name)) for name in self._in_projections()))
+
     def _register_scales(self):
-        """Per-channel µP scales of the in-projection output and out-projection input."""
+        """Per-channel µP scales: of the in-projection output and out-projection input, or, folded
+        (`scales_in_weights`), of the in-projection's weight rows and the conv output."""
         c, d = self.cfg, self.dims
         a, s, m = c.attention_in_multiplier, c.ssm_in_multiplier, c.ssm_multipliers
         attn = [a] * d.q + [a * c.key_multiplier] * d.kv + [a] * d.kv if self.attention else []
@@ -215,36 +230,24 @@ class ParallelHybridMixer(MegatronModule):
                + [s * m[4]] * d.dt) if self.mamba else []
         self.register_buffer("attn_in_scale", torch.tensor(attn, dtype=torch.float32), persistent=False)
         self.register_buffer("ssm_in_scale", torch.tensor(ssm, dtype=torch.float32), persistent=False)
-        # Folded form (see `_scales_in_weights`): v rows also carry attention_out_multiplier
-        # (o is linear in v); the conv output of the x channels carries ssm_out_multiplier
-        # (y and D*x are linear in x), so no activation-sized scaling pass remains.
-        attn_w = ([a] * d.q + [a * c.key_multiplier] * d.kv + [a * c.attention_out_multiplier] * d.kv
-                  if self.attention else [])
+        # Folded: v rows also carry attention_out_multiplier (o is linear in v); the conv output
+        # of the x channels carries ssm_out_multiplier (y and D*x are linear in x), so no
+        # activation-sized scaling pass remains.
+        attn_rows = ([a] * d.q + [a * c.key_multiplier] * d.kv + [a * c.attention_out_multiplier] * d.kv
+                     if self.attention else [])
         conv_out = [c.ssm_out_multiplier] * d.z + [1.0] * (2 * d.bc) if self.mamba else []
-        self.register_buffer("attn_in_weight_scale", torch.tensor(attn_w, dtype=torch.float32), persistent=False)
         self.register_buffer("conv_out_scale", torch.tensor(conv_out, dtype=torch.float32), persistent=False)
+        if self.scales_in_weights:
+            rows = [attn_rows + ssm] if self.fused else [attn_rows] * self.attention + [ssm] * self.mamba
+            for name, values in zip(self._in_projections(), rows):
+                _register_row_scale(self, f"{name}_row_scale", values, getattr(self, name).weight.dtype)
 
-    def _scales_in_weights(self) -> bool:
-        """Apply the µP multipliers to weights (rows of the in-projection) and fused kernels
-        instead of the activations: exact in real arithmetic, only rounding differs. Only for
-        Megatron's plain linears (BitNet quantises the weight it is given, so scaling it
-        first would change the quantisation) and without the gated RMSNorm (which would
-        normalise a scale folded into x away)."""
-        linears = [self.in_proj] if self.fused else (
-            [self.attn_in_proj] * self.attention + [self.mamba_in_proj] * self.mamba)
-        return (kernels.FAST_PATH.fold_scales and not self.cfg.mamba_rms_norm
-                and all(type(m) is ColumnParallelLinear and not m.gradient_accumulation_fusion for m in linears))
-
-    def _project_scaled(self, linear, u, *row_scales):
-        """(u @ W^T) * s as u @ (W * s)^T: one weight-sized multiply instead of activation-sized
-        ones forward and backward; autograd carries the scale into W's gradient. The [rows, 1]
-        scale in W's dtype is built once (a kernel launch saved per layer and step)."""
-        weight = linear.weight
-        cache = self.__dict__.setdefault("_row_scale_cache", {})
-        key = (id(linear), weight.device, weight.dtype)
-        if key not in cache:
-            cache[key] = torch.cat(row_scales).to(weight.device, weight.dtype)[:, None]
-        return linear(u, weight=weight * cache[key])[0]
+    def _project_in(self, name: str, u):
+        """u @ W^T of the in-projection `name`, its rows µP-scaled when the scales are folded."""
+        linear = getattr(self, name)
+        if self.scales_in_weights:
+            return _project_row_scaled(linear, u, getattr(self, f"{name}_row_scale"))
+        return linear(u)[0]
 
     # ---- branches on local heads; inputs [s, b, channels] ----
     def _attention(self, qkv, rotary_freqs):
@@ -253,79 +256,57 @@ class ParallelHybridMixer(MegatronModule):
         s, b = q.shape[:2]
         hd = c.kv_channels
         q, k, v = q.reshape(s, b, -1, hd), k.reshape(s, b, -1, hd), v.reshape(s, b, -1, hd)
-        q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config)
-        k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config)
+        q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config, mscale=rope.attention_scaling(c))
+        k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config, mscale=rope.attention_scaling(c))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         backend = "sdpa" if c.attention_backend == "auto" else c.attention_backend
         o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend)
         return o.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    def _mamba(self, zxbcdt, folded: bool = False):
-        """zxbcdt [s, b, .] (already µP-scaled) -> y [s, b, d_ssm] (as a transposed view).
-
-        folded: ssm_out_multiplier is applied by the conv kernel to x (see _register_scales),
-        so y comes out already scaled.
-        """
-        d, c = self.dims, self.cfg
-        fast = kernels.use_fast_path(c.kernel_backend, zxbcdt.device)
-        gate_in_scan = not c.mamba_rms_norm and kernels.FAST_PATH.gate_in_scan  # kernel gates y * silu(z)
-        if kernels.fused_mamba_branch_applies(fast, self.conv1d_weight.shape[-1], gate_in_scan):
+    def _mamba(self, zxbcdt):
+        """zxbcdt [s, b, .] (already µP-scaled) -> y [s, b, d_ssm] (as a transposed view); with the
+        scales folded, ssm_out_multiplier is applied by the conv to x, so y comes out scaled."""
+        d, c, k = self.dims, self.cfg, self.kernel_options
+        conv_scale = self.conv_out_scale if self.scales_in_weights else None
+        if self.fused_mamba_branch:
             from falcon_h1.kernels.mamba_branch import mamba_conv_scan
 
-            y = mamba_conv_scan(zxbcdt.transpose(0, 1), self.conv1d_weight, self.conv1d_bias,
-                                self.conv_out_scale if folded else None, -torch.exp(self.A_log.float()), self.D,
-                                self.dt_bias, d.z, d.bc, d.ssm_heads, d.groups, c.mamba_chunk_size,
-                                tuple(c.time_step_limit))
+            y = mamba_conv_scan(zxbcdt.transpose(0, 1), self.conv1d_weight, self.conv1d_bias, conv_scale,
+                                -torch.exp(self.A_log.float()), self.D, self.dt_bias, d.z, d.bc, d.ssm_heads,
+                                d.groups, c.mamba_chunk_size, tuple(c.time_step_limit),
+                                keep_forward_states=k.ssd_keep_forward_states)
             return y.transpose(0, 1)
         z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .] views
-        xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, fast,
-                                         out_scale=self.conv_out_scale if folded else None)
+        xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, k.triton_conv,
+                                         out_scale=conv_scale)
         x, B, C = xBC.split([d.z, d.bc, d.bc], dim=-1)
         heads = lambda t, n: t.unflatten(-1, (n, -1))  # splitting the contiguous last dim: a view
         y = kernels.ssd_scan(
             heads(x, d.ssm_heads), dt, -torch.exp(self.A_log.float()), heads(B, d.groups), heads(C, d.groups),
-            c.mamba_chunk_size, self.D, self.dt_bias, tuple(c.time_step_limit), fast,
-            z=heads(z, d.ssm_heads) if gate_in_scan else None,
+            c.mamba_chunk_size, self.D, self.dt_bias, tuple(c.time_step_limit), k.triton_ssd,
+            z=heads(z, d.ssm_heads) if self.gate_in_scan else None,
         ).flatten(-2)
         if c.mamba_rms_norm:
             y = gated_rms_norm(y, z, self.norm_weight, d.groups, c.rms_norm_eps, c.mamba_norm_before_gate)
-        elif not gate_in_scan:
+        elif not self.gate_in_scan:
             y = y * F.silu(z)
         return y.transpose(0, 1)
 
     def forward(self, u, rotary_freqs):
-        if self._scales_in_weights():
-            return self._forward_folded(u, rotary_freqs)
-        c = self.cfg
+        c, folded = self.cfg, self.scales_in_weights
         if self.fused:
-            proj, _ = self.in_proj(u)
-            qkv, zxbcdt = proj.split([sum(self.dims.attention_in), sum(self.dims.mamba_in)], dim=-1)
+            qkv, zxbcdt = self._project_in("in_proj", u).split(
+                [sum(self.dims.attention_in), sum(self.dims.mamba_in)], dim=-1)
         else:
-            qkv = self.attn_in_proj(u)[0] if self.attention else None
-            zxbcdt = self.mamba_in_proj(u)[0] if self.mamba else None
+            qkv = self._project_in("attn_in_proj", u) if self.attention else None
+            zxbcdt = self._project_in("mamba_in_proj", u) if self.mamba else None
         parts = []
         if self.mamba:
-            y = self._mamba(zxbcdt * self.ssm_in_scale.to(zxbcdt.dtype))
-            parts.append(y * c.ssm_out_multiplier)
+            y = self._mamba(zxbcdt if folded else zxbcdt * self.ssm_in_scale.to(zxbcdt.dtype))
+            parts.append(y if folded else y * c.ssm_out_multiplier)
         if self.attention:
-            o = self._attention(qkv * self.attn_in_scale.to(qkv.dtype), rotary_freqs)
-            parts.append(o * c.attention_out_multiplier)
-        return self._project_out(parts)
-
-    def _forward_folded(self, u, rotary_freqs):
-        """forward() with every µP multiplier folded (see _register_scales): same function."""
-        attn_scale, ssm_scale = self.attn_in_weight_scale, self.ssm_in_scale
-        if self.fused:
-            proj = self._project_scaled(self.in_proj, u, attn_scale, ssm_scale)
-            qkv, zxbcdt = proj.split([sum(self.dims.attention_in), sum(self.dims.mamba_in)], dim=-1)
-        else:
-            qkv = self._project_scaled(self.attn_in_proj, u, attn_scale) if self.attention else None
-            zxbcdt = self._project_scaled(self.mamba_in_proj, u, ssm_scale) if self.mamba else None
-        parts = []
-        if self.mamba:
-            parts.append(self._mamba(zxbcdt, folded=True))
-        if self.attention:
-            parts.append(self._attention(qkv, rotary_freqs))
+            o = self._attention(qkv if folded else qkv * self.attn_in_scale.to(qkv.dtype), rotary_freqs)
+            parts.append(o if folded else o * c.attention_out_multiplier)
         return self._project_out(parts)
 
     def _project_out(self, parts):
@@ -371,36 +352,29 @@ class ParallelHybridMixer(MegatronModule):
 class SwiGLUMLP(MegatronModule):
     """down(silu(gate(u) * m_gate) * up(u)) * m_down, gate/up in one column-parallel GEMM."""
 
-    def __init__(self, cfg: FalconH1Config, config, bitnet_cfg=None):
+    def __init__(self, cfg: FalconH1Config, config, linears: LinearSpec, kernel_options: KernelOptions):
         super().__init__(config)
         self.cfg = cfg
         tp = _tp_size()
         self.ffn_local = cfg.intermediate_size // tp
-        self.linear_fc1 = _column(config, cfg.hidden_size, 2 * cfg.intermediate_size,
-                                  _linear_class(bitnet_cfg, "mlp", "column"))
-        self.linear_fc2 = _row(config, cfg.intermediate_size, cfg.hidden_size,
-                               _linear_class(bitnet_cfg, "mlp", "row"))
+        self.linear_fc1 = _column(config, cfg.hidden_size, 2 * cfg.intermediate_size, linears.linear("mlp", "column"))
+        self.linear_fc2 = _row(config, cfg.intermediate_size, cfg.hidden_size, linears.linear("mlp", "row"))
+        self.triton_swiglu = kernel_options.triton_swiglu
+        # silu(g * m_gate) * (up * m_down): both multipliers can ride on fc1's weight rows
+        self.scales_in_weights = kernel_options.fold_scales and supports_weight_scaling(self.linear_fc1)
+        if self.scales_in_weights:
+            m_gate, m_down = cfg.mlp_multipliers
+            _register_row_scale(self, "fc1_row_scale", [m_gate] * self.ffn_local + [m_down] * self.ffn_local,
+                                self.linear_fc1.weight.dtype)
 
     def forward(self, u):
-        m_gate, m_down = self.cfg.mlp_multipliers
-        fc1 = self.linear_fc1
-        if not (kernels.FAST_PATH.fold_scales and type(fc1) is ColumnParallelLinear
-                and not fc1.gradient_accumulation_fusion):
-            gate, up = fc1(u)[0].chunk(2, dim=-1)
-            return self.linear_fc2(F.silu(gate * m_gate) * up * m_down)[0]
-        # silu(g * m_gate) * (up * m_down): both multipliers ride on fc1's weight rows (BitNet
-        # layers above keep activation scaling: they quantise the weight they are given).
-        h = fc1(u, weight=fc1.weight * self._fc1_row_scale(fc1.weight))[0]
-        return self.linear_fc2(kernels.swiglu(h, kernels.use_fast_path(self.cfg.kernel_backend, h.device)))[0]
-
-    def _fc1_row_scale(self, weight):
-        cached = getattr(self, "_fc1_scale_cache", None)
-        if cached is None or cached.device != weight.device or cached.dtype != weight.dtype:
+        if self.scales_in_weights:
+            h = kernels.swiglu(_project_row_scaled(self.linear_fc1, u, self.fc1_row_scale), self.triton_swiglu)
+        else:
             m_gate, m_down = self.cfg.mlp_multipliers
-            cached = torch.tensor([m_gate] * self.ffn_local + [m_down] * self.ffn_local,
-                                  dtype=torch.float32).to(weight.device, weight.dtype)[:, None]
-            self._fc1_scale_cache = cached
-        return cached
+            gate, up = self.linear_fc1(u)[0].chunk(2, dim=-1)
+            h = F.silu(gate * m_gate) * up * m_down
+        return self.linear_fc2(h)[0]
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -412,15 +386,15 @@ class SwiGLUMLP(MegatronModule):
 class FalconH1Layer(MegatronModule):
     """norm -> mixer (attention ∥ Mamba-2) -> residual -> norm -> SwiGLU MLP -> residual."""
 
-    def __init__(self, cfg: FalconH1Config, config, kind: str, bitnet_cfg=None):
+    def __init__(self, cfg: FalconH1Config, config, kind: str, linears: LinearSpec, kernel_options: KernelOptions):
         super().__init__(config)
         self.kind = kind
         attention, mamba = kind in ("hybrid", "attention"), kind in ("hybrid", "mamba")
         if attention or mamba:
-            self.input_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
-            self.mixer = ParallelHybridMixer(cfg, config, attention, mamba, bitnet_cfg)
-        self.pre_ff_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLUMLP(cfg, config, bitnet_cfg)
+            self.input_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps, kernel_options)
+            self.mixer = ParallelHybridMixer(cfg, config, attention, mamba, linears, kernel_options)
+        self.pre_ff_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps, kernel_options)
+        self.mlp = SwiGLUMLP(cfg, config, linears, kernel_options)
 
     def forward(self, h, rotary_freqs):
         if self.kind != "mlp":

@@ -7,8 +7,7 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -17,7 +16,10 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from falcon_h1 import kernels
 from falcon_h1.compat import MEGATRON_FUSIONS_OFF, recompute
 from falcon_h1.config import FalconH1Config, resolve
+from falcon_h1.kernels import KernelOptions
 from falcon_h1.layers import FalconH1Layer, RMSNorm
+from falcon_h1.linears import MEGATRON_LINEARS, LinearSpec
+from falcon_h1.rope import RotaryFrequencies
 from falcon_h1.weights import accumulated_grad
 
 
@@ -72,13 +74,22 @@ class FalconH1Model(MegatronModule):
 
     forward(input_ids) -> logits [batch, seq, vocab] (gathered over TP, vocab padding
     removed); forward(input_ids, labels=...) -> per-token loss [batch, seq] computed
-    on the vocab-parallel logits without gathering them.
+    on the vocab-parallel logits without gathering them, multiplied by `loss_mask`
+    [batch, seq] when given (not averaged: the caller reduces). `position_ids` [batch, seq]
+    are the RoPE positions of the tokens (default 0..seq-1 for every row).
+
+    linears: the projections' classes; kernel_options: the kernels' choices, as resolved for
+    the device the model runs on (KernelOptions.for_device). build_model makes both.
     """
 
-    def __init__(self, cfg: FalconH1Config, config: TransformerConfig, bitnet_cfg=None,
-                 pre_process: bool = True, post_process: bool = True):
+    def __init__(self, cfg: FalconH1Config, config: TransformerConfig, linears: LinearSpec,
+                 kernel_options: KernelOptions, pre_process: bool = True, post_process: bool = True):
         super().__init__(config)
         self.cfg = cfg
+        self.kernel_options = kernel_options
+        # the dtype of the Hugging Face checkpoint the weights came from (falcon_h1.hf sets it;
+        # to_hf writes that dtype back by default); None for a model not loaded from one
+        self.hf_dtype: Optional[torch.dtype] = None
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's schedules ask for
         self.pre_process, self.post_process = pre_process, post_process
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -94,18 +105,12 @@ class FalconH1Model(MegatronModule):
         first, last = self._layer_range(len(kinds))
         self.layer_offset = first
         self.layers = torch.nn.ModuleList(
-            FalconH1Layer(cfg, config, kinds[i], bitnet_cfg) for i in range(first, last))
+            FalconH1Layer(cfg, config, kinds[i], linears, kernel_options) for i in range(first, last))
         if cfg.has_attention:
-            self.rotary = RotaryEmbedding(kv_channels=cfg.kv_channels, rotary_percent=1.0,
-                                          rotary_base=cfg.rope_theta)
+            self.rotary = RotaryFrequencies(cfg)
         if post_process:
-            self.final_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps)
-            lm_head_cls = ColumnParallelLinear
-            if bitnet_cfg is not None and bitnet_cfg.enabled and "lm_head" in bitnet_cfg.layers:
-                from bitnet.layers import select_linear
-
-                lm_head_cls = select_linear(bitnet_cfg, "lm_head", "column")
-            self.output_layer = lm_head_cls(
+            self.final_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps, kernel_options)
+            self.output_layer = linears.linear("lm_head", "column")(
                 cfg.hidden_size, self.vocab_padded, config=config, init_method=config.init_method,
                 bias=False, gather_output=False, skip_bias_add=True,
                 skip_weight_param_allocation=pre_process and cfg.tie_word_embeddings)
@@ -152,7 +157,7 @@ class FalconH1Model(MegatronModule):
         else:
             h = self.input_tensor
         seq_len = input_ids.shape[1]
-        rotary = self.rotary(seq_len) if cfg.has_attention else None
+        rotary = self.rotary(seq_len, position_ids, input_ids.device) if cfg.has_attention else None
         full_recompute = self.config.recompute_granularity == "full" and self.training
         for layer in self.layers:
             h = recompute(layer, h, rotary) if full_recompute else layer(h, rotary)
@@ -166,20 +171,24 @@ class FalconH1Model(MegatronModule):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             return logits[..., : cfg.vocab_size].transpose(0, 1).contiguous()
         # the fast path masks the padding itself and overwrites the logits with their gradient
-        fast = kernels.use_fast_path(cfg.kernel_backend, logits.device)
-        loss = kernels.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), cfg.vocab_size, fast)
-        return loss.transpose(0, 1).contiguous()                      # [b, s]
+        loss = kernels.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), cfg.vocab_size,
+                                                    self.kernel_options.fused_cross_entropy)
+        loss = loss.transpose(0, 1).contiguous()                      # [b, s]
+        return loss if loss_mask is None else loss * loss_mask
 
 
 def build_model(
-    cfg: FalconH1Config, bitnet_cfg=None, sequence_parallel: bool = False, precision: str = "fp32",
-    recompute: str = "none", seed: int = 1234, initialize: bool = True, device: Optional[torch.device] = None,
+    cfg: FalconH1Config, *, linears: LinearSpec = MEGATRON_LINEARS, kernel_options: KernelOptions = KernelOptions(),
+    sequence_parallel: bool = False, precision: str = "fp32", recompute: str = "none", seed: int = 1234,
+    initialize: bool = True, device: Optional[torch.device] = None,
 ) -> FalconH1Model:
     """The one place a Falcon-H1 config becomes a Megatron model on this rank.
 
     Needs Megatron's parallel state (falcon_h1.compat.initialize_parallel). Weights
     are initialised from `seed` in the Hugging Face layout and sliced per rank, so
-    any TP size starts from the same model.
+    any TP size starts from the same model. `linears` gives the projections' classes
+    (bitnet.spec makes BitNet's). The kernels are chosen here, once, for `device` (default:
+    this process's GPU, else the CPU): build the model on the device it runs on.
     """
     from falcon_h1.compat import default_device
     from falcon_h1.weights import init_weights
@@ -187,17 +196,15 @@ def build_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cfg = resolve(cfg, tp)
+    device = torch.device(device) if device is not None else default_device()
     bf16 = precision == "bf16"
     config = make_transformer_config(cfg, tp, pp, sequence_parallel, torch.bfloat16 if bf16 else torch.float32,
                                      bf16, recompute)
     model = FalconH1Model(
-        cfg, config, bitnet_cfg,
+        cfg, config, linears, kernel_options.for_device(cfg.kernel_backend, device),
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage())
-    model.to(device or default_device())
-    if bitnet_cfg is not None and bitnet_cfg.enabled:
-        from bitnet.layers import label_bitnet_layers
-
-        label_bitnet_layers(model)  # so BitNet errors name the parameter
+    model.to(device)
+    linears.finish(model)
     if initialize:
         init_weights(model, seed)
     return model

@@ -23,7 +23,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
+    from recipes.hydra_presets import register_presets
+
     ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
+    register_presets()
 
 
 def compose_recipe(overrides: Iterable[str] = ()) -> RecipeConfig:
@@ -31,11 +34,15 @@ def compose_recipe(overrides: Iterable[str] = ()) -> RecipeConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from recipes.build import check_overrides
+
+    overrides = list(overrides)
+    check_overrides(overrides)
     register_schema()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name="config", overrides=overrides)
     return to_recipe(cfg)
 
 
@@ -81,10 +88,14 @@ def falcon_h1_pretrain(size: str = "tiny", *, bitnet: bool = False, executor: st
 def run(recipe: RecipeConfig, executor: str | None = None):
     """Train in this process (local, one process) or launch through an executor; both
     validate the recipe before anything starts."""
-    from recipes.build import validate_recipe
+    import sys
+
+    from recipes.build import mup_report, validate_recipe
 
     if executor is not None:
         recipe.executor.kind = executor
+    for line in mup_report(recipe):
+        print(f"falcon-train: {line}", file=sys.stderr)
     if recipe.executor.kind == "local" and recipe.executor.nproc_per_node == 1 and not recipe.dryrun:
         from recipes.training import train
 
@@ -95,9 +106,11 @@ def run(recipe: RecipeConfig, executor: str | None = None):
     return launchers.launch(recipe, dryrun=recipe.dryrun)
 
 
-def load_trained_model(run_dir: str | Path, step: int | None = None):
+def load_trained_model(run_dir: str | Path, step: int | None = None, tp: int = 1):
     """The model of a finished or running job, built from run_dir/config.yaml and loaded
-    from its latest checkpoint (this process: TP=1, PP=1). Returns (model, recipe, step)."""
+    from its latest checkpoint at tensor-parallel size `tp` (1: this process; more: one
+    process per rank, under torchrun) and PP=1. Returns (model, recipe, step)."""
+    from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.compat import initialize_parallel
     from falcon_h1.model import build_model
     from recipes.build import effective_model_config, resolve_precision
@@ -108,10 +121,10 @@ def load_trained_model(run_dir: str | Path, step: int | None = None):
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist; allowed: a run directory written by falcon-train.")
     recipe = recipe_from_yaml(config_file)
-    initialize_parallel(tp=1, pp=1, seed=recipe.train.seed)
-    bitnet = recipe.bitnet if recipe.bitnet.enabled else None
-    model = build_model(effective_model_config(recipe), bitnet, precision=resolve_precision(recipe.train.precision),
-                        initialize=False)
+    initialize_parallel(tp=tp, pp=1, seed=recipe.train.seed)
+    model_cfg = effective_model_config(recipe)
+    model = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet, model_cfg.kernel_backend),
+                        precision=resolve_precision(recipe.train.precision), initialize=False)
     loaded = load_latest_checkpoint(run_dir / "checkpoints", [model], None, None)
     if loaded is None:
         raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint yet.")

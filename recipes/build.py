@@ -3,9 +3,10 @@ before any job starts (so bad input fails fast, with the key named)."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 
 from falcon_h1.config import FalconH1Config, resolve
+from falcon_h1.mup import MODES, MULTIPLIER_FIELDS
 from recipes.config import RecipeConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -22,10 +23,40 @@ def _fail(key: str, value, allowed: str) -> None:
 
 
 def effective_model_config(recipe: RecipeConfig) -> FalconH1Config:
-    """The model preset with the recipe's µP overrides applied (null keeps the preset's value)."""
-    overrides = {k: v for k, v in dataclasses.asdict(recipe.mup).items() if v is not None}
-    return dataclasses.replace(recipe.model, **{k: list(v) if isinstance(v, (list, tuple)) else v
-                                                for k, v in overrides.items()})
+    """The model config the recipe trains (its µP multipliers were resolved at composition)."""
+    if recipe.mup.mode not in MODES:
+        _fail("mup.mode", recipe.mup.mode, f"one of {MODES} (the config group mup=preset|derived|unit)")
+    return copy.deepcopy(recipe.model)
+
+
+def mup_report(recipe: RecipeConfig) -> list[str]:
+    """One line per multiplier that differs from what `mup.mode` gives: the explicit overrides
+    that win over the mode (nothing to compare against for mode preset on a non-preset model)."""
+    from falcon_h1.presets import PRESETS
+    from recipes.hydra_presets import multipliers_for_mode
+
+    mode, model = recipe.mup.mode, effective_model_config(recipe)
+    preset = PRESETS.get(model.name)
+    if mode == "preset" and preset is None:
+        return []
+    expected = multipliers_for_mode(mode, preset, model)
+    source = f"preset {model.name}" if mode == "preset" else f"mup = {mode}"
+    return [f"model.{name} = {getattr(model, name)!r} set explicitly, kept over {source}'s {value!r}"
+            for name, value in expected.items() if getattr(model, name) != value]
+
+
+# Keys that moved: the µP multipliers have one key each, in `model.` (HF config names).
+_MOVED_KEYS = {f"mup.{name}": f"model.{name}" for name in MULTIPLIER_FIELDS}
+
+
+def check_overrides(overrides) -> None:
+    """Refuse override strings that use a moved key, naming the key to use instead."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in _MOVED_KEYS:
+            _fail(key, override.split("=", 1)[1] if "=" in override else None,
+                  f"no longer a key: set {_MOVED_KEYS[key]} (one key per multiplier); "
+                  "mup= chooses where the others come from: preset | derived | unit")
 
 
 def resolve_precision(precision: str) -> str:
@@ -61,6 +92,9 @@ def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
     from recipes.schedules import validate_train_schedule
 
     validate_train_schedule(t)
+    from recipes.generate import validate_sample_settings
+
+    validate_sample_settings(t)
     if recipe.data.seq_length < 1 or recipe.data.seq_length > model_cfg.max_position_embeddings:
         _fail("data.seq_length", recipe.data.seq_length,
               f"1 .. model.max_position_embeddings = {model_cfg.max_position_embeddings}")

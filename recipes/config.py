@@ -16,17 +16,14 @@ from falcon_h1.config import FalconH1Config
 
 @dataclass
 class MupConfig:
-    """µP forward multipliers. `None` keeps the value of the model preset."""
+    """Where the model's 14 µP multipliers (the `model.*_multiplier` keys, one key each) come from.
 
-    embedding_multiplier: Optional[float] = None
-    lm_head_multiplier: Optional[float] = None
-    key_multiplier: Optional[float] = None
-    attention_in_multiplier: Optional[float] = None
-    attention_out_multiplier: Optional[float] = None
-    ssm_in_multiplier: Optional[float] = None
-    ssm_out_multiplier: Optional[float] = None
-    ssm_multipliers: Optional[list[float]] = None  # z, x, B, C, dt
-    mlp_multipliers: Optional[list[float]] = None  # gate, down
+    mode: preset (the model preset's values) | derived (the width relations of falcon_h1/mup.py
+    applied to the composed model's widths) | unit (all 1). Resolved when the recipe is composed
+    (see recipes/hydra_presets.py); a multiplier set explicitly in `model.` wins in every mode.
+    """
+
+    mode: str = "preset"
 
 
 @dataclass
@@ -61,17 +58,27 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # "bundled" = the small public-domain corpus shipped in recipes/data/corpus.
-    # Otherwise: Megatron indexed-dataset prefixes (path without .bin/.idx),
-    # optionally weighted: ["0.7", "/data/a_text_document", "0.3", "/data/b"].
+    # text: documents for pretraining; chat: conversations, loss on assistant tokens only
+    # (recipes/data/chat_dataset.py).
+    kind: str = "text"
+    # text: "bundled" = the small public-domain corpus shipped in recipes/data/corpus, or
+    # Megatron indexed-dataset prefixes (path without .bin/.idx).
+    # chat: .jsonl files, prefixes made by `falcon-preprocess --chat`, or "chat_demo".
+    # Either kind optionally weighted: ["0.7", "/data/a_text_document", "0.3", "/data/b"].
     paths: list[str] = field(default_factory=lambda: ["bundled"])
-    # "byte" = byte-level tokenizer that needs no download; otherwise the path of a
-    # Hugging Face `tokenizers` JSON file.
+    # "byte" = byte-level tokenizer that needs no download; "chat_demo" = the bundled chat
+    # tokenizer; otherwise the path of a Hugging Face `tokenizers` JSON file (or its folder,
+    # which for chat data must also hold the chat template).
     tokenizer: str = "byte"
     seq_length: int = 128
+    # train,valid,test shares by document (chat: by conversation).
     split: str = "98,2,0"
     cache_dir: Optional[str] = None
     num_workers: int = 0
+    # chat: whole conversations packed into each row (false: one conversation per row, padded).
+    packing: bool = True
+    # chat: a conversation longer than seq_length is cut to it ("truncate") or skipped ("drop").
+    overlong: str = "truncate"
 
 
 @dataclass
@@ -112,6 +119,10 @@ class TrainConfig:
     # the main-to-model parameter copies (any device; Megatron's own fallbacks read every
     # parameter's norm back to the host, a sync each) and torch's fused AdamW (GPU); false: Megatron's.
     fused_optimizer: bool = True
+    # End of training: sample this many new tokens after sample_prompt (printed with the
+    # summary; recipes.generate.sample_after_training); 0 = no sample.
+    sample_tokens: int = 0
+    sample_prompt: str = ""
 
 
 @dataclass

@@ -60,8 +60,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def is_secret_name(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in SECRET_WORDS)
+    """A name whose words end in a secret word (api_key, HF_TOKEN, apikey, passwords), so that
+    names merely containing one (data.tokenizer) are kept."""
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    return any(word.endswith((secret, secret + "s")) for word in words for secret in SECRET_WORDS)
 
 
 def _secret_env_values() -> list[str]:
@@ -101,7 +103,7 @@ def scrub_secrets(config: Any) -> Any:
     """A plain copy of `config` with secret values replaced by "***".
 
     Numbers, booleans and None under secret-looking keys are kept: they cannot be
-    credentials, and hyperparameters such as `mup.key_multiplier` must stay readable.
+    credentials, and hyperparameters such as `model.key_multiplier` must stay readable.
     """
     return _scrub(to_plain(config), _secret_env_values())
 

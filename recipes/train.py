@@ -3,6 +3,7 @@
     falcon-train                                   # tiny model, bundled corpus, CPU
     falcon-train model=falcon_h1_0_5b train=pretrain parallel.tp=2 bitnet=on
     falcon-train --cfg job model=falcon_h1_34b parallel.tp=8   # print, allocate nothing
+    falcon-train --cfg job model=falcon_h1_0_5b model.hidden_size=1536 mup=derived   # new width, µP multipliers
     falcon-train dryrun=true executor=slurm executor.slurm.nodes=4
     falcon-train -m train.lr=1e-3,3e-3             # sweep
 """
@@ -31,6 +32,7 @@ def _print_summary(summary) -> None:
         f"report:      falcon-report {summary.run_dir}"
         + (f"\nCUDA graph:  captured at step {summary.cuda_graph_step}, replayed after"
            if summary.cuda_graph_step else "")
+        + (f"\nsample:      {summary.sample}" if summary.sample else "")
     )
 
 
@@ -64,6 +66,15 @@ def _app(cfg: DictConfig):
 
 
 def main() -> None:
+    from recipes.build import RecipeError, check_overrides
+
+    try:
+        check_overrides(a for a in sys.argv[1:] if not a.startswith("-"))
+    except RecipeError as err:
+        print(f"falcon-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in sys.argv) and "--resolve" not in sys.argv:
+        sys.argv.append("--resolve")  # print the µP multipliers (interpolations) as the values they resolve to
     _app()
 
 

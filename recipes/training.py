@@ -38,6 +38,8 @@ class TrainSummary:
     # The step whose forward/backward was captured into the CUDA graph (replayed by every later
     # step); None for an eager run or one that ended before the capture.
     cuda_graph_step: Optional[int] = None
+    # train.sample_tokens new tokens after train.sample_prompt, generated at the end; None if 0.
+    sample: Optional[str] = None
 
 
 def _rank() -> int:
@@ -73,6 +75,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
 
     from falcon_h1.compat import default_device, initialize_parallel
     from falcon_h1.flops import training_flops_per_token
+    from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.model import build_model
     from recipes.build import (data_parallel_size, resolve_precision, validate_cuda_graph_device,
                                validate_parallel_layout, validate_recipe)
@@ -108,7 +111,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
 
     if t.force_reference_kernels:
         model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference")
-    model = build_model(model_cfg, recipe.bitnet if recipe.bitnet.enabled else None,
+    model = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet, model_cfg.kernel_backend),
                         sequence_parallel=p.sequence_parallel, precision=precision, recompute=t.recompute,
                         seed=t.seed)
     config = model.config
@@ -214,6 +217,9 @@ def train(recipe: RecipeConfig) -> TrainSummary:
             cuda_graph_step=cuda_graph_step)
         tracker.log_summary({"final_loss": summary.final_loss, "tokens_per_s": tokens_per_s, "steps": summary.steps,
                              **({"cuda_graph_step": cuda_graph_step} if cuda_graph_step else {})})
+    from recipes.generate import sample_after_training
+
+    summary.sample = sample_after_training(model, recipe)
     return summary
 
 
@@ -281,13 +287,9 @@ def _peak_memory_gib() -> float:
 
 def _peak_flops(device: torch.device) -> float:
     """Dense bf16 peak of the accelerator, for MFU; 0 where unknown (CPU)."""
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, peak in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("B200", 2250e12)):
-        if key in name:
-            return peak
-    return 0.0
+    from falcon_h1.flops import dense_bf16_peak_flops
+
+    return dense_bf16_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0
 
 
 # ---------------------------------------------------------------- full-iteration CUDA graph

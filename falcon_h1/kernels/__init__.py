@@ -1,10 +1,12 @@
-"""Kernels of the Falcon-H1 layer: one entry point per op, reference or fast path
-chosen here by device and config (never by scattered `if cuda` checks)."""
+"""Kernels of the Falcon-H1 layer: one entry point per op, each running its GPU kernel or the
+pure-PyTorch reference beside it. Which one is decided once per model, when it is built
+(`KernelOptions.for_device`: the device, model.kernel_backend and the options), and handed to
+each entry point as `fast` (never by scattered `if cuda` checks)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +16,17 @@ from falcon_h1.kernels.documents import check_seq_idx
 from falcon_h1.kernels.ssd_reference import ssd_chunk_scan_reference
 
 
-@dataclass
-class FastPathOptions:
-    """Which optimisations of the GPU path are on (all by default). falcon-bench turns them
-    off one by one to measure each in the same run; training never needs to touch this."""
+@dataclass(frozen=True)
+class KernelOptions:
+    """Which optimisations a model's kernels use (all on by default), fixed when the model is
+    built (`falcon_h1.model.build_model(..., kernel_options=...)`) and held by its modules.
+    falcon-bench builds one model per setting to measure each; training keeps the defaults.
 
+    The GPU-kernel switches only apply where the GPU path runs (CUDA and model.kernel_backend
+    'auto' or 'triton'): `for_device` turns them off elsewhere. fold_scales and gate_in_scan
+    choose where the model's arithmetic happens, on every device."""
+
+    triton_ssd: bool = True     # mamba_ssm's Triton SSD scan; off: the chunked PyTorch reference
     triton_conv: bool = True    # Triton conv + SiLU on [b, l, c]; off: torch conv1d (reference)
     triton_swiglu: bool = True  # one-pass SwiGLU; off: eager silu(gate) * up
     fold_scales: bool = True    # µP multipliers ride on weights / conv output (no activation pass)
@@ -30,16 +38,30 @@ class FastPathOptions:
     ssd_keep_forward_states: bool = True
     fused_cross_entropy: bool = True  # Triton loss + gradient in one forward; off: Megatron's fp32 copy
 
-
-FAST_PATH = FastPathOptions()
+    def for_device(self, backend: str, device: torch.device) -> "KernelOptions":
+        """These options as a model on `device` with model.kernel_backend = `backend` runs them:
+        the GPU kernels off on the reference path (the choice is made here, once per model).
+        torch's fused RMSNorm is not a Triton kernel: it follows the device alone."""
+        gpu = use_fast_path(backend, device)
+        return replace(
+            self,
+            triton_ssd=self.triton_ssd and gpu,
+            triton_conv=self.triton_conv and gpu,
+            triton_swiglu=self.triton_swiglu and gpu,
+            # the branch is built from mamba_ssm's scan and the Triton conv
+            fused_mamba_branch=self.fused_mamba_branch and self.triton_conv and self.triton_ssd and gpu,
+            fused_rms_norm=self.fused_rms_norm and device.type == "cuda",
+            fused_cross_entropy=self.fused_cross_entropy and gpu,
+        )
 
 
 def use_fast_path(backend: str, device: torch.device) -> bool:
-    """backend: auto | reference | triton (from FalconH1Config.kernel_backend)."""
+    """Whether the GPU kernels run on `device`; backend: auto | reference | triton
+    (FalconH1Config.kernel_backend). 'triton' where they cannot run is an error."""
     if backend == "reference" or device.type != "cuda":
         if backend == "triton" and device.type != "cuda":
             raise RuntimeError(
-                "model.kernel_backend = 'triton' needs a CUDA device; this tensor is on "
+                "model.kernel_backend = 'triton' needs a CUDA device; the model is built on "
                 f"{device}. Use 'auto' or 'reference' on CPU."
             )
         return False
@@ -60,6 +82,7 @@ def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z
 
     With z [b,l,h,p] the output is gated, y * silu(z) (inside the scan kernel on the fast path).
     With seq_idx [b,l] int32 (kernels.documents) the state restarts at each packed document.
+    fast: mamba_ssm's Triton scan (KernelOptions.triton_ssd), else the chunked reference.
     """
     check_seq_idx(seq_idx, x.shape[:2])
     if fast:
@@ -77,23 +100,18 @@ def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z
 def causal_conv1d_silu(x, weight, bias, fast: bool, out_scale=None, seq_idx=None):
     """x [b, l, c] -> silu(causal depthwise conv) [b, l, c], times out_scale [c] (a constant) if given.
 
-    The fast path reads x in place (channel stride 1, any batch/sequence strides) and
-    returns a contiguous [b, l, c]; the reference goes through torch's [b, c, l] conv1d.
+    fast (KernelOptions.triton_conv): the Triton kernel, for width-4 convolutions. It reads x in
+    place (channel stride 1, any batch/sequence strides) and returns a contiguous [b, l, c]; the
+    reference goes through torch's [b, c, l] conv1d.
     With seq_idx [b, l] int32 (kernels.documents) no tap reads another packed document.
     """
     check_seq_idx(seq_idx, x.shape[:2])
-    if fast and FAST_PATH.triton_conv and weight.shape[-1] == 4:
+    if fast and weight.shape[-1] == 4:
         from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton
 
         return causal_conv1d_silu_triton(x, weight, bias, out_scale, seq_idx=seq_idx)
     out = causal_conv1d_silu_reference(x, weight, bias, seq_idx=seq_idx)
     return out if out_scale is None else out * out_scale.to(out.dtype)
-
-
-def fused_mamba_branch_applies(fast: bool, conv_width: int, gated_in_scan: bool) -> bool:
-    """Whether kernels.mamba_branch runs the Mamba branch (GPU path, Triton conv, gate in the scan)."""
-    return (fast and FAST_PATH.fused_mamba_branch and FAST_PATH.triton_conv and conv_width == 4
-            and gated_in_scan)
 
 
 def swiglu_reference(h):
@@ -103,12 +121,29 @@ def swiglu_reference(h):
 
 
 def swiglu(h, fast: bool):
-    """SwiGLU activation of the gate/up GEMM output [..., 2f] -> [..., f]."""
-    if fast and FAST_PATH.triton_swiglu:
+    """SwiGLU activation of the gate/up GEMM output [..., 2f] -> [..., f]; fast: the one-pass
+    Triton kernel (KernelOptions.triton_swiglu)."""
+    if fast:
         from falcon_h1.kernels.swiglu_triton import swiglu_triton
 
         return swiglu_triton(h)
     return swiglu_reference(h)
+
+
+def rms_norm_reference(x, weight, eps: float):
+    """RMSNorm computed in fp32 (weight applied in the input dtype), as Hugging Face's FalconH1."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rms_norm(x, weight, eps: float, fast: bool):
+    """RMSNorm over the last dim; fast (KernelOptions.fused_rms_norm): torch's fused kernel (fp32
+    inside, one pass forward, one backward)."""
+    if fast:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return rms_norm_reference(x, weight, eps)
 
 
 def mask_vocab_padding(logits, vocab_size: int):
@@ -128,12 +163,13 @@ def vocab_parallel_cross_entropy(logits, labels, vocab_size: int, fast: bool):
     """Per-token loss [s, b] (fp32) of vocab-parallel logits [s, b, V/tp] (Megatron's layout,
     padding columns >= vocab_size unmasked) against labels [s, b].
 
-    The fast path (kernels.cross_entropy) overwrites the logits with their gradient: the caller
-    must not use them afterwards. The reference is Megatron's, on a masked fp32 copy.
+    The fast path (kernels.cross_entropy, KernelOptions.fused_cross_entropy) overwrites the logits
+    with their gradient: the caller must not use them afterwards. The reference is Megatron's, on
+    a masked fp32 copy.
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    if fast and FAST_PATH.fused_cross_entropy:
+    if fast:
         from falcon_h1.kernels.cross_entropy import fused_vocab_parallel_cross_entropy
 
         return fused_vocab_parallel_cross_entropy(logits, labels, vocab_size,

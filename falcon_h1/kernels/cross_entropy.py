@@ -156,7 +156,7 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if ctx.used:  # the buffer was scaled in place by the first backward
             raise RuntimeError("the fused cross-entropy's backward ran twice on one graph (retain_graph); "
-                               "set FAST_PATH.fused_cross_entropy = False for that.")
+                               "build the model with KernelOptions(fused_cross_entropy=False) for that.")
         ctx.used = True
         (grad,) = ctx.saved_tensors
         grad.mul_(grad_loss.reshape(*grad.shape[:-1], 1))  # fp32 product, one rounding to the logits' dtype

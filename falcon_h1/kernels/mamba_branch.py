@@ -8,8 +8,8 @@ backward allocates the in-projection gradient once, in the [s, b] layout the GEM
 and the scan and conv kernels write dz, ddt, dx/dB/dC and dxBC straight into their slices
 (the same pattern as mamba_ssm's own split-conv-scan function). The conv output is
 recomputed in the backward (one 0.1 ms pass) instead of being kept for it. The scan's chunk
-states are kept instead (`FastPathOptions.ssd_keep_forward_states`, kernels.ssd_backward), so
-its backward does not recompute them.
+states are kept instead (`keep_forward_states`, KernelOptions.ssd_keep_forward_states;
+kernels.ssd_backward), so its backward does not recompute them.
 
 Uses mamba_ssm's Triton SSD forward/backward and this package's Triton conv; the
 reference path (kernels.ssd_scan + kernels.causal_conv1d_silu) computes the same function.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from falcon_h1.kernels import FAST_PATH
 from falcon_h1.kernels.conv_triton import conv_silu_backward, conv_silu_forward
 from falcon_h1.kernels.documents import check_seq_idx
 from falcon_h1.kernels.ssd_backward import ssd_backward_from_forward_states
@@ -41,7 +40,7 @@ def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
 class MambaConvScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, widths, heads, groups,
-                chunk_size, dt_limit):
+                chunk_size, dt_limit, keep_forward_states):
         d_z, d_bc, _ = widths
         scan_fwd, _ = _ssd_functions()
         z, xBC, dt = zxbcdt.split([d_z, d_z + 2 * d_bc, heads], dim=-1)
@@ -49,7 +48,7 @@ class MambaConvScan(torch.autograd.Function):
         out, out_x, dt_proc, dA_cumsum, states, _ = scan_fwd(
             _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), chunk_size, D=D, z=_heads(z, heads),
             dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit)
-        scan_state = (dt_proc, dA_cumsum, states) if FAST_PATH.ssd_keep_forward_states else ()
+        scan_state = (dt_proc, dA_cumsum, states) if keep_forward_states else ()
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, out_x,
                               *scan_state)
         ctx.shape = (widths, heads, groups, chunk_size, dt_limit)
@@ -81,20 +80,23 @@ class MambaConvScan(torch.autograd.Function):
                 dx=_heads(dx, heads), ddt=ddt, dB=_heads(dB, groups), dC=_heads(dC, groups), dz=_heads(dz, heads))
         _, dweight, dbias = conv_silu_backward(dxBC, xBC, conv_weight, conv_bias, conv_scale, dx=dxBC_raw,
                                                seq_idx=seq_idx)
-        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None, None
+        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None, None, None
 
 
 def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d_ssm: int, d_bc: int,
-                    heads: int, groups: int, chunk_size: int, dt_limit, seq_idx=None) -> torch.Tensor:
+                    heads: int, groups: int, chunk_size: int, dt_limit, seq_idx=None,
+                    keep_forward_states: bool = True) -> torch.Tensor:
     """zxbcdt [b, s, d_ssm + d_ssm + 2 d_bc + heads] (channel stride 1) -> y * silu(z) [b, s, d_ssm].
 
     conv_scale [conv channels] or None multiplies the conv output (a constant: µP folding).
     seq_idx [b, s] int32 (kernels.documents): packed documents, each with its own conv window
     and SSM state starting from zero.
+    keep_forward_states: the scan's backward starts from the forward's chunk states
+    (kernels.ssd_backward); False: mamba_ssm's backward recomputes them.
     """
     check_seq_idx(seq_idx, zxbcdt.shape[:2])
     if conv_scale is not None:
         conv_scale = conv_scale.detach().float().contiguous()
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     return MambaConvScan.apply(zxbcdt, conv_weight.contiguous(), conv_bias, conv_scale, A, D, dt_bias, seq_idx,
-                               (d_ssm, d_bc, heads), heads, groups, chunk_size, (lo, hi))
+                               (d_ssm, d_bc, heads), heads, groups, chunk_size, (lo, hi), keep_forward_states)

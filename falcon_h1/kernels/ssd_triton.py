@@ -2,8 +2,9 @@
 
 mamba_ssm 2.3.2's package __init__ imports its Mamba-1 CUDA extension
 (`selective_scan_cuda`) unconditionally; the Triton SSD kernels do not use it, so
-when the extension was not built we register an empty module under that name
-before importing (see ../shared/platform.md).
+when the extension was not built (setup.sh installs mamba_ssm without its CUDA
+extensions: MAMBA_SKIP_CUDA_BUILD) we register an empty module under that name before
+importing. Later mamba_ssm releases guard that import themselves.
 """
 
 from __future__ import annotations

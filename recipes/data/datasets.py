@@ -77,6 +77,12 @@ def build_train_valid_datasets(
     by one, read from a seq_length+1 window), "loss_mask" and "position_ids".
     Call on every rank when torch.distributed is initialised.
     """
+    if data_cfg.kind != "text":
+        raise ValueError(
+            f"data.kind = {data_cfg.kind!r} is not allowed for pretraining datasets (documents "
+            f"packed without boundaries, loss on every token): allowed data.kind = text; chat "
+            f"data is built by recipes.data.build_chat_datasets for fine-tuning."
+        )
     validate_data_config(data_cfg)
     prefixes, weights = parse_blend(data_cfg.paths)
     cache_dir = getattr(data_cfg, "cache_dir", None)

@@ -2,6 +2,10 @@
 
     falcon-preprocess corpus.jsonl more.jsonl.gz --output-prefix data/corpus --tokenizer byte
     python -m recipes.data.preprocess book.txt --output-prefix data/book --tokenizer tokenizer.json
+    falcon-preprocess --chat chats.jsonl --output-prefix data/chats --tokenizer instruct_model_dir
+
+With --chat the inputs are conversations and the output is a chat set (token ids
+plus an assistant mask; see chat_sources.py) for `data.kind: chat`.
 
 Inputs ending in .jsonl / .json (optionally .gz) hold one JSON object per line
 and the document is the value under `--json-key` (default "text"). Any other
@@ -148,16 +152,40 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="written as PREFIX.bin and PREFIX.idx; use PREFIX in data.paths")
     parser.add_argument("--tokenizer", default="byte",
                         help="'byte' or the path of a Hugging Face tokenizer.json (default: byte)")
-    parser.add_argument("--json-key", default="text",
+    parser.add_argument("--json-key", default=None,
                         help="key holding the document in jsonl inputs (default: text)")
-    return parser.parse_args(argv)
+    parser.add_argument("--chat", action="store_true",
+                        help="inputs are conversations ({\"messages\": [...]} per line), "
+                        "rendered with the tokenizer folder's chat template; writes a chat set "
+                        "for data.kind=chat")
+    args = parser.parse_args(argv)
+    if args.chat and args.json_key is not None:
+        parser.error(f"--json-key {args.json_key!r} is for text inputs; --chat lines hold "
+                     f"\"messages\"")
+    return args
+
+
+def _preprocess_chat(args) -> str:
+    from recipes.data.chat_sources import write_chat_indexed_dataset
+
+    tokenizer = build_tokenizer(args.tokenizer)
+    stats = write_chat_indexed_dataset(args.inputs, tokenizer, args.output_prefix)
+    return (
+        f"wrote chat set {args.output_prefix}: {stats.conversations} conversations, "
+        f"{stats.tokens} tokens ({stats.assistant_tokens} assistant), skipped "
+        f"{stats.skipped_no_assistant} without an assistant turn, in {stats.seconds:.1f}s"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     try:
+        if args.chat:
+            print(_preprocess_chat(args))
+            return 0
         tokenizer = build_tokenizer(args.tokenizer)
-        stats = preprocess_files(args.inputs, tokenizer, args.output_prefix, args.json_key)
+        stats = preprocess_files(args.inputs, tokenizer, args.output_prefix,
+                                 args.json_key or "text")
     except (ValueError, FileNotFoundError) as error:
         print(f"falcon-preprocess: error: {error}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Tokenizers with the interface Megatron's GPTDataset reads.
 
-`data.tokenizer` is either "byte" (UTF-8 bytes, no download) or the path of a
-Hugging Face `tokenizers` JSON file. Both classes subclass Megatron's
+`data.tokenizer` is "byte" (UTF-8 bytes, no download), "chat_demo" (the bundled
+tiny chat tokenizer, see chat_demo.py) or the path of a Hugging Face `tokenizers`
+JSON file (or of a folder holding `tokenizer.json`). Both classes subclass Megatron's
 `MegatronTokenizerBase` and expose what `megatron.core.datasets` touches:
 `eod` (appended after every document), `pad` (masked out of the loss),
 `vocab_size` and `unique_identifiers` (hashed into the dataset-index cache key).
@@ -9,6 +10,11 @@ Hugging Face `tokenizers` JSON file. Both classes subclass Megatron's
 `vocab_size` is the number of embedding rows the model needs: the tokenizer's
 own count rounded up to a multiple of 64, so the embedding and LM-head GEMMs
 stay tensor-core friendly and split evenly over tensor-parallel ranks.
+
+Chat data is rendered with the tokenizer's own chat template (the folder's
+`tokenizer_config.json` "chat_template", or `chat_template.jinja`) through
+transformers' `apply_chat_template`, so rendering is exactly what the model
+sees at inference under Hugging Face.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from typing import Optional
 import numpy as np
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from recipes.data.chat_demo import CHAT_DEMO, TOKENIZER_DIR as CHAT_DEMO_TOKENIZER_DIR
+
 VOCAB_MULTIPLE = 64
 BYTE_SPEC = "byte"
 
@@ -30,6 +38,12 @@ EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>"
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|padding|>")
 # Megatron's own "no pad token" value: never a real id, so nothing gets masked.
 NO_PAD_ID = -1
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_HELP = (
+    "allowed: 'chat_demo' or a Hugging Face tokenizer folder holding tokenizer.json and a "
+    "chat template (\"chat_template\" in tokenizer_config.json, or chat_template.jinja), "
+    "e.g. the folder of an instruct model."
+)
 
 
 def pad_vocab_size(num_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -57,8 +71,17 @@ class _TokenizerBase(MegatronTokenizerBase):
     def tokenize_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(self.tokenize(text), dtype=np.int64) for text in texts]
 
-    def apply_chat_template(self, *args, **kwargs):
-        raise NotImplementedError("pretraining tokenizers carry no chat template")
+    def chat_tokenizer(self):
+        raise ValueError(
+            f"data.tokenizer = {self.path!r} has no chat template, which chat data "
+            f"(data.kind = chat) needs: {CHAT_TEMPLATE_HELP}"
+        )
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
+        """The conversation as text, rendered by transformers with the tokenizer's template."""
+        return self.chat_tokenizer().apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
 
 class ByteTokenizer(_TokenizerBase):
@@ -127,6 +150,7 @@ class HFJsonTokenizer(_TokenizerBase):
         pad = self._find_token(PAD_CANDIDATES)
         self._pad = NO_PAD_ID if pad is None or pad == self._eod else pad
         self._fingerprint = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()[:16]
+        self._chat_tokenizer = None
 
     def _find_token(self, names) -> Optional[int]:
         for name in names:
@@ -188,6 +212,50 @@ class HFJsonTokenizer(_TokenizerBase):
     def detokenize(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    @property
+    def chat_fingerprint(self) -> str:
+        """Changes with the tokenizer or its chat template: both decide a rendered conversation."""
+        template = find_chat_template(Path(self.path).parent) or ""
+        return hashlib.sha256(f"{self._fingerprint}\n{template}".encode()).hexdigest()[:16]
+
+    def chat_tokenizer(self):
+        """transformers' fast tokenizer of this folder, with its chat template (loaded once)."""
+        if self._chat_tokenizer is None:
+            folder = Path(self.path).parent
+            if Path(self.path).name != "tokenizer.json" or find_chat_template(folder) is None:
+                raise ValueError(
+                    f"data.tokenizer = {self.path!r} has no chat template, which chat data "
+                    f"(data.kind = chat) needs: {CHAT_TEMPLATE_HELP}"
+                )
+            from transformers import PreTrainedTokenizerFast
+
+            self._chat_tokenizer = PreTrainedTokenizerFast.from_pretrained(
+                str(folder), local_files_only=True
+            )
+        return self._chat_tokenizer
+
+
+def find_chat_template(folder: Path) -> Optional[str]:
+    """The chat template shipped in a Hugging Face tokenizer folder, or None.
+
+    Read without importing transformers, so a config check can report a missing one
+    before any job starts; rendering itself goes through transformers.
+    """
+    template_file = folder / CHAT_TEMPLATE_FILE
+    if template_file.is_file():
+        return template_file.read_text(encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(template, list):  # named templates: transformers renders "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
 
 def _declared_eos_token(config_path: Path) -> Optional[str]:
     if not config_path.is_file():
@@ -203,6 +271,8 @@ def _declared_eos_token(config_path: Path) -> Optional[str]:
 
 def resolve_tokenizer_file(spec: str) -> Path:
     """The tokenizer JSON file named by `spec` (a file, or a folder holding tokenizer.json)."""
+    if spec == CHAT_DEMO:
+        return CHAT_DEMO_TOKENIZER_DIR / "tokenizer.json"
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "tokenizer.json").is_file():
         return path / "tokenizer.json"
@@ -210,13 +280,13 @@ def resolve_tokenizer_file(spec: str) -> Path:
         return path
     raise ValueError(
         f"data.tokenizer = {spec!r}: no such file. Allowed: 'byte' (built-in byte-level "
-        f"tokenizer, no download) or the path of a Hugging Face tokenizers JSON file "
-        f"(tokenizer.json, or a folder that holds one)."
+        f"tokenizer, no download), 'chat_demo' (the bundled tiny chat tokenizer) or the path "
+        f"of a Hugging Face tokenizers JSON file (tokenizer.json, or a folder that holds one)."
     )
 
 
 def build_tokenizer(spec: str) -> ByteTokenizer | HFJsonTokenizer:
-    """`data.tokenizer` -> tokenizer: "byte" or a local tokenizer.json path."""
+    """`data.tokenizer` -> tokenizer: "byte", "chat_demo" or a local tokenizer.json path."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(
             f"data.tokenizer = {spec!r}: expected 'byte' or the path of a Hugging Face "

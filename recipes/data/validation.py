@@ -103,6 +103,10 @@ def _missing_files_problem(prefix: str) -> Optional[str]:
 
 def validate_data_config(data_cfg) -> None:
     """Raise one ValueError listing every problem in `data.*`, before any work starts."""
+    from recipes.data.chat_validation import data_kind_problems, validate_chat_data_config
+
+    if data_cfg.kind == "chat":
+        return validate_chat_data_config(data_cfg)
     prefixes, _ = parse_blend(getattr(data_cfg, "paths", [BUNDLED]))
     problems = [
         problem
@@ -111,6 +115,7 @@ def validate_data_config(data_cfg) -> None:
     ]
     if problems:
         problems.append(PATHS_HELP)
+    problems += data_kind_problems(data_cfg)
     tokenizer_spec = getattr(data_cfg, "tokenizer", BYTE_SPEC)
     if tokenizer_spec != BYTE_SPEC:
         try:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from bitnet import reference
 from bitnet.layers import bitnet_layers
+from bitnet.spec import falcon_h1_linear_spec
 from falcon_h1.compat import initialize_parallel
 from falcon_h1.model import allreduce_sequence_parallel_grads, build_model
 from falcon_h1.presets import get_preset
@@ -40,7 +41,8 @@ def build(tp: int, variant: str, fused: bool = True):
     bitnet, sequence_parallel = VARIANTS[variant]
     initialize_parallel(tp, 1, SEED)
     cfg = get_preset("falcon_h1_micro").replace(fused_projections=fused)
-    model = build_model(cfg, BitNetConfig(enabled=True, **bitnet), seed=SEED, sequence_parallel=sequence_parallel)
+    linears = falcon_h1_linear_spec(BitNetConfig(enabled=True, **bitnet), cfg.kernel_backend)
+    model = build_model(cfg, linears=linears, seed=SEED, sequence_parallel=sequence_parallel)
     return model.double()
 
 

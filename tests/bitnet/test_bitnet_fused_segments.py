@@ -223,11 +223,12 @@ def test_segment_errors():
 
 # ------------------------------------------------------------------- the Falcon-H1 mixer
 def _micro(fused: bool, bitnet: BitNetConfig | None, seed: int = 3, dtype=torch.float64):
+    from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.model import build_model
     from falcon_h1.presets import get_preset
 
     cfg = get_preset("falcon_h1_micro").replace(fused_projections=fused)
-    return build_model(cfg, bitnet, seed=seed).to(dtype)
+    return build_model(cfg, linears=falcon_h1_linear_spec(bitnet, cfg.kernel_backend), seed=seed).to(dtype)
 
 
 def _batch(seed=0):

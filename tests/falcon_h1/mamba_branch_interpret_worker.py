@@ -26,7 +26,7 @@ torch.cuda.get_device_properties = lambda *args: types.SimpleNamespace(multi_pro
 
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
-from falcon_h1.kernels import FAST_PATH, causal_conv1d_silu, ssd_scan  # noqa: E402
+from falcon_h1.kernels import causal_conv1d_silu, ssd_scan  # noqa: E402
 from falcon_h1.kernels.documents import documents_from_position_ids  # noqa: E402
 from falcon_h1.kernels.mamba_branch import _ssd_functions, mamba_conv_scan  # noqa: E402
 from tests.falcon_h1.packed_rows import documents, position_ids  # noqa: E402
@@ -44,16 +44,17 @@ LEAK_MARGIN = 1e-2  # how far the packed rows run as one sequence must be from t
 LIMIT = (0.0, float("inf"))
 
 
-def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None):
-    """path: "fused" (kernels.mamba_branch), "split" (Triton conv, then the gated Triton scan)
-    or "reference" (pure PyTorch). -> [y, d_projection, d_params...]"""
+def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_states=True):
+    """path: "fused" (kernels.mamba_branch; keep_states: its scan backward from the forward's
+    chunk states), "split" (Triton conv, then the gated Triton scan) or "reference" (pure
+    PyTorch). -> [y, d_projection, d_params...]"""
     d, bc, h, groups, extra, chunk = dims
     leaf = proj.clone().requires_grad_()
     params = [t.clone().requires_grad_() if t is not None else None for t in (w, bias, A, D, dt_bias)]
     zxbcdt = leaf[..., extra:].transpose(0, 1)  # strided [b, s, .] view of an [s, b, .] projection
     if path == "fused":
         y = mamba_conv_scan(zxbcdt, params[0], params[1], scale, *params[2:], d, bc, h, groups, chunk, LIMIT,
-                            seq_idx=seq_idx)
+                            seq_idx=seq_idx, keep_forward_states=keep_states)
     else:
         fast = path == "split"
         z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
@@ -100,10 +101,10 @@ def errors_of(got, want, with_bias):
     return {n: ((a - b).norm() / b.norm()).item() for n, a, b in zip(names, got, want)}
 
 
-def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, with_bias=True):
+def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, keep_states, with_bias=True):
     args = inputs(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, with_bias)
     want = run("reference", *args)
-    got = run("fused", *args)
+    got = run("fused", *args, keep_states=keep_states)
     errors = errors_of(got, want, with_bias)
     errors["attention_columns_untouched"] = got[1][..., :args[-1][4]].abs().max().item()
     label = (f"b={batch} l={length} h={heads} p={head_dim} g={groups} n={state} chunk={chunk} "
@@ -112,14 +113,14 @@ def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, w
     return max(errors.values()) <= TOLERANCE
 
 
-def check_packed(path, rows, heads, head_dim, groups, state, chunk, g):
+def check_packed(path, rows, heads, head_dim, groups, state, chunk, g, keep_states=True):
     """Packed rows with seq_idx == each document alone; the rows as one sequence (SSM state
     and conv window leaking across documents; on the reference path, which computes the same
     function faster) must be far from it in every output, so the comparison sees a leak."""
     args = inputs(len(rows), sum(rows[0]), heads, head_dim, groups, state, chunk, True, g, True)
     seq_idx = documents_from_position_ids(position_ids(rows)).seq_idx
     want = documents_alone(*args, rows)
-    errors = errors_of(run(path, *args, seq_idx=seq_idx), want, True)
+    errors = errors_of(run(path, *args, seq_idx=seq_idx, keep_states=keep_states), want, True)
     leaks = errors_of(run("reference", *args), want, True)
     print(f"packed {path} rows={rows} h={heads} p={head_dim} g={groups} n={state} chunk={chunk}",
           {k: f"{v:.1e}" for k, v in errors.items()},
@@ -130,16 +131,15 @@ def check_packed(path, rows, heads, head_dim, groups, state, chunk, g):
 ok = True
 # the scan's backward from the forward's chunk states (kernels.ssd_backward), then mamba_ssm's own
 for keep_states in (True, False):
-    FAST_PATH.ssd_keep_forward_states = keep_states
     print(f"ssd_keep_forward_states={keep_states}")
     g = torch.Generator().manual_seed(0)
     ok &= all([
-        check(2, 40, 4, 8, 2, 8, 16, True, g),   # length not a multiple of the chunk, 2 groups
-        check(1, 32, 2, 16, 1, 16, 16, False, g),
-        check(1, 24, 2, 8, 1, 8, 16, True, g, with_bias=False),  # mamba_conv_bias = false
+        check(2, 40, 4, 8, 2, 8, 16, True, g, keep_states),   # length not a multiple of the chunk, 2 groups
+        check(1, 32, 2, 16, 1, 16, 16, False, g, keep_states),
+        check(1, 24, 2, 8, 1, 8, 16, True, g, keep_states, with_bias=False),  # mamba_conv_bias = false
         # documents of uneven lengths (none a multiple of the chunk; several crossing chunk
         # boundaries, one shorter than the conv window), different splits per row
-        check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g),
+        check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, keep_states),
     ])
 ok &= check_packed("split", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g)
 sys.exit(0 if ok else 1)

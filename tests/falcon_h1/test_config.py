@@ -17,6 +17,11 @@ from falcon_h1.presets import get_preset
     (dict(ssm_multipliers=[1.0, 1.0]), 1, "ssm_multipliers"),
     (dict(num_key_value_heads=2), 4, "num_key_value_heads"),  # tp does not divide kv heads
     (dict(attention_backend="flash3"), 1, "attention_backend"),
+    (dict(projectors_bias=True), 1, "projectors_bias"),  # biases are not implemented: refused, not ignored
+    (dict(attention_bias=True), 1, "attention_bias"),
+    (dict(mlp_bias=True), 1, "mlp_bias"),
+    (dict(mamba_proj_bias=True), 1, "mamba_proj_bias"),
+    (dict(rope_scaling={"rope_type": "yarn"}), 1, "rope_scaling"),
 ])
 def test_bad_config_names_field(changes, tp, field):
     cfg = get_preset("falcon_h1_tiny").replace(**changes)

@@ -117,11 +117,11 @@ def test_fused_cross_entropy_in_cuda_graph():
 
 def test_model_loss_and_gradients_with_fused_cross_entropy_on_and_off(megatron_single):
     """The tiny model in bf16 on the fast path (vocab 320 padded to 512, so the padding is
-    live), FAST_PATH.fused_cross_entropy on vs off (Megatron's masked fp32 path): the same
+    live), KernelOptions.fused_cross_entropy on vs off (Megatron's masked fp32 path): the same
     per-token loss, and gradients no further from the fp32 reference model than the bf16 model
     with Megatron's loss is (nearly cancelling gradients carry a few % of bf16 noise on any
     path: see test_gpu_paths.py)."""
-    from falcon_h1.kernels import FAST_PATH, use_fast_path
+    from falcon_h1.kernels import KernelOptions, use_fast_path
     from falcon_h1.model import build_model
     from falcon_h1.presets import get_preset
     from falcon_h1.weights import gather_hf_state
@@ -134,17 +134,14 @@ def test_model_loss_and_gradients_with_fused_cross_entropy_on_and_off(megatron_s
     labels = torch.randint(0, cfg.vocab_size, (2, 500), device="cuda", generator=g)
     labels[0, :2] = torch.tensor([0, cfg.vocab_size - 1])
     results = {}
-    try:
-        for backend, precision, fused in (("reference", "fp32", False), ("auto", "bf16", False),
-                                          ("auto", "bf16", True)):
-            FAST_PATH.fused_cross_entropy = fused
-            model = build_model(cfg.replace(kernel_backend=backend), precision=precision, seed=3)
-            assert model.vocab_padded > cfg.vocab_size
-            per_token = model(ids, labels=labels)
-            per_token.float().mean().backward()
-            results[backend, fused] = (per_token.detach(), dict(gather_hf_state(model, grads=True)))
-    finally:
-        FAST_PATH.fused_cross_entropy = True
+    for backend, precision, fused in (("reference", "fp32", False), ("auto", "bf16", False),
+                                      ("auto", "bf16", True)):
+        model = build_model(cfg.replace(kernel_backend=backend), precision=precision, seed=3,
+                            kernel_options=KernelOptions(fused_cross_entropy=fused))
+        assert model.vocab_padded > cfg.vocab_size
+        per_token = model(ids, labels=labels)
+        per_token.float().mean().backward()
+        results[backend, fused] = (per_token.detach(), dict(gather_hf_state(model, grads=True)))
     fp32_grads = results["reference", False][1]
     (megatron_loss, megatron_grads), (loss, grads) = results["auto", False], results["auto", True]
     assert loss.dtype == torch.float32 and loss.shape == labels.shape

@@ -181,16 +181,7 @@ def test_triton_ssd_gating_matches_reference(packed):
     assert max(errors.values()) <= BF16_TOLERANCE, errors
 
 
-@pytest.fixture(params=[True, False], ids=["kept_ssd_states", "recomputed_ssd_states"])
-def ssd_keep_forward_states(request):
-    from falcon_h1.kernels import FAST_PATH
-
-    before = FAST_PATH.ssd_keep_forward_states
-    FAST_PATH.ssd_keep_forward_states = request.param
-    yield request.param
-    FAST_PATH.ssd_keep_forward_states = before
-
-
+@pytest.mark.parametrize("ssd_keep_forward_states", [True, False], ids=["kept_ssd_states", "recomputed_ssd_states"])
 @pytest.mark.parametrize("with_scale", [False, True])
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 def test_fused_mamba_branch_matches_reference(with_scale, packed, ssd_keep_forward_states):
@@ -226,7 +217,8 @@ def test_fused_mamba_branch_matches_reference(with_scale, packed, ssd_keep_forwa
         extra_params = [t.clone().requires_grad_() for t in (A, D, dt_bias)]
         zxbcdt = leaf[..., extra:].transpose(0, 1)
         if fused:
-            y = mamba_conv_scan(zxbcdt, *params, scale, *extra_params, d, bc, h, groups, 64, limit, seq_idx=seq_idx)
+            y = mamba_conv_scan(zxbcdt, *params, scale, *extra_params, d, bc, h, groups, 64, limit, seq_idx=seq_idx,
+                                keep_forward_states=ssd_keep_forward_states)
         else:
             z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
             xBC = causal_conv1d_silu(xBC, *params, False, out_scale=scale, seq_idx=seq_idx)

@@ -69,7 +69,7 @@ def test_folded_multipliers_gradients_match_transformers(megatron_single, tmp_pa
     hf.save_pretrained(tmp_path)
     for fused in (True, False):
         ours = falcon_h1.from_hf(tmp_path, fused_projections=fused)
-        assert all(layer.mixer._scales_in_weights() for layer in ours.layers)
+        assert all(layer.mixer.scales_in_weights for layer in ours.layers)
         g = torch.Generator().manual_seed(7)
         ids = torch.randint(0, 97, (2, 21), generator=g)
         probe = torch.randn(2, 21, 97, generator=g)
@@ -83,6 +83,56 @@ def test_folded_multipliers_gradients_match_transformers(megatron_single, tmp_pa
             got = torch.cat(pieces[name]).reshape(param.shape).double()
             want = param.grad.double()
             assert ((got - want).norm() / want.norm()).item() <= 1e-5, (fused, name)
+
+
+@pytest.mark.parametrize("options", [
+    dict(fold_scales=False),                     # µP multipliers on the activations
+    dict(gate_in_scan=False),                    # y * silu(z) after the scan
+    {f: False for f in ("triton_ssd", "triton_conv", "triton_swiglu", "fold_scales", "gate_in_scan",
+                        "fused_mamba_branch", "fused_rms_norm", "ssd_keep_forward_states", "fused_cross_entropy")},
+], ids=["no_folding", "gate_after_scan", "all_off"])
+def test_every_kernel_options_setting_computes_transformers_function(megatron_single, tmp_path, options):
+    """A model built with other KernelOptions is the same function: logits and every gradient
+    equal transformers' FalconH1 (fp32, all multipliers != 1, no gated RMSNorm so that
+    folding and the in-scan gate would apply)."""
+    from falcon_h1.kernels import KernelOptions
+    from tests.falcon_h1.hf_built import build_from_hf, gradient_errors
+    from tests.falcon_h1.hf_reference import make_hf_model
+
+    hf = make_hf_model(seed=6, mamba_rms_norm=False)
+    hf.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 97, (2, 19), generator=g)
+    probe = torch.randn(2, 19, 97, generator=g)
+    for fused in (True, False):
+        ours = build_from_hf(tmp_path, kernel_options=KernelOptions(**options), fused_projections=fused)
+        errors = gradient_errors(ours, hf, ids, probe)
+        assert max(errors.values()) <= 1e-5, (fused, errors)
+
+
+def test_kernel_options_on_the_reference_path_turn_the_gpu_kernels_off():
+    """On a CPU (and under model.kernel_backend = 'reference' anywhere) the GPU kernels are off
+    whatever was asked; where the arithmetic happens (fold_scales, gate_in_scan) is kept."""
+    from falcon_h1.kernels import KernelOptions
+
+    asked = KernelOptions()
+    for backend in ("auto", "reference"):
+        got = asked.for_device(backend, torch.device("cpu"))
+        assert not (got.triton_ssd or got.triton_conv or got.triton_swiglu or got.fused_mamba_branch
+                    or got.fused_rms_norm or got.fused_cross_entropy)
+        assert got.fold_scales and got.gate_in_scan and got.ssd_keep_forward_states
+    cuda_reference = asked.for_device("reference", torch.device("cuda"))
+    assert not (cuda_reference.triton_ssd or cuda_reference.triton_conv or cuda_reference.fused_cross_entropy)
+    assert cuda_reference.fused_rms_norm  # torch's own kernel, not a Triton one: follows the device
+
+
+def test_triton_backend_without_a_gpu_is_refused_when_the_model_is_built(megatron_single):
+    from falcon_h1.model import build_model
+    from falcon_h1.presets import get_preset
+
+    cfg = get_preset("falcon_h1_micro").replace(kernel_backend="triton")
+    with pytest.raises(RuntimeError, match=r"model.kernel_backend = 'triton' needs a CUDA device; the model is built on cpu"):
+        build_model(cfg, device=torch.device("cpu"), initialize=False)
 
 
 # ---- packed rows: every document independent (kernels.documents) ----

@@ -29,3 +29,16 @@ def test_tp2_matches_tp1(tp2_results, megatron_single, variant):
     for name in tp1["params"]:
         assert torch.equal(tp2["params"][name], tp1["params"][name]), name  # TP-invariant init
         assert rel(tp2["grads"][name], tp1["grads"][name]) <= 1e-6, name
+
+
+def test_odd_vocab_exports_the_unpadded_vocabulary_at_tp2(tp2_results, megatron_single):
+    vocab = tp_worker.VARIANTS["odd_vocab"][2]
+    tp2, tp1 = tp2_results["odd_vocab"], tp_worker.run(1, "odd_vocab")
+    assert tp2["logits"].shape[-1] == vocab
+    exported, reference = tp2["hf_export"], tp1["hf_export"]
+    assert exported["config"]["vocab_size"] == vocab
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert exported["tensors"][name].shape == (vocab, 64), name
+    assert exported["tensors"].keys() == reference["tensors"].keys()
+    for name, tensor in reference["tensors"].items():
+        assert torch.equal(exported["tensors"][name], tensor), name

@@ -19,12 +19,9 @@ GROUPS = {path.name: sorted(p.stem for p in path.glob("*.yaml")) for path in CON
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_model_yaml_equals_python_preset(name):
+def test_model_yaml_names_its_preset_and_repeats_no_field(name):
     data = yaml.safe_load((CONFIG_DIR / "model" / f"{name}.yaml").read_text())
-    expected = dataclasses.asdict(PRESETS[name])
-    assert data.keys() == expected.keys()
-    for key, value in expected.items():
-        assert data[key] == value or (isinstance(value, list) and math.isinf(value[-1])), key
+    assert data == {"defaults": [{"/model_preset@_here_": name}, "_self_"]}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -49,11 +46,52 @@ def test_python_api_matches_cli_composition():
 def test_mup_overrides_apply_over_preset():
     from recipes.build import effective_model_config
 
-    recipe = compose_recipe(["model=falcon_h1_0_5b", "mup.key_multiplier=0.5"])
+    recipe = compose_recipe(["model=falcon_h1_0_5b", "model.key_multiplier=0.5"])
     cfg = effective_model_config(recipe)
     assert cfg.key_multiplier == 0.5 and cfg.embedding_multiplier == PRESETS["falcon_h1_0_5b"].embedding_multiplier
     unit = effective_model_config(compose_recipe(["model=falcon_h1_0_5b", "mup=unit"]))
     assert unit.ssm_multipliers == [1.0] * 5 and unit.lm_head_multiplier == 1.0
+
+
+def test_mup_derived_follows_the_composed_width_and_explicit_values_win():
+    from recipes.build import effective_model_config, mup_report
+
+    recipe = compose_recipe(["model=falcon_h1_0_5b", "model.hidden_size=1536", "mup=derived",
+                             "model.key_multiplier=0.5"])
+    cfg = effective_model_config(recipe)
+    # the width relations, written out: 40 / H, 1280 / H, 491520 / (H * heads * head_dim)
+    assert cfg.lm_head_multiplier == 40 / 1536 and cfg.ssm_in_multiplier == 1280 / 1536
+    assert cfg.attention_out_multiplier == 491520 / (1536 * 8 * 64)
+    assert cfg.mlp_multipliers[1] == 1228800 / (1536 * 2048)
+    assert cfg.key_multiplier == 0.5
+    report = mup_report(recipe)
+    assert len(report) == 1 and "model.key_multiplier = 0.5" in report[0] and "mup = derived" in report[0]
+    same = compose_recipe(["model=falcon_h1_0_5b", "model.hidden_size=1536", "mup.mode=derived"])
+    assert same.model.lm_head_multiplier == 40 / 1536
+
+
+def test_mup_preset_keeps_published_values_at_a_new_width_and_reports_overrides():
+    from recipes.build import mup_report
+
+    recipe = compose_recipe(["model=falcon_h1_7b", "model.hidden_size=4096", "model.lm_head_multiplier=0.01"])
+    assert recipe.model.key_multiplier == PRESETS["falcon_h1_7b"].key_multiplier
+    assert recipe.model.lm_head_multiplier == 0.01
+    assert mup_report(recipe) == [
+        "model.lm_head_multiplier = 0.01 set explicitly, kept over preset falcon_h1_7b's 0.013020833333333334"]
+    unit = compose_recipe(["model=falcon_h1_7b", "mup=unit", "model.ssm_multipliers=[2,2,2,2,2]"])
+    assert unit.model.ssm_multipliers == [2.0] * 5 and unit.model.mlp_multipliers == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("override", ["mup.lm_head_multiplier=0.02", "+mup.ssm_multipliers=[1,1,1,1,1]"])
+def test_moved_multiplier_keys_name_the_new_key(override):
+    key = override.lstrip("+").split("=")[0].split(".")[1]
+    with pytest.raises(RecipeError, match=f"set model.{key}"):
+        compose_recipe([override])
+
+
+def test_unknown_mup_mode_is_named():
+    with pytest.raises(Exception, match="mup.mode = 'sometimes'"):
+        compose_recipe(["model=falcon_h1_0_5b", "mup.mode=sometimes"])
 
 
 @pytest.mark.parametrize("override,key", [
@@ -90,6 +128,19 @@ def test_cli_prints_34b_config_without_allocating():
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     assert printed["model"]["hidden_size"] == 5120 and printed["parallel"]["tp"] == 8
+
+
+def test_cli_prints_derived_multipliers_of_a_new_width():
+    proc = _cli("--cfg", "job", "model=falcon_h1_0_5b", "model.hidden_size=1536", "mup=derived")
+    assert proc.returncode == 0, proc.stderr
+    model = yaml.safe_load(proc.stdout)["model"]
+    assert model["lm_head_multiplier"] == 40 / 1536 and model["hidden_size"] == 1536
+    assert model["embedding_multiplier"] == 4 * math.sqrt(2)
+
+
+def test_cli_moved_key_is_one_clear_error():
+    proc = _cli("--cfg", "job", "mup.lm_head_multiplier=0.02")
+    assert proc.returncode == 2 and "set model.lm_head_multiplier" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_bad_override_is_one_clear_error(tmp_path):

@@ -148,6 +148,7 @@ def test_bitnet_run_exports_ternary_weights_that_reproduce_its_forward(tracked_r
     import torch
 
     from bitnet.export import load_frozen_bitnet, main as export_main
+    from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.model import build_model
     from recipes.api import load_trained_model
     from recipes.build import effective_model_config
@@ -157,7 +158,9 @@ def test_bitnet_run_exports_ternary_weights_that_reproduce_its_forward(tracked_r
     export_main([str(ternary), str(out)])
     trained, recipe, step = load_trained_model(ternary)
     assert step == 8
-    frozen = build_model(effective_model_config(recipe), recipe.bitnet, initialize=False).eval()
+    model_cfg = effective_model_config(recipe)
+    frozen = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet, model_cfg.kernel_backend),
+                         initialize=False).eval()
     load_frozen_bitnet(frozen, str(out))
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

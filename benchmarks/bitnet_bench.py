@@ -1,4 +1,5 @@
-"""Micro-benchmark of the BitNet quantisers and GEMMs on one GPU: `python -m bitnet.bench`.
+"""Micro-benchmark of the BitNet quantisers and GEMMs on one GPU:
+`python -m benchmarks.bitnet_bench`.
 
 Compares, for one projection (bf16): the PyTorch reference quantisers vs the Triton kernels
 (and onebitllms' kernels when installed), the reference STE `x + (q(x) - x).detach()` vs the
@@ -70,13 +71,13 @@ def _rows(args):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bitnet.bench")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bitnet_bench")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--in-features", type=int, default=4096)
     parser.add_argument("--out-features", type=int, default=4096)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bitnet.bench needs a CUDA GPU")
+        raise SystemExit("benchmarks.bitnet_bench needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}: tokens={args.tokens} in={args.in_features} "
           f"out={args.out_features} bf16")
     for name, fn in _rows(args):

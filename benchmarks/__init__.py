@@ -1,0 +1,4 @@
+"""The GPU benchmarks and their notes (NOTES.md, results/): `falcon-bench` (falcon_bench.py, the
+training step and its kernels), the BitNet quantiser micro-benchmark (bitnet_bench.py) and the
+multi-GPU scaling driver (scaling.py). A package so that `falcon-bench` installs as a command;
+the library packages never import it."""

@@ -1,0 +1,199 @@
+"""Everything generation knows about the model's inside, in one module.
+
+Generation runs the model's own forward for every token: embedding, layers, MLPs, norms,
+LM head and the tensor-parallel gathers are the training code. Only the mixers change:
+
+- prefill is the plain training forward with a pre-hook on each mixer that hands its input
+  (the normed hidden states) and the rotary frequencies it was given to the cache code
+  (falcon_h1.generation.cache), which computes that layer's states from them;
+- a decode step is the forward on one token per row at its own position (position_ids), with
+  each mixer swapped for a module that handles that token from the caches
+  (falcon_h1.generation.decode) and reads the mixer's projections, µP scales and SSM
+  parameters through the functions here; the model computes the rotary frequencies.
+
+The projections are taken in their unfolded form (linear, then the mixer's per-channel µP
+scale), which is the same function as the folded one the training path may use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SsmParams:
+    """One Mamba-2 branch's parameters on this rank (local heads)."""
+
+    conv_weight: torch.Tensor        # [conv_channels, d_conv]
+    conv_bias: Optional[torch.Tensor]
+    A: torch.Tensor                  # [heads] fp32, negative
+    D: torch.Tensor                  # [heads]
+    dt_bias: torch.Tensor            # [heads]
+    dt_limit: tuple[float, float]
+    heads: int
+    head_dim: int
+    groups: int
+    d_state: int
+    d_ssm: int                       # local z (= x) width
+    bc: int                          # local width of B (and of C)
+
+
+def check_can_generate(model) -> None:
+    """Refuse model layouts a decode step cannot run, naming the setting."""
+    from megatron.core import parallel_state
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp > 1:
+        raise ValueError(f"generation with parallel.pp = {pp} is not supported; allowed: pp = 1 "
+                         "(load the checkpoint at pp = 1: checkpoints load at any pipeline size).")
+    if model.config.sequence_parallel:
+        raise ValueError("generation with parallel.sequence_parallel = true is not supported (a decode step "
+                         "has one token per row, which cannot be split over ranks); allowed: build the model "
+                         "with sequence_parallel = false.")
+
+
+def mixers(model) -> Iterator[tuple[int, torch.nn.Module]]:
+    """(layer index, mixer) of every layer that has an attention and/or Mamba-2 mixer."""
+    for index, layer in enumerate(model.layers):
+        if layer.kind != "mlp":
+            yield index, layer.mixer
+
+
+def has_attention(mixer) -> bool:
+    return mixer.attention
+
+
+def has_mamba(mixer) -> bool:
+    return mixer.mamba
+
+
+def project_in(mixer, u: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """u [s, b, H] -> (qkv, zxbcdt) [s, b, .] of this rank's heads, µP-scaled; None for an absent branch."""
+    d = mixer.dims
+    if mixer.fused:
+        proj = mixer.in_proj(u)[0]
+        qkv, zxbcdt = proj.split([sum(d.attention_in), sum(d.mamba_in)], dim=-1)
+    else:
+        qkv = mixer.attn_in_proj(u)[0] if mixer.attention else None
+        zxbcdt = mixer.mamba_in_proj(u)[0] if mixer.mamba else None
+    qkv = qkv * mixer.attn_in_scale.to(qkv.dtype) if mixer.attention else None
+    zxbcdt = zxbcdt * mixer.ssm_in_scale.to(zxbcdt.dtype) if mixer.mamba else None
+    return qkv, zxbcdt
+
+
+def project_out(mixer, y_ssm: Optional[torch.Tensor], o_attn: Optional[torch.Tensor]) -> torch.Tensor:
+    """Branch outputs [s, b, .] (before their out multipliers) -> mixer output [s, b, H]."""
+    c = mixer.cfg
+    parts = []
+    if mixer.mamba:
+        parts.append(y_ssm * c.ssm_out_multiplier)
+    if mixer.attention:
+        parts.append(o_attn * c.attention_out_multiplier)
+    if mixer.fused:
+        return mixer.out_proj(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous())[0]
+    out = mixer.mamba_out_proj(parts[0].contiguous())[0] if mixer.mamba else None
+    if mixer.attention:
+        attn = mixer.attn_out_proj(parts[-1].contiguous())[0]
+        out = attn if out is None else out + attn
+    return out
+
+
+def split_qkv(mixer, qkv: torch.Tensor):
+    """qkv [s, b, .] -> q [s, b, q_heads, d], k and v [s, b, kv_heads, d]."""
+    d, hd = mixer.dims, mixer.cfg.kv_channels
+    q, k, v = qkv.split([d.q, d.kv, d.kv], dim=-1)
+    return q.unflatten(-1, (-1, hd)), k.unflatten(-1, (-1, hd)), v.unflatten(-1, (-1, hd))
+
+
+def apply_rotary(mixer, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE as the mixer applies it: t [s, b, heads, d], freqs (the model's, [s, b or 1, 1, d])."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
+
+    from falcon_h1 import rope
+
+    return apply_rotary_pos_emb(t, freqs, config=mixer.config, mscale=rope.attention_scaling(mixer.cfg))
+
+
+def attention_scale(mixer) -> float:
+    return mixer.cfg.kv_channels ** -0.5
+
+
+def split_zxbcdt(mixer, zxbcdt: torch.Tensor):
+    """zxbcdt [..., .] -> z [..., d_ssm], xBC [..., conv_channels], dt [..., heads]."""
+    d = mixer.dims
+    return zxbcdt.split([d.z, d.conv_channels, d.dt], dim=-1)
+
+
+def ssm_params(mixer) -> SsmParams:
+    d, c = mixer.dims, mixer.cfg
+    return SsmParams(
+        conv_weight=mixer.conv1d_weight, conv_bias=mixer.conv1d_bias, A=-torch.exp(mixer.A_log.float()),
+        D=mixer.D, dt_bias=mixer.dt_bias, dt_limit=tuple(c.time_step_limit), heads=d.ssm_heads,
+        head_dim=c.ssm_head_dim, groups=d.groups, d_state=c.mamba_d_state, d_ssm=d.z, bc=d.bc)
+
+
+def gate(mixer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The SSM output gated by z as the mixer does: gated RMSNorm, or y * silu(z)."""
+    c = mixer.cfg
+    if c.mamba_rms_norm:
+        from falcon_h1.layers import gated_rms_norm
+
+        return gated_rms_norm(y, z, mixer.norm_weight, mixer.dims.groups, c.rms_norm_eps, c.mamba_norm_before_gate)
+    return y * F.silu(z)
+
+
+def uses_gpu_kernels(mixer) -> bool:
+    """Whether the mixer runs the GPU (Triton) SSM kernels: the model's choice, made when it was
+    built for its device and kernel_backend."""
+    return mixer.kernel_options.triton_ssd
+
+
+@contextlib.contextmanager
+def mixer_inputs_seen_by(model, callback: Callable[[int, torch.nn.Module, torch.Tensor, Optional[torch.Tensor]], None]):
+    """During the block, each mixer's forward first calls callback(layer index, mixer, u [s, b, H],
+    rotary freqs), with the input it is about to process (used at once, so no layer's input
+    outlives its own forward)."""
+    handles = []
+    for index, mixer in mixers(model):
+        def hook(module, args, index=index):
+            callback(index, module, args[0], args[1] if len(args) > 1 else None)
+        handles.append(mixer.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def mixers_replaced(model, make: Callable[[int, torch.nn.Module], torch.nn.Module]):
+    """During the block each layer's mixer is make(layer index, mixer); restored afterwards.
+    The stand-in is called as the mixer is: stand_in(u [s, b, H], rotary_freqs)."""
+    originals = dict(mixers(model))
+    try:
+        for index, mixer in originals.items():
+            model.layers[index].mixer = make(index, mixer)
+        yield
+    finally:
+        for index, mixer in originals.items():
+            model.layers[index].mixer = mixer
+
+
+@contextlib.contextmanager
+def last_position_logits(model):
+    """During the block the model's forward returns logits of the last position only,
+    [b, 1, V] (the LM head sees only the last hidden state: a prompt's full logits would
+    be [b, L, V])."""
+    def keep_last(module, args, kwargs):
+        return (args[0][-1:], *args[1:]), kwargs
+
+    handle = model.output_layer.register_forward_pre_hook(keep_last, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

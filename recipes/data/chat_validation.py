@@ -1,0 +1,109 @@
+"""Check `data.*` for `data.kind: chat` before any job starts, naming the field.
+
+Only file existence and shapes are checked here (no tokenization): a missing
+file, a text dataset where a chat set is expected, a tokenizer without a chat
+template, an unknown `data.overlong`. Problems inside the files (a malformed
+line, an unknown role) are found while reading them, with file and line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from recipes.data.chat import is_chat_file
+from recipes.data.chat_demo import CHAT_DEMO
+from recipes.data.chat_sources import MASK_SUFFIX, chat_indexed_files
+from recipes.data.tokenizer import (BYTE_SPEC, CHAT_TEMPLATE_HELP, find_chat_template,
+                                    resolve_tokenizer_file)
+from recipes.data.validation import parse_blend, parse_split
+
+DATA_KINDS = ("text", "chat")
+OVERLONG_POLICIES = ("truncate", "drop")
+CHAT_PATHS_HELP = (
+    "For data.kind = chat each entry is a .jsonl/.json[.gz] file of {\"messages\": [...]} "
+    "lines, a prefix made by falcon-preprocess --chat, or 'chat_demo' (the bundled set), "
+    "optionally weighted as ['0.7', 'a.jsonl', '0.3', 'b.jsonl']."
+)
+# The DataConfig fields only chat data reads, with the defaults text data must keep.
+CHAT_ONLY_DEFAULTS = {"packing": True, "overlong": "truncate"}
+
+
+def data_kind_problems(data_cfg) -> list[str]:
+    """An unknown data.kind, or a chat-only field changed for text data (it would be ignored)."""
+    if data_cfg.kind not in DATA_KINDS:
+        return [f"data.kind = {data_cfg.kind!r} is not allowed: one of {DATA_KINDS}."]
+    if data_cfg.kind == "chat":
+        return []
+    return [
+        f"data.{name} = {getattr(data_cfg, name)!r} applies to data.kind = chat only; for "
+        f"data.kind = {data_cfg.kind!r} leave it at {default!r}."
+        for name, default in CHAT_ONLY_DEFAULTS.items()
+        if getattr(data_cfg, name) != default
+    ]
+
+
+def _entry_problem(entry: str) -> Optional[str]:
+    if entry == CHAT_DEMO:
+        return None
+    where = "" if os.path.isabs(entry) else f" (relative to {os.getcwd()})"
+    if is_chat_file(entry):
+        return None if os.path.isfile(entry) else f"data.paths entry {entry!r}: no such file{where}."
+    missing = [path for path in chat_indexed_files(entry) if not os.path.isfile(path)]
+    if not missing:
+        return None
+    if os.path.isfile(f"{entry}.bin") and not os.path.isfile(f"{entry}{MASK_SUFFIX}.bin"):
+        return (f"data.paths entry {entry!r} is a text dataset (no assistant mask): make chat "
+                f"sets with falcon-preprocess --chat.")
+    return (f"data.paths entry {entry!r} is neither a chat file nor a preprocessed chat set: "
+            f"missing {', '.join(missing)}{where}.")
+
+
+def _tokenizer_problem(spec: str) -> Optional[str]:
+    if spec == BYTE_SPEC:
+        return f"data.tokenizer = {spec!r} has no chat template: {CHAT_TEMPLATE_HELP}"
+    try:
+        tokenizer_file = resolve_tokenizer_file(str(spec))
+    except ValueError as error:
+        return str(error)
+    if tokenizer_file.name != "tokenizer.json" or find_chat_template(tokenizer_file.parent) is None:
+        return f"data.tokenizer = {spec!r} has no chat template: {CHAT_TEMPLATE_HELP}"
+    return None
+
+
+def validate_chat_data_config(data_cfg) -> None:
+    """Raise one ValueError listing every problem of a chat `data.*`."""
+    problems = data_kind_problems(data_cfg)
+    if data_cfg.kind != "chat":
+        problems.append(f"data.kind = {data_cfg.kind!r}: chat datasets need data.kind = chat.")
+    try:
+        entries, _ = parse_blend(data_cfg.paths)
+    except ValueError as error:
+        problems.append(f"{error} {CHAT_PATHS_HELP}")
+        entries = []
+    entry_problems = [problem for entry in entries if (problem := _entry_problem(entry))]
+    problems += entry_problems + ([CHAT_PATHS_HELP] if entry_problems else [])
+    if problem := _tokenizer_problem(data_cfg.tokenizer):
+        problems.append(problem)
+    try:
+        parse_split(data_cfg.split)
+    except ValueError as error:
+        problems.append(str(error))
+    seq_length = data_cfg.seq_length
+    if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 2:
+        problems.append(f"data.seq_length = {seq_length!r}: expected an integer >= 2 "
+                        f"(a chat row needs a token and its label).")
+    if not isinstance(data_cfg.packing, bool):
+        problems.append(f"data.packing = {data_cfg.packing!r}: expected true or false.")
+    if data_cfg.overlong not in OVERLONG_POLICIES:
+        problems.append(f"data.overlong = {data_cfg.overlong!r} is not allowed: one of "
+                        f"{OVERLONG_POLICIES} (cut a too-long conversation to seq_length, or "
+                        f"skip it; both are counted and reported).")
+    if data_cfg.cache_dir is not None:
+        problems.append(
+            f"data.cache_dir = {data_cfg.cache_dir!r} is not used by data.kind = chat (small "
+            f"sets are tokenized at start; preprocess large ones with falcon-preprocess --chat); "
+            f"leave it null."
+        )
+    if problems:
+        raise ValueError(" ".join(problems))
