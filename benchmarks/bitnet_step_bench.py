@@ -1,12 +1,13 @@
 """BitNet b1.58 against bf16 on one GPU, side by side in one process (issue 17, benchmarks/NOTES.md
 "BitNet quantise-once"):
 
-    python benchmarks/bitnet_step_bench.py --size 0.5b --seq 4096 --batch 4 --json bitnet.json
+    python -m benchmarks.bitnet_step_bench --size 0.5b --seq 4096 --batch 4 --json bitnet.json
 
 Table 1, the training step. Every variant is the same preset built from the same seed, trained
 with torch's fused AdamW on the same batch:
 - graph: forward + backward captured once in a CUDA graph and replayed, the optimizer step eager
-  (as falcon-bench's *_cuda_graph variants): one micro-batch of batch x seq tokens;
+  (benchmarks.timing.graphed_train_step, as falcon-bench's *_cuda_graph variants): one micro-batch
+  of batch x seq tokens;
 - eager_accum: `--micro-batches` micro-batches of the same tokens accumulated into one optimizer
   step, eagerly: the weight is quantised once per step and reused by the later micro-batches;
   `bitnet_every_forward` quantises at every forward instead (weights_changed() before each).
@@ -31,6 +32,8 @@ import json
 
 import torch
 
+from benchmarks.timing import graphed_train_step, profile_kernels, time_steps
+
 STEP_VARIANTS = {
     "bf16": None,
     "bitnet": {},
@@ -41,61 +44,18 @@ STEP_VARIANTS = {
 
 # ------------------------------------------------------------------------------ helpers
 def _build(preset, bitnet: dict | None):
+    from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.model import build_model
     from recipes.config import BitNetConfig
 
     cfg = None if bitnet is None else BitNetConfig(enabled=True, **bitnet)
-    return build_model(preset, cfg, precision="bf16", seed=0).cuda().train()
+    linears = falcon_h1_linear_spec(cfg, preset.kernel_backend)
+    return build_model(preset, linears=linears, precision="bf16", seed=0).cuda().train()
 
 
 def _free():
     gc.collect()
     torch.cuda.empty_cache()
-
-
-def _median_ms(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def _kernel_ms(step) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    return sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 1e3
-
-
-def _graphed_step(model, optimizer, loss_fn, warmup: int = 3):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # autotune, allocator warm-up, lazy caches: before the capture
-        for _ in range(warmup):
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model).backward()
-    torch.cuda.current_stream().wait_stream(side)
-    optimizer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = loss_fn(model)
-        loss.backward()
-
-    def step():
-        graph.replay()
-        optimizer.step()
-        return loss.detach().clone()
-    return step
 
 
 def _accumulating_step(model, optimizer, micro_losses, every_forward: bool):
@@ -144,14 +104,12 @@ def step_table(preset, batch: int, seq: int, micro_batches: int, warmup: int, st
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
             torch.cuda.reset_peak_memory_stats()
             if mode == "graph":
-                step = _graphed_step(model, optimizer, whole)
+                step = graphed_train_step(model, optimizer, whole)
             else:
                 step = _accumulating_step(model, optimizer, micro, every_forward=name == "bitnet_every_forward")
-            row["first_loss"] = float(step())
-            row["ms"] = _median_ms(step, warmup, steps)
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            row["ms"], row["first_loss"], row["peak_gib"] = time_steps(step, warmup, steps)
             if mode == "eager_accum":
-                row["kernel_ms"] = _kernel_ms(step)
+                row["kernel_ms"] = profile_kernels(step, top=0)[0]["total_ms"]
             if name == "bf16":
                 baseline[mode] = row
             elif mode in baseline:
@@ -336,7 +294,7 @@ def layer_table(preset, batch: int, seq: int) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python benchmarks/bitnet_step_bench.py")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bitnet_step_bench")
     parser.add_argument("--size", default="0.5b")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4)

@@ -11,6 +11,6 @@ if [ "${TESTS:-1}" = 1 ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings --tb=short tests/bitnet/test_triton_gpu.py \
     2>&1 | tail -25 | tee "$OUT/bitnet_gpu_tests.txt"
 fi
-timeout $((570 - SECONDS)) python3 benchmarks/bitnet_step_bench.py --size 0.5b --seq 4096 --batch 4 \
+timeout $((570 - SECONDS)) python3 -m benchmarks.bitnet_step_bench --size 0.5b --seq 4096 --batch 4 \
   --tables "${TABLES:-layers,steps}" ${BENCH_ARGS:-} --json "$OUT/bitnet_step_bench.json" 2>&1 \
   | grep -v -i warn | tee "$OUT/bitnet_step_bench.txt"

@@ -46,11 +46,13 @@ def quantisations(monkeypatch):
 
 
 def _micro(precision="fp32", recompute="none", **bitnet):
+    from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.model import build_model
     from falcon_h1.presets import get_preset
 
-    cfg = BitNetConfig(enabled=True, **bitnet)
-    return build_model(get_preset("falcon_h1_micro"), cfg, precision=precision, recompute=recompute, seed=3)
+    cfg = get_preset("falcon_h1_micro")
+    linears = falcon_h1_linear_spec(BitNetConfig(enabled=True, **bitnet), cfg.kernel_backend)
+    return build_model(cfg, linears=linears, precision=precision, recompute=recompute, seed=3)
 
 
 def _batches():
