@@ -95,6 +95,9 @@ def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
     from recipes.generate import validate_sample_settings
 
     validate_sample_settings(t)
+    from recipes.checkpoint_files import validate_keep_checkpoints
+
+    validate_keep_checkpoints(t.keep_checkpoints)
     if recipe.data.seq_length < 1 or recipe.data.seq_length > model_cfg.max_position_embeddings:
         _fail("data.seq_length", recipe.data.seq_length,
               f"1 .. model.max_position_embeddings = {model_cfg.max_position_embeddings}")

@@ -3,12 +3,17 @@
 Layout under `ckpt_root` (the one Megatron-LM uses, so its tools can read it):
 
     iter_0000050/                      one `torch_dist` checkpoint per saved step
+      checksums.json                   size and SHA-256 of each of its files, written last
     latest_checkpointed_iteration.txt  the step of the newest complete checkpoint
 
-A checkpoint is written to `iter_XXXXXXX.tmp/`, renamed to `iter_XXXXXXX/` once
-every rank has finished, and only then is `latest_checkpointed_iteration.txt`
-replaced (write-then-rename), so a job killed mid-save leaves the previous
-checkpoint as the latest one.
+A checkpoint is written to `iter_XXXXXXX.tmp/`, its checksums are added once every
+rank has finished, it is renamed to `iter_XXXXXXX/`, and only then is
+`latest_checkpointed_iteration.txt` replaced (write-then-rename), so a job killed
+mid-save leaves the previous checkpoint as the latest one. Loading verifies the
+checksums first: a damaged or incomplete newest checkpoint is reported (path and
+reason) and the newest one that verifies is loaded instead. A save that fills the
+disk says so and leaves the previous checkpoint the latest; `keep` deletes all but
+the newest N after each save (see `recipes.checkpoint_files`).
 
 What is saved: the model (sharded, so it loads at another tensor/pipeline/data
 parallel size), the optimizer's sharded state, the lr scheduler, the step, the
@@ -46,8 +51,10 @@ strategy: the fully parallel load exchanges tensors with `.cuda()` (CUDA only).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import queue
 import random
 import shutil
@@ -73,10 +80,15 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
 )
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
+
+from recipes.checkpoint_files import (LATEST_FILE, MANIFEST, checkpoint_dir, digests, disk_full_message,
+                                      files_hashed_by, fsync_dir, latest_pointer_step, prune,
+                                      published_checkpoints, read_manifest, share_of_manifest,
+                                      validate_keep_checkpoints, verification_problems, write_manifest)
 
 logger = logging.getLogger(__name__)
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 # Megatron's distributed optimizer formats: "fully_reshardable" loads at any
 # TP/PP/DP size but gathers each model-parallel rank's optimizer state on its DP
@@ -85,10 +97,23 @@ CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 # fails: "ShardedTensor.flattened_range is not supported".) The plain optimizer's
 # state is sharded like the model and always reshards.
 DISTRIBUTED_OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+# Errors of reading a checkpoint's bytes (not of a model that does not match them); torch's own
+# messages for these advise an unsafe `weights_only=False` load, which must not reach the user.
+_UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, CheckpointException)
+# torch_dist stores each tensor as its own torch.save record: ~1.6 KB of headers on top of the data.
+_STORED_TENSOR_OVERHEAD = 1600
 
 
-def checkpoint_dir(ckpt_root: Union[str, Path], step: int) -> Path:
-    return Path(ckpt_root) / f"iter_{step:07d}"
+class CheckpointError(RuntimeError):
+    """No checkpoint under the root can be loaded; the message names each one and why."""
+
+
+class CheckpointDiskFull(OSError):
+    """A save ran out of disk space (or quota); the previous checkpoint stays the latest."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
 
 
 def save_checkpoint(
@@ -99,18 +124,23 @@ def save_checkpoint(
     scheduler,
     extra: Optional[dict] = None,
     distributed_optimizer_format: str = "fully_reshardable",
+    keep: Optional[int] = None,
 ) -> Path:
     """Write `ckpt_root/iter_{step:07d}` on all ranks; returns its path.
 
     Call on every rank. `model_chunks`: the model or its list of virtual-pipeline
     chunks, DDP-wrapped or not. `optimizer` / `scheduler` may be None.
-    `distributed_optimizer_format`: see DISTRIBUTED_OPTIMIZER_FORMATS.
+    `distributed_optimizer_format`: see DISTRIBUTED_OPTIMIZER_FORMATS. `keep`: after
+    the save, delete all but the newest `keep` checkpoints (None keeps every one).
+    Raises CheckpointDiskFull when the disk fills up (the partial save is removed).
     """
     if distributed_optimizer_format not in DISTRIBUTED_OPTIMIZER_FORMATS:
         raise ValueError(
             f"distributed_optimizer_format = {distributed_optimizer_format!r}; "
             f"allowed: {', '.join(DISTRIBUTED_OPTIMIZER_FORMATS)}."
         )
+    if keep is not None:
+        validate_keep_checkpoints(keep)
     _make_synchronous_save_work_everywhere()
     final_dir = checkpoint_dir(ckpt_root, step)
     tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
@@ -130,45 +160,56 @@ def save_checkpoint(
     )
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
+    needed_bytes = _checkpoint_bytes(state)
 
     save_strategy = FullyParallelSaveStrategyWrapper(
         get_default_save_sharded_strategy("torch_dist"),
         parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
-    # Ends with a barrier. The content metadata tells the loader which format to ask for.
-    dist_checkpointing.save(state, str(tmp_dir), save_strategy, content_metadata=content)
-
-    if dist.get_rank() == 0:
-        _publish(tmp_dir, final_dir, step)
+    try:
+        # Ends with a barrier. The content metadata tells the loader which format to ask for.
+        dist_checkpointing.save(state, str(tmp_dir), save_strategy, content_metadata=content)
+        _write_checksums(tmp_dir, step)
+        if dist.get_rank() == 0:
+            _publish(tmp_dir, final_dir, step)
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        full = disk_full_message(error, tmp_dir, needed_bytes)
+        if full is None:
+            raise
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        previous = latest_pointer_step(ckpt_root)
+        kept = (f"the latest checkpoint stays {checkpoint_dir(ckpt_root, previous)} (step {previous})"
+                if previous is not None else "no earlier checkpoint exists")
+        raise CheckpointDiskFull(
+            f"saving step {step} failed: {full}; the partial save was removed and {kept}. Free space there, "
+            "or keep fewer checkpoints (train.keep_checkpoints), then rerun to resume."
+        ) from None
     dist.barrier()
+    if keep is not None and dist.get_rank() == 0:
+        prune(ckpt_root, keep, step)
     return final_dir
 
 
 def load_latest_checkpoint(
-    ckpt_root: Union[str, Path], model_chunks, optimizer, scheduler
+    ckpt_root: Union[str, Path], model_chunks, optimizer, scheduler, train_to_step: Optional[int] = None
 ) -> Optional[tuple[int, dict]]:
-    """Restore the newest complete checkpoint under `ckpt_root` into the given objects.
+    """Restore the newest complete, verified checkpoint under `ckpt_root` into the given objects.
 
-    Returns `(step, extra)`, or None when `ckpt_root` holds no checkpoint yet.
+    Returns `(step, extra)`, or None when `ckpt_root` holds no checkpoint yet; raises
+    CheckpointError when it holds some but none verifies. `train_to_step`: the step a
+    resumed run trains to; rank 0 prints "resumed from step N (path)" when N is before it.
     The model may be laid out at other tensor/pipeline/data parallel sizes than
     the saved one; so may the optimizer state, except a distributed optimizer's
     saved as "dp_reshardable" (then only the DP size may change).
     """
     _make_synchronous_save_work_everywhere()
-    latest = Path(ckpt_root) / LATEST_FILE
-    if not latest.is_file():
+    candidates = published_checkpoints(ckpt_root)
+    if not candidates:
         return None
-    text = latest.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{latest} holds {text!r}; allowed: a step number written by save_checkpoint.")
-    step = int(text)
-    ckpt_dir = checkpoint_dir(ckpt_root, step)
-    if not ckpt_dir.is_dir() and ckpt_dir.with_name(ckpt_dir.name + ".old").is_dir():
-        ckpt_dir = ckpt_dir.with_name(ckpt_dir.name + ".old")  # killed while re-saving this step
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"{latest} names step {step}, but {ckpt_dir} does not exist.")
+    ckpt_dir = _newest_verified(Path(ckpt_root), candidates)
 
-    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    common = _read(ckpt_dir, dist_checkpointing.load_common_state_dict, str(ckpt_dir))
     content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     same_layout = common.get("parallel_layout") == _parallel_layout()
     state = _model_and_optimizer_state(model_chunks, optimizer, content, is_loading=True)
@@ -180,7 +221,8 @@ def load_latest_checkpoint(
             "state are resharded, RNG states start fresh.",
             ckpt_dir, common.get("parallel_layout"), _parallel_layout(),
         )
-    loaded = dist_checkpointing.load(state, str(ckpt_dir), get_default_load_sharded_strategy(str(ckpt_dir)))
+    loaded = _read(ckpt_dir, dist_checkpointing.load, state, str(ckpt_dir),
+                   get_default_load_sharded_strategy(str(ckpt_dir)))
 
     for key, chunk in _model_keys(model_chunks):
         chunk.load_state_dict(loaded[key])
@@ -190,7 +232,96 @@ def load_latest_checkpoint(
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"][parallel_state.get_data_parallel_rank(with_context_parallel=True)])
+    if train_to_step is not None and loaded["iteration"] < train_to_step and dist.get_rank() == 0:
+        print(f"resumed from step {loaded['iteration']} ({ckpt_dir})", flush=True)
     return loaded["iteration"], loaded["extra"]
+
+
+def _newest_verified(root: Path, candidates: list[tuple[int, Path]]) -> Path:
+    """The newest published checkpoint whose files match their checksums (every rank checks a
+    share and all agree); the ones passed over are reported with what is wrong with them."""
+    rejected = []
+    pointer = latest_pointer_step(root)
+    if pointer is None:
+        rejected.append((root / LATEST_FILE, "missing or unreadable, so every iter_* directory was considered"))
+    elif candidates[0][0] != pointer:
+        rejected.append((checkpoint_dir(root, pointer), f"named by {LATEST_FILE} but missing"))
+    for _, ckpt_dir in candidates:
+        problems = _checksum_problems(ckpt_dir)
+        if not problems:
+            if rejected and dist.get_rank() == 0:
+                logger.warning("Damaged or incomplete checkpoint(s) skipped: %s. Resuming from the newest "
+                               "checkpoint that verifies: %s.", "; ".join(f"{p}: {why}" for p, why in rejected),
+                               ckpt_dir)
+            return ckpt_dir
+        rejected.append((ckpt_dir, "; ".join(problems)))
+    raise CheckpointError(
+        f"no checkpoint under {root} can be loaded: "
+        + "; ".join(f"{path}: {why}" for path, why in rejected)
+        + ". Ways out: restore the damaged files; or move the damaged iter_* directories away and rerun "
+        "(it resumes from the newest one left, or starts at step 0 when none is); or start a new run in "
+        "another train.run_dir, with train.load_dir for initial weights."
+    )
+
+
+def _checksum_problems(ckpt_dir: Path) -> list[str]:
+    """What is wrong with `ckpt_dir` against its checksums.json, agreed over all ranks."""
+    manifest, unreadable = read_manifest(ckpt_dir)
+    if unreadable:
+        return [unreadable]
+    if manifest is None:
+        if not (ckpt_dir / ".metadata").is_file():
+            return [f"no {MANIFEST} and no .metadata: not a complete checkpoint"]
+        if dist.get_rank() == 0:
+            logger.warning("%s has no %s (saved before checkpoints carried checksums): loading it unverified.",
+                           ckpt_dir, MANIFEST)
+        return []
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = verification_problems(ckpt_dir, manifest, share_of_manifest(manifest, rank, world))
+    every_rank = [None] * world
+    dist.all_gather_object(every_rank, local)
+    return sorted({problem for problems in every_rank for problem in problems})
+
+
+def _read(ckpt_dir: Path, read, *args):
+    """`read(*args)`, with an error about the checkpoint's bytes named by its path."""
+    try:
+        return read(*args)
+    except BaseException as error:
+        if not (isinstance(error, _UNREADABLE) or "weights_only" in str(error)):
+            raise
+        reason = " ".join(line.strip() for line in str(error).splitlines()
+                          if line.strip() and "weights_only" not in line)[:500]
+        raise CheckpointError(
+            f"{ckpt_dir} cannot be read ({type(error).__name__}: {reason or 'no details'}); it has no "
+            f"{MANIFEST} to tell which file is damaged, or it was damaged after it was verified. Move it away "
+            "and rerun to resume from the previous checkpoint."
+        ) from None
+
+
+def _write_checksums(directory: Path, step: int) -> None:
+    """Every rank hashes the files it wrote; rank 0 writes them all into checksums.json."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = digests(directory, files_hashed_by(directory, rank, world))
+    every_rank = [None] * world
+    dist.all_gather_object(every_rank, mine)
+    if rank == 0:
+        write_manifest(directory, {name: entry for part in every_rank for name, entry in part.items()}, step)
+
+
+def _checkpoint_bytes(state: dict) -> int:
+    """About the bytes a save of `state` writes: every tensor shard once (its main replica)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
+
+    local = 0
+    for value in nested_values(state):
+        if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and is_main_replica(value.replica_id):
+            if isinstance(value.data, torch.Tensor):
+                local += value.data.numel() * value.data.element_size() + _STORED_TENSOR_OVERHEAD
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, local)
+    return sum(every_rank)
 
 
 # --------------------------------------------------------------------------------------
@@ -327,6 +458,7 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
                 )
             )
             patched.append(inner)
+    _give_saved_param_groups_this_runs_schedule(megatron_optimizer, state)
     try:
         # no_grad: 0.19.2's dp_reshardable loader (unlike the others) lacks it and
         # copies into fp32 main params that are views of leaf parameters.
@@ -341,6 +473,45 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
                 param_state["step"] = param_state["step"].clone()
     # torch's load_state_dict took the saved param groups' fused/foreach flags: the run's own stand
     set_fused_adamw(megatron_optimizer, fused)
+
+
+def _give_saved_param_groups_this_runs_schedule(megatron_optimizer, state) -> None:
+    """Let a resumed run change train.lr, train.min_lr and train.weight_decay.
+
+    Megatron 0.19.2 keeps each param group's schedule (max_lr, min_lr, start_wd, end_wd) in the
+    group and in the checkpoint, pairs saved groups with the current ones by a key that includes
+    those values, and fails when one changed ("Could not find parameter group with key ... in
+    loaded checkpoint"); had it paired them, the saved values would have driven the schedule.
+    Each saved group takes the schedule values of the current group it corresponds to (same
+    weight-decay / lr multipliers and flags), so the pairing holds and the recipe's schedule
+    applies from the resumed step on, as `recipes.schedules.build_scheduler` intends.
+    """
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    schedule_keys = ("max_lr", "min_lr", "start_wd", "end_wd")
+    structure_keys = [key for key in param_group_identifier_keys if key not in schedule_keys]
+    current: dict[tuple, set] = defaultdict(set)  # structure -> the schedule values (only keys a group sets)
+    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        for group in inner.optimizer.param_groups:
+            schedule = tuple((key, group[key]) for key in schedule_keys if key in group)
+            current[tuple(group.get(key) for key in structure_keys)].add(schedule)
+
+    def visit(node) -> None:
+        if isinstance(node, dict):
+            for group in node.get("param_groups", []) if isinstance(node.get("param_groups"), list) else []:
+                if isinstance(group, dict):
+                    matches = current.get(tuple(group.get(key) for key in structure_keys), set())
+                    if len(matches) == 1:
+                        for key in schedule_keys:
+                            group.pop(key, None)
+                        group.update(next(iter(matches)))
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    visit(state)
 
 
 def _without_step(tensors: dict) -> dict:
@@ -435,15 +606,7 @@ def _publish(tmp_dir: Path, final_dir: Path, step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(latest_tmp, latest)
-    _fsync_dir(final_dir.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final_dir.parent)
 
 
 # --------------------------------------------------------------------------------------

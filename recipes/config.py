@@ -98,6 +98,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     seed: int = 1234
     save_interval: int = 50
+    # After each save, keep the newest N complete checkpoints and delete older ones (>= 1).
+    keep_checkpoints: int = 3
     eval_interval: int = 0
     eval_iters: int = 2
     log_interval: int = 1

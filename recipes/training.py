@@ -79,10 +79,14 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     from falcon_h1.model import build_model
     from recipes.build import (data_parallel_size, resolve_precision, validate_cuda_graph_device,
                                validate_parallel_layout, validate_recipe)
+    from recipes.checkpoint_files import has_checkpoints
     from recipes.checkpointing import load_latest_checkpoint, save_checkpoint
     from recipes.data import build_tokenizer, build_train_valid_datasets, make_data_iterator
+    from recipes.data.validation import check_token_ids_fit
     from recipes.optim import build_optimizer, wrap_model
     from recipes.progress import Progress
+    from recipes.resume import check_resume_config, finished_run, repair_metrics_log, whole_run_first_loss
+    from recipes.run_lock import lock_run_dir
     from recipes.run_metadata import write_run_metadata
     from recipes.schedules import build_scheduler
     from recipes.tracking import Tracker
@@ -102,12 +106,16 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     precision = resolve_precision(t.precision)
     run_dir = Path(t.run_dir)
     ckpt_root = run_dir / "checkpoints"
+    run_lock = lock_run_dir(run_dir)  # released at the end of the training `with` below
+    if t.resume and has_checkpoints(ckpt_root):
+        check_resume_config(recipe, run_dir)
 
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"data.tokenizer {recipe.data.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size = "
             f"{model_cfg.vocab_size}; allowed: model.vocab_size >= the tokenizer's vocabulary.")
+    check_token_ids_fit(recipe.data, model_cfg.vocab_size)
 
     if t.force_reference_kernels:
         model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference")
@@ -134,19 +142,24 @@ def train(recipe: RecipeConfig) -> TrainSummary:
         raise ValueError(f"train.eval_interval = {t.eval_interval} needs a validation split, but data.split = "
                          f"{recipe.data.split!r} gives it none; allowed: a non-zero second share or eval_interval 0.")
     start_step, consumed, resumed_from = 0, 0, None
-    has_checkpoint = (ckpt_root / "latest_checkpointed_iteration.txt").is_file()
+    has_checkpoint = has_checkpoints(ckpt_root)
     if has_checkpoint and not t.resume:
         raise ValueError(f"train.resume = false but {ckpt_root} already holds checkpoints; allowed: "
                          "train.resume = true (continue that run) or a new train.run_dir (nothing is overwritten).")
-    loaded = load_latest_checkpoint(ckpt_root, [ddp_model], optimizer, scheduler) if has_checkpoint else None
+    loaded = (load_latest_checkpoint(ckpt_root, [ddp_model], optimizer, scheduler, train_to_step=t.max_steps)
+              if has_checkpoint else None)
     if loaded is not None:
         start_step, extra = loaded
         consumed, resumed_from = extra["consumed_samples"], start_step
     elif t.load_dir:
         _load_initial_weights(model, t.load_dir)
+    if start_step >= t.max_steps:  # a rerun of a finished run: say so, change nothing
+        run_lock.release()
+        return TrainSummary(**finished_run(run_dir, start_step, t.max_steps, _rank()))
     resolved = dataclasses.asdict(recipe)
     if _rank() == 0:
         write_run_metadata(run_dir, resolved)
+        repair_metrics_log(run_dir)
     tags = [model_cfg.name, f"attention_ratio={recipe.model.attention_ratio}",
             f"bitnet={'on' if recipe.bitnet.enabled else 'off'}", f"executor={recipe.executor.kind}",
             f"tp={p.tp}", f"dp={dp}"]
@@ -164,7 +177,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     ddp_model.train()
-    with progress, tracker, _training_schedule(get_forward_backward_func(), t) as fwd_bwd:
+    with run_lock, progress, tracker, _training_schedule(get_forward_backward_func(), t) as fwd_bwd:
         for step in range(start_step, t.max_steps):
             started = time.perf_counter()
             ddp_model.zero_grad_buffer()
@@ -207,15 +220,16 @@ def train(recipe: RecipeConfig) -> TrainSummary:
             stop_early = t.exit_after_steps and steps_this_run >= t.exit_after_steps
             if t.save_interval and ((step + 1) % t.save_interval == 0 or last or stop_early):
                 save_checkpoint(ckpt_root, step + 1, [ddp_model], optimizer, scheduler,
-                                {"consumed_samples": consumed})
+                                {"consumed_samples": consumed}, keep=t.keep_checkpoints)
             if stop_early:
                 break
         summary = TrainSummary(
             run_dir=str(run_dir), steps=start_step + steps_this_run,
-            first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
+            first_loss=whole_run_first_loss(run_dir, losses), final_loss=losses[-1] if losses else math.nan,
             losses=losses, tokens_per_s=tokens_per_s, checkpoint_dir=str(ckpt_root), resumed_from=resumed_from,
             cuda_graph_step=cuda_graph_step)
-        tracker.log_summary({"final_loss": summary.final_loss, "tokens_per_s": tokens_per_s, "steps": summary.steps,
+        tracker.log_summary({"first_loss": summary.first_loss, "final_loss": summary.final_loss,
+                             "tokens_per_s": tokens_per_s, "steps": summary.steps,
                              **({"cuda_graph_step": cuda_graph_step} if cuda_graph_step else {})})
     from recipes.generate import sample_after_training
 

@@ -3,16 +3,31 @@
 `data.paths` is either plain prefixes (["/a/prefix", "/b/prefix"], blended in
 proportion to their sizes) or weight/prefix pairs (["0.7", "/a", "0.3", "/b"]),
 Megatron's `--data-path` convention. "bundled" is the shipped corpus.
+
+Each prefix's `.idx` is read (header and sizes only) and the `.bin` size checked against it,
+so a truncated file is named before training. `check_token_ids_fit` compares the largest
+token id in each `.bin` with the model's vocabulary (one scan per file, remembered in
+`data.cache_dir` by the file's size and modification time).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import struct
+from pathlib import Path
 from typing import Optional, Sequence
 
-from recipes.data.bundled import BUNDLED
+from recipes.data.bundled import BUNDLED, resolve_cache_dir
 from recipes.data.tokenizer import BYTE_SPEC, resolve_tokenizer_file
+
+# Megatron's .idx layout: magic, version (<Q), dtype code (<B), sequence count (<Q), document
+# count (<Q), then int32 sequence lengths, int64 sequence pointers, int64 document indices.
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
+_SCAN_CHUNK = 1 << 26  # tokens per read while looking for the largest id
 
 PATHS_HELP = (
     "Each entry is an indexed-dataset path prefix without .bin/.idx (make one with "
@@ -101,6 +116,59 @@ def _missing_files_problem(prefix: str) -> Optional[str]:
     )
 
 
+class _IndexInfo:
+    """What a `.idx` says about its `.bin`: the token dtype and how many bytes of tokens."""
+
+    def __init__(self, dtype, bin_bytes: int):
+        self.dtype, self.bin_bytes = dtype, bin_bytes
+
+
+def read_index(prefix: str) -> _IndexInfo:
+    """Read `prefix.idx` (header and last entry only); ValueError naming the file if it is
+    truncated or not a Megatron index."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import DType
+
+    idx = f"{prefix}.idx"
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as stream:
+        header = stream.read(_IDX_HEADER_BYTES)
+        if len(header) < _IDX_HEADER_BYTES or header[:9] != _IDX_MAGIC:
+            raise ValueError(f"{idx} is not a Megatron index file (bad or truncated header, {size} bytes); "
+                             "re-create it with falcon-preprocess.")
+        version, code, sequences, documents = struct.unpack("<QBQQ", header[9:])
+        try:
+            dtype = DType.dtype_from_code(code)
+        except (KeyError, ValueError):
+            raise ValueError(f"{idx} names token dtype code {code}, which Megatron does not know; "
+                             "re-create it with falcon-preprocess.") from None
+        expected = _IDX_HEADER_BYTES + sequences * (4 + 8) + documents * 8
+        if version != 1 or size < expected:
+            raise ValueError(
+                f"{idx} is truncated: {size} bytes, but its header (version {version}, {sequences} sequences, "
+                f"{documents} documents) needs {expected}; re-create it with falcon-preprocess.")
+        if sequences == 0:
+            return _IndexInfo(dtype, 0)
+        stream.seek(_IDX_HEADER_BYTES + (sequences - 1) * 4)
+        (last_length,) = struct.unpack("<i", stream.read(4))
+        stream.seek(_IDX_HEADER_BYTES + sequences * 4 + (sequences - 1) * 8)
+        (last_pointer,) = struct.unpack("<q", stream.read(8))
+    return _IndexInfo(dtype, last_pointer + last_length * np.dtype(dtype).itemsize)
+
+
+def _index_files_problem(prefix: str) -> Optional[str]:
+    """Why `prefix.idx` / `prefix.bin` cannot be read as one dataset, or None."""
+    try:
+        info = read_index(prefix)
+    except ValueError as error:
+        return f"data.paths entry {prefix!r}: {error}"
+    size = os.path.getsize(f"{prefix}.bin")
+    if size < info.bin_bytes:
+        return (f"data.paths entry {prefix!r}: {prefix}.bin is truncated: {size} bytes, but {prefix}.idx "
+                f"describes {info.bin_bytes} bytes of tokens; re-create both with falcon-preprocess.")
+    return None
+
+
 def validate_data_config(data_cfg) -> None:
     """Raise one ValueError listing every problem in `data.*`, before any work starts."""
     from recipes.data.chat_validation import data_kind_problems, validate_chat_data_config
@@ -111,7 +179,7 @@ def validate_data_config(data_cfg) -> None:
     problems = [
         problem
         for prefix in prefixes
-        if prefix != BUNDLED and (problem := _missing_files_problem(prefix))
+        if prefix != BUNDLED and (problem := _missing_files_problem(prefix) or _index_files_problem(prefix))
     ]
     if problems:
         problems.append(PATHS_HELP)
@@ -131,3 +199,63 @@ def validate_data_config(data_cfg) -> None:
         problems.append(f"data.seq_length = {seq_length!r}: expected a positive integer.")
     if problems:
         raise ValueError(" ".join(problems))
+
+
+def check_token_ids_fit(data_cfg, vocab_size: int) -> None:
+    """Raise ValueError naming each `.bin` of `data.paths` that holds a token id outside
+    [0, vocab_size): the embedding would fail on it mid-run. The bundled corpus is tokenized
+    by `data.tokenizer`, whose vocabulary is checked against the model's separately."""
+    import numpy as np
+
+    if data_cfg.kind != "text":
+        return  # chat data checks its ids as it tokenizes (recipes.data.chat)
+    prefixes, _ = parse_blend(data_cfg.paths)
+    problems = []
+    for prefix in prefixes:
+        if prefix == BUNDLED:
+            continue
+        dtype = np.dtype(read_index(prefix).dtype)
+        if dtype.kind not in "iu":
+            problems.append(f"{prefix}.bin stores {dtype} values, not integer token ids")
+            continue
+        if dtype.kind == "u" and np.iinfo(dtype).max < vocab_size:
+            continue  # every value the file can hold is a valid id
+        low, high = _token_id_range(f"{prefix}.bin", dtype, resolve_cache_dir(data_cfg.cache_dir))
+        if low < 0 or high >= vocab_size:
+            problems.append(f"{prefix}.bin holds token ids {low}..{high}")
+    if problems:
+        raise ValueError(
+            f"data.paths: {'; '.join(problems)}, but model.vocab_size = {vocab_size} allows ids 0..{vocab_size - 1}. "
+            "Allowed: data tokenized with a tokenizer of at most model.vocab_size tokens (data.tokenizer, "
+            "falcon-preprocess --tokenizer), or a model.vocab_size above the largest id.")
+
+
+def _token_id_range(bin_path: str, dtype, cache_dir: Path) -> tuple[int, int]:
+    """(smallest, largest) token id in `bin_path`, scanned once per file version."""
+    import numpy as np
+
+    stat = os.stat(bin_path)
+    real = os.path.realpath(bin_path)
+    record_path = cache_dir / "token_id_ranges" / f"{hashlib.sha256(real.encode()).hexdigest()[:16]}.json"
+    key = {"path": real, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": str(dtype)}
+    try:
+        record = json.loads(record_path.read_text())
+        if {name: record.get(name) for name in key} == key:
+            return record["min"], record["max"]
+    except (OSError, ValueError, KeyError):
+        pass
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    low, high = 0, 0
+    if tokens.size:
+        low, high = int(tokens[:1][0]), int(tokens[:1][0])
+        for start in range(0, tokens.size, _SCAN_CHUNK):
+            chunk = tokens[start:start + _SCAN_CHUNK]
+            low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+    try:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**key, "min": low, "max": high}))
+        os.replace(tmp, record_path)
+    except OSError:
+        pass  # a read-only cache only costs the next run another scan
+    return low, high
