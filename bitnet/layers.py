@@ -322,12 +322,14 @@ class _BitNetLinearMixin:
                               layout)
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, x_quantized: QuantizedInput,
-                w_quantized: QuantizedWeight) -> torch.Tensor:
+                w_quantized: QuantizedWeight, sequence_group=None) -> torch.Tensor:
         """The quantised GEMM of `x` [..., K] and `weight` [N, K] (or the parts of them the
-        quantised operands stand for), straight-through gradients to both."""
+        quantised operands stand for), straight-through gradients to both. sequence_group: x
+        holds this rank's tokens (see _forward_impl)."""
         options = self.bitnet_options
-        if options.fused or options.int8_matmul:
-            return quantized_gemm(x, weight, x_quantized, w_quantized, options.int8_matmul, self._kernel_backend)
+        if self._gathers_inside_gemm:
+            return quantized_gemm(x, weight, x_quantized, w_quantized, options.int8_matmul, self._kernel_backend,
+                                  sequence_group)
         # the reference pattern: autograd through two elementwise straight-through graphs (of the
         # row-scaled weight when a scale is folded in, so that its gradient carries the scale)
         s = w_quantized.grad_row_scale
@@ -373,10 +375,22 @@ class _BitNetLinearMixin:
         function: gradient-accumulation fusion (off: the weight gradient takes the ordinary path,
         param.grad, which Megatron's DDP hooks add to main_grad) and the features refused when the
         layer is built."""
-        x = self._gather_input(input, allreduce_dgrad, sequence_parallel, tp_group)
+        group = tp_group if tp_group is not None else self.tp_group
+        # Sequence parallel: the input holds this rank's tokens with every feature, and both
+        # per-token quantisation and SubLN are token by token, so they run on the local tokens
+        # and the GEMM function gathers (keeping the local int8 input, as Megatron keeps its
+        # local bf16 one); the reference-STE pattern gathers first.
+        local_tokens = sequence_parallel and self._gathers_inside_gemm and dist.get_world_size(group) > 1
+        x = input if local_tokens else self._gather_input(input, allreduce_dgrad, sequence_parallel, tp_group)
         x_in = self._subln(x) if self.bitnet_options.subln else x
-        y = self._gemm(x, x_in, weight, self._quantized_input(x_in), self._gemm_weight(weight))
+        y = self._gemm(x, x_in, weight, self._quantized_input(x_in), self._gemm_weight(weight),
+                       group if local_tokens else None)
         return y + bias if bias is not None else y
+
+    @property
+    def _gathers_inside_gemm(self) -> bool:
+        """Whether the GEMM is bitnet.quantized_gemm (which can gather the sequence itself)."""
+        return self.bitnet_options.fused or self.bitnet_options.int8_matmul
 
     def _gather_input(self, x, allreduce_dgrad: bool, sequence_parallel: bool, tp_group):
         """The input's communication in Megatron's linear function: all-gathered over the
@@ -486,20 +500,24 @@ class BitNetColumnParallelLinear(_BitNetLinearMixin, ColumnParallelLinear):
         finally:
             self._output_row_scale = None
 
-    def _gemm(self, x, x_in, weight, x_quantized: QuantizedInput, w_quantized: QuantizedWeight):
+    def _gemm(self, x, x_in, weight, x_quantized: QuantizedInput, w_quantized: QuantizedWeight, sequence_group):
         """One GEMM per run of like output segments, concatenated: quantised runs multiply the
-        quantised input, full-precision runs the raw one."""
+        quantised input, full-precision runs the raw one (all-gathered once when x holds this
+        rank's tokens of `sequence_group`)."""
         outputs = []
         row_scale = self._output_row_scale
+        x_raw = None
         for start, end, quantized in self._layout.runs():
             w_part = _part(weight, 0, start, end)
             if quantized:
-                outputs.append(self._matmul(x_in, w_part, x_quantized, w_quantized.rows(start, end)))
-            elif row_scale is None:
-                outputs.append(F.linear(x, w_part))
-            else:
-                scale = _part(row_scale.reshape(-1), 0, start, end).to(w_part.dtype).unsqueeze(-1)
-                outputs.append(F.linear(x, w_part * scale))
+                outputs.append(self._matmul(x_in, w_part, x_quantized, w_quantized.rows(start, end), sequence_group))
+                continue
+            if x_raw is None:
+                x_raw = x if sequence_group is None else gather_from_sequence_parallel_region(
+                    x, tensor_parallel_output_grad=True, group=sequence_group)
+            if row_scale is not None:
+                w_part = w_part * _part(row_scale.reshape(-1), 0, start, end).to(w_part.dtype).unsqueeze(-1)
+            outputs.append(F.linear(x_raw, w_part))
         return _cat(outputs, -1)
 
 
@@ -517,10 +535,11 @@ class BitNetRowParallelLinear(_BitNetLinearMixin, RowParallelLinear):
         super().__init__(input_size, output_size, **kwargs)
         self._bitnet_setup(bitnet_options, kwargs.get("name"), bitnet_segments, self.input_size_per_partition)
 
-    def _gemm(self, x, x_in, weight, x_quantized: QuantizedInput, w_quantized: QuantizedWeight):
+    def _gemm(self, x, x_in, weight, x_quantized: QuantizedInput, w_quantized: QuantizedWeight, sequence_group):
         """Float: one GEMM (full-precision segments pass through the quantised operands). int8:
         one GEMM per input segment, each with its own per-token scale along K (float for
-        full-precision segments), summed."""
+        full-precision segments), summed. (Megatron hands a row linear no sequence-parallel
+        input: sequence_group is None.)"""
         if not self.bitnet_options.int8_matmul:
             return self._matmul(x_in, weight, x_quantized, w_quantized)
         y = None

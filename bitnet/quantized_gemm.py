@@ -9,6 +9,11 @@ What it keeps for the backward, instead of a float copy of the input:
   for the weight gradient. An input with full-precision segments keeps its float form (int8
   would lose those segments);
 - the quantised weight it was handed: the layer's cached tensor, not a copy.
+
+Sequence parallelism (`sequence_group`): the input holds this rank's tokens. The function
+all-gathers what the forward GEMM reads (the dequantised input, or the int8 values and scales),
+keeps only the local int8 input, gathers it again in the backward and reduce-scatters the input
+gradient, as Megatron's linear function does with its bf16 input.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from bitnet import kernels
@@ -79,6 +85,24 @@ class _GemmPlan:
     kernel_backend: str
     x_dtype: torch.dtype
     w_dtype: torch.dtype
+    sequence_group: object = None  # torch.distributed group: tokens sharded over it (dim 0)
+
+
+def _gather_tokens(t: torch.Tensor | None, group) -> torch.Tensor | None:
+    """t [s, ...] of every rank of `group`, concatenated along dim 0 (None: no gather)."""
+    if t is None or group is None:
+        return t
+    out = t.new_empty((t.shape[0] * dist.get_world_size(group), *t.shape[1:]))
+    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_tokens(t: torch.Tensor, group) -> torch.Tensor:
+    if group is None:
+        return t
+    out = t.new_empty((t.shape[0] // dist.get_world_size(group), *t.shape[1:]))
+    dist.reduce_scatter_tensor(out, t.contiguous(), group=group)
+    return out
 
 
 def _dequantize_ternary(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,13 +116,15 @@ def _dequantize_ternary(w_q: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 class _QuantizedGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, x_q, x_scale, x_fq, w_fq, w_q, w_scale, w_grad_row_scale, plan: _GemmPlan):
+        group = plan.sequence_group
         if plan.int8:
-            k = x_q.shape[-1]
-            y = kernels.int8_linear(x_q.reshape(-1, k), x_scale.reshape(-1), w_q, w_scale, out_dtype=plan.x_dtype,
+            q, scale = _gather_tokens(x_q, group), _gather_tokens(x_scale, group)
+            k = q.shape[-1]
+            y = kernels.int8_linear(q.reshape(-1, k), scale.reshape(-1), w_q, w_scale, out_dtype=plan.x_dtype,
                                     kernel_backend=plan.kernel_backend)
-            y = y.reshape(*x_q.shape[:-1], y.shape[-1])
+            y = y.reshape(*q.shape[:-1], y.shape[-1])
         else:
-            y = F.linear(x_fq, w_fq)
+            y = F.linear(_gather_tokens(x_fq, group), w_fq)
         ctx.plan = plan
         ctx.keeps_int8_input = x_q is not None
         ctx.keeps_float_weight = w_fq is not None
@@ -117,8 +143,9 @@ class _QuantizedGemm(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             w_fq = saved[0] if ctx.keeps_float_weight else _dequantize_ternary(*saved, plan.x_dtype)
-            grad_x = grad.matmul(w_fq)
+            grad_x = _reduce_scatter_tokens(grad.matmul(w_fq), plan.sequence_group)
         if ctx.needs_input_grad[1]:
+            x_saved = [_gather_tokens(t, plan.sequence_group) for t in x_saved]
             if ctx.keeps_int8_input:
                 x_fq = kernels.dequantize_activations(*x_saved, plan.x_dtype, plan.input_layout, plan.kernel_backend)
             else:
@@ -130,14 +157,16 @@ class _QuantizedGemm(torch.autograd.Function):
 
 
 def quantized_gemm(x: torch.Tensor, weight: torch.Tensor, x_quantized: QuantizedInput, w_quantized: QuantizedWeight,
-                   int8: bool, kernel_backend: str) -> torch.Tensor:
+                   int8: bool, kernel_backend: str, sequence_group=None) -> torch.Tensor:
     """y [..., N] = the quantised x [..., K] times the quantised weight [N, K]^T; gradients reach
     `x` (the float input the quantised one was made from) and `weight` (the trainable tensor,
     or the part of it the quantised weight stands for) straight through.
 
     int8: x_quantized needs q and scale with one segment, w_quantized q and scale; else
-    x_quantized needs fq (and q, scale to keep int8 for the backward), w_quantized fq."""
-    plan = _GemmPlan(int8, x_quantized.layout, kernel_backend, x.dtype, weight.dtype)
+    x_quantized needs fq (and q, scale to keep int8 for the backward), w_quantized fq.
+    sequence_group: x [s, ...] (and x_quantized) hold this rank's tokens of the group; y holds
+    all of them."""
+    plan = _GemmPlan(int8, x_quantized.layout, kernel_backend, x.dtype, weight.dtype, sequence_group)
     q, scale = x_quantized.q, x_quantized.scale
     if int8 and (q is None or len(x_quantized.layout) != 1):
         raise ValueError(f"quantized_gemm: the int8 GEMM needs int8 activations of one segment; got layout "
