@@ -401,7 +401,8 @@ def test_cuda_graph_replays_quantise_the_current_weight(megatron_gpu):
     replay would skip): after optimizer steps between replays, the replayed output is a fresh
     layer's output on the current weight."""
     layer = _bitnet_column()
-    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, fused=True)
+    # a large step: a stale ternary weight would be far off, not a rounding away
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.5, fused=True)
     x = torch.randn(128, 2, 256, device="cuda", dtype=torch.bfloat16)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -417,11 +418,18 @@ def test_cuda_graph_replays_quantise_the_current_weight(megatron_gpu):
         y = layer(x)[0]
         y.float().square().mean().backward()
     assert not layer._weight_cache.holds  # dropped at capture: no stale copy beside the graph's
+    previous = None
     for _ in range(3):
         graph.replay()
         fresh = _bitnet_column()
         fresh.load_state_dict(layer.state_dict())
-        assert torch.equal(y, fresh(x)[0])
+        expected = fresh(x)[0]
+        scale = expected.float().abs().max()
+        # the same kernels, captured or not; only cuBLAS may pick another algorithm in a capture
+        assert (y.float() - expected.float()).abs().max() <= 1e-3 * scale
+        if previous is not None:
+            assert (previous.float() - expected.float()).abs().max() > 0.1 * scale  # the weights did move
+        previous = expected
         optimizer.step()
     with torch.no_grad():  # an eager evaluation between replays: correct, and keeps no copy
         fresh = _bitnet_column()
