@@ -159,14 +159,17 @@ def test_causal_attention_with_fewer_queries_aligns_them_to_the_end():
         kernels.causal_attention(q, k[:, :, :4], v[:, :, :4], 0.5, "sdpa")
 
 
-@pytest.mark.parametrize("cp, dtype, tolerance", [(2, torch.float64, 1e-6), (3, torch.float64, 1e-6),
-                                                  (2, torch.float32, 5e-6)])
-def test_model_on_emulated_shards_is_the_model_on_the_sequence(megatron_single, cp, dtype, tolerance):
-    """The whole model (hybrid layers, attention_ratio 0.25, 2 B/C groups) with every rank's shard
-    in one process: logits, per-token loss and every gradient as without context parallelism.
+@pytest.mark.parametrize("cp, dtype, tolerance, bitnet", [(2, torch.float64, 1e-6, False), (3, torch.float64, 1e-6, False),
+                                                          (2, torch.float32, 5e-6, False), (2, torch.float64, 1e-6, True)])
+def test_model_on_emulated_shards_is_the_model_on_the_sequence(megatron_single, cp, dtype, tolerance, bitnet):
+    """The whole model (hybrid layers, attention_ratio 0.25, 2 B/C groups; also with BitNet's
+    ternary projections, whose scales are per tensor and per token) with every rank's shard in
+    one process: logits, per-token loss and every gradient as without context parallelism.
     In fp32 any other summation order moves small, cancelling gradients by ~1e-6 already."""
+    from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.model import build_model
     from falcon_h1.presets import get_preset
+    from recipes.config import BitNetConfig
 
     cfg = get_preset("falcon_h1_micro").replace(vocab_size=100, attention_ratio=0.25, layer_pattern="HMAH",
                                                 num_hidden_layers=4)
@@ -176,7 +179,8 @@ def test_model_on_emulated_shards_is_the_model_on_the_sequence(megatron_single, 
     layout = ContextParallelLayout.emulated(cp)
     results = []
     for context in (None, layout):
-        model = build_model(cfg, seed=7, context_parallel=context).to(dtype)
+        linears = falcon_h1_linear_spec(BitNetConfig(enabled=bitnet), "reference")
+        model = build_model(cfg, linears=linears, seed=7, context_parallel=context).to(dtype)
         inputs = (ids, labels) if context is None else (layout.shard(ids, 1), layout.shard(labels, 1))
         logits = model(inputs[0])
         loss = model(inputs[0], labels=inputs[1])
