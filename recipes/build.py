@@ -74,9 +74,14 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def data_parallel_size(recipe: RecipeConfig, world_size: int) -> int:
+def model_parallel_size(recipe: RecipeConfig) -> int:
+    """Processes that hold one copy of the model between them: tp * pp * cp."""
     p = recipe.parallel
-    return world_size // (p.tp * p.pp)
+    return p.tp * p.pp * p.cp
+
+
+def data_parallel_size(recipe: RecipeConfig, world_size: int) -> int:
+    return world_size // model_parallel_size(recipe)
 
 
 def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
@@ -85,8 +90,8 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
     from recipes.tracking import resolve_wandb_mode
 
     p, t = recipe.parallel, recipe.train
-    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp)):
-        if not isinstance(value, int) or value < 1:
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(key, value, "a positive integer")
     if p.ddp_bucket_size is not None and (not isinstance(p.ddp_bucket_size, int) or p.ddp_bucket_size < 1):
         _fail("parallel.ddp_bucket_size", p.ddp_bucket_size, "null (Megatron's default) or a positive integer")
@@ -110,6 +115,7 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
     if recipe.data.seq_length < 1 or recipe.data.seq_length > model_cfg.max_position_embeddings:
         _fail("data.seq_length", recipe.data.seq_length,
               f"1 .. model.max_position_embeddings = {model_cfg.max_position_embeddings}")
+    validate_sequence_split(recipe, model_cfg)
     if recipe.bitnet.enabled:
         from bitnet.layers import validate_bitnet_layers
 
@@ -121,6 +127,29 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
         resolve_wandb_mode(recipe.logger.wandb_mode)
     validate_cuda_graph(recipe)
     return CheckedRecipe(model_cfg, schedule)
+
+
+def validate_sequence_split(recipe: RecipeConfig, model_cfg: FalconH1Config) -> None:
+    """What context parallelism (parallel.cp) and sequence parallelism need of data.seq_length."""
+    from falcon_h1.context_parallel import check_model
+
+    p, seq = recipe.parallel, recipe.data.seq_length
+    check_model(model_cfg, p.cp)
+    if p.cp > 1:
+        if seq % (2 * p.cp):
+            _fail("data.seq_length", seq,
+                  f"a multiple of 2 * parallel.cp = {2 * p.cp}: every sequence is cut into 2 * cp equal chunks "
+                  "and each context-parallel rank holds two of them (chunks r and 2cp-1-r, balancing causal work)")
+        halo = model_cfg.mamba_d_conv - 1
+        if model_cfg.has_mamba and seq // (2 * p.cp) < halo:
+            _fail("parallel.cp", p.cp,
+                  f"at most data.seq_length / (2 * (model.mamba_d_conv - 1)) = {seq // (2 * halo)}: each of the "
+                  f"2 * cp chunks ({seq // (2 * p.cp)} tokens here) must hold the {halo} conv inputs it hands to "
+                  "the next chunk")
+    if p.sequence_parallel and p.tp > 1 and (seq // p.cp) % p.tp:
+        _fail("data.seq_length", seq,
+              f"a multiple of parallel.cp * parallel.tp = {p.cp * p.tp} with parallel.sequence_parallel = true: "
+              "each tensor-parallel rank holds an equal slice of the context-parallel shard")
 
 
 def validate_cuda_graph(recipe: RecipeConfig) -> None:
@@ -165,12 +194,15 @@ def validate_cuda_graph_device(recipe: RecipeConfig, cuda_available: bool) -> No
 
 
 def validate_parallel_layout(recipe: RecipeConfig, world_size: int) -> None:
-    """The checks that need the number of processes (known once the job has started; that
-    tp * pp divides it, `initialize_parallel` checks)."""
+    """The checks that need the number of processes (known once the job has started)."""
     p, t = recipe.parallel, recipe.train
+    if world_size % model_parallel_size(recipe):
+        key, value = ("parallel.cp", p.cp) if p.cp > 1 else ("parallel.tp", p.tp)
+        _fail(key, value, f"tp * pp * cp = {p.tp} * {p.pp} * {p.cp} = {model_parallel_size(recipe)} "
+              f"dividing the {world_size} processes")
     dp = data_parallel_size(recipe, world_size)
     if p.dp is not None and p.dp != dp:
-        _fail("parallel.dp", p.dp, f"world_size / (tp * pp) = {dp} (or null)")
+        _fail("parallel.dp", p.dp, f"world_size / (tp * pp * cp) = {dp} (or null)")
     if t.global_batch_size % (t.micro_batch_size * dp):
         _fail("train.global_batch_size", t.global_batch_size,
               f"a multiple of train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")

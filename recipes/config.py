@@ -54,7 +54,9 @@ class BitNetConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    # Data-parallel size; None = world_size / (tp * pp).
+    # Context-parallel size: every sequence split over cp ranks (falcon_h1.context_parallel).
+    cp: int = 1
+    # Data-parallel size; None = world_size / (tp * pp * cp).
     dp: Optional[int] = None
     sequence_parallel: bool = False
     distributed_optimizer: bool = False

@@ -185,8 +185,8 @@ def build_run_state(recipe: RecipeConfig) -> RunState:
     return RunState(
         recipe=recipe, model_cfg=checked.model_cfg, model=model, ddp_model=ddp_model, optimizer=optimizer,
         scheduler=scheduler,
-        data_iter=make_data_iterator(train_ds, t.micro_batch_size, dp_rank, dp, consumed, t.seed,
-                                     data_cfg.num_workers),
+        data_iter=_this_ranks_shards(make_data_iterator(train_ds, t.micro_batch_size, dp_rank, dp, consumed,
+                                                        t.seed, data_cfg.num_workers), model),
         valid_ds=valid_ds, run_lock=run_lock,
         progress=Progress(t.max_steps, start_step, enabled=recipe.logger.progress_bar and _rank() == 0),
         device=device, world=world, dp=dp, dp_rank=dp_rank,
@@ -203,7 +203,7 @@ def _init_processes(recipe: RecipeConfig) -> tuple[int, int]:
     from recipes.build import data_parallel_size, validate_parallel_layout
 
     p, t = recipe.parallel, recipe.train
-    initialize_parallel(tp=p.tp, pp=p.pp, seed=t.seed)
+    initialize_parallel(tp=p.tp, pp=p.pp, cp=p.cp, seed=t.seed)
     if t.cuda_graph:
         use_graph_safe_rng_tracker(t.seed)
     world = dist.get_world_size()
@@ -292,7 +292,7 @@ def _start_tracking(state: RunState):
         repair_metrics_log(state.run_dir)
     tags = [state.model_cfg.name, f"attention_ratio={recipe.model.attention_ratio}",
             f"bitnet={'on' if recipe.bitnet.enabled else 'off'}", f"executor={recipe.executor.kind}",
-            f"tp={recipe.parallel.tp}", f"dp={state.dp}"]
+            f"tp={recipe.parallel.tp}", f"cp={recipe.parallel.cp}", f"dp={state.dp}"]
     return Tracker(str(state.run_dir), recipe.logger, resolved, tags, _rank())
 
 
@@ -341,8 +341,19 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum().detach()])}
 
 
+def _this_ranks_shards(batches, model):
+    """The batches as the model sees them: under context parallelism this rank's chunks of every
+    sequence (tokens, labels, loss mask and positions alike); the data-parallel rank picks the
+    samples, so the ranks of one context-parallel group read the same ones."""
+    from falcon_h1.context_parallel import shard_batch
+
+    layout = model.context_parallel
+    return batches if layout is None else (shard_batch(batch, layout) for batch in batches)
+
+
 def _global_mean_loss(reduced: list[dict]) -> float:
-    """Token-weighted mean over this step's microbatches and the data-parallel group."""
+    """Token-weighted mean over this step's microbatches and the data x context-parallel group
+    (each context-parallel rank holds part of every sequence's tokens)."""
     from megatron.core import parallel_state
 
     if not reduced:  # not the last pipeline stage
@@ -352,7 +363,7 @@ def _global_mean_loss(reduced: list[dict]) -> float:
     if dist.is_initialized():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         totals = totals.to(device)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
         totals = totals.cpu()
@@ -408,7 +419,8 @@ def _evaluate(state: RunState) -> float:
     from recipes.data import make_data_iterator
 
     t = state.recipe.train
-    it = make_data_iterator(state.valid_ds, t.micro_batch_size, state.dp_rank, state.dp, 0, t.seed)
+    batches = make_data_iterator(state.valid_ds, t.micro_batch_size, state.dp_rank, state.dp, 0, t.seed)
+    it = _this_ranks_shards(batches, state.model)
     state.ddp_model.eval()
     totals = []
     with cuda_as_cpu_without_gpu():

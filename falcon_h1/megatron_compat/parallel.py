@@ -24,7 +24,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600) -> None:
+def initialize_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: int = 600, cp: int = 1) -> None:
     """Set up torch.distributed and Megatron's parallel state for this process.
 
     Works under torchrun (reads RANK/WORLD_SIZE) and in a plain single process
@@ -43,20 +43,21 @@ def initialize_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: i
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                                     world_size=1, timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()
-    if world % (tp * pp) != 0:
+    if world % (tp * pp * cp) != 0:
         raise ConfigValueError(
-            "parallel.tp", tp, f"tp * pp dividing the number of processes ({world})",
-            message=f"parallel.tp * parallel.pp = {tp} * {pp} must divide the number of processes "
-                    f"({world}); allowed: tp * pp in the divisors of {world}.")
+            "parallel.tp", tp, f"tp * pp * cp dividing the number of processes ({world})",
+            message=f"parallel.tp * parallel.pp * parallel.cp = {tp} * {pp} * {cp} must divide the number of "
+                    f"processes ({world}); allowed: tp * pp * cp in the divisors of {world}.")
     if parallel_state.model_parallel_is_initialized():
         if (
             parallel_state.get_tensor_model_parallel_world_size() != tp
             or parallel_state.get_pipeline_model_parallel_world_size() != pp
+            or parallel_state.get_context_parallel_world_size() != cp
         ):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
         )
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
