@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.kernel_bench import kernel_microbench
-from benchmarks.timing import profile_kernels, time_steps
+from benchmarks.timing import graphed_train_step, profile_kernels, time_steps
 
 GRAPH_SUFFIX = "_cuda_graph"
 
@@ -49,30 +49,6 @@ def _train_step(model, optimizer, forward_loss):
     return step
 
 
-def _graphed_train_step(model, optimizer, forward_loss, warmup: int = 3):
-    """The same step with forward + backward captured once in a CUDA graph and replayed:
-    the host launches one graph instead of thousands of kernels. Gradients are produced
-    (not accumulated) by the captured backward, so no zeroing is needed between replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # autotune, allocator warm-up, lazy caches: all before capture
-        for _ in range(warmup):
-            optimizer.zero_grad(set_to_none=True)
-            forward_loss(model).backward()
-    torch.cuda.current_stream().wait_stream(side)
-    optimizer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = forward_loss(model)
-        static_loss.backward()
-
-    def step():
-        graph.replay()
-        optimizer.step()
-        return static_loss.detach().clone()
-    return step
-
-
 def _free(*objs):
     del objs
     gc.collect()
@@ -81,7 +57,7 @@ def _free(*objs):
 
 def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list[str], layers: int | None,
         profile: tuple[str, ...] = ()):
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
     from falcon_h1.flops import dense_bf16_peak_flops, training_flops_per_token
     from falcon_h1.presets import get_preset
 
@@ -115,7 +91,7 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
             model, fwd = builders[name.removesuffix(GRAPH_SUFFIX)]()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
             torch.cuda.reset_peak_memory_stats()
-            step = (_graphed_train_step if graphed else _train_step)(model, optimizer, fwd)
+            step = (graphed_train_step if graphed else _train_step)(model, optimizer, fwd)
             ms, loss, peak_gib = time_steps(step, warmup, steps)
             if name in profile and name not in variants[index + 1:]:  # a repeated variant: its last run
                 row["top_kernels"] = profile_kernels(step)

@@ -21,6 +21,7 @@ left() { echo $((570 - SECONDS)); }
 if [ "${TESTS:-1}" = 1 ] && [ "$(left)" -gt 60 ]; then
   timeout "$(left)" python3 -m pytest -q -s -p no:cacheprovider -p no:warnings --tb=short \
     tests/falcon_h1/test_gpu_paths.py tests/falcon_h1/test_cross_entropy_gpu.py tests/recipes/test_cuda_graph_gpu.py \
+    tests/falcon_h1/test_context_parallel_gpu.py \
     2>&1 | grep -v -i warn | tee "$OUT/gpu_tests.txt"
   if [ "$(left)" -gt 100 ]; then
     timeout "$(left)" python3 benchmarks/scaling.py run --work /tmp/train_05b_graph --cases dp1 --steps 8 \

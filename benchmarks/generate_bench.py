@@ -68,7 +68,7 @@ def summarize(result: dict, batch: int, window: int) -> dict:
 
 
 def build_ours(preset: str, dtype: str, seed: int):
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
     from falcon_h1.model import build_model
     from falcon_h1.presets import get_preset
 
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     unknown = [s for s in args.sizes.split(",") if s not in SIZES]
     if unknown:
         parser.error(f"--sizes {unknown}: allowed {', '.join(SIZES)}")
-    from falcon_h1.compat import default_device
+    from falcon_h1.megatron_compat.parallel import default_device
 
     device = default_device()
     rows = [row for size in args.sizes.split(",") for row in bench_size(size, args, device)]

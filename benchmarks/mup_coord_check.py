@@ -62,7 +62,7 @@ def _rms(t: torch.Tensor) -> float:
 def coord_check(widths=(64, 128, 256, 512), modes=("derived", "unit"), steps: int = 5, lr: float = 3e-3,
                 batch: int = 4, seq_len: int = 64, seed: int = 0) -> dict:
     """{mode: {width: {"layer_<i>": [RMS after step 0..steps], "logits": [...]}}} (step 0: initial)."""
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
     from falcon_h1.model import build_model
 
     initialize_parallel(tp=1)

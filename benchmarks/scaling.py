@@ -9,8 +9,8 @@
 
 How a run is launched. Each case is composed with `recipes.api.compose_recipe` (the Hydra
 composition `falcon-train` does, same configs/ and overrides), validated like the CLI
-validates, resolved and written to a recipe file the way the local executor writes it
-(`launchers.recipe_file`), then started with
+validates, resolved and written to a recipe file the way a launch writes it
+(`recipes.recipe_file`), then started with
 `torchrun --standalone --nproc_per_node N -m recipes.worker RECIPE.yaml`: the command
 `falcon-train executor.nproc_per_node=N` hands to NeMo-Run's LocalExecutor. The 1-GPU
 baselines go through the same torchrun + worker path with N = 1, so both sides of every
@@ -129,21 +129,21 @@ def plan_cases(args) -> list[Case]:
 
 def write_recipe(case: Case, run_dir: Path, warmup: int) -> Path:
     """The recipe file the workers read, made as `falcon-train` + the local executor make it."""
-    from launchers.recipe_file import resolve_recipe, to_yaml
     from recipes.api import compose_recipe
     from recipes.build import validate_recipe
+    from recipes.recipe_file import recipe_to_yaml, resolved
 
     try:
         recipe = compose_recipe([*case.overrides, f"train.run_dir={run_dir}"])
         validate_recipe(recipe)
     except Exception as err:  # Hydra's and the recipe's own errors name the key already
         raise ScalingError(f"case {case.name}: the overrides {case.overrides} were refused: {err}") from err
-    graph_warmup = getattr(recipe.train, "cuda_graph_warmup_steps", 0)
-    if getattr(recipe.train, "cuda_graph", False) and warmup <= graph_warmup:
+    graph_warmup = recipe.train.cuda_graph_warmup_steps
+    if recipe.train.cuda_graph and warmup <= graph_warmup:
         raise ScalingError(f"--warmup = {warmup} would time the CUDA graph's capture step (step "
                            f"{graph_warmup + 1}); allowed: more than train.cuda_graph_warmup_steps = {graph_warmup}.")
     path = run_dir.parent / f"{case.name}.yaml"
-    path.write_text(to_yaml(resolve_recipe(recipe)))
+    path.write_text(recipe_to_yaml(resolved(recipe)))
     return path
 
 

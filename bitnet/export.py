@@ -19,17 +19,16 @@ and the metadata key `bitnet_segments` maps P to its layout (JSON: `dim` 0 = out
 `load_frozen_bitnet(model, export)` puts an export into a model built with the same spec; its
 BitNet layers then run from the ternary weights and reproduce the training-time forward exactly.
 
-Console entry `falcon-bitnet-export IN OUT.safetensors`: IN is a `torch.save`d file holding
-either `{"state_dict": ..., "bitnet_param_names": [...], "bitnet_segments": {...}}` (what
-`save_bitnet_state_dict` writes) or a plain state dict, whose BitNet weights are then found by name: the weights of the
-GPT projections `linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2` (`--bitnet-pattern`
-changes that regular expression).
+`read_state_dict_file` reads a `torch.save`d file holding either `{"state_dict": ...,
+"bitnet_param_names": [...], "bitnet_segments": {...}}` (what `save_bitnet_state_dict` writes)
+or a plain state dict, whose BitNet weights are then found by name: the weights of the GPT
+projections `linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2` (DEFAULT_BITNET_PATTERN).
+The console entry `falcon-bitnet-export` (recipes/bitnet_export.py) exports such a file or a
+falcon-train run directory.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import json
 import math
 import re
@@ -251,8 +250,11 @@ def load_frozen_bitnet(model: torch.nn.Module, export) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------- CLI
-def _read_input(path: str, pattern: str):
+# ------------------------------------------------------------------ torch-saved input files
+def read_state_dict_file(path: str, pattern: str = DEFAULT_BITNET_PATTERN):
+    """A `torch.save`d input of `export_from_state_dict` -> (state_dict, BitNet weight names,
+    segments or None): what `save_bitnet_state_dict` writes, or a plain state dict whose BitNet
+    weights are the names matching the regular expression `pattern`."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     segments = None
     if isinstance(payload, dict) and "state_dict" in payload:
@@ -265,38 +267,5 @@ def _read_input(path: str, pattern: str):
         regex = re.compile(pattern)
         names = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and regex.search(k)]
     if not names:
-        raise SystemExit(f"falcon-bitnet-export: no BitNet weights in {path} (pattern {pattern!r})")
+        raise ValueError(f"no BitNet weights in {path} (pattern {pattern!r})")
     return state_dict, names, segments
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="falcon-bitnet-export",
-        description="Pack the BitNet weights of a torch-saved state dict into 2-bit ternary "
-        "safetensors (other tensors stay full precision).",
-    )
-    parser.add_argument("input", help="torch.save'd state dict, or {'state_dict', 'bitnet_param_names'}")
-    parser.add_argument("output", help="output .safetensors path")
-    parser.add_argument(
-        "--bitnet-pattern", default=DEFAULT_BITNET_PATTERN,
-        help="regex selecting BitNet weights when the input does not list them "
-        f"(default: {DEFAULT_BITNET_PATTERN})",
-    )
-    args = parser.parse_args(argv)
-    if os.path.isdir(args.input):  # a falcon-train run directory: its latest checkpoint
-        from recipes.api import load_trained_model
-
-        model, recipe, step = load_trained_model(args.input)
-        if not recipe.bitnet.enabled:
-            raise SystemExit(f"falcon-bitnet-export: {args.input} was trained with bitnet.enabled = false; "
-                             "allowed: a run trained with bitnet=on.")
-        names = export_bitnet_state_dict(model, args.output)
-        print(f"falcon-bitnet-export: step {step}, {len(names)} ternary weights -> {args.output}")
-        return
-    state_dict, names, segments = _read_input(args.input, args.bitnet_pattern)
-    export_from_state_dict(state_dict, names, args.output, segments)
-    print(f"falcon-bitnet-export: {len(names)} ternary weights -> {args.output}")
-
-
-if __name__ == "__main__":
-    main()

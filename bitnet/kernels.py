@@ -95,6 +95,22 @@ def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = Non
     return backend(x, kernel_backend).fake_quantize_activations(x, absmax, layout)
 
 
+def quantize_and_dequantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None,
+                                        kernel_backend: str = "auto"):
+    """-> (int8, float32 scales, dequantised in x's dtype) from one pass over x: the GEMM reads
+    the dequantised tensor, the backward keeps the int8 one (`dequantize_activations` rebuilds
+    the other bit for bit where every segment is quantised)."""
+    return backend(x, kernel_backend).quantize_and_dequantize_activations(x, absmax, layout)
+
+
+def dequantize_activations(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, layout=None,
+                           kernel_backend: str = "auto") -> torch.Tensor:
+    """int8 * its row's (and segment's) scale, in `dtype`: the inverse of the quantisers above."""
+    fits_triton = q.is_cuda and dtype in _TRITON_DTYPES
+    module = _triton() if _uses_triton(kernel_backend, q, fits_triton) else reference
+    return module.dequantize_activations(q, scale, dtype, layout)
+
+
 # ---------------------------------------------------------------- straight-through estimators
 def ste_reference(x: torch.Tensor, fake_quant: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """`x + (q(x) - x).detach()`: the references' pattern (two extra elementwise kernels and a

@@ -1,10 +1,12 @@
 """BitNet b1.58 versions of Megatron Core's tensor-parallel linear layers.
 
 The layers keep Megatron's forward (returns `(output, bias)`, gather_output, input_is_parallel,
-sequence parallel, async gradient all-reduce): they override only `_forward_impl`, the matmul
-step, and hand it the fake-quantised input and weight (or run int8 GEMMs themselves). How they
-compute is fixed when the layer is built (`BitNetLinearOptions`: STE, int8 GEMM, SubLN, kernel
-backend); nothing process-wide changes it.
+sequence parallel, gradient all-reduce): they override only `_forward_impl`, the matmul step,
+which quantises the input, takes the quantised weight and runs the GEMM as one autograd function
+(`bitnet.quantized_gemm`: fake-quantised float or int8 GEMM, straight-through gradients, the int8
+input kept for the backward). The weight is quantised once per optimizer step and reused by every
+forward, backward and recompute until it changes (`bitnet.weight_cache`). How a layer computes is
+fixed when it is built (`BitNetLinearOptions`); nothing process-wide changes it.
 
 Tensor parallelism does not change the model (unlike Megatron-LM PR 3002, which quantises each
 shard with its own mean):
@@ -38,7 +40,10 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from bitnet import kernels, reference
+from bitnet.quantized_gemm import QuantizedInput, QuantizedWeight, quantized_gemm
 from bitnet.segments import Segment, SegmentLayout, single_segment
+from bitnet.weight_cache import QuantizedWeightCache
+from falcon_h1.errors import ConfigValueError
 
 # Values allowed in `bitnet.layers` of the recipe.
 ALLOWED_LAYERS = ("attention_qkv", "attention_out", "mamba_in", "mamba_out", "mlp", "lm_head")
@@ -62,10 +67,15 @@ class BitNetLinearOptions:
     """Per-layer choices, fixed when the layer is built (from the BitNet config, see
     `options_from_config`)."""
 
-    fused: bool = True  # custom autograd STE (Triton on GPU); False: x + (q(x) - x).detach()
+    fused: bool = True  # the GEMM as one autograd function (bitnet.quantized_gemm); False: a float
+    #                     GEMM of x + (q(x) - x).detach() and W + (q(W) - W).detach()
     int8_matmul: bool = False  # int8 x ternary forward GEMM (int8 tensor cores on CUDA)
     subln: bool = False  # non-learnable RMSNorm of the input before quantising it
     kernel_backend: str = "auto"  # bitnet.kernels.KERNEL_BACKENDS: Triton on CUDA, or the reference
+    # The backward keeps the int8 input and its scales (1 byte an element) and dequantises it for
+    # the weight gradient, instead of the fake-quantised float input (fused float GEMM only; the
+    # int8 GEMM always keeps int8). Same gradients bit for bit.
+    keep_int8_input: bool = True
 
     def __post_init__(self):
         kernels.validate_kernel_backend(self.kernel_backend)
@@ -105,9 +115,7 @@ class _NonFiniteWeightWatch:
             return
         if torch.cuda.is_current_stream_capturing():
             return
-        if self._pending and self._event.query():
-            self._pending = False
-            _raise_if_nonfinite(self._host.item(), label)
+        self.poll(label)
         if not self._pending:
             if self._host is None:
                 self._host = torch.empty((), dtype=torch.float64, pin_memory=True)
@@ -115,6 +123,14 @@ class _NonFiniteWeightWatch:
             self._host.copy_(abs_sum, non_blocking=True)
             self._event.record()
             self._pending = True
+
+    def poll(self, label) -> None:
+        """Check the copy in flight if it has landed (a forward that reuses the cached
+        quantisation makes no new sum, but still reports the last one). Not while a CUDA graph
+        is captured, where querying an event is not allowed."""
+        if self._pending and not torch.cuda.is_current_stream_capturing() and self._event.query():
+            self._pending = False
+            _raise_if_nonfinite(self._host.item(), label)
 
     def flush(self, label) -> None:
         """Wait for the copy in flight and check it."""
@@ -151,29 +167,6 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-class _Int8LinearSTE(torch.autograd.Function):
-    """y = (x_q @ w_q^T) * scales on the int8 tensor cores; gradients as for the fake-quantised
-    float GEMM with straight-through quantisers. Saves the int8 tensors (half the bytes of bf16)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, x_q, x_scale, w_q, w_scale):
-        ctx.save_for_backward(x_q, x_scale, w_q, w_scale)
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        return kernels.int8_linear(x_q, x_scale, w_q, w_scale, out_dtype=x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_q, x_scale, w_q, w_scale = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            w_scale = w_scale.unsqueeze(-1) if w_scale.dim() else w_scale  # per output row
-            grad_x = grad @ reference.dequantize_weights(w_q, w_scale, grad.dtype)
-        if ctx.needs_input_grad[1]:
-            x_fq = reference.dequantize_activations(x_q, x_scale, grad.dtype)
-            grad_w = (grad.t() @ x_fq).to(ctx.w_dtype)
-        return grad_x, grad_w, None, None, None, None
-
-
 def _part(t: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
     """t[start:end] along dim; the tensor itself when that is all of it (no slice for autograd
     to scatter back, as with a plain projection's one segment)."""
@@ -196,11 +189,12 @@ class _BitNetLinearMixin:
 
     default_bitnet_options = BitNetLinearOptions()
     # µP folding multiplies the weight by per-row multipliers before the GEMM; a quantised weight
-    # would be re-quantised with another absmean (other ternary values), so the model keeps the
-    # multipliers outside BitNet linears.
+    # would be re-quantised with another absmean (other ternary values). The column linear takes
+    # the multipliers as `output_row_scale` instead, applied to the weight after quantising it.
     supports_weight_scaling = False
     _input_sharded_along_features = False
     _segment_dim = 0  # bitnet_segments run along the weight's output rows (column linear)
+    _output_row_scale = None  # set for one forward (BitNetColumnParallelLinear.forward)
 
     def _bitnet_setup(self, options: BitNetLinearOptions | None, name: str | None, segments,
                       local_size: int) -> None:
@@ -220,6 +214,19 @@ class _BitNetLinearMixin:
                 f"allowed: exactly this rank's {local_size}"
             )
         self._input_layout = self._layout if self._segment_dim == 1 else single_segment(self.input_size, 1)
+        self._weight_cache = QuantizedWeightCache()
+        self._refuse_unsupported_megatron_features()
+
+    def _refuse_unsupported_megatron_features(self) -> None:
+        """Megatron features its own linear function implements and the BitNet GEMM does not."""
+        unsupported = {
+            "config.defer_embedding_wgrad_compute": bool(getattr(self.config, "defer_embedding_wgrad_compute", False)),
+            "tensor-parallel weight rematerialisation (gtp_remat_size > 1)": getattr(self, "gtp_remat_size", 1) > 1,
+        }
+        for what, on in unsupported.items():
+            if on:
+                raise ValueError(f"{type(self).__name__}: {what} is on; BitNet linears compute their weight "
+                                 "gradient in the backward of their own GEMM. Allowed: off")
 
     @property
     def _kernel_backend(self) -> str:
@@ -269,28 +276,66 @@ class _BitNetLinearMixin:
         self._finite_watch.flush(self._weight_label)
         return ternary, (scales if self.bitnet_segments is not None else scales.reshape(()))
 
-    def _ste(self, x, fake_quant, *args):
-        if not x.requires_grad:
-            with torch.no_grad():
-                return fake_quant(x, *args)
-        ste = kernels.ste_fused if self.bitnet_options.fused else kernels.ste_reference
-        return ste(x, fake_quant, *args)
-
-    def _fake_quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """What the GEMM multiplies (full-precision segments as they are)."""
+    # ------------------------------------------------------------------- the GEMM operands
+    def _gemm_weight(self, weight: torch.Tensor) -> QuantizedWeight:
+        """The quantised weight the GEMM multiplies (with this forward's output row scale folded
+        in): from the cache while `weight` is the layer's unchanged parameter, else made now."""
+        row_scale = self._output_row_scale
         if self._frozen:
-            return self.weight  # holds ternary * scale (and full-precision segments) already
-        stats = self.weight_stats(weight)
-        return self._ste(weight, kernels.fake_quantize_weights, stats, self._layout, self._kernel_backend)
+            frozen = self._gemm_weight_from(self.frozen_ternary, self.frozen_scale, fake=self.weight)
+            return frozen.with_row_scale(row_scale)
+        self._finite_watch.poll(self._weight_label)
+        make = lambda: self._make_gemm_weight(weight).with_row_scale(row_scale)
+        if weight is self.weight:
+            return self._weight_cache.get(weight, make, also=row_scale)
+        return make()
 
-    def _fake_quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        absmax = self._input_absmax(x)
-        return self._ste(x, kernels.fake_quantize_activations, absmax, self._input_layout, self._kernel_backend)
-
-    def _quantize_input(self, x2: torch.Tensor):
-        """(int8, scales [M, n_input_segments]) of the 2-D input, without gradient."""
+    def _make_gemm_weight(self, weight: torch.Tensor) -> QuantizedWeight:
         with torch.no_grad():
-            return kernels.quantize_activations(x2, self._input_absmax(x2), self._input_layout, self._kernel_backend)
+            stats = self.weight_stats(weight)
+            if self.bitnet_options.int8_matmul:
+                ternary, scales = kernels.quantize_weights(weight, stats, self._layout, self._kernel_backend)
+                return self._gemm_weight_from(ternary, scales)
+            # full-precision segments pass through as they are
+            return QuantizedWeight(fq=kernels.fake_quantize_weights(weight, stats, self._layout, self._kernel_backend))
+
+    def _gemm_weight_from(self, ternary, scales, fake=None) -> QuantizedWeight:
+        """int8 GEMM: the ternary weight with its scales, one per output row (column linear) or
+        per input segment (row linear, one GEMM a segment); float GEMM: the dequantised `fake`."""
+        if not self.bitnet_options.int8_matmul:
+            return QuantizedWeight(fq=fake)
+        if self._segment_dim == 0:
+            scales = self._layout.along_weight(scales).reshape(-1)
+        return QuantizedWeight(q=ternary, scale=scales)
+
+    def _quantized_input(self, x: torch.Tensor) -> QuantizedInput:
+        """x quantised per token (and input segment) in the form the GEMM reads and the backward
+        keeps."""
+        layout, options = self._input_layout, self.bitnet_options
+        absmax = self._input_absmax(x)
+        if options.int8_matmul:
+            q, scale = kernels.quantize_activations(x, absmax, layout, self._kernel_backend)
+            return QuantizedInput(q, scale, None, layout)
+        if options.fused and options.keep_int8_input and layout.all_quantized:
+            q, scale, fq = kernels.quantize_and_dequantize_activations(x, absmax, layout, self._kernel_backend)
+            return QuantizedInput(q, scale, fq, layout)
+        return QuantizedInput(None, None, kernels.fake_quantize_activations(x, absmax, layout, self._kernel_backend),
+                              layout)
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, x_quantized: QuantizedInput,
+                w_quantized: QuantizedWeight, sequence_group=None) -> torch.Tensor:
+        """The quantised GEMM of `x` [..., K] and `weight` [N, K] (or the parts of them the
+        quantised operands stand for), straight-through gradients to both. sequence_group: x
+        holds this rank's tokens (see _forward_impl)."""
+        options = self.bitnet_options
+        if self._gathers_inside_gemm:
+            return quantized_gemm(x, weight, x_quantized, w_quantized, options.int8_matmul, self._kernel_backend,
+                                  sequence_group)
+        # the reference pattern: autograd through two elementwise straight-through graphs (of the
+        # row-scaled weight when a scale is folded in, so that its gradient carries the scale)
+        s = w_quantized.grad_row_scale
+        w = weight if s is None else weight * s.to(weight.dtype).unsqueeze(-1)
+        return F.linear(x + (x_quantized.fq - x).detach(), w + (w_quantized.fq - w).detach())
 
     def _input_absmax(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-token absmax of every input segment over the full feature dimension, [..., n],
@@ -324,21 +369,33 @@ class _BitNetLinearMixin:
         return _cat(out, -1)
 
     # ------------------------------------------------------------------------------ forward
-    def _forward_impl(self, input, weight, **kwargs):
-        # Megatron's fused wgrad accumulation writes into `weight.main_grad` of the tensor it is
-        # given; the fake-quantised weight is a temporary without one, so the gradient takes the
-        # ordinary path (param.grad), which Megatron's DDP hooks add to main_grad.
-        kwargs["gradient_accumulation_fusion"] = False
-        if self._gemm_by_parts:
-            return self._forward_by_parts(input, weight, **kwargs)
-        x = self._subln(input) if self.bitnet_options.subln else input
-        return super()._forward_impl(
-            input=self._fake_quantized_input(x), weight=self._fake_quantized_weight(weight), **kwargs
-        )
+    def _forward_impl(self, input, weight, *, bias=None, allreduce_dgrad=False, sequence_parallel=False,
+                      tp_group=None, **_megatron_kwargs):
+        """The matmul step of Megatron's forward, with the communication Megatron's linear
+        function does around its GEMM. The other keywords are Megatron's settings for its own
+        function: gradient-accumulation fusion (off: the weight gradient takes the ordinary path,
+        param.grad, which Megatron's DDP hooks add to main_grad) and the features refused when the
+        layer is built."""
+        group = tp_group if tp_group is not None else self.tp_group
+        # Sequence parallel: the input holds this rank's tokens with every feature, and both
+        # per-token quantisation and SubLN are token by token, so they run on the local tokens
+        # and the GEMM function gathers (keeping the local int8 input, as Megatron keeps its
+        # local bf16 one); the reference-STE pattern gathers first.
+        local_tokens = sequence_parallel and self._gathers_inside_gemm and dist.get_world_size(group) > 1
+        x = input if local_tokens else self._gather_input(input, allreduce_dgrad, sequence_parallel, tp_group)
+        x_in = self._subln(x) if self.bitnet_options.subln else x
+        y = self._gemm(x, x_in, weight, self._quantized_input(x_in), self._gemm_weight(weight),
+                       group if local_tokens else None)
+        return y + bias if bias is not None else y
+
+    @property
+    def _gathers_inside_gemm(self) -> bool:
+        """Whether the GEMM is bitnet.quantized_gemm (which can gather the sequence itself)."""
+        return self.bitnet_options.fused or self.bitnet_options.int8_matmul
 
     def _gather_input(self, x, allreduce_dgrad: bool, sequence_parallel: bool, tp_group):
-        """The communication Megatron's linear function does around its GEMM, for the paths
-        that run the GEMM themselves."""
+        """The input's communication in Megatron's linear function: all-gathered over the
+        sequence (gradient reduce-scattered), or its gradient all-reduced."""
         group = tp_group if tp_group is not None else self.tp_group
         if sequence_parallel:
             return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=group)
@@ -421,39 +478,48 @@ class BitNetColumnParallelLinear(_BitNetLinearMixin, ColumnParallelLinear):
         super().__init__(input_size, output_size, **kwargs)
         self._bitnet_setup(bitnet_options, kwargs.get("name"), bitnet_segments, self.output_size_per_partition)
 
-    @property
-    def _gemm_by_parts(self) -> bool:
-        # Full-precision rows see the input as it is, quantised rows its quantised version: two
-        # inputs, so one GEMM per run of like rows instead of Megatron's one.
-        return self.bitnet_options.int8_matmul or not self._layout.all_quantized
+    # The model may fold constant per-row multipliers of the output (µP) into the weight when
+    # the linear scales the weight it quantised, not the one it is handed (supports_weight_scaling).
+    supports_output_row_scale = True
 
-    def _forward_by_parts(self, x, weight, *, bias=None, allreduce_dgrad=False,
-                          sequence_parallel=False, tp_group=None, **_):
-        """One GEMM per run of like output segments (int8 or fake-quantised float for quantised
-        runs, float for full-precision ones), concatenated; the input is communicated once."""
-        x = self._gather_input(x, allreduce_dgrad, sequence_parallel, tp_group)
-        x_in = self._subln(x) if self.bitnet_options.subln else x
-        int8 = self.bitnet_options.int8_matmul
-        if int8:
-            x2 = x_in.reshape(-1, x_in.shape[-1])
-            x_q, x_scales = self._quantize_input(x2)
-            w_q, w_scales = self._quantize_weight(weight)
-            row_scales = self._layout.along_weight(w_scales).reshape(-1)
-        else:
-            x_fq = self._fake_quantized_input(x_in)
-            w_fq = self._fake_quantized_weight(weight)  # full-precision rows pass through
+    def forward(self, input_, weight=None, runtime_gather_output=None, output_row_scale=None):
+        """Megatron's forward. output_row_scale: constant multipliers of this rank's output rows
+        ([rows] or [rows, 1]): the output is (input @ q(W)^T) * output_row_scale, computed as
+        input @ (output_row_scale * q(W))^T with the scaled quantised weight cached like the
+        quantised one, so no activation-sized multiply is left (the weight gradient carries the
+        scale, as autograd of a scaled weight would)."""
+        if output_row_scale is not None:
+            if output_row_scale.numel() != self.output_size_per_partition or output_row_scale.requires_grad:
+                raise ValueError(
+                    f"{type(self).__name__}: output_row_scale of shape {tuple(output_row_scale.shape)} "
+                    f"(requires_grad={output_row_scale.requires_grad}); allowed: a constant with one value per "
+                    f"output row of this rank ({self.output_size_per_partition}), requires_grad=False"
+                )
+        self._output_row_scale = output_row_scale
+        try:
+            return super().forward(input_, weight, runtime_gather_output)
+        finally:
+            self._output_row_scale = None
+
+    def _gemm(self, x, x_in, weight, x_quantized: QuantizedInput, w_quantized: QuantizedWeight, sequence_group):
+        """One GEMM per run of like output segments, concatenated: quantised runs multiply the
+        quantised input, full-precision runs the raw one (all-gathered once when x holds this
+        rank's tokens of `sequence_group`)."""
         outputs = []
+        row_scale = self._output_row_scale
+        x_raw = None
         for start, end, quantized in self._layout.runs():
-            if not quantized:
-                outputs.append(F.linear(x, _part(weight, 0, start, end)))
-            elif int8:
-                y = _Int8LinearSTE.apply(x2, _part(weight, 0, start, end), x_q, x_scales[:, 0],
-                                         _part(w_q, 0, start, end), _part(row_scales, 0, start, end))
-                outputs.append(y.reshape(*x.shape[:-1], end - start))
-            else:
-                outputs.append(F.linear(x_fq, _part(w_fq, 0, start, end)))
-        y = _cat(outputs, -1)
-        return y + bias if bias is not None else y
+            w_part = _part(weight, 0, start, end)
+            if quantized:
+                outputs.append(self._matmul(x_in, w_part, x_quantized, w_quantized.rows(start, end), sequence_group))
+                continue
+            if x_raw is None:
+                x_raw = x if sequence_group is None else gather_from_sequence_parallel_region(
+                    x, tensor_parallel_output_grad=True, group=sequence_group)
+            if row_scale is not None:
+                w_part = w_part * _part(row_scale.reshape(-1), 0, start, end).to(w_part.dtype).unsqueeze(-1)
+            outputs.append(F.linear(x_raw, w_part))
+        return _cat(outputs, -1)
 
 
 class BitNetRowParallelLinear(_BitNetLinearMixin, RowParallelLinear):
@@ -470,32 +536,23 @@ class BitNetRowParallelLinear(_BitNetLinearMixin, RowParallelLinear):
         super().__init__(input_size, output_size, **kwargs)
         self._bitnet_setup(bitnet_options, kwargs.get("name"), bitnet_segments, self.input_size_per_partition)
 
-    @property
-    def _gemm_by_parts(self) -> bool:
-        # Fake-quantised segments (full-precision ones passing through) make one float GEMM; the
-        # int8 GEMM takes one activation scale per row, so one per input segment.
-        return self.bitnet_options.int8_matmul
-
-    def _forward_by_parts(self, x, weight, *, bias=None, allreduce_dgrad=False,
-                          sequence_parallel=False, tp_group=None, **_):
-        """int8: one GEMM per input segment, each with its own per-token scale along K (float
-        for full-precision segments), summed."""
-        x = self._gather_input(x, allreduce_dgrad, sequence_parallel, tp_group)
-        x_in = self._subln(x) if self.bitnet_options.subln else x
-        x2 = x_in.reshape(-1, x_in.shape[-1])
-        w_q, w_scales = self._quantize_weight(weight)
-        x_q, x_scales = self._quantize_input(x2)
+    def _gemm(self, x, x_in, weight, x_quantized: QuantizedInput, w_quantized: QuantizedWeight, sequence_group):
+        """Float: one GEMM (full-precision segments pass through the quantised operands). int8:
+        one GEMM per input segment, each with its own per-token scale along K (float for
+        full-precision segments), summed. (Megatron hands a row linear no sequence-parallel
+        input: sequence_group is None.)"""
+        if not self.bitnet_options.int8_matmul:
+            return self._matmul(x_in, weight, x_quantized, w_quantized)
         y = None
         for i, ((start, end), quantized) in enumerate(zip(self._layout.ranges(), self._layout.quantized)):
-            x_part, w_part = _part(x2, 1, start, end), _part(weight, 1, start, end)
+            x_part, w_part = _part(x_in, -1, start, end), _part(weight, 1, start, end)
             if quantized:
-                part = _Int8LinearSTE.apply(x_part, w_part, _part(x_q, 1, start, end), x_scales[:, i],
-                                            _part(w_q, 1, start, end), w_scales[i])
+                part = self._matmul(x_part, w_part, x_quantized.segment(i),
+                                    w_quantized.columns(start, end, scale=w_quantized.scale[i]))
             else:
                 part = F.linear(x_part, w_part)
             y = part if y is None else y + part
-        y = y.reshape(*x.shape[:-1], y.shape[-1])
-        return y + bias if bias is not None else y
+        return y
 
 
 BITNET_LINEAR_TYPES = (BitNetColumnParallelLinear, BitNetRowParallelLinear)
@@ -505,16 +562,16 @@ BITNET_LINEAR_TYPES = (BitNetColumnParallelLinear, BitNetRowParallelLinear)
 def validate_bitnet_layers(bitnet_cfg) -> list[str]:
     layers = bitnet_cfg.layers
     if layers is None or isinstance(layers, str):
-        raise ValueError(
-            f"bitnet.layers must be a list of layer types, got {layers!r}; "
-            f"allowed values: {list(ALLOWED_LAYERS)}"
-        )
+        raise ConfigValueError(
+            "bitnet.layers", layers, f"a list of layer types from {list(ALLOWED_LAYERS)}",
+            message=f"bitnet.layers must be a list of layer types, got {layers!r}; "
+                    f"allowed values: {list(ALLOWED_LAYERS)}")
     for value in layers:
         if value not in ALLOWED_LAYERS:
-            raise ValueError(
-                f"bitnet.layers: {value!r} is not a quantisable layer type; "
-                f"allowed values: {list(ALLOWED_LAYERS)}"
-            )
+            raise ConfigValueError(
+                "bitnet.layers", value, f"one of {list(ALLOWED_LAYERS)}",
+                message=f"bitnet.layers: {value!r} is not a quantisable layer type; "
+                        f"allowed values: {list(ALLOWED_LAYERS)}")
     return list(layers)
 
 

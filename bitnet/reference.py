@@ -150,44 +150,58 @@ def activation_absmax(x: torch.Tensor, layout=None) -> torch.Tensor:
     return absmax if layout is not None else absmax[..., 0]
 
 
-def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None):
-    """-> (int8 tensor shaped like x, scale per row shaped x.shape[:-1], or [..., n] per row and
-    segment with a layout); dequantised = int8 * scale. Full-precision segments: int8 0 (their
-    scale is computed but unused)."""
+def _activation_segments(x: torch.Tensor, absmax: torch.Tensor | None, layout):
+    """(segment of x, its int8 values, its per-row scale, quantised flag) per segment of x's last
+    dimension."""
     lay = feature_layout(x, layout)
     if absmax is None:
         absmax = activation_absmax(x, lay)
     elif layout is None:
         absmax = absmax.unsqueeze(-1)
-    values, scales = [], []
     for i, (part, quantized) in enumerate(zip(lay.split(x, -1), lay.quantized)):
         q, scale = _quantize_activation_segment(part, absmax[..., i])
+        yield part, q, scale, quantized
+
+
+def _int8_and_scales(segments, layout):
+    values, scales = [], []
+    for _, q, scale, quantized in segments:
         values.append(q if quantized else torch.zeros_like(q))
         scales.append(scale)
     values, scales = _cat(values, -1), torch.stack(scales, dim=-1)
     return values, (scales if layout is not None else scales[..., 0])
 
 
+def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None):
+    """-> (int8 tensor shaped like x, scale per row shaped x.shape[:-1], or [..., n] per row and
+    segment with a layout); dequantised = int8 * scale. Full-precision segments: int8 0 (their
+    scale is computed but unused)."""
+    return _int8_and_scales(list(_activation_segments(x, absmax, layout)), layout)
+
+
 def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None) -> torch.Tensor:
     """The dequantised int8 activations in x's dtype; full-precision segments as they are."""
-    lay = feature_layout(x, layout)
-    if absmax is None:
-        absmax = activation_absmax(x, lay)
-    elif layout is None:
-        absmax = absmax.unsqueeze(-1)
-    parts = []
-    for i, (part, quantized) in enumerate(zip(lay.split(x, -1), lay.quantized)):
-        if quantized:
-            q, scale = _quantize_activation_segment(part, absmax[..., i])
-            parts.append(dequantize_activations(q, scale, x.dtype))
-        else:
-            parts.append(part.detach())
+    parts = [dequantize_activations(q, scale, x.dtype) if quantized else part.detach()
+             for part, q, scale, quantized in _activation_segments(x, absmax, layout)]
     return _cat(parts, -1)
 
 
-def dequantize_activations(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 * its row's scale (scale shaped q.shape[:-1])."""
-    return (q.to(scale.dtype) * scale.unsqueeze(-1)).to(dtype)
+def quantize_and_dequantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None):
+    """-> (int8, scales, dequantised): `quantize_activations` and `fake_quantize_activations` of
+    the same x from one quantisation. `dequantize_activations(int8, scales, x.dtype, layout)`
+    rebuilds the dequantised tensor bit for bit where every segment is quantised (a
+    full-precision segment is int8 0 but x as it is in the dequantised tensor)."""
+    segments = list(_activation_segments(x, absmax, layout))
+    fake = _cat([dequantize_activations(q, scale, x.dtype) if quantized else part.detach()
+                 for part, q, scale, quantized in segments], -1)
+    return (*_int8_and_scales(segments, layout), fake)
+
+
+def dequantize_activations(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, layout=None) -> torch.Tensor:
+    """int8 * its row's scale (scale shaped q.shape[:-1]; with a layout [..., n], one per row and
+    segment)."""
+    scale = scale.unsqueeze(-1) if layout is None else layout.along_features(scale)
+    return (q.to(scale.dtype) * scale).to(dtype)
 
 
 # ------------------------------------------------------------------------------ matmul

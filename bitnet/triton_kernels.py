@@ -145,11 +145,13 @@ def _row_absmax_kernel(x_ptr, bounds_ptr, absmax_ptr, D, N_SEG: tl.constexpr, BL
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, bounds_ptr, flags_ptr, absmax_ptr, out_ptr, scale_ptr, D,
-    N_SEG: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ABSMAX: tl.constexpr, INT8_OUT: tl.constexpr,
+    x_ptr, bounds_ptr, flags_ptr, absmax_ptr, q_ptr, fq_ptr, scale_ptr, D,
+    N_SEG: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ABSMAX: tl.constexpr, WRITE_INT8: tl.constexpr,
+    WRITE_FAKE: tl.constexpr,
 ):
-    """Program (row, i): absmax of segment i of the row (unless given), then quantise it; a
-    full-precision segment is copied (or 0 in the int8 output)."""
+    """Program (row, i): absmax of segment i of the row (unless given), then quantise it into the
+    int8 output (WRITE_INT8; 0 for a full-precision segment) and / or the dequantised one
+    (WRITE_FAKE; a full-precision segment copied)."""
     row = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     lo = tl.load(bounds_ptr + seg)
@@ -166,13 +168,28 @@ def _act_quant_kernel(
         mask = offs < hi
         x_raw = tl.load(base + offs, mask=mask, other=0.0)
         q = _round_clamp(x_raw.to(tl.float32) * s, -128.0, 127.0)
-        if INT8_OUT:
-            tl.store(out_ptr + row * D + offs, tl.where(quantized, q, 0.0).to(tl.int8), mask=mask)
-        else:
-            x_fq = (q * scale).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + row * D + offs, tl.where(quantized, x_fq, x_raw.to(out_ptr.dtype.element_ty)),
+        if WRITE_INT8:
+            tl.store(q_ptr + row * D + offs, tl.where(quantized, q, 0.0).to(tl.int8), mask=mask)
+        if WRITE_FAKE:
+            x_fq = (q * scale).to(fq_ptr.dtype.element_ty)
+            tl.store(fq_ptr + row * D + offs, tl.where(quantized, x_fq, x_raw.to(fq_ptr.dtype.element_ty)),
                      mask=mask)
     tl.store(scale_ptr + row * N_SEG + seg, scale)
+
+
+@triton.jit
+def _act_dequant_kernel(q_ptr, scale_ptr, bounds_ptr, out_ptr, D, N_SEG: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row, i): segment i of the int8 row times its scale, in out's dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    lo = tl.load(bounds_ptr + seg)
+    hi = tl.load(bounds_ptr + seg + 1)
+    scale = tl.load(scale_ptr + row * N_SEG + seg)
+    for start in range(lo, hi, BLOCK_D):
+        offs = start + tl.arange(0, BLOCK_D)
+        mask = offs < hi
+        q = tl.load(q_ptr + row * D + offs, mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + row * D + offs, (q * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------ wrappers
@@ -240,10 +257,12 @@ def activation_absmax(x: torch.Tensor, layout=None) -> torch.Tensor:
     return absmax if layout is not None else absmax[..., 0]
 
 
-def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, layout, int8_out: bool):
+def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, layout, write_int8: bool, write_fake: bool):
+    """(int8 or None, scales, dequantised or None), as asked."""
     lay = feature_layout(x, layout)
     x, rows, d = _rows(x)
-    out = torch.empty_like(x, dtype=torch.int8 if int8_out else x.dtype)
+    q = torch.empty_like(x, dtype=torch.int8) if write_int8 else None
+    fake = torch.empty_like(x) if write_fake else None
     scale = torch.empty(*x.shape[:-1], len(lay), dtype=torch.float32, device=x.device)
     if rows:
         tables = lay.tables(x.device)
@@ -252,18 +271,37 @@ def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, layout, int8_out: b
         else:
             absmax_arg = (absmax if layout is not None else absmax.unsqueeze(-1)).to(torch.float32).contiguous()
         _act_quant_kernel[(rows, len(lay))](
-            x, tables.bounds, tables.flags, absmax_arg, out, scale, d,
-            N_SEG=len(lay), BLOCK_D=_block_d(lay), HAS_ABSMAX=absmax is not None, INT8_OUT=int8_out, **_NO_FMA,
+            x, tables.bounds, tables.flags, absmax_arg, q if write_int8 else fake, fake if write_fake else q,
+            scale, d, N_SEG=len(lay), BLOCK_D=_block_d(lay), HAS_ABSMAX=absmax is not None,
+            WRITE_INT8=write_int8, WRITE_FAKE=write_fake, **_NO_FMA,
         )
-    return out, (scale if layout is not None else scale[..., 0])
+    return q, (scale if layout is not None else scale[..., 0]), fake
 
 
 def quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None):
-    return _act_quant(x, absmax, layout, int8_out=True)
+    q, scale, _ = _act_quant(x, absmax, layout, write_int8=True, write_fake=False)
+    return q, scale
 
 
 def fake_quantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None) -> torch.Tensor:
-    return _act_quant(x, absmax, layout, int8_out=False)[0]
+    return _act_quant(x, absmax, layout, write_int8=False, write_fake=True)[2]
+
+
+def quantize_and_dequantize_activations(x: torch.Tensor, absmax: torch.Tensor | None = None, layout=None):
+    """One pass over x writing both outputs (see reference.quantize_and_dequantize_activations)."""
+    return _act_quant(x, absmax, layout, write_int8=True, write_fake=True)
+
+
+def dequantize_activations(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, layout=None) -> torch.Tensor:
+    lay = feature_layout(q, layout)
+    q, rows, d = _rows(q)
+    out = torch.empty_like(q, dtype=dtype)
+    if rows:
+        scale = (scale if layout is not None else scale.unsqueeze(-1)).to(torch.float32).contiguous()
+        _act_dequant_kernel[(rows, len(lay))](
+            q, scale, lay.tables(q.device).bounds, out, d, N_SEG=len(lay), BLOCK_D=_block_d(lay), **_NO_FMA,
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- int8 GEMM

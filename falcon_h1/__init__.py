@@ -1,10 +1,11 @@
 """Falcon-H1 (parallel hybrid attention + Mamba-2) on Megatron Core."""
 
-from falcon_h1.config import ConfigError, FalconH1Config, apply_attention_ratio, resolve, validate
+from falcon_h1.config import FalconH1Config, apply_attention_ratio, resolve, validate
+from falcon_h1.errors import ConfigValueError
 from falcon_h1.presets import PRESETS, get_preset
 
 __all__ = [
-    "ConfigError", "FalconH1Config", "PRESETS", "apply_attention_ratio", "build_model", "from_hf",
+    "ConfigValueError", "FalconH1Config", "PRESETS", "apply_attention_ratio", "build_model", "from_hf",
     "generate", "get_preset", "resolve", "to_hf", "validate",
 ]
 

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from falcon_h1.errors import ConfigValueError
+
 # One character per decoder layer: H = parallel hybrid (attention + Mamba-2 side by
 # side, then MLP), A = attention + MLP, M = Mamba-2 + MLP, "-" = MLP only.
 LAYER_KINDS = {"H": "hybrid", "A": "attention", "M": "mamba", "-": "mlp"}
@@ -113,12 +115,8 @@ class FalconH1Config:
         return dataclasses.replace(self, **changes)
 
 
-class ConfigError(ValueError):
-    """An impossible configuration; the message names the field, value and what is allowed."""
-
-
 def _fail(field_name: str, value, allowed: str) -> None:
-    raise ConfigError(f"model.{field_name} = {value!r} is not allowed: {allowed}.")
+    raise ConfigValueError(f"model.{field_name}", value, allowed)
 
 
 def apply_attention_ratio(cfg: FalconH1Config) -> FalconH1Config:
@@ -165,7 +163,7 @@ def apply_attention_ratio(cfg: FalconH1Config) -> FalconH1Config:
 def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
     """Check a config (after `apply_attention_ratio`) for a tensor-parallel size.
 
-    Raises ConfigError naming the field, the value and what is allowed.
+    Raises ConfigValueError naming the field, the value and what is allowed.
     """
     positive = [
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from falcon_h1.config import UNSUPPORTED_BIASES, ConfigError, FalconH1Config
+from falcon_h1.config import UNSUPPORTED_BIASES, FalconH1Config
+from falcon_h1.errors import ConfigValueError
 from falcon_h1.rope import validate_rope_scaling
 from falcon_h1.weights import gather_hf_state, load_local_from_hf, merge_hf_state, split_hf_state
 
@@ -44,7 +45,8 @@ _DEFAULT_ROPE_THETA = 10000.0  # what transformers uses when a config names none
 
 
 def _refuse(key: str, value, allowed: str) -> None:
-    raise ConfigError(f"config.json {key} = {value!r} is not supported; allowed: {allowed}.")
+    raise ConfigValueError(f"config.json {key}", value, allowed,
+                           message=f"config.json {key} = {value!r} is not supported; allowed: {allowed}.")
 
 
 def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
@@ -62,7 +64,7 @@ def config_from_hf(hf: dict, generation_config: dict | None = None, **overrides)
     """FalconH1Config from an HF config.json dict (plus our own overrides).
 
     Every key either maps to a field, is checked to hold the one value this implementation
-    computes (biases, hidden_act, attention dropout, RoPE types; otherwise ConfigError naming
+    computes (biases, hidden_act, attention dropout, RoPE types; otherwise ConfigValueError naming
     the key, the value and what is supported), or does not change the result and is kept in
     `hf_extra_config` so `to_hf` writes it back.
     """
@@ -97,8 +99,9 @@ def config_from_hf(hf: dict, generation_config: dict | None = None, **overrides)
     cfg = FalconH1Config(**{**kwargs, **overrides})
     try:
         validate_rope_scaling(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"config.json rope_parameters: {err}") from None
+    except ConfigValueError as err:
+        raise ConfigValueError("config.json rope_parameters", err.value, err.allowed,
+                               message=f"config.json rope_parameters: {err}") from None
     return cfg
 
 
@@ -164,7 +167,7 @@ def generation_config_to_hf(cfg: FalconH1Config) -> dict:
 
 
 def _ensure_parallel(tp: int) -> None:
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
         initialize_parallel(tp=tp)

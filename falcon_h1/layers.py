@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from falcon_h1 import kernels, rope
-from falcon_h1.compat import recompute
 from falcon_h1.config import FalconH1Config
+from falcon_h1.context_parallel import ContextParallelLayout, context_parallel_attention
+from falcon_h1.context_parallel import mamba as cp_mamba
 from falcon_h1.kernels import KernelOptions
 from falcon_h1.linears import LinearSpec, supports_weight_scaling
+from falcon_h1.megatron_compat.transformer import recompute
 
 
 @dataclass(frozen=True)
@@ -160,10 +163,11 @@ class ParallelHybridMixer(MegatronModule):
     """Attention and/or Mamba-2 on the same input; outputs summed."""
 
     def __init__(self, cfg: FalconH1Config, config, attention: bool, mamba: bool, linears: LinearSpec,
-                 kernel_options: KernelOptions):
+                 kernel_options: KernelOptions, context_parallel: Optional[ContextParallelLayout] = None):
         super().__init__(config)
         self.cfg, self.attention, self.mamba = cfg, attention, mamba
         self.kernel_options = kernel_options
+        self.context_parallel = context_parallel  # this rank's chunks of each sequence; None: all of it
         tp = _tp_size()
         dims = self.dims = LocalDims.of(cfg, tp, attention, mamba)
         self.fused = cfg.fused_projections
@@ -205,8 +209,9 @@ class ParallelHybridMixer(MegatronModule):
                 _mark_tp(p)
         # the scan kernel gates y * silu(z) itself unless the gated RMSNorm comes between
         self.gate_in_scan = kernel_options.gate_in_scan and not cfg.mamba_rms_norm
+        # the fused branch scans each sequence from a zero state: not a context-parallel shard
         self.fused_mamba_branch = (mamba and kernel_options.fused_mamba_branch and cfg.mamba_d_conv == 4
-                                   and self.gate_in_scan)
+                                   and self.gate_in_scan and context_parallel is None)
         self.scales_in_weights = self._scales_fold_into_weights()
         self._register_scales()
 
@@ -261,16 +266,19 @@ class ParallelHybridMixer(MegatronModule):
         k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config, mscale=rope.attention_scaling(c))
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         backend = "sdpa" if c.attention_backend == "auto" else c.attention_backend
-        if documents is not None and c.attention_backend == "auto":
-            backend = self.kernel_options.packed_attention
-        o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend, documents=documents)
+        if self.context_parallel is not None:
+            o = context_parallel_attention(q, k, v, hd ** -0.5, backend, self.context_parallel)
+        else:
+            if documents is not None and c.attention_backend == "auto":
+                backend = self.kernel_options.packed_attention
+            o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend, documents=documents)
         return o.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def _mamba(self, zxbcdt, seq_idx):
         """zxbcdt [s, b, .] (already µP-scaled) -> y [s, b, d_ssm] (as a transposed view); with the
         scales folded, ssm_out_multiplier is applied by the conv to x, so y comes out scaled.
         seq_idx [b, s] (packed rows, else None): conv window and SSM state restart per document."""
-        d, c, k = self.dims, self.cfg, self.kernel_options
+        d, c, k, cp = self.dims, self.cfg, self.kernel_options, self.context_parallel
         conv_scale = self.conv_out_scale if self.scales_in_weights else None
         if self.fused_mamba_branch:
             from falcon_h1.kernels.mamba_branch import mamba_conv_scan
@@ -280,21 +288,30 @@ class ParallelHybridMixer(MegatronModule):
                                 d.groups, c.mamba_chunk_size, tuple(c.time_step_limit), seq_idx=seq_idx,
                                 keep_forward_states=k.ssd_keep_forward_states)
             return y.transpose(0, 1)
-        z, xBC, dt = zxbcdt.transpose(0, 1).split([d.z, d.conv_channels, d.dt], dim=-1)  # [b, s, .] views
-        xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, k.triton_conv,
-                                         out_scale=conv_scale, seq_idx=seq_idx)
+        # [b, s, .] views; under context parallelism this rank's chunks as a batch [chunks * b, c, .]
+        zx = zxbcdt.transpose(0, 1) if cp is None else cp_mamba.as_chunk_batch(zxbcdt, cp)
+        z, xBC, dt = zx.split([d.z, d.conv_channels, d.dt], dim=-1)
+        if cp is None:
+            xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, k.triton_conv,
+                                             out_scale=conv_scale, seq_idx=seq_idx)
+        else:
+            xBC = cp_mamba.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, k.triton_conv, conv_scale,
+                                              cp)
         x, B, C = xBC.split([d.z, d.bc, d.bc], dim=-1)
         heads = lambda t, n: t.unflatten(-1, (n, -1))  # splitting the contiguous last dim: a view
+        A, limit = -torch.exp(self.A_log.float()), tuple(c.time_step_limit)
+        start = None if cp is None else cp_mamba.carried_in_states(
+            heads(x, d.ssm_heads), dt, A, heads(B, d.groups), self.dt_bias, limit, cp)
         y = kernels.ssd_scan(
-            heads(x, d.ssm_heads), dt, -torch.exp(self.A_log.float()), heads(B, d.groups), heads(C, d.groups),
-            c.mamba_chunk_size, self.D, self.dt_bias, tuple(c.time_step_limit), k.triton_ssd,
-            z=heads(z, d.ssm_heads) if self.gate_in_scan else None, seq_idx=seq_idx,
+            heads(x, d.ssm_heads), dt, A, heads(B, d.groups), heads(C, d.groups),
+            c.mamba_chunk_size, self.D, self.dt_bias, limit, k.triton_ssd,
+            z=heads(z, d.ssm_heads) if self.gate_in_scan else None, seq_idx=seq_idx, initial_states=start,
         ).flatten(-2)
         if c.mamba_rms_norm:
             y = gated_rms_norm(y, z, self.norm_weight, d.groups, c.rms_norm_eps, c.mamba_norm_before_gate)
         elif not self.gate_in_scan:
             y = y * F.silu(z)
-        return y.transpose(0, 1)
+        return y.transpose(0, 1) if cp is None else cp_mamba.from_chunk_batch(y, cp)
 
     def forward(self, u, rotary_freqs, documents=None):
         """documents: kernels.documents.Documents of packed rows (None: one document per row)."""
@@ -392,13 +409,14 @@ class SwiGLUMLP(MegatronModule):
 class FalconH1Layer(MegatronModule):
     """norm -> mixer (attention ∥ Mamba-2) -> residual -> norm -> SwiGLU MLP -> residual."""
 
-    def __init__(self, cfg: FalconH1Config, config, kind: str, linears: LinearSpec, kernel_options: KernelOptions):
+    def __init__(self, cfg: FalconH1Config, config, kind: str, linears: LinearSpec, kernel_options: KernelOptions,
+                 context_parallel: Optional[ContextParallelLayout] = None):
         super().__init__(config)
         self.kind = kind
         attention, mamba = kind in ("hybrid", "attention"), kind in ("hybrid", "mamba")
         if attention or mamba:
             self.input_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps, kernel_options)
-            self.mixer = ParallelHybridMixer(cfg, config, attention, mamba, linears, kernel_options)
+            self.mixer = ParallelHybridMixer(cfg, config, attention, mamba, linears, kernel_options, context_parallel)
         self.pre_ff_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps, kernel_options)
         self.mlp = SwiGLUMLP(cfg, config, linears, kernel_options)
 

@@ -15,8 +15,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from falcon_h1 import kernels
-from falcon_h1.compat import MEGATRON_FUSIONS_OFF, recompute
+from falcon_h1.megatron_compat.transformer import MEGATRON_FUSIONS_OFF, recompute
 from falcon_h1.config import FalconH1Config, resolve
+from falcon_h1.context_parallel import ContextParallelLayout, check_model
 from falcon_h1.kernels import KernelOptions
 from falcon_h1.kernels.documents import packed_documents
 from falcon_h1.layers import FalconH1Layer, RMSNorm
@@ -37,7 +38,7 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:
 
 def make_transformer_config(
     cfg: FalconH1Config, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
-    params_dtype: torch.dtype = torch.float32, bf16: bool = False, recompute: str = "none",
+    params_dtype: torch.dtype = torch.float32, bf16: bool = False, recompute: str = "none", cp: int = 1,
 ) -> TransformerConfig:
     """Megatron's TransformerConfig for a Falcon-H1 config. CPU-safe fusions off without CUDA."""
     on_gpu = torch.cuda.is_available()
@@ -57,6 +58,7 @@ def make_transformer_config(
         init_method_std=cfg.initializer_range,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype if pp > 1 else None,
@@ -88,10 +90,14 @@ class FalconH1Model(MegatronModule):
     """
 
     def __init__(self, cfg: FalconH1Config, config: TransformerConfig, linears: LinearSpec,
-                 kernel_options: KernelOptions, pre_process: bool = True, post_process: bool = True):
+                 kernel_options: KernelOptions, pre_process: bool = True, post_process: bool = True,
+                 context_parallel: Optional[ContextParallelLayout] = None):
         super().__init__(config)
         self.cfg = cfg
         self.kernel_options = kernel_options
+        # with context parallelism the inputs, positions and outputs are this rank's chunks of
+        # each sequence (falcon_h1.context_parallel)
+        self.context_parallel = context_parallel
         # the dtype of the Hugging Face checkpoint the weights came from (falcon_h1.hf sets it;
         # to_hf writes that dtype back by default); None for a model not loaded from one
         self.hf_dtype: Optional[torch.dtype] = None
@@ -110,7 +116,8 @@ class FalconH1Model(MegatronModule):
         first, last = self._layer_range(len(kinds))
         self.layer_offset = first
         self.layers = torch.nn.ModuleList(
-            FalconH1Layer(cfg, config, kinds[i], linears, kernel_options) for i in range(first, last))
+            FalconH1Layer(cfg, config, kinds[i], linears, kernel_options, context_parallel)
+            for i in range(first, last))
         if cfg.has_attention:
             self.rotary = RotaryFrequencies(cfg)
         if post_process:
@@ -162,8 +169,14 @@ class FalconH1Model(MegatronModule):
         else:
             h = self.input_tensor
         seq_len = input_ids.shape[1]
+        if position_ids is None and self.context_parallel is not None:
+            position_ids = self.context_parallel.positions(seq_len, input_ids.device)[None]  # global positions
         rotary = self.rotary(seq_len, position_ids, input_ids.device) if cfg.has_attention else None
         documents = packed_documents(position_ids, input_ids.shape[0])  # once per batch, for every layer
+        if documents is not None and self.context_parallel is not None:
+            raise ValueError("position_ids restart inside a row (packed documents), which context parallelism "
+                             "does not split by document; allowed: parallel.cp = 1 for packed rows, or rows "
+                             "without restarting positions.")
         full_recompute = self.config.recompute_granularity == "full" and self.training
         for layer in self.layers:
             # documents ride in the function: Megatron's checkpoint saves tensor arguments only
@@ -189,28 +202,36 @@ def build_model(
     cfg: FalconH1Config, *, linears: LinearSpec = MEGATRON_LINEARS, kernel_options: KernelOptions = KernelOptions(),
     sequence_parallel: bool = False, precision: str = "fp32", recompute: str = "none", seed: int = 1234,
     initialize: bool = True, device: Optional[torch.device] = None,
+    context_parallel: Optional[ContextParallelLayout] = None,
 ) -> FalconH1Model:
     """The one place a Falcon-H1 config becomes a Megatron model on this rank.
 
-    Needs Megatron's parallel state (falcon_h1.compat.initialize_parallel). Weights
+    Needs Megatron's parallel state (falcon_h1.megatron_compat.parallel.initialize_parallel). Weights
     are initialised from `seed` in the Hugging Face layout and sliced per rank, so
     any TP size starts from the same model. `linears` gives the projections' classes
     (bitnet.spec makes BitNet's). The kernels are chosen here, once, for `device` (default:
     this process's GPU, else the CPU): build the model on the device it runs on.
+    `context_parallel`: which chunks of each sequence this model sees (default: this rank's
+    under Megatron's context-parallel group, none at cp = 1; `ContextParallelLayout.emulated(cp)`
+    runs all ranks in one process).
     """
-    from falcon_h1.compat import default_device
+    from falcon_h1.megatron_compat.parallel import default_device
     from falcon_h1.weights import init_weights
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cfg = resolve(cfg, tp)
+    layout = context_parallel if context_parallel is not None else ContextParallelLayout.current()
+    if layout is not None:
+        check_model(cfg, layout.cp)
     device = torch.device(device) if device is not None else default_device()
     bf16 = precision == "bf16"
     config = make_transformer_config(cfg, tp, pp, sequence_parallel, torch.bfloat16 if bf16 else torch.float32,
-                                     bf16, recompute)
+                                     bf16, recompute, cp=parallel_state.get_context_parallel_world_size())
     model = FalconH1Model(
         cfg, config, linears, kernel_options.for_device(cfg.kernel_backend, device),
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage())
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        context_parallel=layout)
     model.to(device)
     linears.finish(model)
     if initialize:

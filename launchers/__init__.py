@@ -1,30 +1,36 @@
-"""Launch a recipe on this machine (torchrun), on Slurm, or on Kubernetes (Kubeflow PyTorchJob).
+"""Launch a training job on this machine (torchrun), on Slurm, or on Kubernetes (Kubeflow PyTorchJob).
 
-    from launchers import launch
-    result = launch(recipe)                 # recipe.executor.kind picks the executor
+    from launchers import Job, launch
+    result = launch(Job(name, run_dir, executor, recipe_yaml_for, worker_module))
     print(result.summary())
 
-Every executor starts `python -m recipes.worker RECIPE_YAML` on every rank (under
-torchrun, which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT); the
-recipe file is the resolved recipe, so all ranks and all restarts of a job agree on it.
-`dryrun=True` validates and renders (torchrun command line, sbatch script, Kubernetes
-manifests) without starting or submitting anything.
+`executor.kind` picks the executor. Every executor starts `python -m WORKER_MODULE RECIPE_FILE`
+on every rank (under torchrun, which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT); the recipe file is the resolved recipe, so all ranks and all restarts of a job
+agree on it. The launchers read the typed executor settings (`launchers.config`) and treat the
+recipe file as text: what a recipe is, and how it is written, is the caller's (`recipes.launch`).
+`dryrun=True` validates and renders (torchrun command line, sbatch script, Kubernetes manifests)
+without starting or submitting anything.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from types import ModuleType
 
-from launchers.result import ClusterError, ExecutorConfigError, LaunchResult, WandbRun
-
-EXECUTOR_KINDS = ("local", "slurm", "kubernetes")
-WORKER_MODULE = "recipes.worker"
+from falcon_h1.errors import ConfigValueError
+from launchers.config import EXECUTOR_KINDS, ExecutorConfig, KubernetesConfig, SlurmConfig
+from launchers.job import RECIPE_FILE_NAME, Job
+from launchers.result import ClusterError, LaunchResult, WandbRun
 
 __all__ = [
     "ClusterError",
     "EXECUTOR_KINDS",
-    "ExecutorConfigError",
+    "ExecutorConfig",
+    "Job",
+    "KubernetesConfig",
     "LaunchResult",
+    "RECIPE_FILE_NAME",
+    "SlurmConfig",
     "WandbRun",
     "launch",
     "validate_executor",
@@ -32,7 +38,7 @@ __all__ = [
 ]
 
 
-def _executor_module(kind: Any):
+def _executor_module(kind: str) -> ModuleType:
     if kind == "local":
         from launchers import local as module
     elif kind == "slurm":
@@ -40,46 +46,33 @@ def _executor_module(kind: Any):
     elif kind == "kubernetes":
         from launchers import kubeflow as module
     else:
-        raise ExecutorConfigError(
-            f"executor.kind = {kind!r} is not a known executor: allowed values are {', '.join(EXECUTOR_KINDS)}."
+        raise ConfigValueError(
+            "executor.kind", kind, ", ".join(EXECUTOR_KINDS),
+            message=f"executor.kind = {kind!r} is not a known executor: allowed values are {', '.join(EXECUTOR_KINDS)}.",
         )
     return module
 
 
-def validate_executor(recipe: Any) -> None:
-    """Check the recipe's executor settings without contacting any cluster.
+def validate_executor(executor: ExecutorConfig) -> None:
+    """Check the executor settings without contacting any cluster.
 
-    Raises ExecutorConfigError naming the field, its value and what is allowed.
-    Cluster-side checks (controller reachable, partition exists) happen in `launch`.
+    Raises ConfigValueError naming the field, its value and what is allowed. The checks that
+    need the run directory or the cluster (run_dir on a mounted volume, controller reachable,
+    partition exists) happen in `launch`.
     """
-    from launchers.recipe_file import resolve_recipe
-
-    config = resolve_recipe(recipe)
-    _executor_module(config.executor.kind).validate(config)
+    _executor_module(executor.kind).validate(executor)
 
 
-def launch(
-    recipe: Any,
-    recipe_yaml: Optional[str] = None,
-    dryrun: bool = False,
-    *,
-    worker_module: str = WORKER_MODULE,
-) -> LaunchResult:
-    """Start (or, with dryrun, render) the training job described by `recipe`.
-
-    `recipe`: a RecipeConfig, or a DictConfig of one. `recipe_yaml`: the resolved recipe
-    as YAML text or a YAML file path; when given it is what runs (and is checked against
-    RecipeConfig). `worker_module`: the module every rank runs (tests use a stand-in).
+def launch(job: Job, dryrun: bool = False) -> LaunchResult:
+    """Start (or, with dryrun, render) `job`.
 
     local: runs torchrun here and returns when the workers end (state, exit code, log
     tail). slurm / kubernetes: returns once the job is submitted (job id, log command);
     `result.wait()` follows a Slurm job to its end.
     """
-    from launchers.recipe_file import resolve_recipe
-
-    config = resolve_recipe(recipe, recipe_yaml)
-    module = _executor_module(config.executor.kind)
-    return module.launch(config, dryrun=dryrun, worker_module=worker_module)
+    module = _executor_module(job.executor.kind)
+    module.validate(job.executor)
+    return module.launch(job, dryrun=dryrun)
 
 
 def wait_for_job(job_id: str, timeout: float, **options):

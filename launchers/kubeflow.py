@@ -5,10 +5,11 @@ node (a Master, plus `nodes - 1` Workers), each running
 
     torchrun --nnodes=$PET_NNODES --nproc-per-node=$PET_NPROC_PER_NODE
              --node-rank=$PET_NODE_RANK --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT
-             -m recipes.worker /etc/falcon-recipe/recipe.yaml
+             -m WORKER_MODULE /etc/falcon-recipe/recipe.yaml
 
 with the rendezvous variables the training operator sets in every pod (from
-spec.nprocPerNode, the replica counts and the Master's `pytorchjob-port`). Pods are built
+spec.nprocPerNode, the replica counts and the Master's `pytorchjob-port`, which is
+`executor.kubernetes.master_port`). Pods are built
 with the official `kubernetes` client's models; secrets reach the container only as
 `valueFrom.secretKeyRef` references. A pod restarted by the operator (restartPolicy,
 runPolicy.backoffLimit) resumes from the latest checkpoint in `train.run_dir`, which is
@@ -28,15 +29,15 @@ import warnings
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig
 
-from launchers import recipe_file
-from launchers.result import ClusterError, ExecutorConfigError, LaunchResult
+from falcon_h1.errors import ConfigValueError
+from launchers.config import ExecutorConfig, KubernetesConfig
+from launchers.job import RECIPE_FILE_NAME, Job
+from launchers.result import ClusterError, LaunchResult
 
 API_GROUP, API_VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 CONTAINER_NAME = "pytorch"  # the training operator finds the container by this name
 PORT_NAME = "pytorchjob-port"  # ...and the rendezvous port by this one
-DEFAULT_MASTER_PORT = 23456  # the operator's default
 RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")
 RECIPE_MOUNT = "/etc/falcon-recipe"
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -62,70 +63,67 @@ def to_yaml(manifests: list[dict]) -> str:
     return yaml.dump_all(manifests, Dumper=_ManifestDumper, sort_keys=False)
 
 
-def _fail(message: str) -> None:
-    raise ExecutorConfigError(message)
+def _fail(key: str, value: Any, allowed: str, message: str) -> None:
+    raise ConfigValueError(key, value, allowed, message)
 
 
-def _nproc_per_node(config: DictConfig) -> int:
-    kube = config.executor.kubernetes
-    return kube.gpus_per_node if kube.gpus_per_node > 0 else config.executor.nproc_per_node
+def _nproc_per_node(executor: ExecutorConfig) -> int:
+    kube = executor.kubernetes
+    return kube.gpus_per_node if kube.gpus_per_node > 0 else executor.nproc_per_node
 
 
-def validate(config: DictConfig) -> None:
-    kube = config.executor.kubernetes
+def validate(executor: ExecutorConfig) -> None:
+    kube = executor.kubernetes
     if not kube.image:
-        _fail(
-            f"executor.kubernetes.image = {kube.image!r}: a container image is required (one with this project "
-            "and its dependencies installed, e.g. built from the repository's Dockerfile)."
-        )
+        _fail("executor.kubernetes.image", kube.image, "a container image",
+              f"executor.kubernetes.image = {kube.image!r}: a container image is required (one with this project "
+              "and its dependencies installed, e.g. built from the repository's Dockerfile).")
     if not isinstance(kube.nodes, int) or kube.nodes < 1:
-        _fail(
-            f"executor.kubernetes.nodes = {kube.nodes!r} is not allowed: "
-            "the number of pods (nodes) must be an integer >= 1."
-        )
+        _fail("executor.kubernetes.nodes", kube.nodes, "an integer >= 1",
+              f"executor.kubernetes.nodes = {kube.nodes!r} is not allowed: "
+              "the number of pods (nodes) must be an integer >= 1.")
     if not isinstance(kube.gpus_per_node, int) or kube.gpus_per_node < 0:
-        _fail(
-            f"executor.kubernetes.gpus_per_node = {kube.gpus_per_node!r} is not allowed: "
-            "an integer >= 0 (0 = CPU pods)."
-        )
-    nproc = config.executor.nproc_per_node
+        _fail("executor.kubernetes.gpus_per_node", kube.gpus_per_node, "an integer >= 0",
+              f"executor.kubernetes.gpus_per_node = {kube.gpus_per_node!r} is not allowed: "
+              "an integer >= 0 (0 = CPU pods).")
+    nproc = executor.nproc_per_node
     if not isinstance(nproc, int) or nproc < 1:
-        _fail(f"executor.nproc_per_node = {nproc!r} is not allowed: an integer >= 1.")
+        _fail("executor.nproc_per_node", nproc, "an integer >= 1",
+              f"executor.nproc_per_node = {nproc!r} is not allowed: an integer >= 1.")
     if kube.gpus_per_node > 0 and nproc not in (1, kube.gpus_per_node):
-        _fail(
-            f"executor.nproc_per_node = {nproc} disagrees with executor.kubernetes.gpus_per_node = "
-            f"{kube.gpus_per_node}: a GPU pod runs one worker process per GPU; set nproc_per_node to "
-            f"{kube.gpus_per_node} (or 1, which means the same here)."
-        )
+        _fail("executor.nproc_per_node", nproc, f"1 or executor.kubernetes.gpus_per_node = {kube.gpus_per_node}",
+              f"executor.nproc_per_node = {nproc} disagrees with executor.kubernetes.gpus_per_node = "
+              f"{kube.gpus_per_node}: a GPU pod runs one worker process per GPU; set nproc_per_node to "
+              f"{kube.gpus_per_node} (or 1, which means the same here).")
     if not DNS_LABEL.fullmatch(kube.namespace or "") or len(kube.namespace) > 63:
-        _fail(
-            f"executor.kubernetes.namespace = {kube.namespace!r} is not a Kubernetes namespace name "
-            "(a lowercase DNS label of at most 63 characters)."
-        )
+        _fail("executor.kubernetes.namespace", kube.namespace, "a lowercase DNS label of at most 63 characters",
+              f"executor.kubernetes.namespace = {kube.namespace!r} is not a Kubernetes namespace name "
+              "(a lowercase DNS label of at most 63 characters).")
     if kube.restart_policy not in RESTART_POLICIES:
-        _fail(
-            f"executor.kubernetes.restart_policy = {kube.restart_policy!r} is not allowed: "
-            f"one of {', '.join(RESTART_POLICIES)}."
-        )
+        _fail("executor.kubernetes.restart_policy", kube.restart_policy, ", ".join(RESTART_POLICIES),
+              f"executor.kubernetes.restart_policy = {kube.restart_policy!r} is not allowed: "
+              f"one of {', '.join(RESTART_POLICIES)}.")
     if not isinstance(kube.backoff_limit, int) or kube.backoff_limit < 0:
-        _fail(f"executor.kubernetes.backoff_limit = {kube.backoff_limit!r} is not allowed: an integer >= 0.")
+        _fail("executor.kubernetes.backoff_limit", kube.backoff_limit, "an integer >= 0",
+              f"executor.kubernetes.backoff_limit = {kube.backoff_limit!r} is not allowed: an integer >= 0.")
+    port = kube.master_port
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        _fail("executor.kubernetes.master_port", port, "1..65535",
+              f"executor.kubernetes.master_port = {port!r} is not a TCP port: use 1..65535.")
     for env_name, reference in kube.secret_env.items():
         secret, _, key = str(reference).partition(":")
         if not secret or not key:
-            _fail(
-                f"executor.kubernetes.secret_env[{env_name!r}] = {reference!r} is not allowed: use "
-                "'SECRET_NAME:KEY' (the value is read from that Kubernetes secret at run time)."
-            )
+            _fail(f"executor.kubernetes.secret_env[{env_name!r}]", reference, "'SECRET_NAME:KEY'",
+                  f"executor.kubernetes.secret_env[{env_name!r}] = {reference!r} is not allowed: use "
+                  "'SECRET_NAME:KEY' (the value is read from that Kubernetes secret at run time).")
     for claim, mount_path in kube.pvcs.items():
         if not str(mount_path).startswith("/"):
-            _fail(
-                f"executor.kubernetes.pvcs[{claim!r}] = {mount_path!r} is not allowed: the mount path must be absolute."
-            )
+            _fail(f"executor.kubernetes.pvcs[{claim!r}]", mount_path, "an absolute mount path",
+                  f"executor.kubernetes.pvcs[{claim!r}] = {mount_path!r} is not allowed: the mount path must be "
+                  "absolute.")
 
 
-def _run_dir_in_pod(config: DictConfig) -> str:
-    kube = config.executor.kubernetes
-    run_dir = str(config.train.run_dir)
+def _run_dir_in_pod(kube: KubernetesConfig, run_dir: str) -> str:
     mounts = [str(path).rstrip("/") for path in kube.pvcs.values()]
     if not mounts:
         warnings.warn(
@@ -137,34 +135,31 @@ def _run_dir_in_pod(config: DictConfig) -> str:
     if not os.path.isabs(run_dir):
         return os.path.join(mounts[0], run_dir)
     if not any(run_dir == mount or run_dir.startswith(mount + "/") for mount in mounts):
-        _fail(
-            f"train.run_dir = {run_dir!r} is not on any PersistentVolumeClaim mount (executor.kubernetes.pvcs = "
-            f"{dict(kube.pvcs)}): a restarted pod could not resume from its checkpoints. Put run_dir under one "
-            "of the mount paths, or give a relative run_dir (placed under the first one)."
-        )
+        _fail("train.run_dir", run_dir, "a directory on one of executor.kubernetes.pvcs' mount paths",
+              f"train.run_dir = {run_dir!r} is not on any PersistentVolumeClaim mount (executor.kubernetes.pvcs = "
+              f"{dict(kube.pvcs)}): a restarted pod could not resume from its checkpoints. Put run_dir under one "
+              "of the mount paths, or give a relative run_dir (placed under the first one).")
     return run_dir
 
 
-def _job_name(config: DictConfig) -> str:
+def _job_name(name: str) -> str:
     # Pod and service names are <job>-master-0 / <job>-worker-N: keep them DNS labels.
-    base = re.sub(r"[^a-z0-9-]+", "-", str(config.name).lower()).strip("-")[:36] or "falcon"
+    base = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:36] or "falcon"
     return f"{base}-{time.strftime('%m%d%H%M%S')}"
 
 
-def _worker_script(config: DictConfig, worker_module: str) -> str:
-    setup = list(getattr(config.executor.kubernetes, "setup_commands", None) or [])
+def _worker_script(kube: KubernetesConfig, worker_module: str) -> str:
     torchrun = (
         "torchrun --nnodes=${PET_NNODES} --nproc-per-node=${PET_NPROC_PER_NODE} --node-rank=${PET_NODE_RANK} "
         "--master-addr=${MASTER_ADDR} --master-port=${MASTER_PORT} --max-restarts=0 "
-        f"-m {worker_module} {RECIPE_MOUNT}/{recipe_file.RECIPE_FILE_NAME}"
+        f"-m {worker_module} {RECIPE_MOUNT}/{RECIPE_FILE_NAME}"
     )
-    return " && ".join(["set -e", *setup, f"exec {torchrun}"])
+    return " && ".join(["set -e", *kube.setup_commands, f"exec {torchrun}"])
 
 
-def _pod_template(config: DictConfig, job_name: str, configmap_name: str, worker_module: str, labels: dict):
+def _pod_template(kube: KubernetesConfig, job_name: str, configmap_name: str, worker_module: str, labels: dict):
     from kubernetes import client
 
-    kube = config.executor.kubernetes
     env = [client.V1EnvVar(name=str(name), value=str(value)) for name, value in kube.env_vars.items()]
     for env_name, reference in kube.secret_env.items():
         secret, _, key = str(reference).partition(":")
@@ -178,8 +173,7 @@ def _pod_template(config: DictConfig, job_name: str, configmap_name: str, worker
     requests: dict[str, str] = {}
     if kube.gpus_per_node > 0:
         limits["nvidia.com/gpu"] = str(kube.gpus_per_node)
-    for resource in ("cpu", "memory"):
-        amount = getattr(kube, resource)
+    for resource, amount in (("cpu", kube.cpu), ("memory", kube.memory)):
         if amount is not None:
             limits[resource] = requests[resource] = str(amount)
 
@@ -205,12 +199,10 @@ def _pod_template(config: DictConfig, job_name: str, configmap_name: str, worker
     container = client.V1Container(
         name=CONTAINER_NAME,
         image=kube.image,
-        command=["bash", "-c", _worker_script(config, worker_module)],
+        command=["bash", "-c", _worker_script(kube, worker_module)],
         env=env or None,
         ports=[
-            client.V1ContainerPort(
-                name=PORT_NAME, container_port=int(getattr(kube, "master_port", DEFAULT_MASTER_PORT))
-            )
+            client.V1ContainerPort(name=PORT_NAME, container_port=kube.master_port)
         ],
         resources=client.V1ResourceRequirements(limits=limits or None, requests=requests or None),
         volume_mounts=mounts,
@@ -223,12 +215,12 @@ def _pod_template(config: DictConfig, job_name: str, configmap_name: str, worker
     return client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels=labels), spec=spec)
 
 
-def build_manifests(config: DictConfig, worker_module: str) -> tuple[dict, dict]:
-    """(ConfigMap, PyTorchJob) as plain dicts; `config` must already hold the pod's run_dir."""
+def build_manifests(job: Job, recipe_yaml: str) -> tuple[dict, dict]:
+    """(ConfigMap, PyTorchJob) as plain dicts; `recipe_yaml` must already name the pod's run_dir."""
     from kubernetes import client
 
-    kube = config.executor.kubernetes
-    job_name = _job_name(config)
+    kube = job.executor.kubernetes
+    job_name = _job_name(job.name)
     configmap_name = f"{job_name}-recipe"
     labels = {"app.kubernetes.io/name": APP_LABEL, "app.kubernetes.io/instance": job_name}
     serialize = client.ApiClient().sanitize_for_serialization
@@ -237,16 +229,16 @@ def build_manifests(config: DictConfig, worker_module: str) -> tuple[dict, dict]
         api_version="v1",
         kind="ConfigMap",
         metadata=client.V1ObjectMeta(name=configmap_name, namespace=kube.namespace, labels=labels),
-        data={recipe_file.RECIPE_FILE_NAME: recipe_file.to_yaml(config)},
+        data={RECIPE_FILE_NAME: recipe_yaml},
     )
-    template = serialize(_pod_template(config, job_name, configmap_name, worker_module, labels))
+    template = serialize(_pod_template(kube, job_name, configmap_name, job.worker_module, labels))
     replicas = {"Master": 1, "Worker": kube.nodes - 1}
-    job = {
+    pytorch_job = {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": "PyTorchJob",
         "metadata": {"name": job_name, "namespace": kube.namespace, "labels": labels},
         "spec": {
-            "nprocPerNode": str(_nproc_per_node(config)),
+            "nprocPerNode": str(_nproc_per_node(job.executor)),
             "runPolicy": {"backoffLimit": kube.backoff_limit, "cleanPodPolicy": "None"},
             "pytorchReplicaSpecs": {
                 kind: {"replicas": count, "restartPolicy": kube.restart_policy, "template": copy.deepcopy(template)}
@@ -255,7 +247,7 @@ def build_manifests(config: DictConfig, worker_module: str) -> tuple[dict, dict]
             },
         },
     }
-    return serialize(configmap), job
+    return serialize(configmap), pytorch_job
 
 
 def _load_kube_config():
@@ -274,16 +266,16 @@ def _load_kube_config():
             ) from kubeconfig_error
 
 
-def submit(configmap: dict, job: dict) -> None:
+def submit(configmap: dict, pytorch_job: dict) -> None:
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
     _load_kube_config()
-    namespace = job["metadata"]["namespace"]
+    namespace = pytorch_job["metadata"]["namespace"]
     try:
         client.CoreV1Api().create_namespaced_config_map(namespace, configmap)
         created = client.CustomObjectsApi().create_namespaced_custom_object(
-            API_GROUP, API_VERSION, namespace, PLURAL, job
+            API_GROUP, API_VERSION, namespace, PLURAL, pytorch_job
         )
     except ApiException as error:
         hint = " Is the Kubeflow training operator (PyTorchJob CRD) installed?" if error.status == 404 else ""
@@ -292,9 +284,9 @@ def submit(configmap: dict, job: dict) -> None:
         ) from error
     # Let the recipe ConfigMap be deleted together with the job.
     owner = {
-        "apiVersion": job["apiVersion"],
-        "kind": job["kind"],
-        "name": job["metadata"]["name"],
+        "apiVersion": pytorch_job["apiVersion"],
+        "kind": pytorch_job["kind"],
+        "name": pytorch_job["metadata"]["name"],
         "uid": created["metadata"]["uid"],
     }
     try:
@@ -305,26 +297,25 @@ def submit(configmap: dict, job: dict) -> None:
         pass  # cosmetic: the ConfigMap just outlives the job
 
 
-def launch(config: DictConfig, dryrun: bool, worker_module: str) -> LaunchResult:
-    validate(config)
-    config = recipe_file.with_run_dir(config, _run_dir_in_pod(config))
-    configmap, job = build_manifests(config, worker_module)
-    name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+def launch(job: Job, dryrun: bool) -> LaunchResult:
+    run_dir = _run_dir_in_pod(job.executor.kubernetes, job.run_dir)
+    recipe_yaml = job.recipe_yaml_for(run_dir)
+    configmap, pytorch_job = build_manifests(job, recipe_yaml)
+    name, namespace = pytorch_job["metadata"]["name"], pytorch_job["metadata"]["namespace"]
     master_pod = f"{name}-master-0"
     result = LaunchResult(
         kind="kubernetes",
         dryrun=dryrun,
-        run_dir=str(config.train.run_dir),
-        recipe_yaml=configmap["data"][recipe_file.RECIPE_FILE_NAME],
-        recipe_path=f"{RECIPE_MOUNT}/{recipe_file.RECIPE_FILE_NAME}",
-        rendered=to_yaml([configmap, job]),
+        run_dir=run_dir,
+        recipe_yaml=recipe_yaml,
+        recipe_path=f"{RECIPE_MOUNT}/{RECIPE_FILE_NAME}",
+        rendered=to_yaml([configmap, pytorch_job]),
         job_id=name,
         pod_name=master_pod,
         logs_command=f"kubectl logs -n {namespace} -f {master_pod}",
-        wandb=recipe_file.wandb_run(config),
     )
     if not dryrun:
-        submit(configmap, job)
+        submit(configmap, pytorch_job)
     return result
 
 

@@ -1,8 +1,8 @@
 """executor.kind=local: torchrun on this machine through NeMo-Run's LocalExecutor.
 
-`torchrun --nproc-per-node N -m recipes.worker RECIPE_YAML` runs N workers here; the
+`torchrun --nproc-per-node N -m WORKER_MODULE RECIPE_YAML` runs N workers here; the
 worker picks gloo on CPU and NCCL on GPU. The launch blocks until the workers end, like
-the in-process N=1 path of `recipes`, and reports the state and the log's last lines.
+an in-process run, and reports the state and the log's last lines.
 Each launch gets a folder RUN_DIR/launches/NAME_TIME/ with the recipe file
 (configs/recipe.yaml) and NeMo-Run's experiment record, including the combined log.
 """
@@ -16,22 +16,23 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from launchers import recipe_file
+from falcon_h1.errors import ConfigValueError
+from launchers.config import ExecutorConfig
+from launchers.job import RECIPE_FILE_NAME, Job
 from launchers.nemo import nemo_run
-from launchers.result import ExecutorConfigError, LaunchResult
+from launchers.result import LaunchResult
 
 # torchrun's own failure report is about 40 lines; keep the worker's last words too.
 LOG_TAIL_LINES = 80
 
 
-def validate(config: DictConfig) -> None:
-    nproc = config.executor.nproc_per_node
+def validate(executor: ExecutorConfig) -> None:
+    nproc = executor.nproc_per_node
     if not isinstance(nproc, int) or nproc < 1:
-        raise ExecutorConfigError(
-            f"executor.nproc_per_node = {nproc!r} is not allowed for executor.kind=local: it is the number "
-            "of worker processes torchrun starts on this machine, an integer >= 1 (one per GPU on a GPU machine)."
+        raise ConfigValueError(
+            "executor.nproc_per_node", nproc, "an integer >= 1",
+            message=f"executor.nproc_per_node = {nproc!r} is not allowed for executor.kind=local: it is the number "
+            "of worker processes torchrun starts on this machine, an integer >= 1 (one per GPU on a GPU machine).",
         )
 
 
@@ -70,26 +71,23 @@ def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
 
 
-def launch(config: DictConfig, dryrun: bool, worker_module: str) -> LaunchResult:
+def launch(job: Job, dryrun: bool) -> LaunchResult:
     run = nemo_run()
 
-    validate(config)
-    run_dir = os.path.abspath(str(config.train.run_dir))
-    config = recipe_file.with_run_dir(config, run_dir)
-    yaml_text = recipe_file.to_yaml(config)
-    title = f"falcon-{config.name}"
+    run_dir = os.path.abspath(job.run_dir)
+    yaml_text = job.recipe_yaml_for(run_dir)
+    title = f"falcon-{job.name}"
     experiment_id = f"{title}_{time.strftime('%Y%m%d-%H%M%S')}"
     launch_dir = os.path.join(run_dir, "launches", experiment_id)
-    recipe_path = os.path.join(launch_dir, "configs", recipe_file.RECIPE_FILE_NAME)
-    nproc = config.executor.nproc_per_node
+    recipe_path = os.path.join(launch_dir, "configs", RECIPE_FILE_NAME)
+    nproc = job.executor.nproc_per_node
     result = LaunchResult(
         kind="local",
         dryrun=dryrun,
         run_dir=run_dir,
         recipe_yaml=yaml_text,
         recipe_path=recipe_path,
-        rendered=_command_line(_executor(nproc), _script(worker_module, recipe_path)),
-        wandb=recipe_file.wandb_run(config),
+        rendered=_command_line(_executor(nproc), _script(job.worker_module, recipe_path)),
     )
     if dryrun:
         return result
@@ -106,7 +104,7 @@ def launch(config: DictConfig, dryrun: bool, worker_module: str) -> LaunchResult
         enable_goodbye_message=False,
         skip_status_at_exit=True,
     ) as experiment:
-        experiment.add(_script(worker_module, recipe_path), name="train", tail_logs=True)
+        experiment.add(_script(job.worker_module, recipe_path), name="train", tail_logs=True)
         experiment.run(detach=False)
     # Leaving the `with` block waited for the workers to end.
     job = experiment.jobs[0]

@@ -1,15 +1,14 @@
-"""What a launch hands back, and the two kinds of launch errors."""
+"""What a launch hands back, and the error of a cluster that cannot take the job.
+
+A setting that cannot work is a `falcon_h1.errors.ConfigValueError` (the field, its value,
+what is allowed), raised before anything is submitted.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-
-class ExecutorConfigError(ValueError):
-    """The recipe's executor settings cannot work. The message names the field, its value
-    and what is allowed; nothing was submitted."""
 
 
 class ClusterError(RuntimeError):
@@ -19,8 +18,9 @@ class ClusterError(RuntimeError):
 
 @dataclass
 class WandbRun:
-    """Where the run's W&B data goes. The run id is only known once rank 0 has started:
-    the trainer keeps it in `run_dir/wandb_run_id` (see recipes/tracking.py)."""
+    """Where the run's W&B data goes, as the trainer will log it (filled in by the caller of the
+    launch, `recipes.launch`). The run id is only known once rank 0 has started: the trainer
+    keeps it in `run_id_file`."""
 
     project: str
     entity: Optional[str]

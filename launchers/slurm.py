@@ -6,7 +6,7 @@ slurm.sh.j2 template); commands go through its `LocalTunnel` (on a login node) o
 `processes_per_node` workers (one per GPU):
 
     torchrun --nnodes=N --nproc-per-node=P --node-rank=$SLURM_NODEID
-             --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT -m recipes.worker RECIPE
+             --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT -m WORKER_MODULE RECIPE
 
 MASTER_ADDR is the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`. The
 worker command is quoted so `$SLURM_NODEID` is read on each node, not in the batch shell.
@@ -16,7 +16,8 @@ Preemption and time limits (`executor.slurm.requeue`, on by default; off gives
 after preemption or a node failure; `--signal=B:USR1@S` wakes the batch shell S seconds
 before the time limit and its trap requeues the job. A requeued job starts the same
 command with the same recipe file, and the trainer resumes from the latest checkpoint in
-`train.run_dir`. A job whose workers fail is requeued `max_retries` times (default 0).
+`train.run_dir`. A job whose workers fail is requeued `executor.slurm.max_retries` times
+(default 0).
 
 NeMo-Run's Experiment/torchx layer is not used for Slurm: its status polling needs
 `sacct` (absent where accounting is off), its torchrun component reads `$SLURM_NODEID`
@@ -33,11 +34,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig
-
-from launchers import recipe_file
+from falcon_h1.errors import ConfigValueError
+from launchers.config import ExecutorConfig, SlurmConfig
+from launchers.job import RECIPE_FILE_NAME, Job
 from launchers.nemo import nemo_run
-from launchers.result import ExecutorConfigError, LaunchResult
+from launchers.result import LaunchResult
 
 TUNNELS = ("local", "ssh")
 # NeMo-Run mounts the job folder here inside containers and rewrites it to the real
@@ -70,82 +71,93 @@ def parse_time_limit(text: str) -> int:
     return int(first) * 60 + int(second or 0)  # MM or MM:SS
 
 
-def processes_per_node(config: DictConfig) -> int:
+def processes_per_node(executor: ExecutorConfig) -> int:
     """Worker processes torchrun starts on each node: executor.nproc_per_node, or
     executor.slurm.ntasks_per_node when that is the one set above 1 (either spelling works;
     Slurm itself always gets one task per node, the torchrun agent)."""
-    slurm_tasks = config.executor.slurm.ntasks_per_node
-    return slurm_tasks if slurm_tasks > 1 else config.executor.nproc_per_node
+    slurm_tasks = executor.slurm.ntasks_per_node
+    return slurm_tasks if slurm_tasks > 1 else executor.nproc_per_node
 
 
-def validate(config: DictConfig) -> None:
+def _is_port(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+def validate(executor: ExecutorConfig) -> None:
     """Checks that need no cluster; each error names the field, its value and what is allowed."""
-    slurm = config.executor.slurm
+    slurm = executor.slurm
 
-    def fail(message: str) -> None:
-        raise ExecutorConfigError(message)
+    def fail(key: str, value, allowed: str, message: str) -> None:
+        raise ConfigValueError(key, value, allowed, message)
 
     if not isinstance(slurm.nodes, int) or slurm.nodes < 1:
-        fail(f"executor.slurm.nodes = {slurm.nodes!r} is not allowed: the number of nodes must be an integer >= 1.")
+        fail("executor.slurm.nodes", slurm.nodes, "an integer >= 1",
+             f"executor.slurm.nodes = {slurm.nodes!r} is not allowed: the number of nodes must be an integer >= 1.")
     counts = {
         "executor.slurm.ntasks_per_node": slurm.ntasks_per_node,
-        "executor.nproc_per_node": config.executor.nproc_per_node,
+        "executor.nproc_per_node": executor.nproc_per_node,
     }
     for field, value in counts.items():
         if not isinstance(value, int) or value < 1:
-            fail(f"{field} = {value!r} is not allowed: an integer >= 1.")
+            fail(field, value, "an integer >= 1", f"{field} = {value!r} is not allowed: an integer >= 1.")
     if not isinstance(slurm.gpus_per_node, int) or slurm.gpus_per_node < 0:
-        fail(f"executor.slurm.gpus_per_node = {slurm.gpus_per_node!r} is not allowed: an integer >= 0 (0 = CPU nodes).")
-    nproc = config.executor.nproc_per_node
+        fail("executor.slurm.gpus_per_node", slurm.gpus_per_node, "an integer >= 0",
+             f"executor.slurm.gpus_per_node = {slurm.gpus_per_node!r} is not allowed: an integer >= 0 (0 = CPU nodes).")
+    nproc = executor.nproc_per_node
     if slurm.ntasks_per_node > 1 and nproc > 1 and nproc != slurm.ntasks_per_node:
-        fail(
-            f"executor.nproc_per_node = {nproc} disagrees with executor.slurm.ntasks_per_node = "
-            f"{slurm.ntasks_per_node}: both give the worker processes per node on Slurm; set one of them "
-            "(the other at 1) or both to the same value."
-        )
-    procs = processes_per_node(config)
+        fail("executor.nproc_per_node", nproc, f"1 or executor.slurm.ntasks_per_node = {slurm.ntasks_per_node}",
+             f"executor.nproc_per_node = {nproc} disagrees with executor.slurm.ntasks_per_node = "
+             f"{slurm.ntasks_per_node}: both give the worker processes per node on Slurm; set one of them "
+             "(the other at 1) or both to the same value.")
+    procs = processes_per_node(executor)
     if slurm.gpus_per_node > 0 and procs != slurm.gpus_per_node:
-        fail(
-            f"executor.nproc_per_node = {nproc} / executor.slurm.ntasks_per_node = {slurm.ntasks_per_node} start "
-            f"{procs} worker process(es) per node, but executor.slurm.gpus_per_node = {slurm.gpus_per_node}: "
-            f"training runs one worker process per GPU, so set executor.nproc_per_node={slurm.gpus_per_node} "
-            "(or change gpus_per_node)."
-        )
+        fail("executor.nproc_per_node", nproc, f"executor.slurm.gpus_per_node = {slurm.gpus_per_node}",
+             f"executor.nproc_per_node = {nproc} / executor.slurm.ntasks_per_node = {slurm.ntasks_per_node} start "
+             f"{procs} worker process(es) per node, but executor.slurm.gpus_per_node = {slurm.gpus_per_node}: "
+             f"training runs one worker process per GPU, so set executor.nproc_per_node={slurm.gpus_per_node} "
+             "(or change gpus_per_node).")
     if slurm.cpus_per_task is not None and (not isinstance(slurm.cpus_per_task, int) or slurm.cpus_per_task < 1):
-        fail(
-            f"executor.slurm.cpus_per_task = {slurm.cpus_per_task!r} is not allowed: "
-            "null or an integer >= 1 (CPUs per worker process)."
-        )
+        fail("executor.slurm.cpus_per_task", slurm.cpus_per_task, "null or an integer >= 1",
+             f"executor.slurm.cpus_per_task = {slurm.cpus_per_task!r} is not allowed: "
+             "null or an integer >= 1 (CPUs per worker process).")
     try:
         if parse_time_limit(str(slurm.time)) <= 0:
             raise ValueError(slurm.time)
     except ValueError:
-        fail(
-            f"executor.slurm.time = {slurm.time!r} is not a Slurm time limit: use MM, MM:SS, HH:MM:SS, "
-            "D-HH, D-HH:MM or D-HH:MM:SS (greater than zero)."
-        )
-    if not 1 <= slurm.master_port <= 65535:
-        fail(f"executor.slurm.master_port = {slurm.master_port!r} is not a TCP port: use 1..65535.")
+        fail("executor.slurm.time", slurm.time, "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS",
+             f"executor.slurm.time = {slurm.time!r} is not a Slurm time limit: use MM, MM:SS, HH:MM:SS, "
+             "D-HH, D-HH:MM or D-HH:MM:SS (greater than zero).")
+    if not _is_port(slurm.master_port):
+        fail("executor.slurm.master_port", slurm.master_port, "1..65535",
+             f"executor.slurm.master_port = {slurm.master_port!r} is not a TCP port: use 1..65535.")
+    if not isinstance(slurm.max_retries, int) or slurm.max_retries < 0:
+        fail("executor.slurm.max_retries", slurm.max_retries, "an integer >= 0",
+             f"executor.slurm.max_retries = {slurm.max_retries!r} is not allowed: an integer >= 0 (requeues of a "
+             "job whose workers fail).")
     if slurm.tunnel not in TUNNELS:
-        fail(f"executor.slurm.tunnel = {slurm.tunnel!r} is not allowed: one of {', '.join(TUNNELS)}.")
+        fail("executor.slurm.tunnel", slurm.tunnel, ", ".join(TUNNELS),
+             f"executor.slurm.tunnel = {slurm.tunnel!r} is not allowed: one of {', '.join(TUNNELS)}.")
     if slurm.tunnel == "ssh":
         if not slurm.ssh_host:
-            fail("executor.slurm.ssh_host is not set: executor.slurm.tunnel=ssh needs the login node's host name.")
+            fail("executor.slurm.ssh_host", slurm.ssh_host, "the login node's host name",
+                 "executor.slurm.ssh_host is not set: executor.slurm.tunnel=ssh needs the login node's host name.")
         if not slurm.job_dir or not slurm.job_dir.startswith("/"):
-            fail(
-                f"executor.slurm.job_dir = {slurm.job_dir!r} is not allowed with executor.slurm.tunnel=ssh: give an "
-                "absolute directory on the cluster's shared file system for job scripts and logs."
-            )
+            fail("executor.slurm.job_dir", slurm.job_dir, "an absolute directory",
+                 f"executor.slurm.job_dir = {slurm.job_dir!r} is not allowed with executor.slurm.tunnel=ssh: give an "
+                 "absolute directory on the cluster's shared file system for job scripts and logs.")
+    if slurm.ssh_port is not None and not _is_port(slurm.ssh_port):
+        fail("executor.slurm.ssh_port", slurm.ssh_port, "null or 1..65535",
+             f"executor.slurm.ssh_port = {slurm.ssh_port!r} is not a TCP port: use 1..65535, or null for ssh's default.")
     for mount in slurm.container_mounts:
         parts = str(mount).split(":")
         if len(parts) not in (2, 3) or not all(parts[:2]):
-            fail(
-                f"executor.slurm.container_mounts entry {mount!r} is not allowed: use SOURCE:DESTINATION "
-                "or SOURCE:DESTINATION:FLAGS (pyxis --container-mounts syntax)."
-            )
+            fail("executor.slurm.container_mounts", mount, "SOURCE:DESTINATION or SOURCE:DESTINATION:FLAGS",
+                 f"executor.slurm.container_mounts entry {mount!r} is not allowed: use SOURCE:DESTINATION "
+                 "or SOURCE:DESTINATION:FLAGS (pyxis --container-mounts syntax).")
     for key in slurm.env_vars:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)):
-            fail(f"executor.slurm.env_vars key {key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*).")
+            fail("executor.slurm.env_vars", key, "environment variable names ([A-Za-z_][A-Za-z0-9_]*)",
+                 f"executor.slurm.env_vars key {key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*).")
 
 
 def _signal_seconds(time_limit: str) -> int:
@@ -153,9 +165,7 @@ def _signal_seconds(time_limit: str) -> int:
     return max(30, min(MAX_REQUEUE_WARNING_S, parse_time_limit(time_limit) // 10))
 
 
-def _run_dir_on_cluster(config: DictConfig) -> str:
-    slurm = config.executor.slurm
-    run_dir = str(config.train.run_dir)
+def _run_dir_on_cluster(slurm: SlurmConfig, run_dir: str) -> str:
     if os.path.isabs(run_dir):
         return run_dir
     if slurm.tunnel == "ssh":  # relative to the cluster's job directory, not this machine's cwd
@@ -163,29 +173,28 @@ def _run_dir_on_cluster(config: DictConfig) -> str:
     return os.path.abspath(run_dir)
 
 
-def _check_run_dir_is_mounted(config: DictConfig, run_dir: str) -> None:
-    slurm = config.executor.slurm
+def _check_run_dir_is_mounted(slurm: SlurmConfig, run_dir: str) -> None:
     if not slurm.container_image:
         return
     destinations = [str(mount).split(":")[1] for mount in slurm.container_mounts]
     if not any(run_dir == dest or run_dir.startswith(dest.rstrip("/") + "/") for dest in destinations):
-        raise ExecutorConfigError(
-            f"train.run_dir = {run_dir!r} is not inside any container mount (executor.slurm.container_mounts = "
+        raise ConfigValueError(
+            "train.run_dir", run_dir, "a directory inside one of executor.slurm.container_mounts",
+            message=f"train.run_dir = {run_dir!r} is not inside any container mount (executor.slurm.container_mounts = "
             f"{list(slurm.container_mounts)}): checkpoints written there would vanish with the container and a "
-            "requeued job could not resume. Mount a shared directory and put run_dir under its destination."
+            "requeued job could not resume. Mount a shared directory and put run_dir under its destination.",
         )
 
 
-def make_tunnel(config: DictConfig):
+def make_tunnel(slurm: SlurmConfig):
     run = nemo_run()
 
-    slurm = config.executor.slurm
     if slurm.tunnel == "ssh":
         return run.SSHTunnel(
             host=slurm.ssh_host,
             user=slurm.ssh_user or os.environ.get("USER", ""),
             identity=slurm.ssh_identity,
-            port=getattr(slurm, "ssh_port", None),
+            port=slurm.ssh_port,
             job_dir=slurm.job_dir,
         )
     return run.LocalTunnel(job_dir=slurm.job_dir or "")
@@ -208,7 +217,7 @@ class SlurmJobPlan:
 
     @property
     def recipe_path(self) -> str:
-        return os.path.join(self.folder, "configs", recipe_file.RECIPE_FILE_NAME)
+        return os.path.join(self.folder, "configs", RECIPE_FILE_NAME)
 
     def worker_log(self, job_id: str, attempt: int | str = 0) -> str:
         """srun's output file, one per attempt (SLURM_RESTART_COUNT) of the job."""
@@ -218,8 +227,8 @@ class SlurmJobPlan:
         return os.path.join(self.folder, f"sbatch_{self.job_name}_{job_id}.out")
 
 
-def _worker_command(config: DictConfig, worker_module: str, recipe_path: str) -> str:
-    slurm = config.executor.slurm
+def _worker_command(executor: ExecutorConfig, worker_module: str, recipe_path: str) -> str:
+    slurm = executor.slurm
     steps = list(slurm.setup_commands)
     on_this_machine = slurm.tunnel == "local" and not slurm.container_image
     if on_this_machine:
@@ -229,7 +238,7 @@ def _worker_command(config: DictConfig, worker_module: str, recipe_path: str) ->
         steps.insert(0, f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH")
         steps.append(f"cd {shlex.quote(os.getcwd())}")
     torchrun = (
-        f"torchrun --nnodes={slurm.nodes} --nproc-per-node={processes_per_node(config)} "
+        f"torchrun --nnodes={slurm.nodes} --nproc-per-node={processes_per_node(executor)} "
         "--node-rank=$SLURM_NODEID --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT "
         f"--max-restarts=0 -m {worker_module} {recipe_path}"
     )
@@ -237,15 +246,15 @@ def _worker_command(config: DictConfig, worker_module: str, recipe_path: str) ->
     return f"bash -c {shlex.quote(' && '.join(steps))} & srun_pid=$!; wait $srun_pid"
 
 
-def _executor(config: DictConfig, job_name: str, folder: str, tunnel):
+def _executor(executor: ExecutorConfig, job_name: str, folder: str, tunnel):
     run = nemo_run()
     from nemo_run.core.execution.slurm import SlurmJobDetails
 
-    slurm = config.executor.slurm
+    slurm = executor.slurm
     env_vars = {"MASTER_ADDR": "$head_node", "MASTER_PORT": str(slurm.master_port)}
     # NeMo-Run writes `export KEY=value` unquoted; quote user values so spaces survive.
     env_vars.update({str(key): shlex.quote(str(value)) for key, value in slurm.env_vars.items()})
-    executor = run.SlurmExecutor(
+    slurm_executor = run.SlurmExecutor(
         account=slurm.account,
         partition=slurm.partition,
         job_name_prefix="falcon-",
@@ -253,9 +262,9 @@ def _executor(config: DictConfig, job_name: str, folder: str, tunnel):
         nodes=slurm.nodes,
         # One srun task per node: torchrun, which starts the per-GPU workers itself.
         ntasks_per_node=1,
-        cpus_per_task=slurm.cpus_per_task * processes_per_node(config) if slurm.cpus_per_task else None,
+        cpus_per_task=slurm.cpus_per_task * processes_per_node(executor) if slurm.cpus_per_task else None,
         gpus_per_node=slurm.gpus_per_node or None,
-        qos=getattr(slurm, "qos", None),
+        qos=slurm.qos,
         signal=f"B:USR1@{_signal_seconds(str(slurm.time))}" if slurm.requeue else None,
         container_image=slurm.container_image,
         container_mounts=list(slurm.container_mounts),
@@ -266,33 +275,31 @@ def _executor(config: DictConfig, job_name: str, folder: str, tunnel):
         packager=run.Packager(),
         poll_estimated_start_time=False,
     )
-    executor.job_dir = folder
-    executor.job_details = SlurmJobDetails(job_name=job_name, folder=folder)
+    slurm_executor.job_dir = folder
+    slurm_executor.job_details = SlurmJobDetails(job_name=job_name, folder=folder)
     tunnel.job_dir = os.path.dirname(folder)
-    return executor
+    return slurm_executor
 
 
-def plan_job(config: DictConfig, worker_module: str) -> SlurmJobPlan:
+def plan_job(job: Job) -> SlurmJobPlan:
+    """The job's sbatch script, folder and recipe file; `job.executor` is already validated."""
     nemo_run()
     from nemo_run.core.execution.slurm import SlurmBatchRequest
 
-    validate(config)
-    slurm = config.executor.slurm
-    run_dir = _run_dir_on_cluster(config)
-    _check_run_dir_is_mounted(config, run_dir)
-    config = recipe_file.with_run_dir(config, run_dir)
-    job_name = re.sub(r"[^\w.-]", "_", str(config.name))
+    slurm = job.executor.slurm
+    run_dir = _run_dir_on_cluster(slurm, job.run_dir)
+    _check_run_dir_is_mounted(slurm, run_dir)
+    job_name = re.sub(r"[^\w.-]", "_", job.name)
     base = slurm.job_dir or os.path.join(run_dir, "launches")
     folder = os.path.join(base, f"{job_name}_{time.strftime('%Y%m%d-%H%M%S')}")
-    tunnel = make_tunnel(config)
-    executor = _executor(config, job_name, folder, tunnel)
-    recipe_in_script = f"{JOB_FOLDER_IN_SCRIPT}/configs/{recipe_file.RECIPE_FILE_NAME}"
+    tunnel = make_tunnel(slurm)
+    recipe_in_script = f"{JOB_FOLDER_IN_SCRIPT}/configs/{RECIPE_FILE_NAME}"
     request = SlurmBatchRequest(
         launch_cmd=["sbatch", "--parsable"],
         jobs=[job_name],
-        command_groups=[[_worker_command(config, worker_module, recipe_in_script)]],
-        executor=executor,
-        max_retries=int(getattr(slurm, "max_retries", 0)),
+        command_groups=[[_worker_command(job.executor, job.worker_module, recipe_in_script)]],
+        executor=_executor(job.executor, job_name, folder, tunnel),
+        max_retries=slurm.max_retries,
         extra_env={},
         launcher=None,
     )
@@ -300,28 +307,29 @@ def plan_job(config: DictConfig, worker_module: str) -> SlurmJobPlan:
         job_name=job_name,
         folder=folder,
         run_dir=run_dir,
-        recipe_yaml=recipe_file.to_yaml(config),
+        recipe_yaml=job.recipe_yaml_for(run_dir),
         script=request.materialize(),
         tunnel=tunnel,
     )
 
 
-def _logs_command(config: DictConfig, plan: SlurmJobPlan, job_id: str) -> str:
+def logs_command(slurm: SlurmConfig, plan: SlurmJobPlan, job_id: str) -> str:
+    """A command that follows the job's log, from where the job was submitted."""
     # Every attempt of a requeued job has its own file, so tail them all.
     folder = shlex.quote(plan.folder)
     command = f"tail -n 200 -f {folder}/{shlex.quote(f'log-{plan.job_name}_{job_id}_')}*.out"
-    slurm = config.executor.slurm
     if slurm.tunnel == "ssh":
         identity = f"-i {shlex.quote(slurm.ssh_identity)} " if slurm.ssh_identity else ""
+        port = f"-p {slurm.ssh_port} " if slurm.ssh_port is not None else ""
         user = f"{slurm.ssh_user}@" if slurm.ssh_user else ""
-        command = f"ssh {identity}{user}{slurm.ssh_host} {shlex.quote(command)}"
+        command = f"ssh {identity}{port}{user}{slurm.ssh_host} {shlex.quote(command)}"
     return command
 
 
-def launch(config: DictConfig, dryrun: bool, worker_module: str) -> LaunchResult:
+def launch(job: Job, dryrun: bool) -> LaunchResult:
     from launchers import slurm_jobs
 
-    plan = plan_job(config, worker_module)
+    plan = plan_job(job)
     result = LaunchResult(
         kind="slurm",
         dryrun=dryrun,
@@ -329,16 +337,16 @@ def launch(config: DictConfig, dryrun: bool, worker_module: str) -> LaunchResult
         recipe_yaml=plan.recipe_yaml,
         recipe_path=plan.recipe_path,
         rendered=plan.script,
-        wandb=recipe_file.wandb_run(recipe_file.with_run_dir(config, plan.run_dir)),
     )
     if dryrun:
         return result
 
-    slurm_jobs.check_cluster(plan.tunnel, config.executor.slurm.partition)
+    slurm = job.executor.slurm
+    slurm_jobs.check_cluster(plan.tunnel, slurm.partition)
     job_id = slurm_jobs.submit(plan)
     result.job_id = job_id
     result.log_path = plan.worker_log(job_id)
-    result.logs_command = _logs_command(config, plan, job_id)
+    result.logs_command = logs_command(slurm, plan, job_id)
 
     def wait(timeout: float, poll_interval: float):
         return slurm_jobs.wait_for_job(

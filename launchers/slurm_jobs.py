@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from falcon_h1.errors import ConfigValueError
 from launchers.nemo import nemo_run
-from launchers.result import ClusterError, ExecutorConfigError
+from launchers.result import ClusterError
 
 # torchrun's own failure report is about 40 lines; keep the worker's last words too.
 LOG_TAIL_LINES = 80
@@ -84,10 +85,11 @@ def check_cluster(tunnel, partition: Optional[str]) -> None:
         )
     partitions = [name.rstrip("*") for name in listing.stdout.split()]
     if partition is not None and partition not in partitions:
-        raise ExecutorConfigError(
-            f"executor.slurm.partition = {partition!r} is not a partition of this cluster: `sinfo -h -o %P` "
+        raise ConfigValueError(
+            "executor.slurm.partition", partition, f"one of {', '.join(partitions) or 'none'}, or null",
+            message=f"executor.slurm.partition = {partition!r} is not a partition of this cluster: `sinfo -h -o %P` "
             f"lists {', '.join(partitions) or 'none'}. Set executor.slurm.partition to one of them, or to null "
-            "for the cluster's default partition. Nothing was submitted."
+            "for the cluster's default partition. Nothing was submitted.",
         )
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import OmegaConf
-
+from falcon_h1.errors import ConfigValueError
 from falcon_h1.presets import SIZES
 from recipes.config import RecipeConfig
+from recipes.recipe_file import to_recipe
+from recipes.trained_model import load_trained_model  # noqa: F401 (part of the Python API)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -42,13 +43,8 @@ def compose_recipe(overrides: Iterable[str] = ()) -> RecipeConfig:
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    return to_recipe(cfg)
-
-
-def to_recipe(cfg) -> RecipeConfig:
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg))
+        composed = compose(config_name="config", overrides=overrides)
+    return to_recipe(composed)
 
 
 def _flatten(prefix: str, value: Any) -> list[str]:
@@ -74,13 +70,13 @@ def falcon_h1_pretrain(size: str = "tiny", *, bitnet: bool = False, executor: st
     Keyword groups override fields: train={"max_steps": 10}, parallel={"tp": 2}, model={...}.
     """
     if size not in SIZES and size not in SIZES.values():
-        raise ValueError(f"size = {size!r} is not allowed; allowed: {', '.join(SIZES)}.")
+        raise ConfigValueError("size", size, ", ".join(SIZES))
     overrides = [f"model={SIZES.get(size, size)}", f"bitnet={'on' if bitnet else 'off'}", f"executor={executor}"]
     if size not in ("tiny", "micro", "falcon_h1_tiny", "falcon_h1_micro"):
         overrides.append("train=pretrain")
     for group, values in groups.items():
         if not isinstance(values, dict):
-            raise ValueError(f"{group} = {values!r}: pass a dict of fields, e.g. {group}={{'field': value}}.")
+            raise ConfigValueError(group, values, f"a dict of fields, e.g. {group}={{'field': value}}")
         overrides += _flatten(group, values)
     return compose_recipe(overrides)
 
@@ -90,7 +86,7 @@ def run(recipe: RecipeConfig, executor: str | None = None):
     validate the recipe before anything starts."""
     import sys
 
-    from recipes.build import mup_report, validate_recipe
+    from recipes.build import mup_report
 
     if executor is not None:
         recipe.executor.kind = executor
@@ -100,41 +96,8 @@ def run(recipe: RecipeConfig, executor: str | None = None):
         from recipes.training import train
 
         return train(recipe)  # validates first
-    validate_recipe(recipe)
-    import launchers
+    from recipes.build import validate_recipe
+    from recipes.launch import launch
 
-    return launchers.launch(recipe, dryrun=recipe.dryrun)
-
-
-def load_trained_model(run_dir: str | Path, step: int | None = None, tp: int = 1):
-    """The model of a finished or running job, built from run_dir/config.yaml and loaded
-    from its latest checkpoint at tensor-parallel size `tp` (1: this process; more: one
-    process per rank, under torchrun) and PP=1. Returns (model, recipe, step)."""
-    from bitnet.spec import falcon_h1_linear_spec
-    from falcon_h1.compat import initialize_parallel
-    from falcon_h1.model import build_model
-    from recipes.build import effective_model_config, resolve_precision
-    from recipes.checkpointing import load_latest_checkpoint
-
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} does not exist; allowed: a run directory written by falcon-train.")
-    recipe = recipe_from_yaml(config_file)
-    initialize_parallel(tp=tp, pp=1, seed=recipe.train.seed)
-    model_cfg = effective_model_config(recipe)
-    model = build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet, model_cfg.kernel_backend),
-                        precision=resolve_precision(recipe.train.precision), initialize=False)
-    loaded = load_latest_checkpoint(run_dir / "checkpoints", [model], None, None)
-    if loaded is None:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint yet.")
-    model.eval()
-    return model, recipe, loaded[0]
-
-
-def recipe_to_yaml(recipe: RecipeConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
-
-
-def recipe_from_yaml(path: str | Path) -> RecipeConfig:
-    return to_recipe(OmegaConf.load(path))
+    validate_recipe(recipe)  # the executor's own settings: by the launcher
+    return launch(recipe, dryrun=recipe.dryrun)

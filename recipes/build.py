@@ -1,25 +1,32 @@
-"""Recipe -> validated pieces: the effective model config and the checks that run
-before any job starts (so bad input fails fast, with the key named)."""
+"""Recipe -> validated pieces and the model: the checks that run before any job starts (so
+bad input fails fast, with the key named), the effective model config, and the one function
+that builds the model a recipe describes."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+from typing import NamedTuple
 
 from falcon_h1.config import FalconH1Config, resolve
+from falcon_h1.errors import ConfigValueError
 from falcon_h1.mup import MODES, MULTIPLIER_FIELDS
 from recipes.config import RecipeConfig
+from recipes.schedules import LrSchedule, checked_schedule
 
 PRECISIONS = ("auto", "bf16", "fp32")
-EXECUTOR_KINDS = ("local", "slurm", "kubernetes")
 RECOMPUTE = ("none", "selective", "full")
 
 
-class RecipeError(ValueError):
-    """A recipe value that cannot run; the message names the key, value and what is allowed."""
+class CheckedRecipe(NamedTuple):
+    """What validating a recipe resolves: the model config to build and the lr schedule."""
+
+    model_cfg: FalconH1Config
+    schedule: LrSchedule
 
 
 def _fail(key: str, value, allowed: str) -> None:
-    raise RecipeError(f"{key} = {value!r} is not allowed: {allowed}.")
+    raise ConfigValueError(key, value, allowed)
 
 
 def effective_model_config(recipe: RecipeConfig) -> FalconH1Config:
@@ -67,17 +74,27 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def data_parallel_size(recipe: RecipeConfig, world_size: int) -> int:
+def model_parallel_size(recipe: RecipeConfig) -> int:
+    """Processes that hold one copy of the model between them: tp * pp * cp."""
     p = recipe.parallel
-    return world_size // (p.tp * p.pp)
+    return p.tp * p.pp * p.cp
 
 
-def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
-    """Every check that can fail before any process starts; returns the resolved model config."""
+def data_parallel_size(recipe: RecipeConfig, world_size: int) -> int:
+    return world_size // model_parallel_size(recipe)
+
+
+def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
+    """Every check of the model, parallel layout, training, data, BitNet and logger settings
+    that can fail before any process starts (the executor's settings are the launcher's)."""
+    from recipes.tracking import resolve_wandb_mode
+
     p, t = recipe.parallel, recipe.train
-    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp)):
-        if not isinstance(value, int) or value < 1:
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(key, value, "a positive integer")
+    if p.ddp_bucket_size is not None and (not isinstance(p.ddp_bucket_size, int) or p.ddp_bucket_size < 1):
+        _fail("parallel.ddp_bucket_size", p.ddp_bucket_size, "null (Megatron's default) or a positive integer")
     model_cfg = resolve(effective_model_config(recipe), p.tp)
     if model_cfg.num_hidden_layers % p.pp:
         _fail("parallel.pp", p.pp, f"a divisor of model.num_hidden_layers = {model_cfg.num_hidden_layers}")
@@ -89,17 +106,16 @@ def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
         value = getattr(t, key)
         if not isinstance(value, int) or value < 1:
             _fail(f"train.{key}", value, "a positive integer")
-    from recipes.schedules import validate_train_schedule
+    schedule = checked_schedule(t)
+    if isinstance(t.sample_tokens, bool) or not isinstance(t.sample_tokens, int) or t.sample_tokens < 0:
+        _fail("train.sample_tokens", t.sample_tokens, "an integer >= 0 (0: no sample at the end)")
+    from recipes.checkpoint_files import validate_keep_checkpoints
 
-    validate_train_schedule(t)
-    from recipes.generate import validate_sample_settings
-
-    validate_sample_settings(t)
+    validate_keep_checkpoints(t.keep_checkpoints)
     if recipe.data.seq_length < 1 or recipe.data.seq_length > model_cfg.max_position_embeddings:
         _fail("data.seq_length", recipe.data.seq_length,
               f"1 .. model.max_position_embeddings = {model_cfg.max_position_embeddings}")
-    if recipe.executor.kind not in EXECUTOR_KINDS:
-        _fail("executor.kind", recipe.executor.kind, f"one of {EXECUTOR_KINDS}")
+    validate_sequence_split(recipe, model_cfg)
     if recipe.bitnet.enabled:
         from bitnet.layers import validate_bitnet_layers
 
@@ -107,8 +123,33 @@ def validate_recipe(recipe: RecipeConfig) -> FalconH1Config:
     from recipes.data import validate_data_config
 
     validate_data_config(recipe.data)
+    if recipe.logger.wandb:
+        resolve_wandb_mode(recipe.logger.wandb_mode)
     validate_cuda_graph(recipe)
-    return model_cfg
+    return CheckedRecipe(model_cfg, schedule)
+
+
+def validate_sequence_split(recipe: RecipeConfig, model_cfg: FalconH1Config) -> None:
+    """What context parallelism (parallel.cp) and sequence parallelism need of data.seq_length."""
+    from falcon_h1.context_parallel import check_model
+
+    p, seq = recipe.parallel, recipe.data.seq_length
+    check_model(model_cfg, p.cp)
+    if p.cp > 1:
+        if seq % (2 * p.cp):
+            _fail("data.seq_length", seq,
+                  f"a multiple of 2 * parallel.cp = {2 * p.cp}: every sequence is cut into 2 * cp equal chunks "
+                  "and each context-parallel rank holds two of them (chunks r and 2cp-1-r, balancing causal work)")
+        halo = model_cfg.mamba_d_conv - 1
+        if model_cfg.has_mamba and seq // (2 * p.cp) < halo:
+            _fail("parallel.cp", p.cp,
+                  f"at most data.seq_length / (2 * (model.mamba_d_conv - 1)) = {seq // (2 * halo)}: each of the "
+                  f"2 * cp chunks ({seq // (2 * p.cp)} tokens here) must hold the {halo} conv inputs it hands to "
+                  "the next chunk")
+    if p.sequence_parallel and p.tp > 1 and (seq // p.cp) % p.tp:
+        _fail("data.seq_length", seq,
+              f"a multiple of parallel.cp * parallel.tp = {p.cp * p.tp} with parallel.sequence_parallel = true: "
+              "each tensor-parallel rank holds an equal slice of the context-parallel shard")
 
 
 def validate_cuda_graph(recipe: RecipeConfig) -> None:
@@ -155,11 +196,30 @@ def validate_cuda_graph_device(recipe: RecipeConfig, cuda_available: bool) -> No
 def validate_parallel_layout(recipe: RecipeConfig, world_size: int) -> None:
     """The checks that need the number of processes (known once the job has started)."""
     p, t = recipe.parallel, recipe.train
-    if world_size % (p.tp * p.pp):
-        _fail("parallel.tp", p.tp, f"tp * pp = {p.tp * p.pp} dividing the {world_size} processes")
+    if world_size % model_parallel_size(recipe):
+        key, value = ("parallel.cp", p.cp) if p.cp > 1 else ("parallel.tp", p.tp)
+        _fail(key, value, f"tp * pp * cp = {p.tp} * {p.pp} * {p.cp} = {model_parallel_size(recipe)} "
+              f"dividing the {world_size} processes")
     dp = data_parallel_size(recipe, world_size)
     if p.dp is not None and p.dp != dp:
-        _fail("parallel.dp", p.dp, f"world_size / (tp * pp) = {dp} (or null)")
+        _fail("parallel.dp", p.dp, f"world_size / (tp * pp * cp) = {dp} (or null)")
     if t.global_batch_size % (t.micro_batch_size * dp):
         _fail("train.global_batch_size", t.global_batch_size,
               f"a multiple of train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}")
+
+
+def build_model_for(recipe: RecipeConfig, model_cfg: FalconH1Config, **options):
+    """`falcon_h1.model.build_model` for `recipe`: its linear spec (BitNet's layers where bitnet.*
+    asks for them), precision and kernel choice.
+
+    `train.force_reference_kernels` is applied here and nowhere else, as the model config's
+    kernel backend, which the BitNet layers follow too. `options` pass on to build_model
+    (sequence_parallel, recompute, seed, initialize).
+    """
+    from bitnet.spec import falcon_h1_linear_spec
+    from falcon_h1.model import build_model
+
+    if recipe.train.force_reference_kernels:
+        model_cfg = dataclasses.replace(model_cfg, kernel_backend="reference")
+    return build_model(model_cfg, linears=falcon_h1_linear_spec(recipe.bitnet, model_cfg.kernel_backend),
+                       precision=resolve_precision(recipe.train.precision), **options)

@@ -1,9 +1,13 @@
 """The typed configuration tree of a training run (the "recipe").
 
-Every Hydra config group in `configs/` is backed by one dataclass here, so a typo
-or a wrong type in an override fails with the key named instead of silently
-creating a new field. The Python API builds the same objects (see
-`recipes.falcon_h1_pretrain`).
+Every Hydra config group in `configs/` is backed by one dataclass here (the model's in
+`falcon_h1.config`, the executor's in `launchers.config`), so a typo or a wrong type in an
+override fails with the key named instead of silently creating a new field. The Python API
+builds the same objects (see `recipes.falcon_h1_pretrain`).
+
+Naming in recipes/: `*_cfg` is one of these (`model_cfg` a FalconH1Config, `train_cfg` a
+TrainConfig, ...); `*_config` is Megatron's (`transformer_config`, `optimizer_config`,
+`ddp_config`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from falcon_h1.config import FalconH1Config
+from launchers.config import ExecutorConfig
 
 
 @dataclass
@@ -49,11 +54,16 @@ class BitNetConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    # Data-parallel size; None = world_size / (tp * pp).
+    # Context-parallel size: every sequence split over cp ranks (falcon_h1.context_parallel).
+    cp: int = 1
+    # Data-parallel size; None = world_size / (tp * pp * cp).
     dp: Optional[int] = None
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = True
+    # Parameters per gradient all-reduce bucket of Megatron's DDP (with overlap_grad_reduce);
+    # None = Megatron's default, max(4e7, 1e6 * data-parallel size).
+    ddp_bucket_size: Optional[int] = None
 
 
 @dataclass
@@ -98,6 +108,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     seed: int = 1234
     save_interval: int = 50
+    # After each save, keep the newest N complete checkpoints and delete older ones (>= 1).
+    keep_checkpoints: int = 3
     eval_interval: int = 0
     eval_iters: int = 2
     log_interval: int = 1
@@ -136,56 +148,6 @@ class LoggerConfig:
     tensorboard: bool = True
     mlflow: bool = False
     progress_bar: bool = True
-
-
-@dataclass
-class SlurmConfig:
-    account: Optional[str] = None
-    partition: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 0
-    ntasks_per_node: int = 1
-    cpus_per_task: Optional[int] = None
-    time: str = "01:00:00"
-    container_image: Optional[str] = None
-    container_mounts: list[str] = field(default_factory=list)
-    env_vars: dict[str, str] = field(default_factory=dict)
-    # local | ssh
-    tunnel: str = "local"
-    ssh_host: Optional[str] = None
-    ssh_user: Optional[str] = None
-    ssh_identity: Optional[str] = None
-    job_dir: Optional[str] = None
-    requeue: bool = True
-    master_port: int = 29500
-    # Command prefix that sets up Python on the compute nodes (venv activate, module load).
-    setup_commands: list[str] = field(default_factory=list)
-
-
-@dataclass
-class KubernetesConfig:
-    namespace: str = "default"
-    image: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 8
-    cpu: Optional[str] = None
-    memory: Optional[str] = None
-    # {"claim_name": "mount_path"}
-    pvcs: dict[str, str] = field(default_factory=dict)
-    env_vars: dict[str, str] = field(default_factory=dict)
-    # Environment variables taken from Kubernetes secrets: {"ENV_NAME": "secret-name:key"}
-    secret_env: dict[str, str] = field(default_factory=dict)
-    restart_policy: str = "OnFailure"
-    backoff_limit: int = 3
-    service_account: Optional[str] = None
-
-
-@dataclass
-class ExecutorConfig:
-    kind: str = "local"  # local | slurm | kubernetes
-    nproc_per_node: int = 1
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
 
 @dataclass

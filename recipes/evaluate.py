@@ -61,7 +61,7 @@ def perplexity(model, tokenizer, documents: list[str], seq_length: int, batch_si
     """Scores documents with the model's per-token loss (vocab-parallel: no logits gathered)."""
     import torch
 
-    from falcon_h1.compat import default_device
+    from falcon_h1.megatron_compat.parallel import default_device
 
     stream = [i for doc in documents for i in tokenizer.encode(doc) + [tokenizer.eos_id]]
     windows = token_windows(stream, seq_length)

@@ -93,7 +93,7 @@ def complete(model, tokenizer, ids_list: list[list[int]], streamer=None, **setti
     import torch
 
     import falcon_h1
-    from falcon_h1.compat import default_device
+    from falcon_h1.megatron_compat.parallel import default_device
 
     device = default_device()
     longest = max(len(ids) for ids in ids_list)
@@ -129,12 +129,6 @@ def sample_after_training(model, recipe) -> Optional[str]:
     text = complete(model, tokenizer, [tokenizer.prompt_ids(train_cfg.sample_prompt)], None,
                     max_new_tokens=train_cfg.sample_tokens, do_sample=True, temperature=0.8, seed=train_cfg.seed)[0]
     return train_cfg.sample_prompt + text
-
-
-def validate_sample_settings(train_cfg) -> None:
-    tokens = train_cfg.sample_tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(f"train.sample_tokens = {tokens!r}; allowed: an integer >= 0 (0: no sample at the end).")
 
 
 def _parser() -> argparse.ArgumentParser:

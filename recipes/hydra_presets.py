@@ -21,6 +21,7 @@ import dataclasses
 from omegaconf import OmegaConf
 
 from falcon_h1.config import FalconH1Config, apply_attention_ratio
+from falcon_h1.errors import ConfigValueError
 from falcon_h1.mup import LIST_MULTIPLIERS, MODES, MULTIPLIER_FIELDS, derive_multipliers, unit_multipliers
 from falcon_h1.presets import PRESETS
 
@@ -38,13 +39,14 @@ def multipliers_for_mode(mode: str, preset: FalconH1Config | None, model: Falcon
     """The 14 multipliers `mup.mode` gives `model` (preset: the preset's values)."""
     if mode == "preset":
         if preset is None:
-            raise ValueError("mup.mode = 'preset' needs a model preset")
+            raise ConfigValueError("mup.mode", mode, "derived or unit for a model that is not a preset",
+                                   message="mup.mode = 'preset' needs a model preset")
         return {name: getattr(preset, name) for name in MULTIPLIER_FIELDS}
     if mode == "derived":
         return derive_multipliers(apply_attention_ratio(model))
     if mode == "unit":
         return unit_multipliers()
-    raise ValueError(f"mup.mode = {mode!r} is not allowed: one of {MODES}.")
+    raise ConfigValueError("mup.mode", mode, f"one of {MODES}")
 
 
 def _resolve_multiplier(preset_name: str, field: str, *, _root_):

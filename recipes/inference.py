@@ -61,7 +61,7 @@ def load_for_inference(path: str | Path, tp: int = 1, tokenizer: Optional[str] =
     (launched under torchrun with tp processes for tp > 1), and its tokenizer."""
     path = Path(path)
     if (path / "config.yaml").is_file():
-        from recipes.api import load_trained_model
+        from recipes.trained_model import load_trained_model
 
         model, recipe, _ = load_trained_model(path, tp=tp)
         spec, max_length, source = tokenizer or recipe.data.tokenizer, recipe.data.seq_length, "run"

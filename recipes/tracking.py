@@ -9,7 +9,7 @@ no files):
 - TensorBoard event files under `run_dir/tensorboard` (`logger.tensorboard`), with
   tags `train/<metric>` and `eval/<metric>` for metrics named `val_*`.
 - Weights & Biases (`logger.wandb`), one W&B run per job whose id is kept in
-  `run_dir/wandb_run_id`, so a resumed job continues the same W&B run. Mode
+  `run_dir/wandb_run_id` (WANDB_RUN_ID_FILE), so a resumed job continues the same W&B run. Mode
   `logger.wandb_mode`: "auto" is "online" when WANDB_API_KEY is set, else "offline"
   (local files under run_dir/wandb, upload later with `wandb sync`).
 - MLflow (`logger.mlflow`), a file store under `run_dir/mlruns`; needs `mlflow`
@@ -33,6 +33,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from falcon_h1.errors import ConfigValueError
+from launchers.result import WandbRun
+from recipes.config import LoggerConfig
 from recipes.run_metadata import scrub_command_line, scrub_secrets
 
 METRICS_FILE = "metrics.jsonl"
@@ -54,11 +57,26 @@ def tensorboard_tag(metric: str) -> str:
 
 
 def resolve_wandb_mode(mode: str) -> str:
+    """`logger.wandb_mode` as W&B gets it: "auto" is "online" when WANDB_API_KEY is set, else "offline"."""
     if mode not in WANDB_MODES:
-        raise ValueError(f"logger.wandb_mode = {mode!r} is not allowed: one of {', '.join(WANDB_MODES)}.")
+        raise ConfigValueError("logger.wandb_mode", mode, f"one of {', '.join(WANDB_MODES)}")
     if mode == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode
+
+
+def wandb_run_name(logger_cfg: LoggerConfig, run_dir: str | os.PathLike) -> str:
+    return logger_cfg.wandb_run_name or Path(run_dir).name
+
+
+def wandb_destination(logger_cfg: LoggerConfig, run_dir: str | os.PathLike) -> WandbRun | None:
+    """Where a run in `run_dir` logs to W&B (None when W&B is off), as its Tracker will."""
+    mode = resolve_wandb_mode(logger_cfg.wandb_mode) if logger_cfg.wandb else "disabled"
+    if mode == "disabled":
+        return None
+    return WandbRun(project=logger_cfg.wandb_project, entity=logger_cfg.wandb_entity,
+                    name=wandb_run_name(logger_cfg, run_dir), mode=mode,
+                    run_id_file=str(Path(run_dir) / WANDB_RUN_ID_FILE))
 
 
 def _as_number(name: str, value: Any) -> int | float:
@@ -85,15 +103,14 @@ class Tracker:
     def __init__(
         self,
         run_dir: str | os.PathLike,
-        logger_cfg: Any,
-        config: Any,
+        logger_cfg: LoggerConfig,
+        resolved_recipe: Any,
         tags: list[str],
         rank: int,
-        run_name: str | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.enabled = rank == 0
-        self.run_name = run_name or getattr(logger_cfg, "wandb_run_name", None) or self.run_dir.name
+        self.run_name = wandb_run_name(logger_cfg, self.run_dir)
         self.wandb_run_id: str | None = None
         self.wandb_mode: str | None = None
         self._backends: list[Any] = []
@@ -101,19 +118,17 @@ class Tracker:
         if not self.enabled:
             return
 
-        wandb_mode = "disabled"
-        if getattr(logger_cfg, "wandb", True):
-            wandb_mode = resolve_wandb_mode(getattr(logger_cfg, "wandb_mode", "auto"))
+        wandb_mode = resolve_wandb_mode(logger_cfg.wandb_mode) if logger_cfg.wandb else "disabled"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        public_config = scrub_secrets(config)
+        public_recipe = scrub_secrets(resolved_recipe)
         self._backends.append(_JsonlBackend(self.run_dir))
-        if getattr(logger_cfg, "tensorboard", True):
+        if logger_cfg.tensorboard:
             self._backends.append(_TensorBoardBackend(self.run_dir / TENSORBOARD_DIR))
         # MLflow before W&B: a missing mlflow fails before a W&B run is opened.
-        if getattr(logger_cfg, "mlflow", False):
-            self._backends.append(_MlflowBackend(self.run_dir, public_config, tags, self.run_name))
+        if logger_cfg.mlflow:
+            self._backends.append(_MlflowBackend(self.run_dir, public_recipe, tags, self.run_name))
         if wandb_mode != "disabled":
-            backend = _WandbBackend(self.run_dir, logger_cfg, wandb_mode, public_config, tags, self.run_name)
+            backend = _WandbBackend(self.run_dir, logger_cfg, wandb_mode, public_recipe, tags, self.run_name)
             self.wandb_run_id, self.wandb_mode = backend.run_id, backend.mode
             self._backends.append(backend)
 
@@ -223,7 +238,8 @@ class _TensorBoardBackend:
 
 
 class _WandbBackend:
-    def __init__(self, run_dir: Path, logger_cfg: Any, mode: str, config: dict, tags: list[str], name: str):
+    def __init__(self, run_dir: Path, logger_cfg: LoggerConfig, mode: str, public_recipe: dict, tags: list[str],
+                 name: str):
         # Before importing wandb: no banners, no prompts, nothing waiting on a terminal.
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
@@ -233,13 +249,13 @@ class _WandbBackend:
         id_path.write_text(run_id + "\n")
 
         init_kwargs = dict(
-            project=getattr(logger_cfg, "wandb_project", "falcon-h1"),
-            entity=getattr(logger_cfg, "wandb_entity", None),
+            project=logger_cfg.wandb_project,
+            entity=logger_cfg.wandb_entity,
             name=name,
             id=run_id,
             resume="allow",
             dir=str(run_dir),
-            config=config,
+            config=public_recipe,
             tags=list(tags),
             settings=wandb.Settings(silent=True),
         )
@@ -284,7 +300,7 @@ def _wandb_init_with_scrubbed_argv(mode: str, init_kwargs: dict):
 
 
 class _MlflowBackend:
-    def __init__(self, run_dir: Path, config: dict, tags: list[str], name: str):
+    def __init__(self, run_dir: Path, public_recipe: dict, tags: list[str], name: str):
         try:
             import mlflow
         except ImportError:
@@ -311,7 +327,7 @@ class _MlflowBackend:
             )
             self.run_id = run.info.run_id
             id_path.write_text(self.run_id + "\n")
-            params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+            params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in _flatten(public_recipe).items()]
             for start in range(0, len(params), 100):  # MLflow's batch limit
                 self.client.log_batch(self.run_id, params=params[start : start + 100])
 

@@ -11,16 +11,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m recipes.worker RECIPE.yaml", file=sys.stderr)
         return 2
-    from recipes.api import recipe_from_yaml
+    from recipes.recipe_file import recipe_from_yaml
     from recipes.training import train
 
     summary = train(recipe_from_yaml(argv[0]))
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        from recipes.train import _print_summary
-
-        _print_summary(summary)
+        print(summary.report())
     return 0
 
 

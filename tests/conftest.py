@@ -41,10 +41,23 @@ def run_in_triton_interpreter(script: Path, timeout: int = 240) -> subprocess.Co
     return proc
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="marked slow (beyond CI's time budget): run with pytest --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def megatron_single():
     """One-process gloo group + Megatron parallel state at TP=1."""
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     initialize_parallel(tp=1, pp=1)
     yield

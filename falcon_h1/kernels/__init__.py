@@ -89,23 +89,39 @@ def use_fast_path(backend: str, device: torch.device) -> bool:
     return False
 
 
-def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z=None, seq_idx=None):
+def scan_step_sizes(dt_raw, dt_bias, dt_limit):
+    """The SSD scan's step sizes: softplus(dt_raw + dt_bias) clamped to dt_limit, as mamba_ssm's
+    kernels compute them, in fp32 (float64 for float64 inputs)."""
+    compute = torch.promote_types(dt_raw.dtype, torch.float32)
+    dt = F.softplus(dt_raw.to(compute) + dt_bias.to(compute))
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != math.inf:
+        dt = dt.clamp(min=lo, max=hi)
+    return dt
+
+
+def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z=None, seq_idx=None,
+             initial_states=None):
     """Mamba-2 SSD over a sequence. dt_raw is before bias/softplus/clamp. Returns [b,l,h,p].
 
     With z [b,l,h,p] the output is gated, y * silu(z) (inside the scan kernel on the fast path).
     With seq_idx [b,l] int32 (kernels.documents) the state restarts at each packed document.
+    With initial_states [b,h,p,n] the scan starts from that state instead of zero (a
+    context-parallel chunk continuing the one before it; falcon_h1.context_parallel).
     fast: mamba_ssm's Triton scan (KernelOptions.triton_ssd), else the chunked reference.
     """
     check_seq_idx(seq_idx, x.shape[:2])
+    if seq_idx is not None and initial_states is not None:
+        raise ValueError("ssd_scan: seq_idx (packed documents) and initial_states (a continued sequence) "
+                         "cannot be combined; pass one of them")
     if fast:
         from falcon_h1.kernels.ssd_triton import ssd_chunk_scan_triton
 
-        return ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, z=z, seq_idx=seq_idx)
-    dt = F.softplus(dt_raw.float() + dt_bias.float())
-    lo, hi = dt_limit
-    if lo > 0.0 or hi != math.inf:
-        dt = dt.clamp(min=lo, max=hi)
-    y = ssd_chunk_scan_reference(x, dt, A, B, C, chunk_size, D, seq_idx=seq_idx).to(x.dtype)
+        return ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, z=z, seq_idx=seq_idx,
+                                     initial_states=initial_states)
+    dt = scan_step_sizes(dt_raw, dt_bias, dt_limit)
+    y = ssd_chunk_scan_reference(x, dt, A, B, C, chunk_size, D, seq_idx=seq_idx,
+                                 initial_states=initial_states).to(x.dtype)
     return y if z is None else y * F.silu(z)
 
 
@@ -190,24 +206,36 @@ def vocab_parallel_cross_entropy(logits, labels, vocab_size: int, fast: bool):
 
 
 def causal_attention(q, k, v, scale: float, backend: str, documents=None):
-    """q [b, hq, l, d], k/v [b, hkv, l, d] (GQA) -> [b, hq, l, d].
+    """q [b, hq, lq, d], k/v [b, hkv, lk, d] (GQA), lq <= lk -> [b, hq, lq, d].
 
+    The queries are the last lq positions of the keys' span: query i sees keys
+    j <= lk - lq + i (with lq < lk: a context-parallel chunk attending to every key up to it).
     backend "unfused" materialises the score matrix (as Megatron's local
     DotProductAttention does); otherwise torch SDPA (flash / cuDNN on GPU).
     documents (kernels.documents.Documents of packed rows): causal within each document
     only, by kernels.document_attention (which also offers backends "flex" and "varlen").
     """
+    lq, lk = q.shape[2], k.shape[2]
+    if lq > lk:
+        raise ValueError(f"causal_attention: {lq} queries but {lk} keys; the queries must be the last "
+                         "positions of the keys' span")
     if documents is not None:
         from falcon_h1.kernels.document_attention import document_causal_attention
 
+        if lq != lk:
+            raise ValueError("causal_attention: packed documents need as many keys as queries")
         return document_causal_attention(q, k, v, scale, backend, documents)
     rep = q.shape[1] // k.shape[1]
     if backend == "unfused":
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        l = q.shape[2]
-        mask = torch.ones(l, l, dtype=torch.bool, device=q.device).triu(1)
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
         probs = torch.softmax(scores.float().masked_fill(mask, float("-inf")), dim=-1).to(q.dtype)
         return torch.matmul(probs, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
+    if lq == lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk), scale=scale,
+                                          enable_gqa=rep > 1)

@@ -4,7 +4,8 @@ Computes, per head h and position t (state S of shape [p, N]):
     S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t B_t^T
     y_t = S_t C_t + D_h * x_t
 chunked: exact quadratic attention-like form inside each chunk of length Q and a
-linear recurrence over chunk states between chunks. Runs on any device, in fp32.
+linear recurrence over chunk states between chunks. Runs on any device, in fp32 (in
+float64 for float64 inputs).
 
 With seq_idx [b, l] (document number per token, non-decreasing along the row; see
 kernels.documents) the state restarts from zero at each document's first token: every decay
@@ -38,11 +39,13 @@ def ssd_chunk_scan_reference(
     chunk_size: int,
     D: torch.Tensor | None = None,  # [h]
     seq_idx: torch.Tensor | None = None,  # [b, l] int
+    initial_states: torch.Tensor | None = None,  # [b, h, p, n]: the state before the first token
 ) -> torch.Tensor:
-    """Returns y [b, l, h, p] in fp32."""
+    """Returns y [b, l, h, p] in fp32 (float64 for float64 inputs)."""
     b, l, h, p = x.shape
     g = B.shape[2]
-    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x, dt, B, C = (t.to(compute) for t in (x, dt, B, C))
     B = B.repeat_interleave(h // g, dim=2)
     C = C.repeat_interleave(h // g, dim=2)
     pad = (-l) % chunk_size
@@ -59,7 +62,7 @@ def ssd_chunk_scan_reference(
 
     xdt = chunks(x * dt[..., None])                # [b, c, q, h, p]
     Bc, Cc = chunks(B), chunks(C)                  # [b, c, q, h, n]
-    a = chunks(dt * A.float()).permute(0, 3, 1, 2)  # [b, h, c, q]
+    a = chunks(dt * A.to(compute)).permute(0, 3, 1, 2)  # [b, h, c, q]
     a_cum = torch.cumsum(a, dim=-1)
 
     # within chunks: y_t += sum_{s<=t} C_t.B_s * exp(a_cum_t - a_cum_s) * x_s dt_s
@@ -85,13 +88,14 @@ def ssd_chunk_scan_reference(
         ends = F.pad(last[..., 0], (1, 0), value=-1)  # [b, c+1]
         chunk_decay = chunk_decay * (ends[:, None, :, None] == ends[:, None, None, :])
         into_chunk = into_chunk * (doc == ends[:, :-1, None])[:, None]
-    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
+    start = torch.zeros_like(states[:, :1]) if initial_states is None else initial_states.to(compute)[:, None]
+    states = torch.cat([start, states], dim=1)
     carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]  # state entering chunk z
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, carried, into_chunk)
 
     y = y.reshape(b, n_chunks * chunk_size, h, p)[:, :l]
     if D is not None:
-        y = y + x[:, :l] * D.float()[:, None]
+        y = y + x[:, :l] * D.to(compute)[:, None]
     return y
 
 

@@ -39,17 +39,19 @@ def triton_available() -> bool:
     return True
 
 
-def ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, z=None, seq_idx=None):
+def ssd_chunk_scan_triton(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, z=None, seq_idx=None,
+                          initial_states=None):
     """x [b,l,h,p], dt_raw [b,l,h] (before bias/softplus), B/C [b,l,g,n] -> y [b,l,h,p].
 
     Inputs may be strided views (last dimension contiguous): mamba_ssm's kernels take
     strides, so slices of the in-projection output need no copy. With z, the kernel
     returns y * silu(z) and its backward gives dz, saving the separate gating passes.
     seq_idx [b,l] int32 restarts the state at each packed document, forward and backward.
+    initial_states [b,h,p,n] is the state before the first token (its gradient flows back).
     """
     scan = _import_chunk_scan()
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     return scan(
         x, dt_raw, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
-        dt_limit=(lo, hi), seq_idx=seq_idx,
+        dt_limit=(lo, hi), seq_idx=seq_idx, initial_states=initial_states,
     )

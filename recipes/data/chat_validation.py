@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from falcon_h1.errors import ConfigValueError
 from recipes.data.chat import is_chat_file
 from recipes.data.chat_demo import CHAT_DEMO
 from recipes.data.chat_sources import MASK_SUFFIX, chat_indexed_files
 from recipes.data.tokenizer import (BYTE_SPEC, CHAT_TEMPLATE_HELP, find_chat_template,
                                     resolve_tokenizer_file)
-from recipes.data.validation import parse_blend, parse_split
+from recipes.data.validation import parse_blend, parse_split, raise_problems
 
 DATA_KINDS = ("text", "chat")
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -29,15 +30,17 @@ CHAT_PATHS_HELP = (
 CHAT_ONLY_DEFAULTS = {"packing": True, "overlong": "truncate"}
 
 
-def data_kind_problems(data_cfg) -> list[str]:
+def data_kind_problems(data_cfg) -> list[ConfigValueError]:
     """An unknown data.kind, or a chat-only field changed for text data (it would be ignored)."""
     if data_cfg.kind not in DATA_KINDS:
-        return [f"data.kind = {data_cfg.kind!r} is not allowed: one of {DATA_KINDS}."]
+        return [ConfigValueError("data.kind", data_cfg.kind, f"one of {DATA_KINDS}")]
     if data_cfg.kind == "chat":
         return []
     return [
-        f"data.{name} = {getattr(data_cfg, name)!r} applies to data.kind = chat only; for "
-        f"data.kind = {data_cfg.kind!r} leave it at {default!r}."
+        ConfigValueError(
+            f"data.{name}", getattr(data_cfg, name), f"{default!r} for data.kind = {data_cfg.kind!r}",
+            message=f"data.{name} = {getattr(data_cfg, name)!r} applies to data.kind = chat only; for "
+                    f"data.kind = {data_cfg.kind!r} leave it at {default!r}.")
         for name, default in CHAT_ONLY_DEFAULTS.items()
         if getattr(data_cfg, name) != default
     ]
@@ -72,38 +75,46 @@ def _tokenizer_problem(spec: str) -> Optional[str]:
 
 
 def validate_chat_data_config(data_cfg) -> None:
-    """Raise one ValueError listing every problem of a chat `data.*`."""
+    """Raise one ConfigValueError listing every problem of a chat `data.*`."""
+    def problem(key: str, value, allowed: str, message: str) -> ConfigValueError:
+        return ConfigValueError(key, value, allowed, message=message)
+
     problems = data_kind_problems(data_cfg)
     if data_cfg.kind != "chat":
-        problems.append(f"data.kind = {data_cfg.kind!r}: chat datasets need data.kind = chat.")
+        problems.append(problem("data.kind", data_cfg.kind, "chat",
+                                f"data.kind = {data_cfg.kind!r}: chat datasets need data.kind = chat."))
     try:
         entries, _ = parse_blend(data_cfg.paths)
-    except ValueError as error:
-        problems.append(f"{error} {CHAT_PATHS_HELP}")
+    except ConfigValueError as error:
+        problems.append(problem(error.key, error.value, CHAT_PATHS_HELP, f"{error} {CHAT_PATHS_HELP}"))
         entries = []
-    entry_problems = [problem for entry in entries if (problem := _entry_problem(entry))]
-    problems += entry_problems + ([CHAT_PATHS_HELP] if entry_problems else [])
-    if problem := _tokenizer_problem(data_cfg.tokenizer):
-        problems.append(problem)
+    entry_problems = [(entry, text) for entry in entries if (text := _entry_problem(entry))]
+    if entry_problems:
+        problems.append(problem("data.paths", entry_problems[0][0], CHAT_PATHS_HELP,
+                                " ".join([text for _, text in entry_problems] + [CHAT_PATHS_HELP])))
+    if text := _tokenizer_problem(data_cfg.tokenizer):
+        problems.append(problem("data.tokenizer", data_cfg.tokenizer, "a tokenizer with a chat template", text))
     try:
         parse_split(data_cfg.split)
-    except ValueError as error:
-        problems.append(str(error))
+    except ConfigValueError as error:
+        problems.append(error)
     seq_length = data_cfg.seq_length
     if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 2:
-        problems.append(f"data.seq_length = {seq_length!r}: expected an integer >= 2 "
-                        f"(a chat row needs a token and its label).")
+        problems.append(problem("data.seq_length", seq_length, "an integer >= 2",
+                                f"data.seq_length = {seq_length!r}: expected an integer >= 2 "
+                                f"(a chat row needs a token and its label)."))
     if not isinstance(data_cfg.packing, bool):
-        problems.append(f"data.packing = {data_cfg.packing!r}: expected true or false.")
+        problems.append(problem("data.packing", data_cfg.packing, "true or false",
+                                f"data.packing = {data_cfg.packing!r}: expected true or false."))
     if data_cfg.overlong not in OVERLONG_POLICIES:
-        problems.append(f"data.overlong = {data_cfg.overlong!r} is not allowed: one of "
-                        f"{OVERLONG_POLICIES} (cut a too-long conversation to seq_length, or "
-                        f"skip it; both are counted and reported).")
+        problems.append(problem("data.overlong", data_cfg.overlong, f"one of {OVERLONG_POLICIES}",
+                                f"data.overlong = {data_cfg.overlong!r} is not allowed: one of "
+                                f"{OVERLONG_POLICIES} (cut a too-long conversation to seq_length, or "
+                                f"skip it; both are counted and reported)."))
     if data_cfg.cache_dir is not None:
-        problems.append(
+        problems.append(problem(
+            "data.cache_dir", data_cfg.cache_dir, "null for data.kind = chat",
             f"data.cache_dir = {data_cfg.cache_dir!r} is not used by data.kind = chat (small "
             f"sets are tokenized at start; preprocess large ones with falcon-preprocess --chat); "
-            f"leave it null."
-        )
-    if problems:
-        raise ValueError(" ".join(problems))
+            f"leave it null."))
+    raise_problems(problems)

@@ -19,6 +19,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from falcon_h1.errors import ConfigValueError
 from recipes.data.bundled import BUNDLED, ensure_bundled_dataset, resolve_cache_dir
 from recipes.data.validation import parse_blend, parse_split, validate_data_config
 
@@ -39,8 +40,9 @@ def _check_splits_have_documents(prefixes: list[str], split: str) -> None:
             begin = int(round(bounds[index] * num_documents))
             end = int(round(bounds[index + 1] * num_documents))
             if end <= begin:
-                raise ValueError(
-                    f"data.split = {split!r} leaves the {name} split of data.paths entry "
+                raise ConfigValueError(
+                    "data.split", split, f"a split that gives the {name} split documents",
+                    message=f"data.split = {split!r} leaves the {name} split of data.paths entry "
                     f"{prefix!r} without documents (it has {num_documents}); give that split a "
                     f"larger share, set its share to 0, or use a dataset with more documents."
                 )
@@ -51,8 +53,8 @@ def build_gpt_dataset_config(data_cfg, seq_length: int, seed: int, tokenizer, pr
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights),
-        split=getattr(data_cfg, "split", "98,2,0"),
-        path_to_cache=str(resolve_cache_dir(getattr(data_cfg, "cache_dir", None)) / "indices"),
+        split=data_cfg.split,
+        path_to_cache=str(resolve_cache_dir(data_cfg.cache_dir) / "indices"),
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -78,20 +80,21 @@ def build_train_valid_datasets(
     Call on every rank when torch.distributed is initialised.
     """
     if data_cfg.kind != "text":
-        raise ValueError(
-            f"data.kind = {data_cfg.kind!r} is not allowed for pretraining datasets (documents "
+        raise ConfigValueError(
+            "data.kind", data_cfg.kind, "text for pretraining datasets",
+            message=f"data.kind = {data_cfg.kind!r} is not allowed for pretraining datasets (documents "
             f"packed without boundaries, loss on every token): allowed data.kind = text; chat "
             f"data is built by recipes.data.build_chat_datasets for fine-tuning."
         )
     validate_data_config(data_cfg)
     prefixes, weights = parse_blend(data_cfg.paths)
-    cache_dir = getattr(data_cfg, "cache_dir", None)
+    cache_dir = data_cfg.cache_dir
     prefixes = [
         ensure_bundled_dataset(tokenizer, cache_dir) if prefix == BUNDLED else prefix
         for prefix in prefixes
     ]
     sizes = [num_train_samples, num_valid_samples, 0]
-    _check_splits_have_documents(prefixes, getattr(data_cfg, "split", "98,2,0"))
+    _check_splits_have_documents(prefixes, data_cfg.split)
     config = build_gpt_dataset_config(data_cfg, seq_length, seed, tokenizer, prefixes, weights)
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, is_built_on_rank or (lambda: True), config

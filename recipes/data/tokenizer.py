@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from falcon_h1.errors import ConfigValueError
 from recipes.data.chat_demo import CHAT_DEMO, TOKENIZER_DIR as CHAT_DEMO_TOKENIZER_DIR
 
 VOCAB_MULTIPLE = 64
@@ -72,8 +73,9 @@ class _TokenizerBase(MegatronTokenizerBase):
         return [np.asarray(self.tokenize(text), dtype=np.int64) for text in texts]
 
     def chat_tokenizer(self):
-        raise ValueError(
-            f"data.tokenizer = {self.path!r} has no chat template, which chat data "
+        raise ConfigValueError(
+            "data.tokenizer", self.path, "a tokenizer with a chat template",
+            message=f"data.tokenizer = {self.path!r} has no chat template, which chat data "
             f"(data.kind = chat) needs: {CHAT_TEMPLATE_HELP}"
         )
 
@@ -141,8 +143,9 @@ class HFJsonTokenizer(_TokenizerBase):
         try:
             self._tokenizer = Tokenizer.from_file(self.path)
         except Exception as error:
-            raise ValueError(
-                f"data.tokenizer = {path!r} could not be loaded as a Hugging Face tokenizers "
+            raise ConfigValueError(
+                "data.tokenizer", path, "'byte' or the path of a tokenizer.json file",
+                message=f"data.tokenizer = {path!r} could not be loaded as a Hugging Face tokenizers "
                 f"JSON file ({error}). Allowed: 'byte' or the path of a tokenizer.json file."
             ) from error
         self.unpadded_vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
@@ -166,8 +169,9 @@ class HFJsonTokenizer(_TokenizerBase):
             names.insert(0, declared)
         token_id = self._find_token(names)
         if token_id is None:
-            raise ValueError(
-                f"data.tokenizer = {spec!r} has no end-of-document token: documents need one "
+            raise ConfigValueError(
+                "data.tokenizer", spec, "a tokenizer with an end-of-document token",
+                message=f"data.tokenizer = {spec!r} has no end-of-document token: documents need one "
                 f"appended. Looked for tokenizer_config.json's eos_token and for "
                 f"{', '.join(EOD_CANDIDATES)}. Add one of these as a special token."
             )
@@ -223,8 +227,9 @@ class HFJsonTokenizer(_TokenizerBase):
         if self._chat_tokenizer is None:
             folder = Path(self.path).parent
             if Path(self.path).name != "tokenizer.json" or find_chat_template(folder) is None:
-                raise ValueError(
-                    f"data.tokenizer = {self.path!r} has no chat template, which chat data "
+                raise ConfigValueError(
+                    "data.tokenizer", self.path, "a tokenizer with a chat template",
+                    message=f"data.tokenizer = {self.path!r} has no chat template, which chat data "
                     f"(data.kind = chat) needs: {CHAT_TEMPLATE_HELP}"
                 )
             from transformers import PreTrainedTokenizerFast
@@ -278,8 +283,9 @@ def resolve_tokenizer_file(spec: str) -> Path:
         return path / "tokenizer.json"
     if path.is_file():
         return path
-    raise ValueError(
-        f"data.tokenizer = {spec!r}: no such file. Allowed: 'byte' (built-in byte-level "
+    raise ConfigValueError(
+        "data.tokenizer", spec, "'byte', 'chat_demo' or the path of a tokenizer.json file (or a folder holding one)",
+        message=f"data.tokenizer = {spec!r}: no such file. Allowed: 'byte' (built-in byte-level "
         f"tokenizer, no download), 'chat_demo' (the bundled tiny chat tokenizer) or the path "
         f"of a Hugging Face tokenizers JSON file (tokenizer.json, or a folder that holds one)."
     )
@@ -288,8 +294,9 @@ def resolve_tokenizer_file(spec: str) -> Path:
 def build_tokenizer(spec: str) -> ByteTokenizer | HFJsonTokenizer:
     """`data.tokenizer` -> tokenizer: "byte", "chat_demo" or a local tokenizer.json path."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(
-            f"data.tokenizer = {spec!r}: expected 'byte' or the path of a Hugging Face "
+        raise ConfigValueError(
+            "data.tokenizer", spec, "'byte' or the path of a tokenizer.json file",
+            message=f"data.tokenizer = {spec!r}: expected 'byte' or the path of a Hugging Face "
             f"tokenizers JSON file."
         )
     if spec == BYTE_SPEC:

@@ -10,7 +10,7 @@ VOCAB, HIDDEN, LAYERS, HEADS, SEQ, BATCH = 64, 32, 2, 4, 16, 2
 def tiny_config(tp: int = 1, **overrides):
     from megatron.core.transformer import TransformerConfig
 
-    from falcon_h1.compat import MEGATRON_FUSIONS_OFF
+    from falcon_h1.megatron_compat.transformer import MEGATRON_FUSIONS_OFF
 
     kwargs = dict(
         num_layers=LAYERS,

@@ -4,7 +4,8 @@ rank 0 saves every snapshot (gathered ternary weights, scales, grads, outputs) t
 - the tiny BitNet GPT, with and without SubLN;
 - a column -> row BitNet pair with sequence parallelism (the local GPT spec's torch norms
   refuse sequence parallelism, so it is tested on the layers alone), also on the int8 GEMM
-  path (its CPU fallback: same communication, float64 GEMM).
+  path (its CPU fallback: same communication, float64 GEMM), and what its backward keeps of
+  the column layer's input.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bitnet_testutil import (  # noqa: E402
     tiny_gpt,
 )
 
-from falcon_h1.compat import initialize_parallel  # noqa: E402
+from falcon_h1.megatron_compat.parallel import initialize_parallel  # noqa: E402
 from recipes.config import BitNetConfig  # noqa: E402
 
 SEED = 1234
@@ -82,13 +83,17 @@ def run_pair(tp: int, sequence_parallel: bool, subln: bool, int8: bool = False):
         return t.chunk(tp, dim=0)[parallel_state.get_tensor_model_parallel_rank()]
 
     x = local(x_full).clone().requires_grad_(True)
-    y = model(x)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = model(x)
     (y * local(loss_weights)).sum().backward()
     out = bitnet_snapshot(model, 0.0)
     seq_dim_gather = (lambda t: gather_tp(t, 0)) if sequence_parallel else (lambda t: t.detach().clone())
     out["y"] = seq_dim_gather(y.detach())
     out["x.grad"] = seq_dim_gather(x.grad)
-    return out
+    # (tokens, dtype) of what the backward keeps of the column layer's input (its feature width)
+    kept_input = [(t.shape[0], str(t.dtype)) for t in kept if t.dim() == 3 and t.shape[-1] == HIDDEN]
+    return out, kept_input
 
 
 def main():
@@ -97,8 +102,10 @@ def main():
     for tp in (2, 1):
         for subln in (False, True):
             results[f"gpt_tp{tp}_subln{subln}"] = run_gpt(tp, subln)
-            results[f"pair_tp{tp}_subln{subln}"] = run_pair(tp, tp > 1, subln)
-        results[f"pair_int8_tp{tp}"] = run_pair(tp, tp > 1, False, int8=True)
+            results[f"pair_tp{tp}_subln{subln}"], kept = run_pair(tp, tp > 1, subln)
+            if not subln:
+                results[f"kept_input_tp{tp}"] = kept
+        results[f"pair_int8_tp{tp}"], results[f"kept_input_int8_tp{tp}"] = run_pair(tp, tp > 1, False, int8=True)
     if dist.get_rank() == 0:
         torch.save(results, out_path)
     dist.barrier()

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from bitnet import reference
 from bitnet.layers import bitnet_layers
 from bitnet.spec import falcon_h1_linear_spec
-from falcon_h1.compat import initialize_parallel
+from falcon_h1.megatron_compat.parallel import initialize_parallel
 from falcon_h1.model import allreduce_sequence_parallel_grads, build_model
 from falcon_h1.presets import get_preset
 from falcon_h1.weights import gather_hf_state

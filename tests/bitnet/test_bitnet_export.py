@@ -18,11 +18,11 @@ from bitnet.export import (  # noqa: E402
     export_from_state_dict,
     load_bitnet_export,
     load_frozen_bitnet,
-    main,
     pack_ternary,
     save_bitnet_state_dict,
     unpack_ternary,
 )
+from recipes.bitnet_export import main  # noqa: E402
 from recipes.config import BitNetConfig  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def test_pack_unpack_errors():
 
 @pytest.fixture(scope="module")
 def trained_gpt():
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 1234)
     torch.manual_seed(5)

@@ -31,7 +31,7 @@ PARTIAL = ["attention_qkv", "mlp"]
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_cpu():
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 1234)
 
@@ -352,9 +352,9 @@ def test_export_then_frozen_fused_model_gives_same_logits(tmp_path, layers):
         export_bitnet_state_dict,
         load_bitnet_export,
         load_frozen_bitnet,
-        main,
         save_bitnet_state_dict,
     )
+    from recipes.bitnet_export import main
 
     cfg = BitNetConfig(enabled=True, layers=layers)
     model = _micro(True, cfg, seed=8, dtype=torch.float32)

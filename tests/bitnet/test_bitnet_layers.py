@@ -26,7 +26,7 @@ from recipes.config import BitNetConfig  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def megatron_cpu():
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 1234)
 
@@ -249,3 +249,71 @@ def test_tiny_bitnet_gpt_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ------------------------------------------------------------------- output row scales (µP)
+@pytest.mark.parametrize("options", [dict(), dict(int8_matmul=True), dict(fused=False), dict(subln=True)],
+                         ids=["float_gemm", "int8_gemm", "reference_ste", "subln"])
+@pytest.mark.parametrize("segments", [None, [("a", 10), ("b", 20, False), ("c", 10)]], ids=["plain", "mixed"])
+def test_output_row_scale_against_formula(options, segments):
+    """y = (q(x) @ q(W)^T) * s per output row (a full-precision run: (x @ W^T) * s), with the
+    gradients of that formula: what the model computes with µP multipliers on the output."""
+    L = _layers()
+    layer = L.BitNetColumnParallelLinear(24, 40, config=tiny_config(), init_method=torch.nn.init.normal_, bias=False,
+                                         gather_output=False, bitnet_options=L.BitNetLinearOptions(**options),
+                                         bitnet_segments=segments)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 2, 24, generator=g, requires_grad=True)
+    scale = torch.rand(40, 1, generator=g) + 0.25
+    y, _ = layer(x, output_row_scale=scale)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+
+    eps = layer.config.layernorm_epsilon if options.get("subln") else None
+    x64 = x.detach().double().numpy()
+    _, x_fq, _ = _expected(x, layer.weight, eps)
+    w = layer.weight.detach().double().numpy()
+    rows = [(0, 40, True)] if segments is None else [(0, 10, True), (10, 30, False), (30, 40, True)]
+    w_used, x_used = np.zeros_like(w), []
+    for start, end, quantized in rows:
+        qw, m, _ = np_weight_quant(w[start:end])
+        w_used[start:end] = qw * m if quantized else w[start:end]
+        x_used.append(x_fq if quantized else x64)
+    s = scale.double().numpy().reshape(-1)
+    y_exp = np.concatenate([xs @ w_used[a:b].T for (a, b, _), xs in zip(rows, x_used)], -1) * s
+    np.testing.assert_allclose(y.detach().double().numpy(), y_exp, rtol=1e-4, atol=1e-4)
+    gs = grad.double().numpy() * s  # the gradient of the unscaled product
+    for (start, end, _), xs in zip(rows, x_used):
+        np.testing.assert_allclose(layer.weight.grad[start:end].double().numpy(),
+                                   gs[..., start:end].reshape(-1, end - start).T @ xs.reshape(-1, 24),
+                                   rtol=1e-4, atol=1e-4)
+    if not options.get("subln"):
+        x_grad = sum(gs[..., a:b] @ w_used[a:b] for a, b, _ in rows)
+        np.testing.assert_allclose(x.grad.double().numpy(), x_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_output_row_scale_is_part_of_the_cached_quantisation():
+    layer = _column()
+    x = torch.randn(3, 2, 24)
+    plain = layer(x)[0]
+    scale = torch.full((40,), 2.0)
+    torch.testing.assert_close(layer(x, output_row_scale=scale)[0], 2 * plain)
+    scale.fill_(3.0)  # the same tensor changed in place
+    torch.testing.assert_close(layer(x, output_row_scale=scale)[0], 3 * plain)
+    torch.testing.assert_close(layer(x, output_row_scale=torch.full((40, 1), 0.5))[0], 0.5 * plain)
+    assert torch.equal(layer(x)[0], plain)  # and without, the quantised weight as it is
+    with pytest.raises(ValueError, match=r"output_row_scale of shape \(39,\).*one value per output row of this "
+                                         r"rank \(40\)"):
+        layer(x, output_row_scale=torch.ones(39))
+    with pytest.raises(ValueError, match=r"requires_grad=True.*allowed: a constant"):
+        layer(x, output_row_scale=torch.ones(40, requires_grad=True))
+
+
+def test_megatron_features_of_its_own_linear_function_are_refused():
+    """Deferred embedding weight gradients (with pipeline parallelism) live in Megatron's linear
+    function, which BitNet linears replace: refused when the layer is built, not ignored."""
+    config = tiny_config()
+    config.defer_embedding_wgrad_compute = True  # TransformerConfig allows it only with pipeline parallelism
+    with pytest.raises(ValueError, match=r"BitNetColumnParallelLinear: config.defer_embedding_wgrad_compute is on"):
+        _layers().BitNetColumnParallelLinear(24, 40, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                             gather_output=False)

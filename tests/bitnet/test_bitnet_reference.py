@@ -149,3 +149,26 @@ def test_matches_onebitllms_cpu_weight_quant():
     ties = torch.tensor([0.5, -0.5, 1.5, -1.5])  # the documented difference: 0.5 -> 0 there
     assert _weight_quant(ties.clone())[0].tolist() == [0.0, 0.0, 1.0, -1.0]
     assert reference.quantize_weights(ties)[0].tolist() == [1, 0, 1, -1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_quantize_and_dequantize_activations_per_segment(dtype):
+    """One quantisation gives both forms: the int8 values and scales of the float64 formula per
+    segment, and the dequantised tensor, which int8 * scale rebuilds bit for bit."""
+    from bitnet.segments import SegmentLayout
+
+    layout = SegmentLayout([("y", 5), ("o", 11)], 1)
+    x = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[..., :5] *= 0.01  # a segment of another magnitude: a shared scale would misquantise it
+    q, scale, fq = reference.quantize_and_dequantize_activations(x, layout=layout)
+    assert q.dtype == torch.int8 and scale.shape == (3, 4, 2) and fq.dtype == dtype
+    for i, (start, end) in enumerate(layout.ranges()):
+        v_q, v_scale, v = np_activation_quant(x[..., start:end].double().numpy())
+        exact = ~near_tie(v)
+        assert (q[..., start:end].numpy()[exact] == v_q[exact]).all()
+        np.testing.assert_allclose(scale[..., i].double().numpy(), v_scale, rtol=1e-6)
+    assert torch.equal(fq, reference.fake_quantize_activations(x, layout=layout))
+    assert all(torch.equal(a, b) for a, b in zip((q, scale), reference.quantize_activations(x, layout=layout)))
+    assert torch.equal(reference.dequantize_activations(q, scale, dtype, layout), fq)
+    q1, s1, fq1 = reference.quantize_and_dequantize_activations(x)  # no layout: one segment
+    assert s1.shape == (3, 4) and torch.equal(reference.dequantize_activations(q1, s1, dtype), fq1)

@@ -68,3 +68,12 @@ def test_int8_path_sequence_parallel_tp2_equals_tp1(snapshots):
     fake, int8 = snapshots["pair_tp1_sublnFalse"], snapshots["pair_int8_tp1"]
     for key in ("y", "x.grad", "up.grad", "down.grad"):
         torch.testing.assert_close(int8[key], fake[key], rtol=1e-5, atol=1e-5 * fake[key].abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["", "int8_"])
+def test_sequence_parallel_column_keeps_only_its_local_int8_input(snapshots, kind):
+    """Under sequence parallelism the column layer quantises its own 4 of the 8 tokens and its
+    backward keeps those in int8 (gathering them again when it needs them), as Megatron keeps
+    its local bf16 input: no gathered copy."""
+    assert snapshots[f"kept_input_{kind}tp1"] == [(8, "torch.int8")]
+    assert snapshots[f"kept_input_{kind}tp2"] == [(4, "torch.int8")]

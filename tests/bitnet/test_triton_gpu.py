@@ -163,7 +163,7 @@ def test_against_onebitllms_triton():
 # --------------------------------------------------------------------------- the layers on GPU
 @pytest.fixture(scope="module")
 def megatron_gpu():
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     initialize_parallel(1, 1, 1234)
 
@@ -336,3 +336,129 @@ def test_fused_segmented_layers_triton_equal_reference(megatron_gpu, subln):
 
     for a, b in zip(run(*triton_pair), run(*reference_pair)):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------- the int8-kept input and the weight cache on GPU
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["cols", "cols_fp"])
+def test_quantize_and_dequantize_activations_match_reference(name, dtype):
+    tk, ref = _tk(), _ref()
+    layout = _layouts()[name]
+    x = (torch.randn(4, 33, 1000, generator=torch.Generator().manual_seed(7)) * 3).to(dtype).cuda()
+    for absmax in (None, ref.activation_absmax(x, layout) * 2):
+        ours, theirs = tk.quantize_and_dequantize_activations(x, absmax, layout), \
+            ref.quantize_and_dequantize_activations(x, absmax, layout)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+        q, scale, fq = theirs
+        assert torch.equal(tk.dequantize_activations(q, scale, dtype, layout),
+                           ref.dequantize_activations(q, scale, dtype, layout))
+        if layout.all_quantized:  # int8 * scale is the dequantised input, bit for bit
+            assert torch.equal(tk.dequantize_activations(q, scale, dtype, layout), fq)
+
+
+def _bitnet_column(**options):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from bitnet_testutil import tiny_config
+
+    from bitnet.layers import BitNetColumnParallelLinear, BitNetLinearOptions
+
+    config = tiny_config(1, use_cpu_initialization=False, params_dtype=torch.bfloat16, bf16=True)
+    torch.manual_seed(0)
+    return BitNetColumnParallelLinear(256, 512, config=config, init_method=torch.nn.init.normal_, bias=False,
+                                      gather_output=False, bitnet_options=BitNetLinearOptions(**options),
+                                      bitnet_segments=[("qkv", 192), ("zxbcdt", 320)])
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_cached_training_equals_quantising_every_forward_on_gpu(megatron_gpu, int8):
+    """torch's fused AdamW (no version bump), two micro-batches a step, bit for bit."""
+    x = torch.randn(3, 4, 64, 256, device="cuda", dtype=torch.bfloat16)
+
+    def train(cached):
+        layer = _bitnet_column(int8_matmul=int8)
+        if not cached:
+            layer.register_forward_pre_hook(lambda module, _: module._weight_cache.clear())
+        optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, fused=True)
+        outputs = []
+        for step in range(3):
+            for micro in range(2):
+                y = layer(x[step, 2 * micro : 2 * micro + 2])[0]
+                y.float().square().mean().backward()
+                outputs.append(y.detach())
+            optimizer.step()
+            optimizer.zero_grad()
+        return torch.stack(outputs), layer.weight.detach()
+
+    (y, w), (y_ref, w_ref) = train(True), train(False)
+    assert torch.equal(y, y_ref) and torch.equal(w, w_ref)
+
+
+def test_cuda_graph_replays_quantise_the_current_weight(megatron_gpu):
+    """A captured forward + backward quantises inside the graph (the cache is a host-side check a
+    replay would skip): after optimizer steps between replays, the replayed output is a fresh
+    layer's output on the current weight."""
+    layer = _bitnet_column()
+    # a large step: a stale ternary weight would be far off, not a rounding away
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.5, fused=True)
+    x = torch.randn(128, 2, 256, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up eagerly: fills the cache
+            layer.zero_grad(set_to_none=True)
+            layer(x)[0].float().square().mean().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    assert layer._weight_cache.holds
+    layer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)[0]
+        y.float().square().mean().backward()
+    assert not layer._weight_cache.holds  # dropped at capture: no stale copy beside the graph's
+    previous = None
+    for _ in range(3):
+        graph.replay()
+        fresh = _bitnet_column()
+        fresh.load_state_dict(layer.state_dict())
+        expected = fresh(x)[0]
+        scale = expected.float().abs().max()
+        # the same kernels, captured or not; only cuBLAS may pick another algorithm in a capture
+        assert (y.float() - expected.float()).abs().max() <= 1e-3 * scale
+        if previous is not None:
+            assert (previous.float() - expected.float()).abs().max() > 0.1 * scale  # the weights did move
+        previous = expected
+        optimizer.step()
+    with torch.no_grad():  # an eager evaluation between replays: correct, and keeps no copy
+        fresh = _bitnet_column()
+        fresh.load_state_dict(layer.state_dict())
+        assert torch.equal(layer(x)[0], fresh(x)[0])
+    assert not layer._weight_cache.holds
+
+
+def test_a_captured_optimizer_step_turns_the_cache_off(megatron_gpu, monkeypatch):
+    """A capturable optimizer replayed by a graph changes weights without a step hook: eager
+    forwards must then quantise every time."""
+    from bitnet import weight_cache
+
+    monkeypatch.setattr(weight_cache, "_off_because", None)
+    layer = _bitnet_column()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, capturable=True, foreach=True)
+    x = torch.randn(64, 2, 256, device="cuda", dtype=torch.bfloat16)
+    layer(x)[0].float().square().mean().backward()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        optimizer.step()  # warm-up: state allocated outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    assert "captured in a CUDA graph" in weight_cache.cache_disabled_reason()
+    for _ in range(2):
+        graph.replay()
+        fresh = _bitnet_column()
+        fresh.load_state_dict(layer.state_dict())
+        assert torch.equal(layer(x)[0], fresh(x)[0])

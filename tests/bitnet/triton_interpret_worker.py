@@ -93,6 +93,13 @@ def activation_checks(g):
                 check(f"fake-quantize activations {tag} absmax={absmax is not None}", torch.equal(
                     tk.fake_quantize_activations(xd, absmax, layout),
                     ref.fake_quantize_activations(xd, absmax, layout)))
+                both_t = tk.quantize_and_dequantize_activations(xd, absmax, layout)
+                both_r = ref.quantize_and_dequantize_activations(xd, absmax, layout)
+                check(f"quantize and dequantize activations {tag} absmax={absmax is not None}",
+                      all(torch.equal(a, b) for a, b in zip(both_t, both_r, strict=True)))
+                q_r, s_r, _ = both_r
+                check(f"dequantize activations {tag} absmax={absmax is not None}", torch.equal(
+                    tk.dequantize_activations(q_r, s_r, dtype, layout), ref.dequantize_activations(q_r, s_r, dtype, layout)))
     # Without a layout (one segment, scales shaped x.shape[:-1]).
     check("unsegmented quantize activations", all(
         torch.equal(a, b) for a, b in zip(tk.quantize_activations(x), ref.quantize_activations(x))))
@@ -105,6 +112,11 @@ def activation_checks(g):
                 tk.quantize_activations(xd, absmax), ref.quantize_activations(xd, absmax))))
             check(f"unsegmented fake-quantize activations {tag}", torch.equal(
                 tk.fake_quantize_activations(xd, absmax), ref.fake_quantize_activations(xd, absmax)))
+            q_r, s_r, fq_r = ref.quantize_and_dequantize_activations(xd, absmax)
+            check(f"unsegmented quantize and dequantize activations {tag}", all(torch.equal(a, b) for a, b in zip(
+                tk.quantize_and_dequantize_activations(xd, absmax), (q_r, s_r, fq_r), strict=True)))
+            check(f"unsegmented dequantize activations {tag}",
+                  torch.equal(tk.dequantize_activations(q_r, s_r, dtype), fq_r))
 
 
 def int8_checks(g):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from falcon_h1 import kernels  # noqa: E402
-from falcon_h1.compat import initialize_parallel  # noqa: E402
+from falcon_h1.megatron_compat.parallel import initialize_parallel  # noqa: E402
 from falcon_h1.kernels import cross_entropy  # noqa: E402
 
 cross_entropy.BLOCK_V = 64  # a 160- or 320-column shard streams over 3 or 5 blocks, the last one ragged

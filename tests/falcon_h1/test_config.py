@@ -2,7 +2,8 @@
 
 import pytest
 
-from falcon_h1.config import ConfigError, FalconH1Config, apply_attention_ratio, resolve
+from falcon_h1.config import FalconH1Config, apply_attention_ratio, resolve
+from falcon_h1.errors import ConfigValueError
 from falcon_h1.presets import get_preset
 
 
@@ -25,7 +26,7 @@ from falcon_h1.presets import get_preset
 ])
 def test_bad_config_names_field(changes, tp, field):
     cfg = get_preset("falcon_h1_tiny").replace(**changes)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigValueError) as err:
         resolve(cfg, tp)
     message = str(err.value)
     assert f"model.{field}" in message and "allowed" in message
@@ -33,7 +34,7 @@ def test_bad_config_names_field(changes, tp, field):
 
 def test_tp_not_dividing_heads_is_named():
     cfg = get_preset("falcon_h1_tiny").replace(num_attention_heads=8, num_key_value_heads=8)
-    with pytest.raises(ConfigError, match=r"parallel.tp = 3"):
+    with pytest.raises(ConfigValueError, match=r"parallel.tp = 3"):
         resolve(cfg, 3)
 
 

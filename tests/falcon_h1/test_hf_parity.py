@@ -184,21 +184,21 @@ def _config_dir(tmp_path, hf_dir, **changes):
      "partial_rotary_factor 1.0"),
 ])
 def test_unsupported_config_fields_are_refused_before_weights(tmp_path, hf_dir, changes, message):
-    from falcon_h1.config import ConfigError
+    from falcon_h1.errors import ConfigValueError
 
     path = _config_dir(tmp_path, hf_dir, **changes)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigValueError) as err:
         falcon_h1.from_hf(path)
     assert message in str(err.value) and "allowed" in str(err.value)
 
 
 def test_weights_only_load_refuses_unsupported_fields(tmp_path, hf_dir):
-    from falcon_h1.config import ConfigError
+    from falcon_h1.errors import ConfigValueError
     from falcon_h1.hf import load_hf_weights
 
     path, _ = hf_dir
     model = falcon_h1.from_hf(path)
-    with pytest.raises(ConfigError, match="attention_bias = True"):
+    with pytest.raises(ConfigValueError, match="attention_bias = True"):
         load_hf_weights(model, _config_dir(tmp_path, hf_dir, attention_bias=True))
 
 

@@ -5,7 +5,8 @@ import torch
 from transformers import FalconH1Config as HFConfig
 from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RotaryEmbedding
 
-from falcon_h1.config import ConfigError, FalconH1Config, validate
+from falcon_h1.config import FalconH1Config, validate
+from falcon_h1.errors import ConfigValueError
 from falcon_h1.rope import RotaryFrequencies, attention_scaling
 
 HEAD_DIM, MAX_POS = 16, 64
@@ -71,6 +72,6 @@ def test_yarn_scales_attention():
 ])
 def test_unsupported_rope_settings_are_refused(scaling, message):
     cfg = FalconH1Config(head_dim=HEAD_DIM, rope_scaling=scaling)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigValueError) as err:
         validate(cfg)
     assert "model.rope_scaling" in str(err.value) and message in str(err.value)

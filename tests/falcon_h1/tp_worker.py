@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from falcon_h1.compat import initialize_parallel
 from falcon_h1.hf import to_hf
+from falcon_h1.megatron_compat.parallel import initialize_parallel
 from falcon_h1.model import allreduce_sequence_parallel_grads, build_model
 from falcon_h1.presets import get_preset
 from falcon_h1.weights import gather_hf_state

@@ -26,7 +26,9 @@ import yaml
 from conftest import HERE
 from torch.distributed.run import get_args_parser
 
-from launchers import ClusterError, ExecutorConfigError, launch, validate_executor
+from falcon_h1.errors import ConfigValueError
+from launchers import ClusterError, validate_executor
+from recipes.launch import launch
 
 DATA = HERE / "data"
 
@@ -204,15 +206,15 @@ def test_pod_command_runs_torchrun_with_the_operator_rendezvous(kube_recipe, tmp
 )
 def test_invalid_settings_are_named(kube_recipe, field, value, words):
     setattr(kube_recipe.executor.kubernetes, field, value)
-    with pytest.raises(ExecutorConfigError) as raised:
-        validate_executor(kube_recipe)
+    with pytest.raises(ConfigValueError) as raised:
+        validate_executor(kube_recipe.executor)
     for word in words:
         assert word in str(raised.value)
 
 
 def test_run_dir_off_the_volumes_is_refused(kube_recipe):
     kube_recipe.train.run_dir = "/tmp/run"
-    with pytest.raises(ExecutorConfigError, match=r"train.run_dir = '/tmp/run' is not on any PersistentVolumeClaim"):
+    with pytest.raises(ConfigValueError, match=r"train.run_dir = '/tmp/run' is not on any PersistentVolumeClaim"):
         launch(kube_recipe, dryrun=True)
 
 
@@ -278,3 +280,28 @@ def test_submission_without_credentials_is_a_clear_error(kube_recipe, tmp_path, 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ClusterError, match="No Kubernetes credentials.*Nothing was submitted"):
         launch(kube_recipe)
+
+
+def test_master_port_is_the_rendezvous_port(kube_recipe, pytorchjob_schema):
+    kube_recipe.executor.kubernetes.master_port = 29400
+    _, job = manifests(kube_recipe)
+    pytorchjob_schema.validate(job)
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        (container,) = replica["template"]["spec"]["containers"]
+        assert container["ports"] == [{"containerPort": 29400, "name": "pytorchjob-port"}]
+    kube_recipe.executor.kubernetes.master_port = 70000
+    with pytest.raises(ConfigValueError, match=r"executor.kubernetes.master_port = 70000 is not a TCP port"):
+        validate_executor(kube_recipe.executor)
+
+
+def test_setup_commands_run_in_the_pod_before_torchrun(kube_recipe, tmp_path):
+    kube_recipe.executor.kubernetes.setup_commands = ["export FROM_SETUP=1", "cd /"]
+    _, job = manifests(kube_recipe)
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    fake_torchrun = tmp_path / "torchrun"
+    fake_torchrun.write_text('#!/bin/bash\necho "$FROM_SETUP $PWD" > "$SEEN_FILE"\n')
+    fake_torchrun.chmod(fake_torchrun.stat().st_mode | stat.S_IXUSR)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "SEEN_FILE": str(tmp_path / "seen"), "PET_NNODES": "3",
+           "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "0", "MASTER_ADDR": "m", "MASTER_PORT": "23456"}
+    subprocess.run(container["command"], env=env, check=True, timeout=30)
+    assert (tmp_path / "seen").read_text().split() == ["1", "/"]

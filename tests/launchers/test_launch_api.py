@@ -9,13 +9,15 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from launchers import EXECUTOR_KINDS, ExecutorConfigError, launch, validate_executor
+from falcon_h1.errors import ConfigValueError
+from launchers import EXECUTOR_KINDS, validate_executor
+from recipes.launch import launch
 
 
 def test_unknown_executor_kind_names_the_field_and_the_choices(recipe):
     recipe.executor.kind = "lsf"
-    for call in (lambda: validate_executor(recipe), lambda: launch(recipe, dryrun=True)):
-        with pytest.raises(ExecutorConfigError) as raised:
+    for call in (lambda: validate_executor(recipe.executor), lambda: launch(recipe, dryrun=True)):
+        with pytest.raises(ConfigValueError) as raised:
             call()
         message = str(raised.value)
         assert "executor.kind = 'lsf'" in message
@@ -84,5 +86,28 @@ def test_the_shipped_executor_configs_launch(overrides, kind, tmp_path, monkeypa
 def test_the_shipped_kubernetes_config_needs_an_image():
     from recipes.api import compose_recipe
 
-    with pytest.raises(ExecutorConfigError, match="executor.kubernetes.image"):
-        validate_executor(compose_recipe(["executor=kubernetes"]))
+    with pytest.raises(ConfigValueError, match="executor.kubernetes.image"):
+        validate_executor(compose_recipe(["executor=kubernetes"]).executor)
+
+
+def test_launchers_take_a_job_whatever_its_recipe_file_holds():
+    """launchers.launch knows the executor settings only: it places the run directory and asks
+    the caller for the recipe file's text for that directory."""
+    from launchers import ExecutorConfig, Job, launch as launch_job
+
+    asked = []
+
+    def recipe_yaml_for(run_dir: str) -> str:
+        asked.append(run_dir)
+        return f"anything: {run_dir}\n"
+
+    executor = ExecutorConfig(kind="kubernetes")
+    executor.kubernetes.image, executor.kubernetes.pvcs = "ghcr.io/x/falcon:1", {"runs": "/runs"}
+    result = launch_job(Job(name="Any Job", run_dir="exp/1", executor=executor, recipe_yaml_for=recipe_yaml_for,
+                            worker_module="my.worker"), dryrun=True)
+    assert asked == ["/runs/exp/1"] and result.run_dir == "/runs/exp/1"
+    configmap, job = yaml.safe_load_all(result.rendered)
+    assert configmap["data"]["recipe.yaml"] == result.recipe_yaml == "anything: /runs/exp/1\n"
+    command = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert command[-1].endswith("-m my.worker /etc/falcon-recipe/recipe.yaml")
+    assert result.wandb is None  # W&B is the trainer's business: recipes.launch fills it in

@@ -10,7 +10,8 @@ import pytest
 from conftest import FAKE_WORKER, HERE
 from torch.distributed.run import get_args_parser
 
-from launchers import ExecutorConfigError, launch
+from falcon_h1.errors import ConfigValueError
+from recipes.launch import launch
 
 
 @pytest.fixture
@@ -63,5 +64,5 @@ def test_failing_local_workers_report_state_and_log_tail(local_recipe, monkeypat
 
 def test_nproc_per_node_must_be_positive(local_recipe):
     local_recipe.executor.nproc_per_node = 0
-    with pytest.raises(ExecutorConfigError, match=r"executor.nproc_per_node = 0 .* integer >= 1"):
+    with pytest.raises(ConfigValueError, match=r"executor.nproc_per_node = 0 .* integer >= 1"):
         launch(local_recipe, dryrun=True)

@@ -15,7 +15,9 @@ import pytest
 from conftest import FAKE_WORKER, HERE
 from local_slurm import PARTITION, free_port
 
-from launchers import ClusterError, ExecutorConfigError, launch
+from falcon_h1.errors import ConfigValueError
+from launchers import ClusterError
+from recipes.launch import launch
 
 REAL_WORKER = Path(__file__).resolve().parents[2] / "recipes" / "worker.py"
 JOB_TIMEOUT_S = 150
@@ -127,7 +129,7 @@ def test_unknown_partition_is_refused_before_submission(slurm_cluster, recipe):
     recipe.executor.slurm.partition = "no-such-partition"
     before = queued_jobs()
 
-    with pytest.raises(ExecutorConfigError) as raised:
+    with pytest.raises(ConfigValueError) as raised:
         launch(recipe, worker_module=FAKE_WORKER)
 
     message = str(raised.value)

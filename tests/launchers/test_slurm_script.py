@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
-from launchers import ExecutorConfigError, launch, validate_executor
+from falcon_h1.errors import ConfigValueError
+from launchers import validate_executor
+from recipes.launch import launch
 from launchers.slurm import parse_time_limit
 
 NODES = ["gpu-a01", "gpu-a02", "gpu-b17", "gpu-c03"]
@@ -225,11 +227,11 @@ def test_relative_run_dir_on_a_login_node_is_made_absolute(recipe, tmp_path, mon
 )
 def test_invalid_settings_are_named_before_anything_runs(big_recipe, field, value, words):
     setattr(big_recipe.executor.slurm, field, value)
-    with pytest.raises(ExecutorConfigError) as raised:
-        validate_executor(big_recipe)
+    with pytest.raises(ConfigValueError) as raised:
+        validate_executor(big_recipe.executor)
     for word in words:
         assert word in str(raised.value)
-    with pytest.raises(ExecutorConfigError):
+    with pytest.raises(ConfigValueError):
         launch(big_recipe, dryrun=True)
 
 
@@ -242,30 +244,30 @@ def test_processes_per_node_may_come_from_nproc_per_node(big_recipe):
     assert "--nproc-per-node=8 " in script
     big_recipe.executor.slurm.ntasks_per_node = 4  # two different answers
     with pytest.raises(
-        ExecutorConfigError, match="executor.nproc_per_node = 8 disagrees with executor.slurm.ntasks_per_node = 4"
+        ConfigValueError, match="executor.nproc_per_node = 8 disagrees with executor.slurm.ntasks_per_node = 4"
     ):
-        validate_executor(big_recipe)
+        validate_executor(big_recipe.executor)
     big_recipe.executor.slurm.ntasks_per_node = 1
     big_recipe.executor.nproc_per_node = 1  # one process for 8 GPUs
     with pytest.raises(
-        ExecutorConfigError, match="executor.slurm.gpus_per_node = 8: training runs one worker process per GPU"
+        ConfigValueError, match="executor.slurm.gpus_per_node = 8: training runs one worker process per GPU"
     ):
-        validate_executor(big_recipe)
+        validate_executor(big_recipe.executor)
 
 
 def test_ssh_tunnel_needs_a_host_and_an_absolute_job_dir(big_recipe):
     big_recipe.executor.slurm.tunnel = "ssh"
-    with pytest.raises(ExecutorConfigError, match="executor.slurm.ssh_host"):
-        validate_executor(big_recipe)
+    with pytest.raises(ConfigValueError, match="executor.slurm.ssh_host"):
+        validate_executor(big_recipe.executor)
     big_recipe.executor.slurm.ssh_host = "login.cluster"
-    with pytest.raises(ExecutorConfigError, match="executor.slurm.job_dir"):
-        validate_executor(big_recipe)
+    with pytest.raises(ConfigValueError, match="executor.slurm.job_dir"):
+        validate_executor(big_recipe.executor)
 
 
 def test_run_dir_outside_the_container_mounts_is_refused(big_recipe):
     big_recipe.train.run_dir = "/scratch/runs/x"
     with pytest.raises(
-        ExecutorConfigError, match=r"train.run_dir = '/scratch/runs/x' is not inside any container mount"
+        ConfigValueError, match=r"train.run_dir = '/scratch/runs/x' is not inside any container mount"
     ):
         launch(big_recipe, dryrun=True)
 
@@ -277,3 +279,54 @@ def test_run_dir_outside_the_container_mounts_is_refused(big_recipe):
 def test_time_limit_formats(text, seconds):
     # The formats of sbatch(1), --time.
     assert parse_time_limit(text) == seconds
+
+
+def test_qos_reaches_the_sbatch_header(big_recipe):
+    assert "qos" not in sbatch_flags(launch(big_recipe, dryrun=True).rendered)  # null: the cluster's default
+    big_recipe.executor.slurm.qos = "high"
+    assert sbatch_flags(launch(big_recipe, dryrun=True).rendered)["qos"] == "high"
+
+
+@pytest.mark.parametrize(("max_retries", "restart_count", "requeued"), [(0, 0, False), (2, 1, True), (2, 2, False)])
+def test_failing_workers_are_requeued_max_retries_times(big_recipe, tmp_path, max_retries, restart_count, requeued):
+    """The batch shell requeues a job whose workers fail while SLURM_RESTART_COUNT < max_retries."""
+    big_recipe.executor.slurm.max_retries = max_retries
+    script = launch(big_recipe, dryrun=True).rendered
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    (fakes / "scontrol").write_text(FAKE_SCONTROL.format(nodes=" ".join(NODES)))
+    (fakes / "srun").write_text(FAKE_SRUN.format(node_ids="0"))
+    (fakes / "torchrun").write_text("#!/bin/bash\nexit 3\n")  # the workers fail
+    for fake in fakes.iterdir():
+        fake.chmod(0o755)
+    (tmp_path / "job.sh").write_text(script)
+    env = {"PATH": f"{fakes}:/usr/bin:/bin", "FAKE_DIR": str(fakes), "SLURM_JOB_ID": "4242", "HOME": str(tmp_path),
+           "SLURM_RESTART_COUNT": str(restart_count)}
+    done = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stdout + done.stderr
+    calls = (fakes / "scontrol_calls").read_text() if (fakes / "scontrol_calls").exists() else ""
+    assert ("scontrol requeue 4242" in calls) == requeued, calls
+
+
+def test_ssh_port_reaches_the_tunnel_and_the_log_command(big_recipe):
+    from launchers.slurm import SlurmJobPlan, logs_command, make_tunnel
+
+    slurm = big_recipe.executor.slurm
+    slurm.tunnel, slurm.ssh_host, slurm.ssh_user, slurm.job_dir = "ssh", "login.cluster", "me", "/lustre/fs1/jobs"
+    slurm.ssh_identity, slurm.ssh_port = "/home/me/.ssh/id_ed25519", 2222
+    validate_executor(big_recipe.executor)
+    assert make_tunnel(slurm).port == 2222
+    plan = SlurmJobPlan(job_name="falcon", folder="/lustre/fs1/jobs/falcon_1", run_dir="/lustre/fs1/runs/x",
+                        recipe_yaml="", script="", tunnel=None)
+    argv = shlex.split(logs_command(slurm, plan, "42"))
+    assert argv[:6] == ["ssh", "-i", "/home/me/.ssh/id_ed25519", "-p", "2222", "me@login.cluster"]
+    assert argv[6].startswith("tail -n 200 -f /lustre/fs1/jobs/falcon_1/")
+    slurm.ssh_port = 0
+    with pytest.raises(ConfigValueError, match=r"executor.slurm.ssh_port = 0 is not a TCP port"):
+        validate_executor(big_recipe.executor)
+
+
+def test_max_retries_must_not_be_negative(big_recipe):
+    big_recipe.executor.slurm.max_retries = -1
+    with pytest.raises(ConfigValueError, match=r"executor.slurm.max_retries = -1 is not allowed"):
+        validate_executor(big_recipe.executor)

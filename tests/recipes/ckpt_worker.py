@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from engine_testutil import configs, gather_tp, tiny_gpt, train
-from falcon_h1.compat import initialize_parallel
+from falcon_h1.megatron_compat.parallel import initialize_parallel
 from recipes.checkpointing import load_latest_checkpoint, save_checkpoint
 from recipes.optim import build_optimizer, wrap_model
 from recipes.schedules import build_scheduler

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from falcon_h1.compat import MEGATRON_FUSIONS_OFF, default_device
+from falcon_h1.megatron_compat.parallel import default_device
+from falcon_h1.megatron_compat.transformer import MEGATRON_FUSIONS_OFF
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

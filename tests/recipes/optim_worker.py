@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from engine_testutil import batch, configs, dp_slice, gather_tp, lm_loss, tiny_gpt, tp_shard
-from falcon_h1.compat import initialize_parallel
+from falcon_h1.megatron_compat.parallel import initialize_parallel
 from recipes.optim import build_optimizer, wrap_model
 
 HYPER = dict(lr=0.05, min_lr=0.0, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.9, adam_eps=1e-6, grad_clip=1.0)

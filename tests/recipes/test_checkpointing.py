@@ -135,7 +135,7 @@ def test_resumed_optimizer_keeps_its_own_fused_adamw_choice(megatron_single, tmp
     # torch's load_state_dict copies the saved param groups' fused/foreach flags over the run's;
     # train.fused_optimizer must decide how the resumed run steps, not the checkpoint. (torch's
     # fused AdamW also runs on CPU, so both directions are checked here; training sets it on GPU.)
-    from recipes.optim import fused_adamw_enabled, set_fused_adamw
+    from falcon_h1.megatron_compat.optimizer import fused_adamw_enabled, set_fused_adamw
 
     ddp, optimizer, scheduler = fresh_training_state(5)
     set_fused_adamw(optimizer, saved_fused)

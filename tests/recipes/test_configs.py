@@ -12,7 +12,8 @@ import yaml
 
 from falcon_h1.presets import PRESETS
 from recipes.api import CONFIG_DIR, compose_recipe, falcon_h1_pretrain
-from recipes.build import RecipeError, validate_recipe
+from falcon_h1.errors import ConfigValueError
+from recipes.build import validate_recipe
 from recipes.config import RecipeConfig
 
 GROUPS = {path.name: sorted(p.stem for p in path.glob("*.yaml")) for path in CONFIG_DIR.iterdir() if path.is_dir()}
@@ -85,7 +86,7 @@ def test_mup_preset_keeps_published_values_at_a_new_width_and_reports_overrides(
 @pytest.mark.parametrize("override", ["mup.lm_head_multiplier=0.02", "+mup.ssm_multipliers=[1,1,1,1,1]"])
 def test_moved_multiplier_keys_name_the_new_key(override):
     key = override.lstrip("+").split("=")[0].split(".")[1]
-    with pytest.raises(RecipeError, match=f"set model.{key}"):
+    with pytest.raises(ConfigValueError, match=f"set model.{key}"):
         compose_recipe([override])
 
 
@@ -113,7 +114,7 @@ def test_typo_or_wrong_type_fails_naming_the_key(override, key):
     (["train.precision=fp8"], "train.precision"),
 ])
 def test_invalid_recipe_fails_before_training(overrides, key):
-    with pytest.raises((RecipeError, ValueError)) as err:
+    with pytest.raises((ConfigValueError, ValueError)) as err:
         validate_recipe(compose_recipe(overrides))
     assert key in str(err.value)
 

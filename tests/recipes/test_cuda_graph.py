@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from recipes.api import compose_recipe
-from recipes.build import RecipeError, validate_cuda_graph_device, validate_recipe
+from falcon_h1.errors import ConfigValueError
+from recipes.build import validate_cuda_graph_device, validate_recipe
 from tests.conftest import REPO
 
 GRAPH = ["train.cuda_graph=true"]
@@ -26,7 +27,7 @@ GRAPH = ["train.cuda_graph=true"]
     (["bitnet=on", "train.force_reference_kernels=true"], "train.force_reference_kernels = True"),
 ])
 def test_setting_the_graph_cannot_capture_is_refused(overrides, named):
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(ConfigValueError) as err:
         validate_recipe(compose_recipe(GRAPH + overrides))
     message = str(err.value)
     assert message.startswith(named + " is not allowed:"), message
@@ -45,7 +46,7 @@ def test_graph_recipe_within_the_limits_is_accepted():
 
 def test_graph_needs_a_cuda_device_on_the_training_host():
     recipe = compose_recipe(GRAPH)
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(ConfigValueError) as err:
         validate_cuda_graph_device(recipe, cuda_available=False)
     assert str(err.value).startswith("train.cuda_graph = True is not allowed: false on a host without a CUDA device")
     validate_cuda_graph_device(compose_recipe([]), cuda_available=False)  # eager runs need no GPU
@@ -57,7 +58,7 @@ def test_train_refuses_the_graph_on_cpu_before_touching_anything(tmp_path):
 
     run_dir = tmp_path / "run"
     recipe = compose_recipe(GRAPH + [f"train.run_dir={run_dir}", "logger=none"])
-    with pytest.raises(RecipeError, match=r"^train\.cuda_graph = True is not allowed"):
+    with pytest.raises(ConfigValueError, match=r"^train\.cuda_graph = True is not allowed"):
         train(recipe)
     assert not run_dir.exists()
 

@@ -61,11 +61,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("fused_optimizer", [True, False], ids=["foreach_norm", "megatron_norm"])
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
 def test_two_steps_match_float64_adamw_with_clipping(megatron_single, distributed_optimizer, fused_optimizer):
-    # fused_optimizer: the gradient norm and the clipping scale go through recipes.optim's foreach
+    # fused_optimizer: the gradient norm and the clipping scale go through megatron_compat.optimizer's foreach
     # replacements of Megatron's fallbacks (fused AdamW is set on CUDA only: test_optim_gpu.py)
     from megatron.core.optimizer import clip_grads
 
-    from recipes.optim import _foreach_l2_norm
+    from falcon_h1.megatron_compat.optimizer import _foreach_l2_norm
 
     model, config = tiny_gpt(seed=3)
     train_cfg, parallel_cfg = configs(**HYPER, fused_optimizer=fused_optimizer)
@@ -203,7 +203,7 @@ def test_bad_schedule_names_the_field(megatron_single, overrides, field):
 def test_fused_adamw_setting_survives_a_state_dict_load():
     # torch's load_state_dict brings back the saved groups' fused/foreach flags; set_fused_adamw
     # puts the run's own choice back, with the step counters where that path reads them
-    from recipes.optim import set_fused_adamw
+    from falcon_h1.megatron_compat.optimizer import set_fused_adamw
 
     def adamw(fused: bool):
         param = torch.nn.Parameter(torch.arange(4.0))
@@ -222,3 +222,17 @@ def test_fused_adamw_setting_survives_a_state_dict_load():
     assert fused.param_groups[0]["fused"] is True and fused.state[p_fused]["step"].dtype == torch.float32
     set_fused_adamw(fused, False)
     assert fused.param_groups[0]["fused"] is None and fused.state[p_fused]["step"].device.type == "cpu"
+
+
+def test_ddp_bucket_size_sets_the_gradient_buckets(megatron_single):
+    def buckets(bucket_size):
+        model, config = tiny_gpt(seed=3)
+        train_cfg, parallel_cfg = configs()
+        parallel_cfg.overlap_grad_reduce, parallel_cfg.ddp_bucket_size = True, bucket_size
+        ddp = wrap_model(model, parallel_cfg, train_cfg, config)
+        return sum(len(group.buckets) for group in ddp.bucket_groups), sum(p.numel() for p in model.parameters())
+
+    default, numel = buckets(None)
+    assert default == 1  # Megatron's default bucket (>= 4e7 parameters) holds the whole tiny model
+    small, _ = buckets(3000)
+    assert small >= numel // 3000 // 2 and small > 2  # buckets of about 3000 parameters (whole tensors each)

@@ -45,7 +45,7 @@ def test_resumed_run_keeps_the_fused_optimizer_setting(tmp_path):
     run = ["train.save_interval=2", f"train.run_dir={tmp_path / 'run'}"]
     train(compose_recipe(COMMON + run + ["train.fused_optimizer=false", "train.exit_after_steps=2"]))
     seen = []
-    import recipes.optim as optim
+    import falcon_h1.megatron_compat.optimizer_checkpoint as optim  # where the load sets it back
 
     original = optim.set_fused_adamw
     optim.set_fused_adamw = lambda opt, enabled: (original(opt, enabled), seen.append(

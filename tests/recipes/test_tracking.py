@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from recipes.config import LoggerConfig, RecipeConfig
 from recipes.run_metadata import PROJECT_ROOT, write_run_metadata
-from recipes.tracking import Tracker, resolve_wandb_mode
+from recipes.tracking import Tracker, resolve_wandb_mode, wandb_destination
 
 STEPS = [1, 2, 3]
 # Values chosen to be exact in float32 so TensorBoard's float32 storage compares equal.
@@ -201,6 +201,24 @@ def test_resume_continues_the_wandb_run_and_replaces_redone_steps(tmp_path):
     lines = read_jsonl(run_dir / "metrics.jsonl")
     assert [(line["step"], line["loss"]) for line in lines] == list(final.items())
     assert read_tensorboard(run_dir / "tensorboard")["train/loss"] == list(final.items())
+
+
+def test_the_launch_reports_the_wandb_run_the_tracker_makes(tmp_path, monkeypatch):
+    """What a launch prints about W&B (recipes.launch) and what the trainer's Tracker does follow
+    one set of rules: mode, run name and the run-id file."""
+    run_dir = tmp_path / "exp-7"
+    cfg = LoggerConfig(wandb_mode="auto", wandb_entity="team", tensorboard=False)
+    destination = wandb_destination(cfg, run_dir)
+    assert (destination.mode, destination.name, destination.entity) == ("offline", "exp-7", "team")
+    with Tracker(run_dir, cfg, {}, [], rank=0) as tracker:
+        tracker.log(1, {"loss": 1.0})
+    assert (tracker.wandb_mode, tracker.run_name) == (destination.mode, destination.name)
+    assert Path(destination.run_id_file).read_text().strip() == tracker.wandb_run_id
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    online = wandb_destination(cfg, run_dir)
+    assert online.mode == "online" and online.url() == f"https://wandb.ai/team/falcon-h1/runs/{tracker.wandb_run_id}"
+    assert wandb_destination(LoggerConfig(wandb=False), run_dir) is None
+    assert wandb_destination(LoggerConfig(wandb_mode="disabled"), run_dir) is None
 
 
 def test_summary_and_failed_exit_reach_wandb(tmp_path):

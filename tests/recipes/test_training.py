@@ -3,6 +3,7 @@ and DP=2 / TP=2 on two processes follow the one-process loss curve."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.api import compose_recipe, recipe_to_yaml
+from recipes.api import compose_recipe
+from recipes.recipe_file import recipe_to_yaml
 from tests.conftest import REPO, free_port
 
 COMMON = ["model=falcon_h1_micro", "model.vocab_size=320", "logger.wandb=false", "logger.progress_bar=false",
@@ -87,11 +89,15 @@ def test_killed_run_resumes_and_continues_identically(tmp_path, reference_run):
                          ids=["dp2", "tp2", "pp2"])
 def test_two_processes_follow_one_process_curve(tmp_path, reference_dir, reference_run, layout):
     _worker(_write_recipe(tmp_path, "two", "train.max_steps=12", "train.save_interval=0", *layout), nproc=2)
-    two = _losses(tmp_path / "two")
+    _assert_follows_one_process_curve(tmp_path / "two", reference_dir, reference_run)
+
+
+def _assert_follows_one_process_curve(run_dir, reference_dir, reference_run):
+    two = _losses(run_dir)
     assert sorted(two) == sorted(reference_run)
     # The gradient itself, not only the loss (Adam hides a uniformly scaled gradient, e.g. one
     # pre-divided by the DP size on top of the per-token normalisation): step 1's norm agrees.
-    norm_one, norm_two = _losses(reference_dir, "grad_norm")[1], _losses(tmp_path / "two", "grad_norm")[1]
+    norm_one, norm_two = _losses(reference_dir, "grad_norm")[1], _losses(run_dir, "grad_norm")[1]
     assert abs(norm_two - norm_one) <= 1e-5 * norm_one, (norm_two, norm_one)
     # Steps 1-2 see the same weights and data, so they agree to rounding. Later steps differ
     # only by fp32 summation order (2 micro-batches on 1 rank vs 1 per rank), which Adam's
@@ -100,6 +106,39 @@ def test_two_processes_follow_one_process_curve(tmp_path, reference_dir, referen
         assert abs(two[step] - reference_run[step]) <= 1e-6 * reference_run[step]
     for step, loss in reference_run.items():
         assert abs(two[step] - loss) <= 1e-3 * abs(loss), (step, two[step], loss)
+
+
+@pytest.fixture(scope="module")
+def cp2_run(tmp_path_factory):
+    """Context parallelism on two processes: each holds half of every sequence (parallel.cp=2)."""
+    tmp = tmp_path_factory.mktemp("cp2")
+    _worker(_write_recipe(tmp, "cp2", "train.max_steps=12", "train.save_interval=6", "parallel.cp=2"), nproc=2)
+    return tmp / "cp2"
+
+
+def test_context_parallel_follows_one_process_curve(cp2_run, reference_dir, reference_run):
+    # the data shards, the loss over all shards' tokens and the gradients reduced over both ranks
+    _assert_follows_one_process_curve(cp2_run, reference_dir, reference_run)
+
+
+def test_cp2_checkpoint_resumes_at_cp1_with_the_same_losses(cp2_run, tmp_path):
+    resumed = tmp_path / "resumed" / "checkpoints"
+    shutil.copytree(cp2_run / "checkpoints" / "iter_0000006", resumed / "iter_0000006")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("6")
+    out = _worker(_write_recipe(tmp_path, "resumed", "train.max_steps=12", "train.save_interval=0"))
+    assert "finished 12 steps" in out.stdout
+    cp1, cp2 = _losses(tmp_path / "resumed"), _losses(cp2_run)
+    assert sorted(cp1) == list(range(7, 13))
+    assert abs(cp1[7] - cp2[7]) <= 1e-6 * cp2[7]  # the same weights and batch, one process instead of two
+    for step in range(8, 13):  # then the same optimizer state carries on
+        assert abs(cp1[step] - cp2[step]) <= 1e-4 * cp2[step], (step, cp1[step], cp2[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.cp=2"], ["parallel.cp=2", "parallel.pp=2"]], ids=["cp2_dp2", "cp2_pp2"])
+def test_context_parallel_on_four_processes_follows_one_process_curve(tmp_path, reference_dir, reference_run, layout):
+    _worker(_write_recipe(tmp_path, "four", "train.max_steps=12", "train.save_interval=0", *layout), nproc=4)
+    _assert_follows_one_process_curve(tmp_path / "four", reference_dir, reference_run)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +186,9 @@ def test_report_draws_two_real_runs(tracked_runs, tmp_path):
 def test_bitnet_run_exports_ternary_weights_that_reproduce_its_forward(tracked_runs, tmp_path, megatron_single):
     import torch
 
-    from bitnet.export import load_frozen_bitnet, main as export_main
+    from bitnet.export import load_frozen_bitnet
     from bitnet.spec import falcon_h1_linear_spec
+    from recipes.bitnet_export import main as export_main
     from falcon_h1.model import build_model
     from recipes.api import load_trained_model
     from recipes.build import effective_model_config

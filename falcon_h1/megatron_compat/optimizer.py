@@ -1,0 +1,88 @@
+"""Megatron Core 0.19.2's optimizer step without Apex or Transformer Engine (GPU and CPU).
+
+Without those extensions Megatron falls back to torch's AdamW and to per-tensor Python
+versions of Apex's multi-tensor kernels, and both cost host round trips every step:
+
+- `use_foreach_multi_tensor_ops`: the fallback gradient norm (`local_multi_tensor_l2_norm`)
+  takes each tensor's norm, then builds a host tensor from them: one device-to-host copy (a
+  sync) per parameter. Megatron picks its kernels into module globals of
+  `megatron.core.optimizer.clip_grads` / `.optimizer` at import; these are replaced by foreach
+  versions with the same contract and no host syncs.
+- `set_fused_adamw`: Megatron builds its inner torch AdamW with the default (foreach) path;
+  torch's fused AdamW kernel is chosen through the inner optimizer's param-group flags.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def torch_adamws(optimizer) -> list:
+    """The torch AdamW(s) inside a Megatron optimizer (its choice without Apex/TE), or the optimizer itself."""
+    found = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = inner if isinstance(inner, torch.optim.Optimizer) else getattr(inner, "optimizer", None)
+        if isinstance(torch_optimizer, torch.optim.AdamW):
+            found.append(torch_optimizer)
+    return found
+
+
+def fused_adamw_enabled(optimizer) -> bool:
+    return any(group.get("fused") for adamw in torch_adamws(optimizer) for group in adamw.param_groups)
+
+
+def set_fused_adamw(optimizer, enabled: bool) -> None:
+    """torch's fused AdamW kernel (enabled) or its default foreach path for Megatron's inner torch
+    AdamW. Set after building the optimizer; checkpoint loading keeps it (torch's `load_state_dict`
+    would restore the saved param groups' `fused`/`foreach` flags: `optimizer_checkpoint` sets the
+    run's own back). The step counters move where each path wants them: the fused kernel reads them
+    on the parameter's device, the foreach path on the host (else it reads each back with a sync)."""
+    for torch_optimizer in torch_adamws(optimizer):
+        for group in torch_optimizer.param_groups:
+            group["fused"], group["foreach"] = (True, False) if enabled else (None, None)
+            for param in group["params"]:
+                state = torch_optimizer.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    device = param.device if enabled else torch.device("cpu")
+                    state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """amp_C.multi_tensor_l2norm's contract with foreach kernels: (norm [1] fp32, None).
+
+    Megatron calls it with non-empty lists and per_tensor=False only."""
+    if per_tensor:
+        raise NotImplementedError("per-tensor norms: Megatron's clip_grads never asks for them")
+    # .float() is free for the fp32 main gradients Megatron passes; it lets mixed dtypes stack
+    norms = [torch.stack([norm.float() for norm in torch._foreach_norm(tensors)])
+             for tensors in tensor_lists if tensors]
+    return torch.linalg.vector_norm(torch.cat(norms)).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """amp_C.multi_tensor_scale's contract (dst = src * scale) in place, without a temporary copy
+    of the sources (clipping passes the gradients as both lists)."""
+    sources, destinations = tensor_lists[0], tensor_lists[1]
+    if not sources:
+        return
+    if any(src is not dst for src, dst in zip(sources, destinations)):
+        torch._foreach_copy_(destinations, sources)
+    if scale != 1.0:
+        torch._foreach_mul_(destinations, scale)
+
+
+def use_foreach_multi_tensor_ops(enabled: bool) -> None:
+    """Megatron's gradient-norm and copy kernels when Apex/TE are absent: ours (foreach, no host
+    syncs) or Megatron's per-tensor fallbacks. Only the fallbacks are replaced: where Apex or TE
+    is installed, Megatron's own kernels stay. Process-wide (Megatron's module globals): every
+    `build_optimizer` sets it from its own config, so the optimizer built last decides."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer as megatron_optimizer
+
+    replaced = {utils.local_multi_tensor_l2_norm, utils.local_multi_tensor_scale, _foreach_l2_norm, _foreach_scale}
+    for module, name, ours, megatrons in (
+            (clip_grads, "l2_norm_impl", _foreach_l2_norm, utils.local_multi_tensor_l2_norm),
+            (clip_grads, "multi_tensor_scale_impl", _foreach_scale, utils.local_multi_tensor_scale),
+            (megatron_optimizer, "multi_tensor_scale_impl", _foreach_scale, utils.local_multi_tensor_scale)):
+        if getattr(module, name, None) in replaced:
+            setattr(module, name, ours if enabled else megatrons)

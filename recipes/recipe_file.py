@@ -1,0 +1,55 @@
+"""A recipe as YAML: the resolved file every rank of a launched job reads
+(`python -m recipes.worker FILE`), and `run_dir/config.yaml` read back.
+
+Interpolations such as `train.run_dir: runs/${now:...}` are resolved once, when the file is
+written, so every rank and every requeued attempt of the same job sees the same run directory
+(and so resumes from its checkpoints). Reading a file checks it against `RecipeConfig`, so a
+stray key fails where the file is read, naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from recipes.config import RecipeConfig
+
+
+def _register_now_resolver() -> None:
+    # Hydra registers `now` only inside a Hydra app; the Python API and tests get it here.
+    if not OmegaConf.has_resolver("now"):
+        OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern), use_cache=True)
+
+
+def to_recipe(tree: DictConfig) -> RecipeConfig:
+    """A composed or loaded OmegaConf tree -> the typed recipe, interpolations resolved (Hydra's
+    own `hydra` node, when present, is left out)."""
+    _register_now_resolver()
+    tree = OmegaConf.masked_copy(tree, [k for k in tree.keys() if k != "hydra"]) if "hydra" in tree else tree
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree))
+
+
+def resolved(recipe: RecipeConfig) -> RecipeConfig:
+    """A copy of `recipe` with every interpolation (e.g. `${now:...}` set from Python) resolved."""
+    return to_recipe(OmegaConf.structured(recipe))
+
+
+def with_run_dir(recipe: RecipeConfig, run_dir: str) -> RecipeConfig:
+    updated = copy.deepcopy(recipe)
+    updated.train.run_dir = run_dir
+    return updated
+
+
+def recipe_to_yaml(recipe: RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def recipe_from_text(text: str) -> RecipeConfig:
+    return to_recipe(OmegaConf.create(text))
+
+
+def recipe_from_yaml(path: str | Path) -> RecipeConfig:
+    return to_recipe(OmegaConf.load(path))
