@@ -133,7 +133,7 @@ def packed_vs_alone(model, batch) -> dict:
 
 
 def run(args) -> dict:
-    from falcon_h1.compat import initialize_parallel
+    from falcon_h1.megatron_compat.parallel import initialize_parallel
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     initialize_parallel(tp=1)

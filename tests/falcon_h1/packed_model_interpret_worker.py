@@ -11,7 +11,7 @@ from tests.falcon_h1.interpreter_stand_ins import run_mamba_ssm_in_interpreter
 
 run_mamba_ssm_in_interpreter()
 
-from falcon_h1.compat import initialize_parallel  # noqa: E402
+from falcon_h1.megatron_compat.parallel import initialize_parallel  # noqa: E402
 from falcon_h1.config import resolve  # noqa: E402
 from falcon_h1.kernels import KernelOptions  # noqa: E402
 from falcon_h1.linears import MEGATRON_LINEARS  # noqa: E402

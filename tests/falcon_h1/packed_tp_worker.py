@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from falcon_h1.compat import initialize_parallel
+from falcon_h1.megatron_compat.parallel import initialize_parallel
 from falcon_h1.model import allreduce_sequence_parallel_grads, build_model
 from tests.falcon_h1.packed_model import CONFIG, ROWS, batch, run_packed
 
