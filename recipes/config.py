@@ -99,7 +99,11 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 5
-    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_decay_style: str = "cosine"  # cosine | linear | constant | WSD (warmup-stable-decay)
+    # WSD only: the last lr_wsd_decay_steps steps decay from lr to min_lr, in the shape
+    # lr_wsd_decay_style (exponential | linear | cosine | minus_sqrt; recipes/schedules.py).
+    lr_wsd_decay_steps: int = 0
+    lr_wsd_decay_style: str = "exponential"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95

@@ -187,9 +187,31 @@ def test_schedule_matches_closed_form(megatron_single, style):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(closed_form_lr(13, style, 0.02, 0.002, 3, 10))
 
 
+def test_wsd_schedule_holds_then_decays_exponentially_to_an_eighth(megatron_single):
+    """TII's Falcon-H1 SFT schedule: warmup, lr held, then the last decay steps fall to lr / 8 in
+    Megatron's "exponential" shape, lr/8 + (2 * 0.5**r - 1) * 7/8 lr at decay progress r."""
+    model, config = tiny_gpt(seed=3)
+    lr = 128e-6
+    train_cfg, parallel_cfg = configs(lr=lr, min_lr=lr / 8, warmup_steps=2, max_steps=12, lr_decay_style="WSD",
+                                      lr_wsd_decay_steps=4, weight_decay=0.0)
+    optimizer = build_optimizer(wrap_model(model, parallel_cfg, train_cfg, config), train_cfg, parallel_cfg)
+    scheduler = build_scheduler(optimizer, train_cfg)
+    want = [0.0, lr / 2] + [lr] * 7 + [lr / 8 + (2 * 0.5 ** (k / 4) - 1) * 7 / 8 * lr for k in (1, 2, 3)] + [lr / 8]
+    got = []
+    for _ in range(13):
+        got.append(optimizer.param_groups[0]["lr"])
+        assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+        scheduler.step(1)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-18)
+    assert got[-1] == pytest.approx(lr / 8, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "overrides, field",
-    [({"lr_decay_style": "wsd"}, "train.lr_decay_style"), ({"warmup_steps": 10, "max_steps": 10}, "train.warmup_steps")],
+    [({"lr_decay_style": "wsd"}, "train.lr_decay_style"), ({"warmup_steps": 10, "max_steps": 10}, "train.warmup_steps"),
+     ({"lr_decay_style": "WSD"}, r"train.lr_wsd_decay_steps = 0 .*1 \.\. max_steps - warmup_steps"),
+     ({"lr_decay_style": "WSD", "lr_wsd_decay_steps": 5, "lr_wsd_decay_style": "step"}, "train.lr_wsd_decay_style"),
+     ({"lr_wsd_decay_steps": 5}, "train.lr_wsd_decay_steps = 5 applies to train.lr_decay_style = WSD only")],
 )
 def test_bad_schedule_names_the_field(megatron_single, overrides, field):
     model, config = tiny_gpt(seed=3)
