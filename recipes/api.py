@@ -63,22 +63,52 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
+CPU_SIZES = ("tiny", "micro", "falcon_h1_tiny", "falcon_h1_micro")
+
+
+def _size_overrides(size: str, bitnet: bool, executor: str) -> list[str]:
+    if size not in SIZES and size not in SIZES.values():
+        raise ConfigValueError("size", size, ", ".join(SIZES))
+    return [f"model={SIZES.get(size, size)}", f"bitnet={'on' if bitnet else 'off'}", f"executor={executor}"]
+
+
+def _group_overrides(groups: dict) -> list[str]:
+    overrides = []
+    for group, values in groups.items():
+        if not isinstance(values, dict):
+            raise ConfigValueError(group, values, f"a dict of fields, e.g. {group}={{'field': value}}")
+        overrides += _flatten(group, values)
+    return overrides
+
+
 def falcon_h1_pretrain(size: str = "tiny", *, bitnet: bool = False, executor: str = "local",
                        **groups: dict) -> RecipeConfig:
     """A pretraining recipe for a released size ("0.5b" ... "34b") or a CPU size ("tiny", "micro").
 
     Keyword groups override fields: train={"max_steps": 10}, parallel={"tp": 2}, model={...}.
     """
-    if size not in SIZES and size not in SIZES.values():
-        raise ConfigValueError("size", size, ", ".join(SIZES))
-    overrides = [f"model={SIZES.get(size, size)}", f"bitnet={'on' if bitnet else 'off'}", f"executor={executor}"]
-    if size not in ("tiny", "micro", "falcon_h1_tiny", "falcon_h1_micro"):
+    overrides = _size_overrides(size, bitnet, executor)
+    if size not in CPU_SIZES:
         overrides.append("train=pretrain")
-    for group, values in groups.items():
-        if not isinstance(values, dict):
-            raise ConfigValueError(group, values, f"a dict of fields, e.g. {group}={{'field': value}}")
-        overrides += _flatten(group, values)
-    return compose_recipe(overrides)
+    return compose_recipe(overrides + _group_overrides(groups))
+
+
+def falcon_h1_sft(size: str = "tiny", *, load_dir: str | None = None, bitnet: bool = False,
+                  executor: str = "local", **groups: dict) -> RecipeConfig:
+    """A supervised fine-tuning recipe (`data=chat`: loss on assistant tokens, packed rows).
+
+    Released sizes get `train=sft`, TII's published Falcon-H1 post-training settings (AdamW
+    (0.9, 0.95), no weight decay, lr 128e-6 at ~1M-token batches, WSD decaying exponentially to
+    lr / 8); the CPU sizes get `train=sft_demo` on the bundled chat set. `load_dir`: the weights to
+    start from, a Hugging Face FalconH1 directory or a falcon-train run directory
+    (train.load_dir). Keyword groups override fields as in falcon_h1_pretrain, e.g.
+    data={"paths": ["chats.jsonl"], "tokenizer": "path/to/Falcon-H1-0.5B-Instruct"}.
+    """
+    overrides = _size_overrides(size, bitnet, executor)
+    overrides.append("train=sft_demo" if size in CPU_SIZES else "train=sft")
+    if load_dir is not None:
+        overrides.append(f"train.load_dir={load_dir}")
+    return compose_recipe(overrides + _group_overrides(groups))
 
 
 def run(recipe: RecipeConfig, executor: str | None = None):

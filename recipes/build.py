@@ -123,6 +123,7 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
     from recipes.data import validate_data_config
 
     validate_data_config(recipe.data)
+    validate_chat_training(recipe)
     if recipe.logger.wandb:
         resolve_wandb_mode(recipe.logger.wandb_mode)
     validate_cuda_graph(recipe)
@@ -150,6 +151,26 @@ def validate_sequence_split(recipe: RecipeConfig, model_cfg: FalconH1Config) -> 
         _fail("data.seq_length", seq,
               f"a multiple of parallel.cp * parallel.tp = {p.cp * p.tp} with parallel.sequence_parallel = true: "
               "each tensor-parallel rank holds an equal slice of the context-parallel shard")
+
+
+def validate_chat_training(recipe: RecipeConfig) -> None:
+    """What packed chat rows and the held-out exact-match score need of the rest of the recipe."""
+    p, t, data_cfg = recipe.parallel, recipe.train, recipe.data
+    if data_cfg.kind != "chat":
+        return
+    if data_cfg.packing and p.cp > 1:
+        _fail("parallel.cp", p.cp,
+              "1 with packed chat rows (data.packing = true): context parallelism splits each row into "
+              "chunks without regard to its documents; set data.packing = false or parallel.cp = 1")
+    if data_cfg.packing and t.cuda_graph:
+        _fail("train.cuda_graph", t.cuda_graph,
+              "false with packed chat rows (data.packing = true): where each row's documents start is read "
+              "from its position_ids on the host every step, which a captured graph cannot do; set "
+              "data.packing = false or train.cuda_graph = false")
+    if data_cfg.heldout is not None and p.pp > 1:
+        _fail("parallel.pp", p.pp,
+              "1 with data.heldout: the held-out exact match reads the whole model's logits in one "
+              "process group; leave data.heldout null under pipeline parallelism")
 
 
 def validate_cuda_graph(recipe: RecipeConfig) -> None:

@@ -89,6 +89,10 @@ class DataConfig:
     packing: bool = True
     # chat: a conversation longer than seq_length is cut to it ("truncate") or skipped ("drop").
     overlong: str = "truncate"
+    # chat: held-out questions scored by greedy exact match (and answer-token loss) when the run
+    # starts and after its last step (recipes/heldout_eval.py): "chat_demo" (the bundled set's) or
+    # a JSON-lines file of conversations whose last message is the expected assistant answer.
+    heldout: Optional[str] = None
 
 
 @dataclass

@@ -88,3 +88,11 @@ def score_heldout(model, examples: list[HeldoutExample], pad_id: int, batch_size
     finally:
         model.train(was_training)
     return HeldoutScore(correct, len(examples), loss_sum / tokens)
+
+
+
+def read_heldout(entry: str) -> list[tuple[list[dict], str]]:
+    """data.heldout ("chat_demo": the bundled set's held-out file) -> (prompt, answer) pairs."""
+    from recipes.data.chat_demo import CHAT_DEMO, HELDOUT_FILE, heldout_questions
+
+    return heldout_questions(HELDOUT_FILE if entry == CHAT_DEMO else entry)

@@ -45,11 +45,19 @@ class TrainSummary:
     cuda_graph_step: Optional[int] = None
     # train.sample_tokens new tokens after train.sample_prompt, generated at the end; None if 0.
     sample: Optional[str] = None
+    # what the loss counts: every token (text data) or assistant tokens only (chat data)
+    loss_name: str = "loss"
+    # chat data: what building the datasets skipped, truncated and how full the rows are
+    data_report: list[str] = field(default_factory=list)
+    # data.heldout: (step, recipes.heldout_eval.HeldoutScore) when the run started and after its last step
+    heldout: list[tuple[int, Any]] = field(default_factory=list)
 
     def report(self) -> str:
         """What the run did and where its outputs are, as `falcon-train` prints it."""
         return (
-            f"\nfinished {self.steps} steps: loss {self.first_loss:.4f} -> {self.final_loss:.4f} "
+            "".join(f"\n{line}" for line in self.data_report)
+            + "".join(f"\nheld-out questions after {n} steps: {score.line()}" for n, score in self.heldout)
+            + f"\nfinished {self.steps} steps: {self.loss_name} {self.first_loss:.4f} -> {self.final_loss:.4f} "
             f"({100 * (1 - self.final_loss / self.first_loss):.1f}% lower), {self.tokens_per_s:,.0f} tokens/s\n"
             f"run dir:     {self.run_dir}\n"
             f"checkpoints: {self.checkpoint_dir}\n"
@@ -90,6 +98,11 @@ class RunState:
     peak_flops: float
     graph_stream: Any  # the CUDA graph's capture stream, None for an eager run
     tracker: Any = None  # started once the run is known to have steps to do
+    packed_rows: bool = False  # chat rows holding several conversations: the model reads their position_ids
+    data_report: list[str] = field(default_factory=list)
+    heldout_examples: Optional[list] = None  # data.heldout's questions, tokenized (recipes.heldout_eval)
+    pad_id: int = 0
+    heldout: list[tuple[int, Any]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     skipped: int = 0
     tokens_per_s: float = 0.0
@@ -123,10 +136,12 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     state.ddp_model.train()
     with state.run_lock, state.progress, state.tracker, \
             _training_schedule(get_forward_backward_func(), t) as fwd_bwd:
+        score_heldout_questions(state, state.start_step)
         for step in range(state.start_step, t.max_steps):
             result = train_step(state, fwd_bwd, step)
             if log_eval_save(state, step + 1, result):
                 break
+        score_heldout_questions(state, state.start_step + len(state.losses))
         summary = finish(state)
     summary.sample = sample_after_training(state.model, recipe)
     return summary
@@ -142,7 +157,7 @@ def build_run_state(recipe: RecipeConfig) -> RunState:
     from falcon_h1.megatron_compat.parallel import default_device
     from recipes.build import validate_cuda_graph_device, validate_recipe
     from recipes.checkpoint_files import has_checkpoints
-    from recipes.data import build_tokenizer, build_train_valid_datasets, make_data_iterator
+    from recipes.data import build_tokenizer, make_data_iterator
     from recipes.data.validation import check_token_ids_fit
     from recipes.progress import Progress
     from recipes.resume import check_resume_config
@@ -169,9 +184,7 @@ def build_run_state(recipe: RecipeConfig) -> RunState:
     model, ddp_model, optimizer, scheduler, graph_stream = _build_model_and_optimizer(recipe, checked)
 
     global_batch = t.global_batch_size
-    train_ds, valid_ds = build_train_valid_datasets(
-        data_cfg, data_cfg.seq_length, t.seed, t.max_steps * global_batch, max(t.eval_iters, 1) * global_batch,
-        tokenizer)
+    train_ds, valid_ds = _datasets(recipe, tokenizer)
     if t.eval_interval and valid_ds is None:
         raise ConfigValueError(
             "train.eval_interval", t.eval_interval, "a non-zero second share of data.split, or eval_interval 0",
@@ -193,7 +206,30 @@ def build_run_state(recipe: RecipeConfig) -> RunState:
         num_microbatches=global_batch // (t.micro_batch_size * dp), run_dir=run_dir, ckpt_root=ckpt_root,
         start_step=start_step, consumed=consumed, resumed_from=resumed_from,
         flops_per_token=training_flops_per_token(checked.model_cfg, data_cfg.seq_length),
-        peak_flops=_peak_flops(device), graph_stream=graph_stream)
+        peak_flops=_peak_flops(device), graph_stream=graph_stream,
+        packed_rows=data_cfg.kind == "chat" and data_cfg.packing,
+        data_report=train_ds.report.lines() if data_cfg.kind == "chat" else [],
+        heldout_examples=_heldout_examples(data_cfg, tokenizer),
+        pad_id=tokenizer.pad if tokenizer.pad >= 0 else tokenizer.eod)
+
+
+def _datasets(recipe: RecipeConfig, tokenizer):
+    """(train, valid) of data.kind: documents packed without boundaries for text, whole
+    conversations per row with an assistant-only loss mask for chat; the same sample keys."""
+    from recipes.data import build_chat_datasets, build_train_valid_datasets
+
+    t, data_cfg = recipe.train, recipe.data
+    build = build_chat_datasets if data_cfg.kind == "chat" else build_train_valid_datasets
+    return build(data_cfg, data_cfg.seq_length, t.seed, t.max_steps * t.global_batch_size,
+                 max(t.eval_iters, 1) * t.global_batch_size, tokenizer)
+
+
+def _heldout_examples(data_cfg, tokenizer) -> Optional[list]:
+    from recipes.heldout_eval import heldout_examples, read_heldout
+
+    if data_cfg.heldout is None:
+        return None
+    return heldout_examples(tokenizer, read_heldout(data_cfg.heldout))
 
 
 def _init_processes(recipe: RecipeConfig) -> tuple[int, int]:
@@ -308,9 +344,9 @@ def train_step(state: RunState, fwd_bwd, step: int) -> StepResult:
     state.optimizer.zero_grad()
     with cuda_as_cpu_without_gpu(), on_stream(state.graph_stream):
         reduced = fwd_bwd(
-            forward_step_func=partial(_forward_step, device=state.device), data_iterator=state.data_iter,
-            model=[state.ddp_model], num_microbatches=state.num_microbatches, seq_length=seq,
-            micro_batch_size=t.micro_batch_size, forward_only=False)
+            forward_step_func=partial(_forward_step, device=state.device, packed_rows=state.packed_rows),
+            data_iterator=state.data_iter, model=[state.ddp_model], num_microbatches=state.num_microbatches,
+            seq_length=seq, micro_batch_size=t.micro_batch_size, forward_only=False)
     if t.cuda_graph and state.cuda_graph_step is None and has_captured(fwd_bwd):
         state.cuda_graph_step = step + 1
     ok, grad_norm, _ = state.optimizer.step()
@@ -326,9 +362,13 @@ def train_step(state: RunState, fwd_bwd, step: int) -> StepResult:
     return StepResult(loss=loss, grad_norm=grad_norm, elapsed=elapsed)
 
 
-def _forward_step(data_iterator, model, device):
+def _forward_step(data_iterator, model, device, packed_rows: bool):
+    """packed_rows: the rows hold several documents, which the model finds where position_ids
+    restart. Other rows' positions are 0..s-1 (text; a chat row's one conversation, then filler
+    it never attends to), which the model counts itself without a host check per step."""
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-    per_token = model(batch["tokens"], position_ids=batch.get("position_ids"), labels=batch["labels"])
+    positions = batch["position_ids"] if packed_rows else None
+    per_token = model(batch["tokens"], position_ids=positions, labels=batch["labels"])
     return per_token, partial(_loss_func, batch["loss_mask"])
 
 
@@ -426,7 +466,8 @@ def _evaluate(state: RunState) -> float:
     with cuda_as_cpu_without_gpu():
         for _ in range(t.eval_iters):
             totals += get_forward_backward_func()(
-                forward_step_func=partial(_forward_step, device=state.device), data_iterator=it,
+                forward_step_func=partial(_forward_step, device=state.device, packed_rows=state.packed_rows),
+                data_iterator=it,
                 model=[state.ddp_model], num_microbatches=state.num_microbatches,
                 seq_length=state.recipe.data.seq_length, micro_batch_size=t.micro_batch_size, forward_only=True)
     state.ddp_model.train()
@@ -448,6 +489,21 @@ def _peak_flops(device: torch.device) -> float:
     return dense_bf16_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0
 
 
+def score_heldout_questions(state: RunState, step: int) -> None:
+    """data.heldout's greedy exact match and answer-token loss of the model after `step` steps
+    (a collective over the model's tensor-parallel group: every rank computes it), logged and
+    kept for the summary."""
+    from recipes.heldout_eval import score_heldout
+
+    if state.heldout_examples is None:
+        return
+    p = state.recipe.parallel
+    score = score_heldout(state.model, state.heldout_examples, state.pad_id,
+                          length_multiple=p.tp if p.sequence_parallel else 1)
+    state.heldout.append((step, score))
+    state.tracker.log(step, {"heldout_exact_match": score.exact_match, "heldout_loss": score.loss})
+
+
 # ------------------------------------------------------------------------------- the summary
 def finish(state: RunState) -> TrainSummary:
     """The run's summary, also logged to the trackers."""
@@ -458,7 +514,9 @@ def finish(state: RunState) -> TrainSummary:
         run_dir=str(state.run_dir), steps=state.start_step + len(losses),
         first_loss=whole_run_first_loss(state.run_dir, losses), final_loss=losses[-1] if losses else math.nan,
         losses=losses, tokens_per_s=state.tokens_per_s, checkpoint_dir=str(state.ckpt_root),
-        resumed_from=state.resumed_from, cuda_graph_step=state.cuda_graph_step)
+        resumed_from=state.resumed_from, cuda_graph_step=state.cuda_graph_step,
+        loss_name="assistant-token loss" if state.recipe.data.kind == "chat" else "loss",
+        data_report=state.data_report, heldout=state.heldout)
     state.tracker.log_summary({"first_loss": summary.first_loss, "final_loss": summary.final_loss,
                                "tokens_per_s": summary.tokens_per_s,
                                "steps": summary.steps,

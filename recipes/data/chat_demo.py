@@ -26,6 +26,8 @@ import random
 from pathlib import Path
 from typing import Optional, Sequence
 
+from recipes.data.chat import read_chat_file
+
 DATA_DIR = Path(__file__).resolve().parent
 CHAT_DEMO = "chat_demo"
 CORPUS_DIR = DATA_DIR / "corpus" / CHAT_DEMO
@@ -143,13 +145,21 @@ def generate(seed: int = SEED) -> tuple[list[list[dict]], list[list[dict]]]:
     return train, heldout
 
 
-def heldout_questions(path: Path = HELDOUT_FILE) -> list[tuple[list[dict], str]]:
-    """(prompt messages, expected answer) per held-out conversation, for exact match."""
+def heldout_questions(path: Path | str = HELDOUT_FILE) -> list[tuple[list[dict], str]]:
+    """(prompt messages, expected answer) per held-out conversation, for exact match: each line
+    is checked as chat data is (file and line named) and must end with the assistant's answer."""
+    chat_file = read_chat_file(path)
+    if chat_file.skipped_no_assistant:
+        raise ValueError(f"{chat_file.skipped_no_assistant[0]}: a held-out conversation without an assistant "
+                         "answer to score; each must be a prompt followed by the expected assistant message.")
     questions = []
-    with open(path, encoding="utf-8") as stream:
-        for line in stream:
-            messages = json.loads(line)["messages"]
-            questions.append((messages[:-1], messages[-1]["content"]))
+    for conversation in chat_file.conversations:
+        *prompt, last = conversation.messages
+        if last["role"] != "assistant" or not prompt:
+            raise ValueError(f"{conversation.where}: a held-out conversation must be a prompt followed by the "
+                             f"expected assistant message; this one ends with a {last['role']} message"
+                             f"{'' if prompt else ' and has no prompt'}.")
+        questions.append((prompt, last["content"]))
     return questions
 
 

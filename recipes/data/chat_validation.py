@@ -27,7 +27,7 @@ CHAT_PATHS_HELP = (
     "optionally weighted as ['0.7', 'a.jsonl', '0.3', 'b.jsonl']."
 )
 # The DataConfig fields only chat data reads, with the defaults text data must keep.
-CHAT_ONLY_DEFAULTS = {"packing": True, "overlong": "truncate"}
+CHAT_ONLY_DEFAULTS = {"packing": True, "overlong": "truncate", "heldout": None}
 
 
 def data_kind_problems(data_cfg) -> list[ConfigValueError]:
@@ -60,6 +60,17 @@ def _entry_problem(entry: str) -> Optional[str]:
                 f"sets with falcon-preprocess --chat.")
     return (f"data.paths entry {entry!r} is neither a chat file nor a preprocessed chat set: "
             f"missing {', '.join(missing)}{where}.")
+
+
+def _heldout_problem(entry) -> Optional[str]:
+    if entry == CHAT_DEMO:
+        return None
+    if not isinstance(entry, str) or not is_chat_file(entry):
+        return (f"data.heldout = {entry!r}: expected 'chat_demo' or a .jsonl/.json[.gz] file of "
+                f"{{\"messages\": [...]}} lines whose last message is the expected assistant answer.")
+    if not os.path.isfile(entry):
+        return f"data.heldout entry {entry!r}: no such file (relative to {os.getcwd()})."
+    return None
 
 
 def _tokenizer_problem(spec: str) -> Optional[str]:
@@ -111,6 +122,9 @@ def validate_chat_data_config(data_cfg) -> None:
                                 f"data.overlong = {data_cfg.overlong!r} is not allowed: one of "
                                 f"{OVERLONG_POLICIES} (cut a too-long conversation to seq_length, or "
                                 f"skip it; both are counted and reported)."))
+    if data_cfg.heldout is not None and (text := _heldout_problem(data_cfg.heldout)):
+        problems.append(problem("data.heldout", data_cfg.heldout, "null, 'chat_demo' or an existing .jsonl file",
+                                text))
     if data_cfg.cache_dir is not None:
         problems.append(problem(
             "data.cache_dir", data_cfg.cache_dir, "null for data.kind = chat",
