@@ -491,8 +491,10 @@ def _peak_flops(device: torch.device) -> float:
 
 def score_heldout_questions(state: RunState, step: int) -> None:
     """data.heldout's greedy exact match and answer-token loss of the model after `step` steps
-    (a collective over the model's tensor-parallel group: every rank computes it), logged and
-    kept for the summary."""
+    (a collective over the model's tensor-parallel group: every rank computes it), kept for the
+    summary and logged, except when a resumed run starts: the trackers' first record of a launch
+    drops what an earlier launch logged from that step on, and step `start_step` holds the
+    earlier launch's training metrics."""
     from recipes.heldout_eval import score_heldout
 
     if state.heldout_examples is None:
@@ -501,7 +503,8 @@ def score_heldout_questions(state: RunState, step: int) -> None:
     score = score_heldout(state.model, state.heldout_examples, state.pad_id,
                           length_multiple=p.tp if p.sequence_parallel else 1)
     state.heldout.append((step, score))
-    state.tracker.log(step, {"heldout_exact_match": score.exact_match, "heldout_loss": score.loss})
+    if step > state.start_step or step == 0:
+        state.tracker.log(step, {"heldout_exact_match": score.exact_match, "heldout_loss": score.loss})
 
 
 # ------------------------------------------------------------------------------- the summary
