@@ -126,7 +126,8 @@ def attention_table(args, device, rows) -> list[dict]:
             out = fn(*leaves, fresh)
             if trainable:
                 out.backward(dy)
-                got = [out.detach()] + [t.grad for t in leaves]
+                # copies: the timed calls below accumulate into these .grad tensors in place
+                got = [out.detach()] + [t.grad.clone() for t in leaves]
                 row["fwd_bwd_ms"] = ms(lambda: fn(*leaves, fresh).backward(dy), leaves, args.iters)
             else:
                 got = [out.detach()]

@@ -69,6 +69,19 @@ def _varlen(q, k, v, scale, documents, rep):
     b, hq, l, d = q.shape
     flat = lambda t: t.transpose(1, 2).reshape(b * l, t.shape[1], d)  # [b*l, heads, d], rows row-major
     cu, longest = documents.cu_seqlens, documents.max_seqlen
-    out = varlen_attn(flat(q), flat(k), flat(v), cu, cu, longest, longest, scale=scale, window_size=(-1, 0),
-                      enable_gqa=rep > 1)
+    gqa = {}
+    if rep > 1 and _varlen_takes_gqa():
+        gqa = {"enable_gqa": True}
+    elif rep > 1:  # torch 2.11's varlen_attn has no GQA: K/V repeated to every query head
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = varlen_attn(flat(q), flat(k), flat(v), cu, cu, longest, longest, scale=scale, window_size=(-1, 0), **gqa)
     return out.reshape(b, l, hq, d).transpose(1, 2)
+
+
+@functools.cache
+def _varlen_takes_gqa() -> bool:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
