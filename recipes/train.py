@@ -46,6 +46,10 @@ def _app(composed: DictConfig):
             print(result.report())
     elif result is not None:
         print(result)
+        if not result.dryrun and result.exit_code:
+            # A job that waited for its workers (executor.kind=local) and failed: the shell, a
+            # CI step or a sweep driver must see the failure, not only read `state: FAILED`.
+            sys.exit(result.exit_code)
     return result
 
 

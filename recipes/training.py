@@ -126,6 +126,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
 
     from recipes.generate import sample_after_training
     from recipes.resume import finished_run
+    from recipes.stop_signals import StoppedBySignal, stop_on_signals
 
     t = recipe.train
     state = build_run_state(recipe)
@@ -134,15 +135,24 @@ def train(recipe: RecipeConfig) -> TrainSummary:
         return TrainSummary(**finished_run(state.run_dir, state.start_step, t.max_steps, _rank()))
     state.tracker = _start_tracking(state)
     state.ddp_model.train()
-    with state.run_lock, state.progress, state.tracker, \
+    stopped = None
+    with state.run_lock, state.progress, state.tracker, stop_on_signals() as stop, \
             _training_schedule(get_forward_backward_func(), t) as fwd_bwd:
         score_heldout_questions(state, state.start_step)
         for step in range(state.start_step, t.max_steps):
             result = train_step(state, fwd_bwd, step)
-            if log_eval_save(state, step + 1, result):
+            signum = stop.agreed(state.device)
+            if log_eval_save(state, step + 1, result, save_now=signum is not None):
+                break
+            if signum is not None:
+                stopped = StoppedBySignal(signum, step + 1, str(state.ckpt_root), str(state.run_dir))
                 break
         score_heldout_questions(state, state.start_step + len(state.losses))
         summary = finish(state)
+    if stopped is not None:
+        if _rank() == 0:
+            print(f"falcon-train: {stopped.message()}", flush=True)
+        raise stopped
     summary.sample = sample_after_training(state.model, recipe)
     return summary
 
@@ -422,9 +432,10 @@ def _check_finite_step(step: int, loss: float, grad_norm) -> None:
 
 
 # ------------------------------------------------------------------------- log / eval / save
-def log_eval_save(state: RunState, step: int, result: StepResult) -> bool:
-    """After step `step` (counting from 1): metrics, evaluation and checkpoint as the recipe asks;
-    returns whether this process stops here (train.exit_after_steps)."""
+def log_eval_save(state: RunState, step: int, result: StepResult, save_now: bool = False) -> bool:
+    """After step `step` (counting from 1): metrics, evaluation and checkpoint as the recipe asks
+    (`save_now`: a checkpoint whatever the interval, before a stop on a signal); returns whether
+    this process stops here (train.exit_after_steps)."""
     from recipes.checkpointing import save_checkpoint
 
     t, seq = state.recipe.train, state.recipe.data.seq_length
@@ -445,7 +456,7 @@ def log_eval_save(state: RunState, step: int, result: StepResult) -> bool:
     if t.eval_interval and step % t.eval_interval == 0:
         state.tracker.log(step, {"val_loss": _evaluate(state)})
     stop_early = bool(t.exit_after_steps) and len(state.losses) >= t.exit_after_steps
-    if t.save_interval and (step % t.save_interval == 0 or step == t.max_steps or stop_early):
+    if save_now or t.save_interval and (step % t.save_interval == 0 or step == t.max_steps or stop_early):
         save_checkpoint(state.ckpt_root, step, [state.ddp_model], state.optimizer, state.scheduler,
                         {"consumed_samples": state.consumed}, keep=t.keep_checkpoints)
     return stop_early

@@ -3,7 +3,8 @@
 Reads the recipe file it is given, joins the torchrun process group (gloo) and checks it
 with an all-reduce, then writes `fake_worker_rank<RANK>.json` into `train.run_dir`
 recording what it saw. Environment knobs for the failure and requeue tests:
-FAKE_WORKER_EXIT_CODE=N (print a marker line, exit N), FAKE_WORKER_HOLD_FIRST_ATTEMPT=1
+FAKE_WORKER_EXIT_CODE=N (print a marker line, exit N; with FAKE_WORKER_FAIL_RANK=R only
+rank R fails, the other finishes normally), FAKE_WORKER_HOLD_FIRST_ATTEMPT=1
 (on the first attempt of a Slurm job, SLURM_RESTART_COUNT unset or 0, wait to be
 requeued instead of finishing).
 """
@@ -26,6 +27,10 @@ def main() -> int:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
     exit_code = int(os.environ.get("FAKE_WORKER_EXIT_CODE", "0"))
+    fail_rank = os.environ.get("FAKE_WORKER_FAIL_RANK")
+    if exit_code and fail_rank is not None and int(fail_rank) != rank:
+        print(f"fake worker rank {rank}: finishing normally, rank {fail_rank} fails", flush=True)
+        return 0
     if exit_code:
         print(f"fake worker rank {rank}: failing on purpose with exit code {exit_code}", flush=True)
         return exit_code

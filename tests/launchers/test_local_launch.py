@@ -66,3 +66,31 @@ def test_nproc_per_node_must_be_positive(local_recipe):
     local_recipe.executor.nproc_per_node = 0
     with pytest.raises(ConfigValueError, match=r"executor.nproc_per_node = 0 .* integer >= 1"):
         launch(local_recipe, dryrun=True)
+
+
+def test_falcon_train_exits_nonzero_when_one_of_two_local_workers_fails(tmp_path):
+    # The CLI as a user runs it, with the stand-in worker: rank 1 fails, rank 0 finishes.
+    import os
+    import subprocess
+    import sys
+
+    cli = tmp_path / "falcon_train_with_fake_worker.py"
+    cli.write_text(
+        "import functools, recipes.launch as L\n"
+        "L.launch = functools.partial(L.launch, worker_module='fake_worker')\n"
+        "import recipes.train as T\nT.main()\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent.parent)]),
+        "HOME": str(tmp_path),  # NeMo-Run's ~/.nemo_run job list stays in the test's folder
+        "FAKE_WORKER_EXIT_CODE": "7",
+        "FAKE_WORKER_FAIL_RANK": "1",
+    }
+    args = ["executor=local", "executor.nproc_per_node=2", "logger.wandb=false", "logger.tensorboard=false",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run([sys.executable, str(cli), *args], env=env, capture_output=True, text=True, timeout=300)
+
+    assert "state: FAILED" in done.stdout, done.stdout + done.stderr
+    assert "rank 1: failing on purpose" in done.stdout
+    assert done.returncode == 1, done.stdout + done.stderr
