@@ -152,12 +152,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = _parser().parse_args(argv)
-    try:
-        _run(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"falcon-generate: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    from recipes.inference import run_command
+
+    run_command("falcon-generate", _run, _parser().parse_args(argv))
 
 
 def _run(args) -> None:

@@ -86,3 +86,15 @@ def require_tokenizer(loaded: InferenceModel, path) -> TextTokenizer:
         raise ValueError(f"{path} has no tokenizer.json; allowed: pass --tokenizer PATH (a tokenizer.json or the "
                          "folder holding it, or 'byte').")
     return loaded.tokenizer
+
+
+def run_command(name: str, run, args) -> None:
+    """Run a falcon-generate / falcon-eval body: a bad argument, a missing file or a model folder
+    without what it needs ends the command with one line and exit code 2, not a traceback."""
+    import sys
+
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        sys.exit(2)
