@@ -153,7 +153,8 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
 
     # every switch off except mamba_ssm's scan (the GPU path itself): torch conv, eager SwiGLU,
     # RMSNorm and gating, µP scales on the activations, Megatron's cross entropy
-    options_off = {f.name: False for f in dataclasses.fields(KernelOptions) if f.name != "triton_ssd"}
+    options_off = {f.name: False for f in dataclasses.fields(KernelOptions)
+                   if f.type in (bool, "bool") and f.name != "triton_ssd"}
     return {
         "ours_fused": ours(),
         # one KernelOptions switch off at a time
