@@ -4,15 +4,13 @@ from a Hugging Face directory or a run directory alike; train=sft holds TII's pu
 post-training settings; packed rows and the held-out score refuse the layouts they cannot run in."""
 
 import json
-import signal
-import time
 
 import pytest
 import torch
 
 from recipes.api import compose_recipe
 from recipes.build import validate_recipe
-from tests.recipes.test_training import _losses, _worker, _write_recipe
+from tests.recipes.test_training import _losses, _sigkill_after_checkpoint, _worker, _write_recipe
 
 CHAT = ["train=sft_demo", "train.max_steps=8", "data.seq_length=64", "train.micro_batch_size=4",
         "train.global_batch_size=8", "train.warmup_steps=2", "train.lr_wsd_decay_steps=2", "train.lr=3e-3",
@@ -43,13 +41,7 @@ def test_chat_run_reports_its_data_and_the_heldout_score_before_and_after(chat_r
 def test_killed_chat_run_resumes_and_continues_identically(tmp_path, chat_reference):
     recipe = _write_recipe(tmp_path, "resumed", *CHAT, "train.save_interval=4")
     proc = _worker(recipe, wait=False)
-    marker = tmp_path / "resumed" / "checkpoints" / "latest_checkpointed_iteration.txt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (marker.exists() and int(marker.read_text().strip() or 0) >= 4):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # mid-run, no chance to clean up
-    proc.wait()
+    _sigkill_after_checkpoint(proc, tmp_path / "resumed", 4)
     assert not (tmp_path / "resumed" / "checkpoints" / "iter_0000008").exists()
     out = _worker(recipe).stdout
     assert "finished 8 steps" in out and "held-out questions after 8 steps" in out

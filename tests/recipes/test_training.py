@@ -44,6 +44,17 @@ def _worker(recipe: Path, nproc: int = 1, wait: bool = True):
     return proc
 
 
+def _sigkill_after_checkpoint(proc, run_dir: Path, step: int) -> None:
+    """Kill -9 the worker once checkpoint `step` is recorded: mid-run, no chance to clean up."""
+    marker = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (marker.exists() and int(marker.read_text().strip() or 0) >= step):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def _losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r[key] for r in rows if key in r}
@@ -70,13 +81,7 @@ def test_loss_falls(reference_run):
 def test_killed_run_resumes_and_continues_identically(tmp_path, reference_run):
     recipe = _write_recipe(tmp_path, "resumed", "train.max_steps=12", "train.save_interval=4")
     proc = _worker(recipe, wait=False)
-    marker = tmp_path / "resumed" / "checkpoints" / "latest_checkpointed_iteration.txt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (marker.exists() and int(marker.read_text().strip() or 0) >= 4):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # mid-run, no chance to clean up
-    proc.wait()
+    _sigkill_after_checkpoint(proc, tmp_path / "resumed", 4)
     assert not (tmp_path / "resumed" / "checkpoints" / "iter_0000012").exists()
     out = _worker(recipe)
     assert "finished 12 steps" in out.stdout
