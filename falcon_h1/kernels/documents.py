@@ -107,7 +107,8 @@ def packed_documents(position_ids: Optional[torch.Tensor], batch: int) -> Option
         raise RuntimeError(
             "position_ids given while a CUDA graph is being captured: whether the rows are packed is "
             "decided on the host. Capture without position_ids (rows 0..s-1), or run packed rows eagerly.")
-    if not bool((position_ids[:, 1:] == 0).any()):
+    # one token a row (a decode step) cannot hold a second document: no host read needed
+    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
         return None
     return documents_from_position_ids(position_ids.expand(batch, -1))
 
