@@ -102,6 +102,9 @@ def bench_size(size: str, args, device) -> list[dict]:
         ids = torch.randint(0, ours.cfg.vocab_size, (batch, args.prompt_len),
                             generator=torch.Generator().manual_seed(batch)).to(device)
         runs = {"ours": lambda s, n=args.new_tokens: falcon_h1.generate(ours, ids, max_new_tokens=n, streamer=s)}
+        if device.type == "cuda" and not args.no_eager:
+            runs["ours_eager"] = lambda s, n=args.new_tokens: falcon_h1.generate(
+                ours, ids, max_new_tokens=n, streamer=s, cuda_graph=False)
         if hf is not None:
             runs["hf"] = lambda s, n=args.new_tokens: hf.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -140,6 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--window", type=int, default=32, help="steps per per-position time window")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face's generate")
+    parser.add_argument("--no-eager", action="store_true", help="skip our eager (no CUDA graph) decode on GPU")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke: micro model, batch 1 and 2, short prompt")
     parser.add_argument("--out", default=".", help="folder for generate_bench.json / .txt")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ import torch
 from falcon_h1.generation import cache as caches
 from falcon_h1.generation import model_access as access
 from falcon_h1.generation.decode import CachedMixer, StepHolder, StepPositions, decode_step
+from falcon_h1.generation.graphed import GraphedDecode, cuda_graph_choice
 from falcon_h1.generation.sampling import Sampler
 
 
@@ -35,6 +36,7 @@ def generate(
     streamer=None,
     return_dict_in_generate: bool = False,
     output_logits: bool = False,
+    cuda_graph: Optional[bool] = None,
 ):
     """Continue each prompt of `input_ids` [b, L] by up to `max_new_tokens` tokens.
 
@@ -51,6 +53,9 @@ def generate(
     Tensor parallel: call on every rank of the group with the same arguments; the sampled
     tokens agree because every rank draws from the same gathered logits with the same seed.
 
+    cuda_graph: replay decode steps from one CUDA graph (None: wherever possible, a CUDA
+    device at tensor-parallel size 1; the tokens are the same either way).
+
     Returns [b, L + new] (the input, padding included, then the new tokens), or with
     return_dict_in_generate a GenerateOutput, whose logits are filled when output_logits.
     """
@@ -60,13 +65,15 @@ def generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens = {max_new_tokens!r}; allowed: an integer >= 1.")
     eos = _eos_ids(eos_token_id, model.cfg.vocab_size, input_ids.device)
+    graphed = cuda_graph_choice(cuda_graph, model, input_ids.device)
     pad = _pad_id(pad_token_id, eos, model.cfg.vocab_size)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     was_training = model.training
     model.eval()
     try:
-        new_tokens, logits = _generate(model, prompts, max_new_tokens, sampler, eos, pad, streamer, output_logits)
+        new_tokens, logits = _generate(model, prompts, max_new_tokens, sampler, eos, pad, streamer, output_logits,
+                                      graphed)
     finally:
         model.train(was_training)
     sequences = torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)
@@ -77,7 +84,7 @@ def generate(
     return sequences
 
 
-def _generate(model, prompts, max_new_tokens, sampler, eos, pad, streamer, keep_logits):
+def _generate(model, prompts, max_new_tokens, sampler, eos, pad, streamer, keep_logits, graphed):
     device = prompts[0].device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     longest = max(len(p) for p in prompts)
@@ -89,6 +96,14 @@ def _generate(model, prompts, max_new_tokens, sampler, eos, pad, streamer, keep_
     holder = StepHolder()
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out, kept = [], []
+    replay = GraphedDecode(model, holder, len(prompts), capacity, device) if graphed else None
+
+    def step_logits(tokens, step):
+        if replay is not None:
+            return replay(tokens, lengths + step)
+        # eagerly, attention spans only the slots filled so far
+        return decode_step(model, tokens, holder, StepPositions.at(lengths + step, longest + step + 1))
+
     with access.mixers_replaced(model, lambda i, m: CachedMixer(m, layer_caches[i], holder)):
         for step in range(max_new_tokens):
             if keep_logits:
@@ -102,7 +117,7 @@ def _generate(model, prompts, max_new_tokens, sampler, eos, pad, streamer, keep_
                 streamer.put(tokens.cpu())
             if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
                 break
-            logits = decode_step(model, tokens, holder, StepPositions.at(lengths + step, longest + step + 1))
+            logits = step_logits(tokens, step)
     return torch.stack(out, dim=1), kept
 
 

@@ -103,12 +103,14 @@ def packed_documents(position_ids: Optional[torch.Tensor], batch: int) -> Option
     if position_ids.shape[0] not in (1, batch):
         raise ValueError(f"position_ids: shape {tuple(position_ids.shape)} for a batch of {batch} rows; "
                          f"expected [{batch}, seq] or [1, seq].")
+    # one token a row (a decode step) cannot hold a second document: no host read needed
+    if position_ids.shape[1] < 2:
+        return None
     if position_ids.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "position_ids given while a CUDA graph is being captured: whether the rows are packed is "
             "decided on the host. Capture without position_ids (rows 0..s-1), or run packed rows eagerly.")
-    # one token a row (a decode step) cannot hold a second document: no host read needed
-    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
+    if not bool((position_ids[:, 1:] == 0).any()):
         return None
     return documents_from_position_ids(position_ids.expand(batch, -1))
 

@@ -249,3 +249,22 @@ def test_gpu_decode_equals_reference_decode(hf_pair, prompts):
     assert torch.equal(fast.sequences, reference.sequences)
     for a, b in zip(fast.logits, reference.logits):
         assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_cuda_graph_decode_equals_eager_decode(hf_pair, prompts):
+    path = hf_pair[0]
+    ids, mask = left_padded(prompts)
+    kw = dict(attention_mask=mask.cuda(), max_new_tokens=32, return_dict_in_generate=True, output_logits=True)
+    model = falcon_h1.from_hf(path)
+    graphed = falcon_h1.generate(model, ids.cuda(), cuda_graph=True, **kw)
+    eager = falcon_h1.generate(model, ids.cuda(), cuda_graph=False, **kw)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    for a, b in zip(graphed.logits, eager.logits):
+        assert (a - b).abs().max() <= 1e-4
+
+
+def test_cuda_graph_on_cpu_is_refused_by_name(hf_pair, prompts):
+    ids, mask = left_padded(prompts)
+    with pytest.raises(ValueError, match="cuda_graph = True.*cpu"):
+        falcon_h1.generate(falcon_h1.from_hf(hf_pair[0]), ids, attention_mask=mask, cuda_graph=True)
