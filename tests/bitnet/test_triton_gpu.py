@@ -114,8 +114,9 @@ def test_weight_quant_ties_zero_and_given_stats(dtype):
 def test_weight_quant_has_no_host_sync():
     tk = _tk()
     w = torch.randn(256, 300, device="cuda")
-    tk.quantize_weights(w)  # compile outside the check
+    tk.quantize_weights(w)  # compile, and copy each layout's tables to the device, outside the check
     tk.fake_quantize_weights(w)
+    tk.fake_quantize_activations(w)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -365,8 +366,12 @@ def _bitnet_column(**options):
 
     from bitnet.layers import BitNetColumnParallelLinear, BitNetLinearOptions
 
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
     config = tiny_config(1, use_cpu_initialization=False, params_dtype=torch.bfloat16, bf16=True)
+    # GPU initialisation draws from Megatron's model-parallel RNG: reseed it for the same weights each call
     torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
     return BitNetColumnParallelLinear(256, 512, config=config, init_method=torch.nn.init.normal_, bias=False,
                                       gather_output=False, bitnet_options=BitNetLinearOptions(**options),
                                       bitnet_segments=[("qkv", 192), ("zxbcdt", 320)])

@@ -113,7 +113,8 @@ def test_model_fast_path_on_emulated_shards_matches_reference(megatron_single, c
     for recompute in ("none", "full"):
         logits, loss, grads = results["auto", "bf16", True, recompute]
         assert rel(logits, ref_logits) <= BF16_TOLERANCE and rel(loss, ref_loss) <= BF16_TOLERANCE
-        assert rel(logits, fast_logits) <= BF16_TOLERANCE and rel(loss, fast_loss) <= BF16_TOLERANCE
+        # two bf16 paths each within the tolerance of the fp32 reference differ by up to twice it
+        assert rel(logits, fast_logits) <= 2 * BF16_TOLERANCE and rel(loss, fast_loss) <= 2 * BF16_TOLERANCE
         for name, ref in ref_grads.items():
             bound = max(3 * BF16_TOLERANCE, 2 * rel(bf16_ref_grads[name], ref))
             assert rel(grads[name], ref) <= bound, (recompute, name, rel(grads[name], ref), bound)
