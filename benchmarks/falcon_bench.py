@@ -96,7 +96,7 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
             if name in profile and name not in variants[index + 1:]:  # a repeated variant: its last run
                 row["top_kernels"] = profile_kernels(step)
             tps = batch * seq / (ms / 1e3)
-            if name == "hf_transformers":
+            if name.startswith("hf_transformers"):
                 row["hf_path"] = hf_path
             row.update(ms=ms, tokens_per_s=tps, tflops=tps * flops_tok / 1e12, mfu=tps * flops_tok / peak,
                        peak_gib=peak_gib, first_loss=loss, params=sum(p.numel() for p in model.parameters()))
@@ -117,11 +117,11 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
     from falcon_h1.model import build_model
     from transformers import FalconH1ForCausalLM
 
-    def ours(options: dict | None = None, **overrides):
+    def ours(options: dict | None = None, recompute: str = "none", **overrides):
         def build():
             cfg = config_from_hf(json.loads((workdir / "config.json").read_text()), **overrides)
             model = build_model(cfg, kernel_options=KernelOptions(**(options or {})), precision="bf16",
-                                initialize=False)
+                                initialize=False, recompute=recompute)
             load_hf_weights(model, workdir)
             return model.train(), our_loss
         return build
@@ -145,9 +145,11 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
     def ours_bf16_random():
         return build_model(preset, precision="bf16", seed=0).train(), our_loss
 
-    def hf_model():
+    def hf_model(checkpointing: bool = False):
         model = FalconH1ForCausalLM.from_pretrained(workdir, dtype=torch.bfloat16,
                                                     attn_implementation="sdpa").cuda().train()
+        if checkpointing:  # recompute each decoder layer in the backward, as ours with recompute="full"
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ce = torch.nn.CrossEntropyLoss()
         return model, lambda m: ce(m(ids).logits.float().flatten(0, 1), labels.flatten())
 
@@ -169,6 +171,10 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
         "ours_unfused_unfused_attention": ours(fused_projections=False, attention_backend="unfused"),
         "ours_unfused_sdpa": ours(fused_projections=False),
         "hf_transformers": hf_model,
+        # long sequences: every layer recomputed in the backward (Megatron's full recompute / HF's
+        # gradient checkpointing), the activations of one layer at a time
+        "ours_fused_recompute_full": ours(recompute="full"),
+        "hf_transformers_checkpointing": lambda: hf_model(checkpointing=True),
         "ours_bf16_random_init": ours_bf16_random,
         "ours_bitnet_fused": ours_bitnet(True),
         "ours_bitnet_reference_ste": ours_bitnet(False),

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One H200 call: every GPU test in one pytest process (-v, short tracebacks, to $OUT/gpu_tests.txt),
+# then decode speed of falcon_h1.generate with and without its CUDA graph (GEN_ARGS), while
+# causal_conv1d's CUDA extension builds in the background for the Hugging Face fast path (BUILD=1;
+# the wheel comes back in <16 MB parts: cat $OUT/cc1d.part* > causal_conv1d-...whl).
+#   device run: bash benchmarks/call_gpu_check.sh     (carry: wheels [, .whl])
+set -uo pipefail
+source benchmarks/device_setup.sh
+if [ "${BUILD:-0}" = 1 ]; then
+  setsid bash -c "bash benchmarks/build_causal_conv1d.sh wheels/causal_conv1d-1.7.0.tar.gz /tmp/cc1d > $OUT/cc1d_build.log 2>&1" &
+fi
+if [ -n "${FIRST_TESTS:-}" ]; then  # known failures first, with whole tracebacks
+  timeout ${FIRST_S:-150} python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=long -rfE $FIRST_TESTS 2>&1 \
+    | grep -v -i "warn" > "$OUT/first_tests.txt"
+  grep -E "FAILED|ERROR|passed|failed|Error" "$OUT/first_tests.txt" | cut -c1-200 | tail -12
+fi
+timeout ${TESTS_S:-330} python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=short -rfE --durations=12 \
+  ${TESTS:-$(ls tests/*/test_*gpu*.py)} ${EXTRA_TESTS:-} 2>&1 | grep -v -i "warn" > "$OUT/gpu_tests.txt"
+grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | cut -c1-200 | tail -25
+left=$((560 - SECONDS))
+if [ "$left" -gt 40 ]; then
+  timeout $left python3 benchmarks/generate_bench.py --out "$OUT" ${GEN_ARGS:---sizes 0.5b --batches 1 --new-tokens 64 --no-hf} \
+    2>&1 | grep -v -i warn | tail -12
+fi
+if [ "${BUILD:-0}" = 1 ]; then
+  while [ $SECONDS -lt 585 ] && ! ls /tmp/cc1d/*.whl >/dev/null 2>&1; do sleep 5; done
+  tail -3 "$OUT/cc1d_build.log"
+  for w in /tmp/cc1d/*.whl; do [ -f "$w" ] && basename "$w" > "$OUT/cc1d_name.txt" && split -b 15M -d "$w" "$OUT/cc1d.part"; done
+fi
+exit 0
