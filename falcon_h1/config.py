@@ -119,6 +119,21 @@ def _fail(field_name: str, value, allowed: str) -> None:
     raise ConfigValueError(f"model.{field_name}", value, allowed)
 
 
+def rope_type(cfg: FalconH1Config) -> str:
+    scaling = cfg.rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def check_context_parallel(cfg: FalconH1Config, cp: int) -> None:
+    """What context parallelism (parallel.cp) needs of the model config, beyond the sequence split."""
+    if cp > 1 and cfg.has_attention and rope_type(cfg) in ("dynamic", "longrope"):
+        raise ConfigValueError(
+            "model.rope_scaling", cfg.rope_scaling, "another rope_type, or parallel.cp = 1",
+            message=f"model.rope_scaling = {cfg.rope_scaling!r} is not allowed with parallel.cp = {cp}: rope_type "
+            "dynamic and longrope pick their frequencies from the largest position in the batch, which each "
+            "context-parallel rank sees only part of; allowed: another rope_type, or parallel.cp = 1.")
+
+
 def apply_attention_ratio(cfg: FalconH1Config) -> FalconH1Config:
     """Re-split the mixer width between attention and SSM by `attention_ratio`.
 
@@ -197,7 +212,7 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
         if getattr(cfg, name) is not False:
             _fail(name, getattr(cfg, name), "false (bias parameters are not implemented; the released "
                   "Falcon-H1 models have none)")
-    from falcon_h1.rope import validate_rope_scaling
+    from falcon_h1.rope_parameters import validate_rope_scaling
 
     validate_rope_scaling(cfg)
 

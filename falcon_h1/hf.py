@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 
 from falcon_h1.config import UNSUPPORTED_BIASES, FalconH1Config
 from falcon_h1.errors import ConfigValueError
-from falcon_h1.rope import validate_rope_scaling
+from falcon_h1.rope_parameters import validate_rope_scaling
 from falcon_h1.weights import gather_hf_state, load_local_from_hf, merge_hf_state, split_hf_state
 
 # FalconH1Config fields that are not Hugging Face config keys of the same meaning.

@@ -1,9 +1,9 @@
-"""executor.kind=slurm: an sbatch job made by NeMo-Run's SlurmExecutor.
+"""executor.kind=slurm: an sbatch job.
 
-The job script comes from NeMo-Run (`SlurmExecutor` + `SlurmBatchRequest`, its
-slurm.sh.j2 template); commands go through its `LocalTunnel` (on a login node) or
-`SSHTunnel`. Each node runs one srun task, `torchrun`, which starts
-`processes_per_node` workers (one per GPU):
+The job script comes from `launchers.slurm_script` (its layout follows NeMo-Run's
+slurm.sh.j2); commands go through NeMo-Run's `LocalTunnel` (on a login node) or
+`SSHTunnel`, imported only when a job is submitted. Each node runs one srun task,
+`torchrun`, which starts `processes_per_node` workers (one per GPU):
 
     torchrun --nnodes=N --nproc-per-node=P --node-rank=$SLURM_NODEID
              --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT -m WORKER_MODULE RECIPE
@@ -14,7 +14,8 @@ worker command is quoted so `$SLURM_NODEID` is read on each node, not in the bat
 Preemption and time limits (`executor.slurm.requeue`, on by default; off gives
 `--no-requeue` and no trap): the job is submitted with `--requeue`, so Slurm requeues it
 after preemption or a node failure; `--signal=B:USR1@S` wakes the batch shell S seconds
-before the time limit and its trap requeues the job. A requeued job starts the same
+before the time limit, its trap forwards USR1 to the training processes, waits for them to
+save, and requeues the job (see `launchers.slurm_script`). A requeued job starts the same
 command with the same recipe file, and the trainer resumes from the latest checkpoint in
 `train.run_dir`. A job whose workers fail is requeued `executor.slurm.max_retries` times
 (default 0).
@@ -37,24 +38,11 @@ from typing import Any
 from falcon_h1.errors import ConfigValueError
 from launchers.config import ExecutorConfig, SlurmConfig
 from launchers.job import RECIPE_FILE_NAME, Job
-from launchers.nemo import nemo_run
 from launchers.result import LaunchResult
+from launchers.slurm_script import JOB_FOLDER_IN_CONTAINER, BatchScript
 
 TUNNELS = ("local", "ssh")
-# NeMo-Run mounts the job folder here inside containers and rewrites it to the real
-# folder otherwise, so one path works both ways.
-JOB_FOLDER_IN_SCRIPT = "/nemo_run"
 MAX_REQUEUE_WARNING_S = 300
-
-# The batch shell waits for srun in the background so this trap can run when Slurm sends
-# USR1 before the time limit (a foreground srun would delay the trap until it ends).
-REQUEUE_TRAP = """\
-requeue_before_time_limit() {
-    echo "SIGUSR1 before the time limit: requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
-}
-trap requeue_before_time_limit USR1"""
 
 
 def parse_time_limit(text: str) -> int:
@@ -187,6 +175,8 @@ def _check_run_dir_is_mounted(slurm: SlurmConfig, run_dir: str) -> None:
 
 
 def make_tunnel(slurm: SlurmConfig):
+    from launchers.nemo import nemo_run
+
     run = nemo_run()
 
     if slurm.tunnel == "ssh":
@@ -209,7 +199,7 @@ class SlurmJobPlan:
     run_dir: str
     recipe_yaml: str
     script: str
-    tunnel: Any
+    tunnel: Any = None  # made by `launch` when the job is submitted
 
     @property
     def script_path(self) -> str:
@@ -242,74 +232,59 @@ def _worker_command(executor: ExecutorConfig, worker_module: str, recipe_path: s
         "--node-rank=$SLURM_NODEID --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT "
         f"--max-restarts=0 -m {worker_module} {recipe_path}"
     )
+    if slurm.requeue:
+        # The workers get the time-limit USR1 from Slurm themselves; torchrun must outlive it
+        # (launchers.slurm_script). An ignored signal stays ignored across exec.
+        steps.append('trap "" USR1')
     steps.append(f"exec {torchrun}")
-    return f"bash -c {shlex.quote(' && '.join(steps))} & srun_pid=$!; wait $srun_pid"
+    return f"bash -c {shlex.quote(' && '.join(steps))}"
 
 
-def _executor(executor: ExecutorConfig, job_name: str, folder: str, tunnel):
-    run = nemo_run()
-    from nemo_run.core.execution.slurm import SlurmJobDetails
-
-    slurm = executor.slurm
+def _batch_script(job: Job, job_name: str, folder: str) -> BatchScript:
+    executor, slurm = job.executor, job.executor.slurm
     env_vars = {"MASTER_ADDR": "$head_node", "MASTER_PORT": str(slurm.master_port)}
-    # NeMo-Run writes `export KEY=value` unquoted; quote user values so spaces survive.
+    # Exported unquoted by the script: quote user values so spaces survive.
     env_vars.update({str(key): shlex.quote(str(value)) for key, value in slurm.env_vars.items()})
-    slurm_executor = run.SlurmExecutor(
-        account=slurm.account,
-        partition=slurm.partition,
-        job_name_prefix="falcon-",
-        time=str(slurm.time),
-        nodes=slurm.nodes,
+    in_container = slurm.container_image is not None
+    recipe_path = f"{JOB_FOLDER_IN_CONTAINER if in_container else folder}/configs/{RECIPE_FILE_NAME}"
+    flags = {
+        "account": slurm.account,
+        "partition": slurm.partition,
+        "qos": slurm.qos,
+        "time": str(slurm.time),
+        "nodes": slurm.nodes,
         # One srun task per node: torchrun, which starts the per-GPU workers itself.
-        ntasks_per_node=1,
-        cpus_per_task=slurm.cpus_per_task * processes_per_node(executor) if slurm.cpus_per_task else None,
-        gpus_per_node=slurm.gpus_per_node or None,
-        qos=slurm.qos,
-        signal=f"B:USR1@{_signal_seconds(str(slurm.time))}" if slurm.requeue else None,
+        "ntasks_per_node": 1,
+        "cpus_per_task": slurm.cpus_per_task * processes_per_node(executor) if slurm.cpus_per_task else None,
+        "gpus_per_node": slurm.gpus_per_node or None,
+    }
+    return BatchScript(
+        job_name=job_name,
+        folder=folder,
+        flags=flags,
+        env_vars=env_vars,
+        worker_command=_worker_command(executor, job.worker_module, recipe_path),
         container_image=slurm.container_image,
         container_mounts=list(slurm.container_mounts),
-        env_vars=env_vars,
-        additional_parameters={"requeue": True} if slurm.requeue else {"no_requeue": True},
-        setup_lines=REQUEUE_TRAP if slurm.requeue else None,
-        tunnel=tunnel,
-        packager=run.Packager(),
-        poll_estimated_start_time=False,
+        max_retries=slurm.max_retries,
+        warning_seconds=_signal_seconds(str(slurm.time)) if slurm.requeue else None,
     )
-    slurm_executor.job_dir = folder
-    slurm_executor.job_details = SlurmJobDetails(job_name=job_name, folder=folder)
-    tunnel.job_dir = os.path.dirname(folder)
-    return slurm_executor
 
 
 def plan_job(job: Job) -> SlurmJobPlan:
     """The job's sbatch script, folder and recipe file; `job.executor` is already validated."""
-    nemo_run()
-    from nemo_run.core.execution.slurm import SlurmBatchRequest
-
     slurm = job.executor.slurm
     run_dir = _run_dir_on_cluster(slurm, job.run_dir)
     _check_run_dir_is_mounted(slurm, run_dir)
     job_name = re.sub(r"[^\w.-]", "_", job.name)
     base = slurm.job_dir or os.path.join(run_dir, "launches")
     folder = os.path.join(base, f"{job_name}_{time.strftime('%Y%m%d-%H%M%S')}")
-    tunnel = make_tunnel(slurm)
-    recipe_in_script = f"{JOB_FOLDER_IN_SCRIPT}/configs/{RECIPE_FILE_NAME}"
-    request = SlurmBatchRequest(
-        launch_cmd=["sbatch", "--parsable"],
-        jobs=[job_name],
-        command_groups=[[_worker_command(job.executor, job.worker_module, recipe_in_script)]],
-        executor=_executor(job.executor, job_name, folder, tunnel),
-        max_retries=slurm.max_retries,
-        extra_env={},
-        launcher=None,
-    )
     return SlurmJobPlan(
         job_name=job_name,
         folder=folder,
         run_dir=run_dir,
         recipe_yaml=job.recipe_yaml_for(run_dir),
-        script=request.materialize(),
-        tunnel=tunnel,
+        script=_batch_script(job, job_name, folder).render(),
     )
 
 
@@ -342,6 +317,8 @@ def launch(job: Job, dryrun: bool) -> LaunchResult:
         return result
 
     slurm = job.executor.slurm
+    plan.tunnel = make_tunnel(slurm)
+    plan.tunnel.job_dir = os.path.dirname(plan.folder)
     slurm_jobs.check_cluster(plan.tunnel, slurm.partition)
     job_id = slurm_jobs.submit(plan)
     result.job_id = job_id

@@ -123,6 +123,11 @@ def run(recipe: RecipeConfig, executor: str | None = None):
     for line in mup_report(recipe):
         print(f"falcon-train: {line}", file=sys.stderr)
     if recipe.executor.kind == "local" and recipe.executor.nproc_per_node == 1 and not recipe.dryrun:
+        from recipes.fallback_notices import quiet_fallbacks
+
+        fallbacks = quiet_fallbacks()  # before Megatron is imported
+        if fallbacks:
+            print(fallbacks, file=sys.stderr)
         from recipes.training import train
 
         return train(recipe)  # validates first

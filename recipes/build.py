@@ -132,10 +132,10 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
 
 def validate_sequence_split(recipe: RecipeConfig, model_cfg: FalconH1Config) -> None:
     """What context parallelism (parallel.cp) and sequence parallelism need of data.seq_length."""
-    from falcon_h1.context_parallel import check_model
+    from falcon_h1.config import check_context_parallel
 
     p, seq = recipe.parallel, recipe.data.seq_length
-    check_model(model_cfg, p.cp)
+    check_context_parallel(model_cfg, p.cp)
     if p.cp > 1:
         if seq % (2 * p.cp):
             _fail("data.seq_length", seq,

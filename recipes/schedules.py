@@ -16,12 +16,13 @@ optimizer step k (counting from 0) is the schedule's value at k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from typing import TYPE_CHECKING, Optional
 
 from falcon_h1.errors import ConfigValueError
 from recipes.config import TrainConfig
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # Megatron's lr_wsd_decay_style
@@ -94,6 +95,8 @@ def build_scheduler(optimizer, schedule: LrSchedule | TrainConfig) -> OptimizerP
     On resume, the recipe's values win over the checkpoint's (a run may be
     extended by raising `train.max_steps`); only the step count is restored.
     """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     if isinstance(schedule, TrainConfig):
         schedule = checked_schedule(schedule)
     return OptimizerParamScheduler(

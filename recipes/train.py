@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -30,8 +33,10 @@ def _app(composed: DictConfig):
     ex = recipe.executor
     if ex.kind == "local" or (ex.kind == "slurm" and ex.slurm.tunnel == "local"):
         # Hydra made this directory (and resolved ${now:}) once; remote executors keep the
-        # relative run_dir, which the launcher places on the job's volume / job_dir.
-        recipe.train.run_dir = HydraConfig.get().runtime.output_dir
+        # relative run_dir, which the launcher places on the job's volume / job_dir. A dry run
+        # names the directory a real run would make (Hydra wrote into a scratch one).
+        output_dir = HydraConfig.get().runtime.output_dir
+        recipe.train.run_dir = os.path.abspath(recipe.train.run_dir) if recipe.dryrun else output_dir
     try:
         result = run(recipe)
         if recipe.dryrun:  # validated by run(); nothing was started
@@ -63,7 +68,25 @@ def main() -> None:
         sys.exit(2)
     if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in sys.argv) and "--resolve" not in sys.argv:
         sys.argv.append("--resolve")  # print the µP multipliers (interpolations) as the values they resolve to
-    _app()
+    if not _is_dry_run(sys.argv[1:]):
+        _app()
+        return
+    # Hydra makes its run directory (train.run_dir) before the app runs; a dry run starts
+    # nothing, so it must leave nothing behind: Hydra's directory is a scratch one here.
+    scratch = tempfile.mkdtemp(prefix="falcon-train-dryrun-")
+    sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+    try:
+        _app()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _is_dry_run(args: list[str]) -> bool:
+    """`dryrun=true` (or ++dryrun=true) on the command line of a single run (not a -m sweep)."""
+    if any(a in ("-m", "--multirun") for a in args):
+        return False
+    return any(a.split("=", 1)[0].lstrip("+") == "dryrun" and a.split("=", 1)[1].lower() == "true"
+               for a in args if "=" in a and not a.startswith("-"))
 
 
 if __name__ == "__main__":

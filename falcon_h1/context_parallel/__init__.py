@@ -28,22 +28,10 @@ tp the tensor-parallel size):
 
 from __future__ import annotations
 
+from falcon_h1.config import check_context_parallel as check_model
 from falcon_h1.context_parallel.attention import context_parallel_attention
 from falcon_h1.context_parallel.layout import ContextParallelLayout, rank_chunks
 
-
-
-def check_model(cfg, cp: int) -> None:
-    """What context parallelism needs of the model config, beyond the sequence split."""
-    from falcon_h1.errors import ConfigValueError
-    from falcon_h1.rope import rope_type
-
-    if cp > 1 and cfg.has_attention and rope_type(cfg) in ("dynamic", "longrope"):
-        raise ConfigValueError(
-            "model.rope_scaling", cfg.rope_scaling, "another rope_type, or parallel.cp = 1",
-            message=f"model.rope_scaling = {cfg.rope_scaling!r} is not allowed with parallel.cp = {cp}: rope_type "
-            "dynamic and longrope pick their frequencies from the largest position in the batch, which each "
-            "context-parallel rank sees only part of; allowed: another rope_type, or parallel.cp = 1.")
 
 
 def shard_batch(batch: dict, layout: ContextParallelLayout) -> dict:

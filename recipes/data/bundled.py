@@ -18,9 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as dist
-
-from recipes.data.preprocess import preprocess_files
 
 BUNDLED = "bundled"
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -33,6 +30,14 @@ FORMAT_VERSION = "1"
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "falcon_h1_train"
+
+
+def preprocess_files(*args, **kwargs):
+    """recipes.data.preprocess.preprocess_files, imported when a build needs it: it imports
+    Megatron Core, which the config checks reading this module must not pay for."""
+    from recipes.data.preprocess import preprocess_files as preprocess
+
+    return preprocess(*args, **kwargs)
 
 
 def resolve_cache_dir(cache_dir: Optional[str]) -> Path:
@@ -78,6 +83,8 @@ def ensure_bundled_dataset(tokenizer, cache_dir: Optional[str] = None) -> str:
 
     Call on every rank when torch.distributed is initialised (it holds a barrier).
     """
+    import torch.distributed as dist
+
     cache_root = resolve_cache_dir(cache_dir)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_rank() == 0:

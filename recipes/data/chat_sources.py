@@ -22,14 +22,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import (
-    DType,
-    IndexedDataset,
-    IndexedDatasetBuilder,
-    get_bin_path,
-    get_idx_path,
-)
-
 from recipes.data.chat import read_chat_file, tokenize_conversations
 
 FORMAT = "falcon-chat-v1"
@@ -39,6 +31,22 @@ METADATA_SUFFIX = ".chat.json"
 
 def metadata_path(prefix: str) -> str:
     return f"{prefix}{METADATA_SUFFIX}"
+
+
+def _megatron_indexed_dataset():
+    # Imported on use: the config checks (recipes.data.chat_validation) read this module
+    # before any job starts, and importing Megatron Core takes seconds.
+    from megatron.core.datasets import indexed_dataset
+
+    return indexed_dataset
+
+
+def get_bin_path(prefix: str) -> str:
+    return _megatron_indexed_dataset().get_bin_path(prefix)
+
+
+def get_idx_path(prefix: str) -> str:
+    return _megatron_indexed_dataset().get_idx_path(prefix)
 
 
 def chat_indexed_files(prefix: str) -> list[str]:
@@ -65,9 +73,10 @@ def write_chat_indexed_dataset(
     output_prefix = str(output_prefix)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     temp = f"{output_prefix}.tmp-{os.getpid()}"
-    token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    tokens_out = IndexedDatasetBuilder(get_bin_path(temp), dtype=token_dtype)
-    mask_out = IndexedDatasetBuilder(get_bin_path(temp + MASK_SUFFIX), dtype=np.uint8)
+    indexed = _megatron_indexed_dataset()
+    token_dtype = indexed.DType.optimal_dtype(tokenizer.vocab_size)
+    tokens_out = indexed.IndexedDatasetBuilder(get_bin_path(temp), dtype=token_dtype)
+    mask_out = indexed.IndexedDatasetBuilder(get_bin_path(temp + MASK_SUFFIX), dtype=np.uint8)
     stats = ChatPreprocessStats(0, 0, 0, 0, 0.0)
     try:
         for path in inputs:
@@ -127,8 +136,9 @@ class IndexedChatSource:
             )
         self.name = prefix
         self.skipped_no_assistant = int(metadata["skipped_no_assistant"])
-        self._tokens = IndexedDataset(prefix)
-        self._masks = IndexedDataset(prefix + MASK_SUFFIX)
+        indexed = _megatron_indexed_dataset()
+        self._tokens = indexed.IndexedDataset(prefix)
+        self._masks = indexed.IndexedDataset(prefix + MASK_SUFFIX)
         self.lengths = np.asarray(self._tokens.sequence_lengths, dtype=np.int64)
         if not np.array_equal(self.lengths, self._masks.sequence_lengths):
             raise ValueError(f"data.paths entry {prefix!r}: its token and assistant-mask files "

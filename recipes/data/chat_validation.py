@@ -15,7 +15,7 @@ from falcon_h1.errors import ConfigValueError
 from recipes.data.chat import is_chat_file
 from recipes.data.chat_demo import CHAT_DEMO
 from recipes.data.chat_sources import MASK_SUFFIX, chat_indexed_files
-from recipes.data.tokenizer import (BYTE_SPEC, CHAT_TEMPLATE_HELP, find_chat_template,
+from recipes.data.tokenizer_files import (BYTE_SPEC, CHAT_TEMPLATE_HELP, find_chat_template,
                                     resolve_tokenizer_file)
 from recipes.data.validation import parse_blend, parse_split, raise_problems
 

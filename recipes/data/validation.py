@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from falcon_h1.errors import ConfigValueError
 from recipes.data.bundled import BUNDLED, resolve_cache_dir
-from recipes.data.tokenizer import BYTE_SPEC, resolve_tokenizer_file
+from recipes.data.tokenizer_files import BYTE_SPEC, resolve_tokenizer_file
 
 # Megatron's .idx layout: magic, version (<Q), dtype code (<B), sequence count (<Q), document
 # count (<Q), then int32 sequence lengths, int64 sequence pointers, int64 document indices.

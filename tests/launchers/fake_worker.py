@@ -6,17 +6,26 @@ recording what it saw. Environment knobs for the failure and requeue tests:
 FAKE_WORKER_EXIT_CODE=N (print a marker line, exit N; with FAKE_WORKER_FAIL_RANK=R only
 rank R fails, the other finishes normally), FAKE_WORKER_HOLD_FIRST_ATTEMPT=1
 (on the first attempt of a Slurm job, SLURM_RESTART_COUNT unset or 0, wait to be
-requeued instead of finishing).
+requeued instead of finishing; SIGUSR1 then "saves", as the trainer does: after
+FAKE_WORKER_SAVE_SECONDS (default 1) it writes `saved_rank<RANK>` and exits 138).
 """
 
 import json
 import os
+import signal
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import yaml
+
+
+def _save_and_exit(run_dir: str, rank: int, signum: int) -> None:
+    time.sleep(float(os.environ.get("FAKE_WORKER_SAVE_SECONDS", "1")))
+    open(os.path.join(run_dir, f"saved_rank{rank}"), "w").close()
+    print(f"fake worker rank {rank}: saved on signal {signum}", flush=True)
+    sys.exit(128 + signum)
 
 
 def main() -> int:
@@ -38,6 +47,7 @@ def main() -> int:
     attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if os.environ.get("FAKE_WORKER_HOLD_FIRST_ATTEMPT") == "1" and attempt == 0:
         os.makedirs(run_dir, exist_ok=True)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: _save_and_exit(run_dir, rank, signum))
         open(os.path.join(run_dir, f"holding_rank{rank}"), "w").close()
         print(f"fake worker rank {rank}: first attempt, waiting to be requeued", flush=True)
         time.sleep(600)

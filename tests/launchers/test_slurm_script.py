@@ -14,10 +14,13 @@ import shlex
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import FAKE_WORKER, HERE
+from local_slurm import free_port
 from torch.distributed.run import get_args_parser
 
 from falcon_h1.errors import ConfigValueError
@@ -114,7 +117,7 @@ def test_sbatch_header_for_four_nodes_of_eight_gpus(big_recipe):
     assert flags["open-mode"] == "append"  # a requeued job appends to its logs
     assert flags["output"].startswith(result.run_dir + "/launches/")
     assert result.recipe_path.startswith(result.run_dir + "/launches/")
-    assert "trap requeue_before_time_limit USR1" in result.rendered
+    assert "trap save_and_requeue USR1" in result.rendered
 
 
 def test_script_runs_torchrun_once_per_node_with_static_rendezvous(big_recipe, tmp_path):
@@ -155,30 +158,79 @@ def test_srun_uses_the_container_with_the_job_folder_mounted(big_recipe, tmp_pat
     assert not (fakes / "scontrol_calls").exists()  # a successful job is not requeued
 
 
-def test_batch_shell_requeues_on_the_time_limit_signal(big_recipe, tmp_path):
-    """USR1 while srun runs: the trap asks Slurm to requeue the job and the shell exits 0."""
-    script = launch(big_recipe, dryrun=True).rendered
-    slow = script.replace("exec torchrun", "exec sleep 30 && torchrun")
+# srun as slurmstepd delivers a forwarded signal: to every process of the step (torchrun's
+# workers run in sessions of their own, so a process group would not reach them).
+FAKE_SRUN_FORWARDING = """#!{python}
+import os, signal, subprocess, sys
+args = sys.argv[1:]
+while args[0] != "bash":  # drop srun's own options
+    args.pop(0)
+step = subprocess.Popen(args, env=dict(os.environ, SLURM_NODEID="0"))
+
+def descendants(root):
+    children = {{}}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{{entry}}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+def forward(signum, frame):
+    for pid in descendants(step.pid):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+signal.signal(signal.SIGUSR1, forward)
+sys.exit(step.wait())
+"""
+# Records each call and, for a requeue, which workers had saved by then.
+FAKE_SCONTROL_SAVED = """#!/bin/bash
+if [ "$1 $2" = "show hostnames" ]; then echo localhost; exit 0; fi
+echo "scontrol $* saved:$(cd "$RUN_DIR" && ls saved_rank* 2>/dev/null | tr '\\n' ' ')" >> "$FAKE_DIR/scontrol_calls"
+"""
+
+
+def test_time_limit_signal_saves_before_the_job_is_requeued(recipe, tmp_path):
+    """USR1 to the batch shell (`--signal=B:USR1@S`): the trap forwards it through srun to the
+    real torchrun's worker, which saves and exits 138; only then is the job requeued (exit 0)."""
+    recipe.executor.kind = "slurm"
+    recipe.executor.slurm.env_vars = {"PYTHONPATH": str(HERE), "FAKE_WORKER_HOLD_FIRST_ATTEMPT": "1"}
+    recipe.executor.slurm.master_port = free_port()
+    run_dir = Path(recipe.train.run_dir)
+    result = launch(recipe, dryrun=True, worker_module=FAKE_WORKER)
+    Path(result.recipe_path).parent.mkdir(parents=True)  # what submitting writes
+    Path(result.recipe_path).write_text(result.recipe_yaml)
     fakes = tmp_path / "fakes"
     fakes.mkdir()
-    (fakes / "scontrol").write_text(FAKE_SCONTROL.format(nodes=" ".join(NODES)))
-    (fakes / "srun").write_text(FAKE_SRUN.format(node_ids="0"))
+    (fakes / "srun").write_text(FAKE_SRUN_FORWARDING.format(python=sys.executable))
+    (fakes / "scontrol").write_text(FAKE_SCONTROL_SAVED)
     for fake in fakes.iterdir():
         fake.chmod(0o755)
-    (tmp_path / "job.sh").write_text(slow)
-    env = {"PATH": f"{fakes}:/usr/bin:/bin", "FAKE_DIR": str(fakes), "SLURM_JOB_ID": "4242", "HOME": str(tmp_path)}
+    (tmp_path / "job.sh").write_text(result.rendered)
+    env = {"PATH": f"{fakes}:/usr/bin:/bin", "FAKE_DIR": str(fakes), "RUN_DIR": str(run_dir), "HOME": str(tmp_path),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost"}
     log = tmp_path / "job.log"
     with open(log, "w") as output:
-        # Own process group, so the fake step's `sleep` is ended with the shell's group below.
+        # Own process group, so whatever is left is ended with the shell's group below.
         shell = subprocess.Popen(
             ["bash", str(tmp_path / "job.sh")], env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 20
-        while not (fakes / "srun_args").exists() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "holding_rank0").exists():
+            assert time.monotonic() < deadline and shell.poll() is None, log.read_text()
             time.sleep(0.1)
         shell.send_signal(signal.SIGUSR1)
-        shell.wait(timeout=20)
+        shell.wait(timeout=60)
     finally:
         try:
             os.killpg(shell.pid, signal.SIGKILL)
@@ -186,7 +238,9 @@ def test_batch_shell_requeues_on_the_time_limit_signal(big_recipe, tmp_path):
             pass
     output = log.read_text()
     assert shell.returncode == 0, output
-    assert (fakes / "scontrol_calls").read_text().strip() == "scontrol requeue 4242"
+    assert (fakes / "scontrol_calls").read_text().split("\n")[0].strip() == "scontrol requeue 4242 saved:saved_rank0"
+    assert "fake worker rank 0: saved on signal 10" in output
+    assert "the training processes have ended" in output
 
 
 def test_requeue_can_be_turned_off(big_recipe):
