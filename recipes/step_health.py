@@ -40,6 +40,7 @@ class TrainingDiverged(RunError, FloatingPointError):
 
 
 def diverged(step: int, what: str, ckpt_root: Path) -> TrainingDiverged:
+    """The error for step `step`, saying `what` was not finite and where the run resumes from."""
     from recipes.checkpoint_files import latest_pointer_step
 
     newest = latest_pointer_step(ckpt_root)
