@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 
 from falcon_h1.config import UNSUPPORTED_BIASES, FalconH1Config
 from falcon_h1.errors import ConfigValueError
+from falcon_h1.mup import MULTIPLIER_FIELDS
 from falcon_h1.rope_parameters import validate_rope_scaling
 from falcon_h1.weights import gather_hf_state, load_local_from_hf, merge_hf_state, split_hf_state
 
@@ -42,6 +43,11 @@ HF_DEFAULTS = dict(
     lm_head_multiplier=1.0, key_multiplier=1.0, attention_out_multiplier=1.0, ssm_out_multiplier=1.0,
 )
 _DEFAULT_ROPE_THETA = 10000.0  # what transformers uses when a config names none
+# Fields that change what a checkpoint's weights compute but not the weights' shapes (or, for
+# tie_word_embeddings, whether lm_head.weight is read at all): a model built with other values
+# loads the weights without a complaint and computes something else.
+COMPUTE_FIELDS = ("rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "mamba_rms_norm",
+                  "mamba_norm_before_gate", "time_step_limit", *MULTIPLIER_FIELDS)
 
 
 def _refuse(key: str, value, allowed: str) -> None:
@@ -103,6 +109,23 @@ def config_from_hf(hf: dict, generation_config: dict | None = None, **overrides)
         raise ConfigValueError("config.json rope_parameters", err.value, err.allowed,
                                message=f"config.json rope_parameters: {err}") from None
     return cfg
+
+
+def compute_field_differences(cfg: FalconH1Config, path: str | os.PathLike) -> list[tuple[str, object, object]]:
+    """(field, cfg's value, config.json's value) for each COMPUTE_FIELDS entry on which `cfg`
+    and the HF directory's config.json disagree (numbers to a relative 1e-6: printed floats)."""
+    checkpoint = config_from_hf(_read_config(Path(path)))
+    return [(name, getattr(cfg, name), getattr(checkpoint, name)) for name in COMPUTE_FIELDS
+            if not _same_value(getattr(cfg, name), getattr(checkpoint, name))]
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == b or math.isclose(a, b, rel_tol=1e-6)
+    return a == b
 
 
 def _decode_special_floats(obj):

@@ -77,7 +77,7 @@ def validate(executor: ExecutorConfig) -> None:
     if not kube.image:
         _fail("executor.kubernetes.image", kube.image, "a container image",
               f"executor.kubernetes.image = {kube.image!r}: a container image is required (one with this project "
-              "and its dependencies installed, e.g. built from the repository's Dockerfile).")
+              "and its dependencies installed: `docker build -t IMAGE .` in the repository builds one from its Dockerfile).")
     if not isinstance(kube.nodes, int) or kube.nodes < 1:
         _fail("executor.kubernetes.nodes", kube.nodes, "an integer >= 1",
               f"executor.kubernetes.nodes = {kube.nodes!r} is not allowed: "

@@ -50,12 +50,13 @@ def compose_recipe(overrides: Iterable[str] = ()) -> RecipeConfig:
 def _flatten(prefix: str, value: Any) -> list[str]:
     if isinstance(value, dict):
         return [o for k, v in value.items() for o in _flatten(f"{prefix}.{k}", v)]
-    return [f"{prefix}={_override_value(value)}"]
+    return [f"{prefix}={override_value(value)}"]
 
 
-def _override_value(value: Any) -> str:
+def override_value(value: Any) -> str:
+    """`value` as a Hydra override writes it (`[1.0,0.5]`, `null`, `true`)."""
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_override_value(v) for v in value) + "]"
+        return "[" + ",".join(override_value(v) for v in value) + "]"
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -102,10 +102,15 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
         _fail("train.precision", t.precision, f"one of {PRECISIONS}")
     if t.recompute not in RECOMPUTE:
         _fail("train.recompute", t.recompute, f"one of {RECOMPUTE}")
-    for key in ("max_steps", "micro_batch_size", "global_batch_size"):
+    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
         value = getattr(t, key)
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(f"train.{key}", value, "a positive integer")
+    for key, off in (("save_interval", "no checkpoints"), ("eval_interval", "no evaluation"),
+                     ("exit_after_steps", "never")):
+        value = getattr(t, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            _fail(f"train.{key}", value, f"an integer >= 0 (0: {off})")
     schedule = checked_schedule(t)
     if isinstance(t.sample_tokens, bool) or not isinstance(t.sample_tokens, int) or t.sample_tokens < 0:
         _fail("train.sample_tokens", t.sample_tokens, "an integer >= 0 (0: no sample at the end)")

@@ -64,6 +64,7 @@ from recipes.checkpoint_files import (LATEST_FILE, MANIFEST, checkpoint_dir, dig
                                       files_hashed_by, fsync_dir, latest_pointer_step, prune,
                                       published_checkpoints, read_manifest, share_of_manifest,
                                       validate_keep_checkpoints, verification_problems, write_manifest)
+from recipes.run_errors import RunError
 from falcon_h1.megatron_compat.dist_checkpointing import make_synchronous_save_work_everywhere
 from falcon_h1.megatron_compat.optimizer_checkpoint import (
     allocate_distributed_optimizer_state,
@@ -88,11 +89,11 @@ _UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, CheckpointException)
 _STORED_TENSOR_OVERHEAD = 1600
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError, RuntimeError):
     """No checkpoint under the root can be loaded; the message names each one and why."""
 
 
-class CheckpointDiskFull(OSError):
+class CheckpointDiskFull(RunError, OSError):
     """A save ran out of disk space (or quota); the previous checkpoint stays the latest."""
 
     def __init__(self, message: str):

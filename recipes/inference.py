@@ -89,12 +89,15 @@ def require_tokenizer(loaded: InferenceModel, path) -> TextTokenizer:
 
 
 def run_command(name: str, run, args) -> None:
-    """Run a falcon-generate / falcon-eval body: a bad argument, a missing file or a model folder
-    without what it needs ends the command with one line and exit code 2, not a traceback."""
+    """Run a falcon-generate / falcon-eval body: a bad argument, a missing file, a model folder
+    without what it needs or a checkpoint that cannot be read ends the command with one line and
+    exit code 2, not a traceback."""
     import sys
+
+    from recipes.run_errors import RunError
 
     try:
         run(args)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except (ValueError, FileNotFoundError, KeyError, RunError) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -10,11 +10,14 @@ stray key fails where the file is read, naming the key.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from falcon_h1.errors import ConfigValueError
 from recipes.config import RecipeConfig
 
 
@@ -29,7 +32,26 @@ def to_recipe(tree: DictConfig) -> RecipeConfig:
     own `hydra` node, when present, is left out)."""
     _register_now_resolver()
     tree = OmegaConf.masked_copy(tree, [k for k in tree.keys() if k != "hydra"]) if "hydra" in tree else tree
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree))
+    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree))
+    refuse_unknown_keys(recipe)
+    return recipe
+
+
+def refuse_unknown_keys(node, path: str = "") -> None:
+    """Fail on a key that is no field of its config dataclass. Hydra's `+group.key=value` adds
+    such a key, and OmegaConf hands it over as a stray attribute that nothing would ever read."""
+    fields = [f.name for f in dataclasses.fields(node)]
+    for name, value in vars(node).items():
+        key = f"{path}{name}"
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"did you mean {path}{close[0]}? " if close else ""
+            raise ConfigValueError(
+                key, value, f"a field of {type(node).__name__}",
+                message=f"{key} = {value!r} is not a setting ({hint}{path.rstrip('.') or 'the recipe'} has: "
+                        f"{', '.join(fields)}); a misspelt key would otherwise be accepted and never read.")
+        if dataclasses.is_dataclass(value):
+            refuse_unknown_keys(value, f"{key}.")
 
 
 def resolved(recipe: RecipeConfig) -> RecipeConfig:

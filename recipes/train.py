@@ -23,27 +23,31 @@ from falcon_h1.errors import ConfigValueError
 from launchers import ClusterError
 from recipes.api import CONFIG_DIR, register_schema, run
 from recipes.recipe_file import recipe_to_yaml, to_recipe
+from recipes.run_errors import RunError
 
 register_schema()
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def _app(composed: DictConfig):
-    recipe = to_recipe(composed)
-    ex = recipe.executor
-    if ex.kind == "local" or (ex.kind == "slurm" and ex.slurm.tunnel == "local"):
-        # Hydra made this directory (and resolved ${now:}) once; remote executors keep the
-        # relative run_dir, which the launcher places on the job's volume / job_dir. A dry run
-        # names the directory a real run would make (Hydra wrote into a scratch one).
-        output_dir = HydraConfig.get().runtime.output_dir
-        recipe.train.run_dir = os.path.abspath(recipe.train.run_dir) if recipe.dryrun else output_dir
     try:
+        recipe = to_recipe(composed)
+        ex = recipe.executor
+        if ex.kind == "local" or (ex.kind == "slurm" and ex.slurm.tunnel == "local"):
+            # Hydra made this directory (and resolved ${now:}) once; remote executors keep the
+            # relative run_dir, which the launcher places on the job's volume / job_dir. A dry run
+            # names the directory a real run would make (Hydra wrote into a scratch one).
+            output_dir = HydraConfig.get().runtime.output_dir
+            recipe.train.run_dir = os.path.abspath(recipe.train.run_dir) if recipe.dryrun else output_dir
         result = run(recipe)
         if recipe.dryrun:  # validated by run(); nothing was started
             print(recipe_to_yaml(recipe))
     except (ConfigValueError, ClusterError) as err:  # a setting to change, or a cluster that refused
         print(f"falcon-train: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunError as err:  # a run that cannot go on (checkpoint, divergence): the message says what to do
+        print(f"falcon-train: error: {err}", file=sys.stderr)
+        sys.exit(1)
     if hasattr(result, "final_loss"):
         import torch.distributed as dist
 

@@ -28,46 +28,7 @@ import torch.distributed as dist
 from falcon_h1.config import FalconH1Config
 from falcon_h1.errors import ConfigValueError
 from recipes.config import RecipeConfig
-
-
-@dataclass
-class TrainSummary:
-    run_dir: str
-    steps: int
-    first_loss: float
-    final_loss: float
-    losses: list[float]
-    tokens_per_s: float
-    checkpoint_dir: str
-    resumed_from: Optional[int]
-    # The step whose forward/backward was captured into the CUDA graph (replayed by every later
-    # step); None for an eager run or one that ended before the capture.
-    cuda_graph_step: Optional[int] = None
-    # train.sample_tokens new tokens after train.sample_prompt, generated at the end; None if 0.
-    sample: Optional[str] = None
-    # what the loss counts: every token (text data) or assistant tokens only (chat data)
-    loss_name: str = "loss"
-    # chat data: what building the datasets skipped, truncated and how full the rows are
-    data_report: list[str] = field(default_factory=list)
-    # data.heldout: (step, recipes.heldout_eval.HeldoutScore) when the run started and after its last step
-    heldout: list[tuple[int, Any]] = field(default_factory=list)
-
-    def report(self) -> str:
-        """What the run did and where its outputs are, as `falcon-train` prints it."""
-        return (
-            "".join(f"\n{line}" for line in self.data_report)
-            + "".join(f"\nheld-out questions after {n} steps: {score.line()}" for n, score in self.heldout)
-            + f"\nfinished {self.steps} steps: {self.loss_name} {self.first_loss:.4f} -> {self.final_loss:.4f} "
-            f"({100 * (1 - self.final_loss / self.first_loss):.1f}% lower), {self.tokens_per_s:,.0f} tokens/s\n"
-            f"run dir:     {self.run_dir}\n"
-            f"checkpoints: {self.checkpoint_dir}\n"
-            f"metrics:     {self.run_dir}/metrics.jsonl, TensorBoard: tensorboard --logdir {self.run_dir}/tensorboard\n"
-            f"W&B (offline unless WANDB_API_KEY): wandb sync {self.run_dir}/wandb/offline-run-*\n"
-            f"report:      falcon-report {self.run_dir}"
-            + (f"\nCUDA graph:  captured at step {self.cuda_graph_step}, replayed after"
-               if self.cuda_graph_step else "")
-            + (f"\nsample:      {self.sample}" if self.sample else "")
-        )
+from recipes.run_summary import TrainSummary, tracking_lines
 
 
 @dataclass
@@ -107,6 +68,7 @@ class RunState:
     skipped: int = 0
     tokens_per_s: float = 0.0
     cuda_graph_step: Optional[int] = None
+    zero_gradient_step: Optional[int] = None  # the first step whose gradient norm was exactly 0 (warned)
 
 
 @dataclass
@@ -131,8 +93,12 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     t = recipe.train
     state = build_run_state(recipe)
     if state.start_step >= t.max_steps:  # a rerun of a finished run: say so, change nothing
+        from recipes.tracking import wandb_destination
+
         state.run_lock.release()
-        return TrainSummary(**finished_run(state.run_dir, state.start_step, t.max_steps, _rank()))
+        wandb = wandb_destination(recipe.logger, state.run_dir)
+        return TrainSummary(**finished_run(state.run_dir, state.start_step, t.max_steps, _rank()),
+                            tracking=tracking_lines(recipe.logger, str(state.run_dir), wandb and wandb.mode))
     state.tracker = _start_tracking(state)
     state.ddp_model.train()
     stopped = None
@@ -314,6 +280,7 @@ def _load_initial_weights(model, load_dir: str) -> None:
 
     path = Path(load_dir)
     if (path / "config.json").is_file():
+        _check_hf_config_agrees(model.cfg, path, load_dir)
         load_hf_weights(model, path)
         return
     ckpt_root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -322,6 +289,24 @@ def _load_initial_weights(model, load_dir: str) -> None:
             "train.load_dir", load_dir, "a Hugging Face checkpoint or a falcon-train run directory",
             message=f"train.load_dir = {load_dir!r} holds neither a Hugging Face checkpoint "
                     "(config.json + *.safetensors) nor falcon-train checkpoints.")
+
+
+def _check_hf_config_agrees(model_cfg: FalconH1Config, path: Path, load_dir: str) -> None:
+    """Refuse a Hugging Face load_dir whose config.json computes differently from the recipe's
+    model (multipliers, norms, RoPE): its weights would load and train as another model."""
+    from falcon_h1.hf import compute_field_differences
+    from recipes.api import override_value
+
+    differences = compute_field_differences(model_cfg, path)
+    if differences:
+        name, ours, theirs = differences[0]
+        listed = "; ".join(f"model.{n} = {a!r}, config.json {b!r}" for n, a, b in differences)
+        overrides = " ".join(f"model.{n}={override_value(b)}" for n, _, b in differences)
+        raise ConfigValueError(
+            f"model.{name}", ours, f"{theirs!r}, config.json's value",
+            message=f"train.load_dir = {load_dir!r}: its config.json disagrees with the recipe's model on what the "
+                    f"weights compute ({listed}); the weights were trained with config.json's values. Allowed: the "
+                    f"same values in the recipe (e.g. {overrides}), or the model= preset of that checkpoint.")
 
 
 def _start_tracking(state: RunState):
@@ -347,12 +332,14 @@ def train_step(state: RunState, fwd_bwd, step: int) -> StepResult:
     """One optimizer step over the global batch (`step` counts from 0)."""
     from falcon_h1.megatron_compat.cpu import cuda_as_cpu_without_gpu
     from falcon_h1.megatron_compat.cuda_graph import has_captured, on_stream
+    from recipes.step_health import check_finite_step, megatron_gradient_check_names, warn_first_zero_gradient
 
     t, seq = state.recipe.train, state.recipe.data.seq_length
     started = time.perf_counter()
     state.ddp_model.zero_grad_buffer()
     state.optimizer.zero_grad()
-    with cuda_as_cpu_without_gpu(), on_stream(state.graph_stream):
+    with cuda_as_cpu_without_gpu(), on_stream(state.graph_stream), \
+            megatron_gradient_check_names(step + 1, state.ckpt_root):
         reduced = fwd_bwd(
             forward_step_func=partial(_forward_step, device=state.device, packed_rows=state.packed_rows),
             data_iterator=state.data_iter, model=[state.ddp_model], num_microbatches=state.num_microbatches,
@@ -364,8 +351,9 @@ def train_step(state: RunState, fwd_bwd, step: int) -> StepResult:
     state.scheduler.step(increment=1)
     state.consumed += t.global_batch_size
     loss = _global_mean_loss(reduced)  # a replay rewrites the captured result tensors in place
-    if t.cuda_graph:
-        _check_finite_step(step + 1, loss, grad_norm)
+    check_finite_step(step + 1, loss, grad_norm, state.ckpt_root)
+    state.zero_gradient_step = warn_first_zero_gradient(state.zero_gradient_step, step + 1, grad_norm,
+                                                        t.grad_clip, _rank())
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started  # the capture step's time includes the capture
@@ -418,17 +406,6 @@ def _global_mean_loss(reduced: list[dict]) -> float:
             dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
         totals = totals.cpu()
     return float(totals[0] / totals[1].clamp_min(1))
-
-
-def _check_finite_step(step: int, loss: float, grad_norm) -> None:
-    """Fail on a non-finite loss or gradient norm: stands in for the NaN check of Megatron's DDP,
-    which cannot run inside the graph. Raised before the step's checkpoint would be written."""
-    norm = float(grad_norm) if grad_norm is not None else 0.0
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise FloatingPointError(
-            f"step {step}: loss = {loss}, grad_norm = {grad_norm}: training diverged (non-finite values). "
-            "Resume from an earlier checkpoint with a lower train.lr, or rerun with train.cuda_graph = false "
-            "to have Megatron name the gradient bucket that first held the NaN/inf.")
 
 
 # ------------------------------------------------------------------------- log / eval / save
@@ -530,7 +507,8 @@ def finish(state: RunState) -> TrainSummary:
         losses=losses, tokens_per_s=state.tokens_per_s, checkpoint_dir=str(state.ckpt_root),
         resumed_from=state.resumed_from, cuda_graph_step=state.cuda_graph_step,
         loss_name="assistant-token loss" if state.recipe.data.kind == "chat" else "loss",
-        data_report=state.data_report, heldout=state.heldout)
+        data_report=state.data_report, heldout=state.heldout,
+        tracking=tracking_lines(state.recipe.logger, str(state.run_dir), state.tracker.wandb_mode))
     state.tracker.log_summary({"first_loss": summary.first_loss, "final_loss": summary.final_loss,
                                "tokens_per_s": summary.tokens_per_s,
                                "steps": summary.steps,

@@ -19,9 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     if fallbacks and os.environ.get("RANK", "0") == "0":
         print(fallbacks, file=sys.stderr)
     from recipes.recipe_file import recipe_from_yaml
+    from recipes.run_errors import RunError
     from recipes.training import train
 
-    summary = train(recipe_from_yaml(argv[0]))
+    try:
+        summary = train(recipe_from_yaml(argv[0]))
+    except RunError as error:  # its message says what happened and what to do; no traceback
+        print(f"falcon-train: error: {error}", file=sys.stderr, flush=True)
+        return 1
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

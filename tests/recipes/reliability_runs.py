@@ -1,5 +1,6 @@
 """Real tiny training runs for the reliability tests: a recipe file per run directory and
-`python -m recipes.worker` in a fresh process (what every launched rank runs)."""
+`python -m recipes.worker` in a fresh process (what every launched rank runs), or `falcon-train`
+itself (`run_cli`)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ def run(recipe: Path, ok: bool = True, timeout: int = 300) -> subprocess.Complet
                           capture_output=True, text=True, timeout=timeout)
     assert (proc.returncode == 0) is ok, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def run_cli(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`falcon-train` (python -m recipes.train) with COMMON + `overrides` in `run_dir`, in a fresh
+    process; the caller checks its exit code."""
+    return subprocess.run([sys.executable, "-m", "recipes.train", *COMMON, f"train.run_dir={run_dir}", *overrides],
+                          cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

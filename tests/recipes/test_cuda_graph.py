@@ -74,14 +74,14 @@ def test_cli_reports_the_refusal_as_one_line(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_non_finite_step_stops_the_graphed_run():
-    from recipes.training import _check_finite_step
+def test_non_finite_step_stops_the_graphed_run(tmp_path):
+    from recipes.step_health import check_finite_step
 
-    _check_finite_step(3, 2.5, 0.7)
-    _check_finite_step(3, 2.5, None)  # optimizers without clipping report no norm
+    check_finite_step(3, 2.5, 0.7, tmp_path)
+    check_finite_step(3, 2.5, None, tmp_path)  # optimizers without clipping report no norm
     for loss, norm in ((math.nan, 0.7), (math.inf, 0.7), (2.5, math.nan), (2.5, math.inf)):
-        with pytest.raises(FloatingPointError, match=r"^step 3: loss = "):
-            _check_finite_step(3, loss, norm)
+        with pytest.raises(FloatingPointError, match=r"^step 3: training diverged: loss = "):
+            check_finite_step(3, loss, norm, tmp_path)
 
 
 def test_checkpoints_hold_tracker_states_as_tensors(megatron_single):
