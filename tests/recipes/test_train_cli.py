@@ -32,7 +32,7 @@ def test_first_run_prints_one_fallback_line_before_the_progress_bar(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     before_training = [line for line in (done.stderr + done.stdout).splitlines()
                        if line.strip() and not line.startswith(("step ", "finished ", "run dir", "checkpoints",
-                                                                "metrics", "W&B", "report", "sample"))]
+                                                                "metrics", "W&B", "TensorBoard", "report", "sample"))]
     assert len(before_training) <= 1, "\n".join(before_training)
     assert before_training == [] or before_training[0].startswith("falcon-train: fallbacks in use: ")
 
