@@ -117,11 +117,12 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
     from falcon_h1.model import build_model
     from transformers import FalconH1ForCausalLM
 
-    def ours(options: dict | None = None, recompute: str = "none", **overrides):
+    def ours(options: dict | None = None, recompute: str = "none", recompute_layers: int | None = None,
+             **overrides):
         def build():
             cfg = config_from_hf(json.loads((workdir / "config.json").read_text()), **overrides)
             model = build_model(cfg, kernel_options=KernelOptions(**(options or {})), precision="bf16",
-                                initialize=False, recompute=recompute)
+                                initialize=False, recompute=recompute, recompute_layers=recompute_layers)
             load_hf_weights(model, workdir)
             return model.train(), our_loss
         return build
@@ -174,6 +175,8 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
         # long sequences: every layer recomputed in the backward (Megatron's full recompute / HF's
         # gradient checkpointing), the activations of one layer at a time
         "ours_fused_recompute_full": ours(recompute="full"),
+        **{f"ours_fused_recompute_{n}": ours(recompute="full", recompute_layers=n)  # the first n layers only
+           for n in range(1, preset.num_hidden_layers + 1)},
         "hf_transformers_checkpointing": lambda: hf_model(checkpointing=True),
         "ours_bf16_random_init": ours_bf16_random,
         "ours_bitnet_fused": ours_bitnet(True),

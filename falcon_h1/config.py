@@ -257,3 +257,21 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
 def resolve(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
     """Apply the attention ratio and validate: the config a model is built from."""
     return validate(apply_attention_ratio(cfg), tp)
+
+
+def check_recompute_layers(recompute: str, recompute_layers: Optional[int], layers_per_stage: int,
+                           field: str = "recompute_layers") -> None:
+    """Refuse a count of recomputed layers the model cannot honour (`field`: the setting's name
+    in the caller's terms). None recomputes every layer; N, only the first N of each pipeline
+    stage, so the others keep their activations (Megatron's "block" method)."""
+    if recompute_layers is None:
+        return
+    if recompute != "full":
+        raise ConfigValueError(field, recompute_layers,
+                               f"null unless the recomputation is full (it is {recompute!r}): it picks how many "
+                               "layers the full recomputation covers")
+    if isinstance(recompute_layers, bool) or not isinstance(recompute_layers, int) or \
+            not 1 <= recompute_layers <= layers_per_stage:
+        raise ConfigValueError(field, recompute_layers,
+                               f"null (every layer) or an integer in 1..{layers_per_stage} (the layers of one "
+                               "pipeline stage)")

@@ -16,7 +16,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from falcon_h1 import kernels
 from falcon_h1.megatron_compat.transformer import MEGATRON_FUSIONS_OFF, recompute
-from falcon_h1.config import FalconH1Config, resolve
+from falcon_h1.config import FalconH1Config, check_recompute_layers, resolve
 from falcon_h1.context_parallel import ContextParallelLayout, check_model
 from falcon_h1.kernels import KernelOptions
 from falcon_h1.kernels.documents import packed_documents
@@ -39,8 +39,12 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:
 def make_transformer_config(
     cfg: FalconH1Config, tp: int = 1, pp: int = 1, sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32, bf16: bool = False, recompute: str = "none", cp: int = 1,
+    recompute_layers: Optional[int] = None,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig for a Falcon-H1 config. CPU-safe fusions off without CUDA."""
+    """Megatron's TransformerConfig for a Falcon-H1 config. CPU-safe fusions off without CUDA.
+    recompute_layers (with recompute = "full"): only the first N layers of this pipeline stage
+    are recomputed (Megatron's "block" method); None: every layer."""
+    check_recompute_layers(recompute, recompute_layers, cfg.num_hidden_layers // pp)
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=cfg.num_hidden_layers,
@@ -68,8 +72,8 @@ def make_transformer_config(
         **MEGATRON_FUSIONS_OFF,
         persist_layer_norm=False,
         recompute_granularity=None if recompute == "none" else recompute,
-        recompute_method="uniform" if recompute == "full" else None,
-        recompute_num_layers=1 if recompute == "full" else None,
+        recompute_method=(None if recompute != "full" else "uniform" if recompute_layers is None else "block"),
+        recompute_num_layers=(None if recompute != "full" else 1 if recompute_layers is None else recompute_layers),
     )
 
 
@@ -128,6 +132,13 @@ class FalconH1Model(MegatronModule):
                 skip_weight_param_allocation=pre_process and cfg.tie_word_embeddings)
         self.input_tensor: Optional[torch.Tensor] = None
 
+    def _recomputed_layers(self) -> int:
+        """How many of this stage's first layers the backward recomputes (full recomputation)."""
+        c = self.config
+        if c.recompute_granularity != "full" or not self.training:
+            return 0
+        return c.recompute_num_layers if c.recompute_method == "block" else len(self.layers)
+
     @staticmethod
     def _layer_range(n_layers: int) -> tuple[int, int]:
         pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -177,11 +188,11 @@ class FalconH1Model(MegatronModule):
             raise ValueError("position_ids restart inside a row (packed documents), which context parallelism "
                              "does not split by document; allowed: parallel.cp = 1 for packed rows, or rows "
                              "without restarting positions.")
-        full_recompute = self.config.recompute_granularity == "full" and self.training
-        for layer in self.layers:
+        recomputed = self._recomputed_layers()
+        for index, layer in enumerate(self.layers):
             # documents ride in the function: Megatron's checkpoint saves tensor arguments only
             run = layer if documents is None else partial(layer, documents=documents)
-            h = recompute(run, h, rotary) if full_recompute else run(h, rotary)
+            h = recompute(run, h, rotary) if index < recomputed else run(h, rotary)
         if not self.post_process:
             return h
         h = self.final_layernorm(h) * cfg.lm_head_multiplier
@@ -202,7 +213,7 @@ def build_model(
     cfg: FalconH1Config, *, linears: LinearSpec = MEGATRON_LINEARS, kernel_options: KernelOptions = KernelOptions(),
     sequence_parallel: bool = False, precision: str = "fp32", recompute: str = "none", seed: int = 1234,
     initialize: bool = True, device: Optional[torch.device] = None,
-    context_parallel: Optional[ContextParallelLayout] = None,
+    context_parallel: Optional[ContextParallelLayout] = None, recompute_layers: Optional[int] = None,
 ) -> FalconH1Model:
     """The one place a Falcon-H1 config becomes a Megatron model on this rank.
 
@@ -227,7 +238,8 @@ def build_model(
     device = torch.device(device) if device is not None else default_device()
     bf16 = precision == "bf16"
     config = make_transformer_config(cfg, tp, pp, sequence_parallel, torch.bfloat16 if bf16 else torch.float32,
-                                     bf16, recompute, cp=parallel_state.get_context_parallel_world_size())
+                                     bf16, recompute, cp=parallel_state.get_context_parallel_world_size(),
+                                     recompute_layers=recompute_layers)
     model = FalconH1Model(
         cfg, config, linears, kernel_options.for_device(cfg.kernel_backend, device),
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),

@@ -8,7 +8,7 @@ import copy
 import dataclasses
 from typing import NamedTuple
 
-from falcon_h1.config import FalconH1Config, resolve
+from falcon_h1.config import FalconH1Config, check_recompute_layers, resolve
 from falcon_h1.errors import ConfigValueError
 from falcon_h1.mup import MODES, MULTIPLIER_FIELDS
 from recipes.config import RecipeConfig
@@ -102,6 +102,8 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
         _fail("train.precision", t.precision, f"one of {PRECISIONS}")
     if t.recompute not in RECOMPUTE:
         _fail("train.recompute", t.recompute, f"one of {RECOMPUTE}")
+    check_recompute_layers(t.recompute, t.recompute_layers, model_cfg.num_hidden_layers // p.pp,
+                           field="train.recompute_layers")
     for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
         value = getattr(t, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -129,6 +129,9 @@ class TrainConfig:
     # Stop after this many steps of this process (for testing resume); 0 = never.
     exit_after_steps: int = 0
     recompute: str = "none"  # none | selective | full
+    # With recompute = full: recompute only the first N layers of each pipeline stage (the
+    # others keep their activations: less recompute where memory allows); null = every layer.
+    recompute_layers: Optional[int] = None
     # Reference kernels (pure PyTorch) even on GPU.
     force_reference_kernels: bool = False
     # Capture each step's forward + backward in one CUDA graph (Megatron's full-iteration

@@ -235,7 +235,8 @@ def _build_model_and_optimizer(recipe: RecipeConfig, checked):
 
     p, t = recipe.parallel, recipe.train
     model = build_model_for(recipe, checked.model_cfg, sequence_parallel=p.sequence_parallel,
-                            recompute=t.recompute, seed=t.seed)
+                            recompute=t.recompute, recompute_layers=t.recompute_layers,
+                            seed=t.seed)
     transformer_config = model.config
     # Set before the DDP wrapper reads it: per-token loss means no 1/dp pre-scaling of the gradients.
     transformer_config.calculate_per_token_loss = True
