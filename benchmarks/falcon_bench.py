@@ -13,10 +13,12 @@ Variants of our model differ by the KernelOptions or model config they are built
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
 import math
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -55,8 +57,34 @@ def _free(*objs):
     torch.cuda.empty_cache()
 
 
+class VariantTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise VariantTimeout in this (main) thread once `seconds` have passed, at the next Python
+    bytecode after the running operator returns; None: no limit."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise VariantTimeout(f"did not finish within --variant-timeout {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list[str], layers: int | None,
-        profile: tuple[str, ...] = ()):
+        profile: tuple[str, ...] = (), variant_timeout: float | None = None, on_row=None):
+    """One row per variant; `on_row(rows so far)` after each (a partial table survives a kill);
+    a variant past `variant_timeout` seconds (build and timing) is reported as an error."""
     from falcon_h1.megatron_compat.parallel import initialize_parallel
     from falcon_h1.flops import dense_bf16_peak_flops, training_flops_per_token
     from falcon_h1.presets import get_preset
@@ -84,29 +112,36 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
     results = []
     for index, name in enumerate(variants):
         row = {"variant": name}
-        model = optimizer = step = None
         try:
-            # any variant + "_cuda_graph": its forward + backward captured once and replayed
-            graphed = name.endswith(GRAPH_SUFFIX)
-            model, fwd = builders[name.removesuffix(GRAPH_SUFFIX)]()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-            torch.cuda.reset_peak_memory_stats()
-            step = (graphed_train_step if graphed else _train_step)(model, optimizer, fwd)
-            ms, loss, peak_gib = time_steps(step, warmup, steps)
-            if name in profile and name not in variants[index + 1:]:  # a repeated variant: its last run
-                row["top_kernels"] = profile_kernels(step)
-            tps = batch * seq / (ms / 1e3)
+            with time_limit(variant_timeout):
+                row.update(_measure(builders, name, warmup, steps, name in profile and name not in variants[index + 1:]))
+            tps = batch * seq / (row["ms"] / 1e3)
             if name.startswith("hf_transformers"):
                 row["hf_path"] = hf_path
-            row.update(ms=ms, tokens_per_s=tps, tflops=tps * flops_tok / 1e12, mfu=tps * flops_tok / peak,
-                       peak_gib=peak_gib, first_loss=loss, params=sum(p.numel() for p in model.parameters()))
-        except Exception as err:  # a variant that cannot run is reported, not fatal
+            row.update(tokens_per_s=tps, tflops=tps * flops_tok / 1e12, mfu=tps * flops_tok / peak)
+        except Exception as err:  # a variant that cannot run (or too slow) is reported, not fatal
             row["error"] = f"{type(err).__name__}: {err}"[:300]
-        model = optimizer = step = None  # drop this variant before the next one is built
-        _free()
+        _free()  # this variant's model and optimizer are gone before the next one is built
         results.append(row)
+        if on_row is not None:
+            on_row(results)
         print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
     return results
+
+
+def _measure(builders, name: str, warmup: int, steps: int, profile: bool) -> dict:
+    """Build one variant (any variant + "_cuda_graph": its forward + backward captured once and
+    replayed) and time its training step; the model is dropped on return."""
+    graphed = name.endswith(GRAPH_SUFFIX)
+    model, fwd = builders[name.removesuffix(GRAPH_SUFFIX)]()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    torch.cuda.reset_peak_memory_stats()
+    step = (graphed_train_step if graphed else _train_step)(model, optimizer, fwd)
+    ms, loss, peak_gib = time_steps(step, warmup, steps)
+    row = {"ms": ms, "peak_gib": peak_gib, "first_loss": loss, "params": sum(p.numel() for p in model.parameters())}
+    if profile:  # a repeated variant: its last run
+        row["top_kernels"] = profile_kernels(step)
+    return row
 
 
 def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
@@ -210,7 +245,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variants", default="ours_fused,ours_fused_compiled,ours_unfused_unfused_attention,"
                                                "hf_transformers")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="written after each variant, and at the end")
+    parser.add_argument("--variant-timeout", type=float, default=None,
+                        help="seconds a variant may take (build + steps) before it is reported as an error")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile one step of; "
                         "later variants then time slower (the profiler stays attached): list profiled ones last")
     parser.add_argument("--kernels", default="all", choices=["all", "no_sweep", "conv", "none"],
@@ -221,8 +258,16 @@ def main(argv=None) -> None:
         raise SystemExit("falcon-bench needs a CUDA GPU.")
     started = time.time()
     variants = [v for v in args.variants.split(",") if v]
+
+    def write_json(rows, micro=None, kernel_profiles=None):
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "args": vars(args),
+                "rows": rows, "kernels": micro or {}, "kernel_profiles": kernel_profiles or {},
+                "wall_s": time.time() - started}, indent=2))
+
     rows = run(args.size, args.seq, args.batch, args.warmup, args.steps, variants, args.layers,
-               tuple(v for v in args.profile.split(",") if v)) if variants else []
+               tuple(v for v in args.profile.split(",") if v), args.variant_timeout, write_json) if variants else []
     kernel_profiles: dict = {}
     micro = {} if args.kernels == "none" else kernel_microbench(args.seq, args.batch, args.kernels, kernel_profiles)
     ref = {r["variant"]: r for r in rows if "error" not in r}
@@ -255,10 +300,7 @@ def main(argv=None) -> None:
     print("\nkernels (ms):")
     for k, v in micro.items():
         print(f"  {k:34s} {v:8.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "args": vars(args),
-            "rows": rows, "kernels": micro, "kernel_profiles": kernel_profiles, "wall_s": time.time() - started}, indent=2))
+    write_json(rows, micro, kernel_profiles)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,21 @@ def test_every_variant_of_our_model_computes_the_hf_loss(megatron_single, tmp_pa
         # bf16 activations against fp32 (a random-init model would be ~100% off in the logits)
         assert ((logits - want_logits).norm() / want_logits.norm()).item() <= 2e-2, name
         assert abs(loss - want) / want <= 1e-2, (name, loss, want)
+
+
+def test_a_variant_past_its_time_limit_is_stopped():
+    import signal
+    import time
+
+    from benchmarks.falcon_bench import VariantTimeout, time_limit
+
+    before = signal.getsignal(signal.SIGALRM)
+    started = time.monotonic()
+    with pytest.raises(VariantTimeout, match="--variant-timeout 0.2 s"):
+        with time_limit(0.2):
+            while time.monotonic() - started < 5:  # Python bytecode: the alarm lands between ops
+                sum(range(1000))
+    assert time.monotonic() - started < 2
+    assert signal.getsignal(signal.SIGALRM) is before
+    with time_limit(None):  # no limit
+        time.sleep(0.01)
