@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H200 call: every GPU test in one pytest process (-v, short tracebacks, to $OUT/gpu_tests.txt),
+# One H200 call: every GPU test in one pytest run over XDIST workers (-v, short tracebacks, to $OUT/gpu_tests.txt),
 # then decode speed of falcon_h1.generate with and without its CUDA graph (GEN_ARGS), while
 # causal_conv1d's CUDA extension builds in the background for the Hugging Face fast path (BUILD=1;
 # the wheel comes back in <16 MB parts: cat $OUT/cc1d.part* > causal_conv1d-...whl).
@@ -14,7 +14,9 @@ if [ -n "${FIRST_TESTS:-}" ]; then  # known failures first, with whole traceback
     | grep -v -i "warn" > "$OUT/first_tests.txt"
   grep -E "FAILED|ERROR|passed|failed|Error" "$OUT/first_tests.txt" | cut -c1-200 | tail -12
 fi
-timeout ${TESTS_S:-330} python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=short -rfE --durations=12 \
+# several workers: a fresh machine's time goes to compiling Triton kernels, one CPU core each
+timeout ${TESTS_S:-330} python3 -m pytest -v -n ${XDIST:-8} --dist load -p no:cacheprovider -p no:warnings --tb=short \
+  -rfE --durations=12 \
   ${TESTS:-$(ls tests/*/test_*gpu*.py)} ${EXTRA_TESTS:-} 2>&1 | grep -v -i "warn" > "$OUT/gpu_tests.txt"
 grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | cut -c1-200 | tail -25
 left=$((560 - SECONDS))
