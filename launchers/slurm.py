@@ -36,7 +36,7 @@ from typing import Any
 
 from falcon_h1.errors import ConfigValueError
 from launchers.config import ExecutorConfig, SlurmConfig
-from launchers.job import RECIPE_FILE_NAME, Job
+from launchers.job import MASKED_ENV_VALUE, RECIPE_FILE_NAME, Job
 from launchers.nemo import nemo_run
 from launchers.result import LaunchResult
 
@@ -246,14 +246,17 @@ def _worker_command(executor: ExecutorConfig, worker_module: str, recipe_path: s
     return f"bash -c {shlex.quote(' && '.join(steps))} & srun_pid=$!; wait $srun_pid"
 
 
-def _executor(executor: ExecutorConfig, job_name: str, folder: str, tunnel):
+def _executor(executor: ExecutorConfig, job_name: str, folder: str, tunnel, mask_env_values: bool):
     run = nemo_run()
     from nemo_run.core.execution.slurm import SlurmJobDetails
 
     slurm = executor.slurm
     env_vars = {"MASTER_ADDR": "$head_node", "MASTER_PORT": str(slurm.master_port)}
     # NeMo-Run writes `export KEY=value` unquoted; quote user values so spaces survive.
-    env_vars.update({str(key): shlex.quote(str(value)) for key, value in slurm.env_vars.items()})
+    env_vars.update({
+        str(key): shlex.quote(MASKED_ENV_VALUE if mask_env_values else str(value))
+        for key, value in slurm.env_vars.items()
+    })
     slurm_executor = run.SlurmExecutor(
         account=slurm.account,
         partition=slurm.partition,
@@ -281,8 +284,9 @@ def _executor(executor: ExecutorConfig, job_name: str, folder: str, tunnel):
     return slurm_executor
 
 
-def plan_job(job: Job) -> SlurmJobPlan:
-    """The job's sbatch script, folder and recipe file; `job.executor` is already validated."""
+def plan_job(job: Job, mask_env_values: bool = False) -> SlurmJobPlan:
+    """The job's sbatch script, folder and recipe file; `job.executor` is already validated.
+    `mask_env_values`: the script as a dry run prints it, env_vars values masked."""
     nemo_run()
     from nemo_run.core.execution.slurm import SlurmBatchRequest
 
@@ -298,7 +302,7 @@ def plan_job(job: Job) -> SlurmJobPlan:
         launch_cmd=["sbatch", "--parsable"],
         jobs=[job_name],
         command_groups=[[_worker_command(job.executor, job.worker_module, recipe_in_script)]],
-        executor=_executor(job.executor, job_name, folder, tunnel),
+        executor=_executor(job.executor, job_name, folder, tunnel, mask_env_values),
         max_retries=slurm.max_retries,
         extra_env={},
         launcher=None,
@@ -329,7 +333,7 @@ def logs_command(slurm: SlurmConfig, plan: SlurmJobPlan, job_id: str) -> str:
 def launch(job: Job, dryrun: bool) -> LaunchResult:
     from launchers import slurm_jobs
 
-    plan = plan_job(job)
+    plan = plan_job(job, mask_env_values=dryrun)
     result = LaunchResult(
         kind="slurm",
         dryrun=dryrun,
