@@ -9,6 +9,9 @@ from launchers.config import ExecutorConfig
 
 # The recipe file's name wherever a launcher puts it (job folder, ConfigMap key, launch folder).
 RECIPE_FILE_NAME = "recipe.yaml"
+# An environment value as a dry run prints it: the names of executor.*.env_vars are shown, never
+# their values.
+MASKED_ENV_VALUE = "***"
 
 
 @dataclass(frozen=True)

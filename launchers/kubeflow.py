@@ -1,7 +1,8 @@
 """executor.kind=kubernetes: a Kubeflow PyTorchJob (training-operator, kubeflow.org/v1).
 
-Two manifests: a ConfigMap holding the resolved recipe, and the PyTorchJob, one pod per
-node (a Master, plus `nodes - 1` Workers), each running
+The manifests: a Secret holding the values of `executor.kubernetes.env_vars` (when there are
+any), a ConfigMap holding the resolved recipe, and the PyTorchJob, one pod per node (a Master,
+plus `nodes - 1` Workers), each running
 
     torchrun --nnodes=$PET_NNODES --nproc-per-node=$PET_NPROC_PER_NODE
              --node-rank=$PET_NODE_RANK --master-addr=$MASTER_ADDR --master-port=$MASTER_PORT
@@ -10,8 +11,10 @@ node (a Master, plus `nodes - 1` Workers), each running
 with the rendezvous variables the training operator sets in every pod (from
 spec.nprocPerNode, the replica counts and the Master's `pytorchjob-port`, which is
 `executor.kubernetes.master_port`). Pods are built
-with the official `kubernetes` client's models; secrets reach the container only as
-`valueFrom.secretKeyRef` references. A pod restarted by the operator (restartPolicy,
+with the official `kubernetes` client's models; environment values reach the container only as
+`valueFrom.secretKeyRef` references (to that Secret, or to the user's own for `secret_env`):
+the recipe in the ConfigMap and the printed manifests show their names with the values masked.
+A pod restarted by the operator (restartPolicy,
 runPolicy.backoffLimit) resumes from the latest checkpoint in `train.run_dir`, which is
 why run_dir belongs on a PersistentVolumeClaim.
 
@@ -32,7 +35,7 @@ import yaml
 
 from falcon_h1.errors import ConfigValueError
 from launchers.config import ExecutorConfig, KubernetesConfig
-from launchers.job import RECIPE_FILE_NAME, Job
+from launchers.job import MASKED_ENV_VALUE, RECIPE_FILE_NAME, Job
 from launchers.result import ClusterError, LaunchResult
 
 API_GROUP, API_VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -40,6 +43,7 @@ CONTAINER_NAME = "pytorch"  # the training operator finds the container by this 
 PORT_NAME = "pytorchjob-port"  # ...and the rendezvous port by this one
 RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")
 RECIPE_MOUNT = "/etc/falcon-recipe"
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # also a valid Secret data key
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 APP_LABEL = "falcon-h1-train"
 
@@ -110,6 +114,11 @@ def validate(executor: ExecutorConfig) -> None:
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         _fail("executor.kubernetes.master_port", port, "1..65535",
               f"executor.kubernetes.master_port = {port!r} is not a TCP port: use 1..65535.")
+    for env_name in [*kube.env_vars, *kube.secret_env]:
+        if not ENV_NAME.fullmatch(str(env_name)):
+            _fail("executor.kubernetes.env_vars", env_name, "environment variable names ([A-Za-z_][A-Za-z0-9_]*)",
+                  f"executor.kubernetes.env_vars / secret_env key {env_name!r} is not an environment variable name "
+                  "([A-Za-z_][A-Za-z0-9_]*).")
     for env_name, reference in kube.secret_env.items():
         secret, _, key = str(reference).partition(":")
         if not secret or not key:
@@ -157,18 +166,27 @@ def _worker_script(kube: KubernetesConfig, worker_module: str) -> str:
     return " && ".join(["set -e", *kube.setup_commands, f"exec {torchrun}"])
 
 
-def _pod_template(kube: KubernetesConfig, job_name: str, configmap_name: str, worker_module: str, labels: dict):
+def _env_from_secrets(kube: KubernetesConfig, env_secret_name: str):
     from kubernetes import client
 
-    env = [client.V1EnvVar(name=str(name), value=str(value)) for name, value in kube.env_vars.items()]
+    references = {str(name): (env_secret_name, str(name)) for name in kube.env_vars}
     for env_name, reference in kube.secret_env.items():
         secret, _, key = str(reference).partition(":")
-        env.append(
-            client.V1EnvVar(
-                name=str(env_name),
-                value_from=client.V1EnvVarSource(secret_key_ref=client.V1SecretKeySelector(name=secret, key=key)),
-            )
+        references[str(env_name)] = (secret, key)
+    return [
+        client.V1EnvVar(
+            name=env_name,
+            value_from=client.V1EnvVarSource(secret_key_ref=client.V1SecretKeySelector(name=secret, key=key)),
         )
+        for env_name, (secret, key) in references.items()
+    ]
+
+
+def _pod_template(kube: KubernetesConfig, configmap_name: str, env_secret_name: str, worker_module: str,
+                  labels: dict):
+    from kubernetes import client
+
+    env = _env_from_secrets(kube, env_secret_name)
     limits: dict[str, str] = {}
     requests: dict[str, str] = {}
     if kube.gpus_per_node > 0:
@@ -215,23 +233,33 @@ def _pod_template(kube: KubernetesConfig, job_name: str, configmap_name: str, wo
     return client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels=labels), spec=spec)
 
 
-def build_manifests(job: Job, recipe_yaml: str) -> tuple[dict, dict]:
-    """(ConfigMap, PyTorchJob) as plain dicts; `recipe_yaml` must already name the pod's run_dir."""
+def build_manifests(job: Job, recipe_yaml: str) -> tuple[dict | None, dict, dict]:
+    """(Secret of the env_vars values or None when there are none, ConfigMap, PyTorchJob) as plain
+    dicts; `recipe_yaml` must already name the pod's run_dir."""
     from kubernetes import client
 
     kube = job.executor.kubernetes
     job_name = _job_name(job.name)
-    configmap_name = f"{job_name}-recipe"
+    configmap_name, env_secret_name = f"{job_name}-recipe", f"{job_name}-env"
     labels = {"app.kubernetes.io/name": APP_LABEL, "app.kubernetes.io/instance": job_name}
     serialize = client.ApiClient().sanitize_for_serialization
 
+    secret = None
+    if kube.env_vars:
+        secret = serialize(client.V1Secret(
+            api_version="v1",
+            kind="Secret",
+            metadata=client.V1ObjectMeta(name=env_secret_name, namespace=kube.namespace, labels=labels),
+            type="Opaque",
+            string_data={str(name): str(value) for name, value in kube.env_vars.items()},
+        ))
     configmap = client.V1ConfigMap(
         api_version="v1",
         kind="ConfigMap",
         metadata=client.V1ObjectMeta(name=configmap_name, namespace=kube.namespace, labels=labels),
         data={RECIPE_FILE_NAME: recipe_yaml},
     )
-    template = serialize(_pod_template(kube, job_name, configmap_name, job.worker_module, labels))
+    template = serialize(_pod_template(kube, configmap_name, env_secret_name, job.worker_module, labels))
     replicas = {"Master": 1, "Worker": kube.nodes - 1}
     pytorch_job = {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
@@ -247,7 +275,12 @@ def build_manifests(job: Job, recipe_yaml: str) -> tuple[dict, dict]:
             },
         },
     }
-    return serialize(configmap), pytorch_job
+    return secret, serialize(configmap), pytorch_job
+
+
+def _masked(secret: dict) -> dict:
+    """The Secret as a dry run prints it: the names, not the values."""
+    return {**secret, "stringData": {name: MASKED_ENV_VALUE for name in secret["stringData"]}}
 
 
 def _load_kube_config():
@@ -266,13 +299,15 @@ def _load_kube_config():
             ) from kubeconfig_error
 
 
-def submit(configmap: dict, pytorch_job: dict) -> None:
+def submit(secret: dict | None, configmap: dict, pytorch_job: dict) -> None:
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
     _load_kube_config()
     namespace = pytorch_job["metadata"]["namespace"]
     try:
+        if secret is not None:
+            client.CoreV1Api().create_namespaced_secret(namespace, secret)
         client.CoreV1Api().create_namespaced_config_map(namespace, configmap)
         created = client.CustomObjectsApi().create_namespaced_custom_object(
             API_GROUP, API_VERSION, namespace, PLURAL, pytorch_job
@@ -282,25 +317,26 @@ def submit(configmap: dict, pytorch_job: dict) -> None:
         raise ClusterError(
             f"The Kubernetes API refused the job (HTTP {error.status} {error.reason}): {error.body}.{hint}"
         ) from error
-    # Let the recipe ConfigMap be deleted together with the job.
+    # Let the recipe ConfigMap and the env Secret be deleted together with the job.
     owner = {
         "apiVersion": pytorch_job["apiVersion"],
         "kind": pytorch_job["kind"],
         "name": pytorch_job["metadata"]["name"],
         "uid": created["metadata"]["uid"],
     }
+    owned = {"metadata": {"ownerReferences": [owner]}}
     try:
-        client.CoreV1Api().patch_namespaced_config_map(
-            configmap["metadata"]["name"], namespace, {"metadata": {"ownerReferences": [owner]}}
-        )
+        client.CoreV1Api().patch_namespaced_config_map(configmap["metadata"]["name"], namespace, owned)
+        if secret is not None:
+            client.CoreV1Api().patch_namespaced_secret(secret["metadata"]["name"], namespace, owned)
     except ApiException:
-        pass  # cosmetic: the ConfigMap just outlives the job
+        pass  # cosmetic: the ConfigMap and Secret just outlive the job
 
 
 def launch(job: Job, dryrun: bool) -> LaunchResult:
     run_dir = _run_dir_in_pod(job.executor.kubernetes, job.run_dir)
     recipe_yaml = job.recipe_yaml_for(run_dir)
-    configmap, pytorch_job = build_manifests(job, recipe_yaml)
+    secret, configmap, pytorch_job = build_manifests(job, recipe_yaml)
     name, namespace = pytorch_job["metadata"]["name"], pytorch_job["metadata"]["namespace"]
     master_pod = f"{name}-master-0"
     result = LaunchResult(
@@ -309,13 +345,13 @@ def launch(job: Job, dryrun: bool) -> LaunchResult:
         run_dir=run_dir,
         recipe_yaml=recipe_yaml,
         recipe_path=f"{RECIPE_MOUNT}/{RECIPE_FILE_NAME}",
-        rendered=to_yaml([configmap, pytorch_job]),
+        rendered=to_yaml([_masked(secret), configmap, pytorch_job] if secret else [configmap, pytorch_job]),
         job_id=name,
         pod_name=master_pod,
         logs_command=f"kubectl logs -n {namespace} -f {master_pod}",
     )
     if not dryrun:
-        submit(configmap, pytorch_job)
+        submit(secret, configmap, pytorch_job)
     return result
 
 

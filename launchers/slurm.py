@@ -37,7 +37,7 @@ from typing import Any
 
 from falcon_h1.errors import ConfigValueError
 from launchers.config import ExecutorConfig, SlurmConfig
-from launchers.job import RECIPE_FILE_NAME, Job
+from launchers.job import MASKED_ENV_VALUE, RECIPE_FILE_NAME, Job
 from launchers.result import LaunchResult
 from launchers.slurm_script import JOB_FOLDER_IN_CONTAINER, BatchScript
 
@@ -240,11 +240,12 @@ def _worker_command(executor: ExecutorConfig, worker_module: str, recipe_path: s
     return f"bash -c {shlex.quote(' && '.join(steps))}"
 
 
-def _batch_script(job: Job, job_name: str, folder: str) -> BatchScript:
+def _batch_script(job: Job, job_name: str, folder: str, mask_env_values: bool) -> BatchScript:
     executor, slurm = job.executor, job.executor.slurm
     env_vars = {"MASTER_ADDR": "$head_node", "MASTER_PORT": str(slurm.master_port)}
     # Exported unquoted by the script: quote user values so spaces survive.
-    env_vars.update({str(key): shlex.quote(str(value)) for key, value in slurm.env_vars.items()})
+    env_vars.update({str(key): shlex.quote(MASKED_ENV_VALUE if mask_env_values else str(value))
+                     for key, value in slurm.env_vars.items()})
     in_container = slurm.container_image is not None
     recipe_path = f"{JOB_FOLDER_IN_CONTAINER if in_container else folder}/configs/{RECIPE_FILE_NAME}"
     flags = {
@@ -271,8 +272,9 @@ def _batch_script(job: Job, job_name: str, folder: str) -> BatchScript:
     )
 
 
-def plan_job(job: Job) -> SlurmJobPlan:
-    """The job's sbatch script, folder and recipe file; `job.executor` is already validated."""
+def plan_job(job: Job, mask_env_values: bool = False) -> SlurmJobPlan:
+    """The job's sbatch script, folder and recipe file; `job.executor` is already validated.
+    `mask_env_values`: the script as a dry run prints it, env_vars values masked."""
     slurm = job.executor.slurm
     run_dir = _run_dir_on_cluster(slurm, job.run_dir)
     _check_run_dir_is_mounted(slurm, run_dir)
@@ -284,7 +286,7 @@ def plan_job(job: Job) -> SlurmJobPlan:
         folder=folder,
         run_dir=run_dir,
         recipe_yaml=job.recipe_yaml_for(run_dir),
-        script=_batch_script(job, job_name, folder).render(),
+        script=_batch_script(job, job_name, folder, mask_env_values).render(),
     )
 
 
@@ -304,7 +306,7 @@ def logs_command(slurm: SlurmConfig, plan: SlurmJobPlan, job_id: str) -> str:
 def launch(job: Job, dryrun: bool) -> LaunchResult:
     from launchers import slurm_jobs
 
-    plan = plan_job(job)
+    plan = plan_job(job, mask_env_values=dryrun)
     result = LaunchResult(
         kind="slurm",
         dryrun=dryrun,

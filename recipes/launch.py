@@ -14,7 +14,7 @@ from typing import Optional
 
 import launchers
 from recipes.config import RecipeConfig
-from recipes.recipe_file import recipe_from_text, recipe_to_yaml, resolved, with_run_dir
+from recipes.recipe_file import recipe_from_text, recipe_to_yaml, resolved, with_run_dir, without_environment_values
 from recipes.tracking import wandb_destination
 
 WORKER_MODULE = "recipes.worker"
@@ -35,7 +35,7 @@ def launch(recipe: RecipeConfig, recipe_yaml: Optional[str] = None, dryrun: bool
         name=recipe.name,
         run_dir=recipe.train.run_dir,
         executor=recipe.executor,
-        recipe_yaml_for=lambda run_dir: recipe_to_yaml(with_run_dir(recipe, run_dir)),
+        recipe_yaml_for=lambda run_dir: recipe_to_yaml(without_environment_values(with_run_dir(recipe, run_dir))),
         worker_module=worker_module,
     )
     result = launchers.launch(job, dryrun=dryrun)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from falcon_h1.errors import ConfigValueError
 from recipes.config import RecipeConfig
+from recipes.run_metadata import MASK
 
 
 def _register_now_resolver() -> None:
@@ -62,6 +63,16 @@ def resolved(recipe: RecipeConfig) -> RecipeConfig:
 def with_run_dir(recipe: RecipeConfig, run_dir: str) -> RecipeConfig:
     updated = copy.deepcopy(recipe)
     updated.train.run_dir = run_dir
+    return updated
+
+
+def without_environment_values(recipe: RecipeConfig) -> RecipeConfig:
+    """A copy with the values of `executor.*.env_vars` masked, their names kept: the values reach
+    the job through its environment (the launchers), never through a file or a printout."""
+    updated = copy.deepcopy(recipe)
+    for env_vars in (updated.executor.slurm.env_vars, updated.executor.kubernetes.env_vars):
+        for name in env_vars:
+            env_vars[name] = MASK
     return updated
 
 

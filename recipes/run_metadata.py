@@ -10,8 +10,9 @@
   directory (resumes) are kept under `previous_launches`.
 
 Environment variable values are never written: a config key that names a secret
-(key, token, secret, password) or an environment mapping (`env_vars`, `secret_env`)
-has its values replaced by "***", and any text that contains the value of a
+(key, token, secret, password) or an environment mapping (`env_vars`, `secret_env`,
+Hydra's `env_set`) has its values replaced by "***", so does a command-line override
+that sets one (`scrub_override`), and any text that contains the value of a
 secret-named environment variable has it masked too.
 
 `scrub_secrets` is shared with the experiment trackers (`recipes.tracking`), which
@@ -37,9 +38,10 @@ from typing import Any
 
 MASK = "***"
 SECRET_WORDS = ("key", "token", "secret", "password")
-# Keys whose value is a mapping of environment variables, e.g. executor.slurm.env_vars:
-# the variable names are useful to see, their values are not ours to write down.
-_ENV_MAPPING_KEY = re.compile(r"(^|_)env(_vars|ironment)?$", re.IGNORECASE)
+# Keys whose value is a mapping of environment variables, e.g. executor.slurm.env_vars or
+# Hydra's hydra.job.env_set: the variable names are useful to see, their values are not ours
+# to write down.
+_ENV_MAPPING_KEY = re.compile(r"(^|_)env(_vars|ironment|_set)?$", re.IGNORECASE)
 # Shorter values would mask ordinary words ("1", "true") all over the config.
 _MIN_MASKED_ENV_VALUE_LENGTH = 6
 
@@ -130,8 +132,34 @@ def _is_harmless_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float))
 
 
+def scrub_override(override: str) -> str:
+    """A `key=value` override (Hydra's, or a `--flag=value`) with the value masked when the key
+    names a secret or goes through an environment mapping: `x.api_key=abc`,
+    `executor.slurm.env_vars.HF_HOME=/data`, `executor.kubernetes.env_vars={A: b}`."""
+    name, sep, value = override.partition("=")
+    if not sep:
+        return override
+    if any(_ENV_MAPPING_KEY.search(part) for part in name.lstrip("+~").split(".")):
+        return f"{name}={MASK}"
+    if is_secret_name(name) and not _is_harmless_literal(value):
+        return f"{name}={MASK}"
+    return override
+
+
+def _is_harmless_literal(text: str) -> bool:
+    """A number, boolean or null as an override spells it (`train.sample_tokens=48`)."""
+    if text.strip().lower() in ("null", "true", "false"):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def scrub_command_line(argv: list[str]) -> list[str]:
-    """sys.argv with secret values masked: `x.api_key=abc`, `--token abc`, env values."""
+    """sys.argv with secret values masked: `x.api_key=abc`, `--token abc`, environment mapping
+    overrides (`scrub_override`), env values."""
     secret_values = _secret_env_values()
     scrubbed: list[str] = []
     previous_was_secret_flag = False
@@ -140,9 +168,9 @@ def scrub_command_line(argv: list[str]) -> list[str]:
             scrubbed.append(MASK)
             previous_was_secret_flag = False
             continue
-        name, sep, _ = arg.partition("=")
-        if sep and is_secret_name(name):
-            scrubbed.append(f"{name}={MASK}")
+        masked = scrub_override(arg)
+        if masked != arg:
+            scrubbed.append(masked)
             continue
         previous_was_secret_flag = arg.startswith("-") and is_secret_name(arg)
         scrubbed.append(_mask_env_values(arg, secret_values))

@@ -11,7 +11,8 @@ no files):
 - Weights & Biases (`logger.wandb`), one W&B run per job whose id is kept in
   `run_dir/wandb_run_id` (WANDB_RUN_ID_FILE), so a resumed job continues the same W&B run. Mode
   `logger.wandb_mode`: "auto" is "online" when WANDB_API_KEY is set, else "offline"
-  (local files under run_dir/wandb, upload later with `wandb sync`).
+  (local files under run_dir/wandb, upload later with `wandb sync`). An online run whose
+  server does not answer, or whose init fails, logs offline instead.
 - MLflow (`logger.mlflow`), a file store under `run_dir/mlruns`; needs `mlflow`
   (or `mlflow-skinny`) installed.
 
@@ -46,6 +47,8 @@ MLFLOW_DIR = "mlruns"
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 RESERVED_NAMES = frozenset({"step", "time"})
+# An unreachable W&B server is noticed within this many seconds, and the run logs offline.
+WANDB_PROBE_TIMEOUT_S = 5.0
 
 
 def tensorboard_tag(metric: str) -> str:
@@ -259,14 +262,21 @@ class _WandbBackend:
             tags=list(tags),
             settings=wandb.Settings(silent=True),
         )
+        # No network or a bad key must not cost a training job: the run is kept on disk
+        # instead, for `wandb sync` later.
+        base_url = wandb.setup().settings.base_url  # WANDB_BASE_URL, or W&B's settings file
+        if mode == "online" and not _wandb_server_answers(base_url):
+            warnings.warn(f"The W&B server {base_url} does not answer; logging offline under {run_dir}/wandb.")
+            mode = "offline"
         try:
             self.run = _wandb_init_with_scrubbed_argv(mode, init_kwargs)
         except Exception as error:
             if mode != "online":
                 raise
-            # No network or a bad key must not cost a training job: keep the run on
-            # disk and let the user `wandb sync` it later.
             warnings.warn(f"W&B online init failed ({error}); logging offline under {run_dir}/wandb.")
+            # The failed init's stream still holds the run id in wandb-core ("run ID ... is in
+            # use"); a fresh service lets the offline run keep the id a resumed job continues.
+            wandb.teardown()
             mode = "offline"
             self.run = _wandb_init_with_scrubbed_argv(mode, init_kwargs)
         self.mode = mode
@@ -285,6 +295,22 @@ class _WandbBackend:
         # finish() returns once wandb-core has the exit record, not once its files are
         # written; teardown waits for that, so the run's files are complete on return.
         wandb.teardown()
+
+
+def _wandb_server_answers(base_url: str, timeout_s: float = WANDB_PROBE_TIMEOUT_S) -> bool:
+    """Whether an HTTP request to the W&B server gets any answer (through the proxy settings
+    wandb-core uses too): a refused connection fails wandb.init only after its init_timeout."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(base_url, timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return True  # an error page is an answer: the server is there
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+    return True
 
 
 def _wandb_init_with_scrubbed_argv(mode: str, init_kwargs: dict):

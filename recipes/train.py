@@ -22,18 +22,20 @@ from omegaconf import DictConfig
 from falcon_h1.errors import ConfigValueError
 from launchers import ClusterError
 from recipes.api import CONFIG_DIR, register_schema, run
-from recipes.recipe_file import recipe_to_yaml, to_recipe
+from recipes.hydra_copies import register_output_dir_resolver, run_dir_is_here, scrub_hydra_copies
+from recipes.recipe_file import recipe_to_yaml, to_recipe, without_environment_values
 from recipes.run_errors import RunError
 
 register_schema()
+register_output_dir_resolver()
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def _app(composed: DictConfig):
+    scrub_hydra_copies(HydraConfig.get())
     try:
         recipe = to_recipe(composed)
-        ex = recipe.executor
-        if ex.kind == "local" or (ex.kind == "slurm" and ex.slurm.tunnel == "local"):
+        if run_dir_is_here(recipe.executor.kind, recipe.executor.slurm.tunnel):
             # Hydra made this directory (and resolved ${now:}) once; remote executors keep the
             # relative run_dir, which the launcher places on the job's volume / job_dir. A dry run
             # names the directory a real run would make (Hydra wrote into a scratch one).
@@ -41,7 +43,7 @@ def _app(composed: DictConfig):
             recipe.train.run_dir = os.path.abspath(recipe.train.run_dir) if recipe.dryrun else output_dir
         result = run(recipe)
         if recipe.dryrun:  # validated by run(); nothing was started
-            print(recipe_to_yaml(recipe))
+            print(recipe_to_yaml(without_environment_values(recipe)))
     except (ConfigValueError, ClusterError) as err:  # a setting to change, or a cluster that refused
         print(f"falcon-train: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,4 @@
-"""launch(executor=kubernetes): the PyTorchJob and ConfigMap manifests.
+"""launch(executor=kubernetes): the PyTorchJob, ConfigMap and env Secret manifests.
 
 Validated with jsonschema against the published PyTorchJob CRD schema
 (data/kubeflow.org_pytorchjobs.openapi_v3.yaml) and core/v1 schemas derived from the
@@ -31,6 +31,7 @@ from launchers import ClusterError, validate_executor
 from recipes.launch import launch
 
 DATA = HERE / "data"
+ENV_VALUE = "pw-6c1d9e-only-in-the-secret"
 
 
 def _refuse_unknown_fields(node):
@@ -75,16 +76,21 @@ def kube_recipe(recipe):
     kube.cpu = "48"
     kube.memory = "900Gi"
     kube.pvcs = {"shared-runs": "/runs", "datasets": "/data"}
-    kube.env_vars = {"NCCL_DEBUG": "INFO"}
+    kube.env_vars = {"NCCL_DEBUG": "INFO", "SERVICE_PASSWORD": ENV_VALUE}
     kube.secret_env = {"WANDB_API_KEY": "wandb-credentials:api-key", "HF_TOKEN": "hf:token"}
     kube.service_account = "trainer"
     recipe.train.run_dir = "exp/falcon-3n"
     return recipe
 
 
+def manifests_by_kind(rendered: str) -> dict[str, dict]:
+    return {manifest["kind"]: manifest for manifest in yaml.safe_load_all(rendered)}
+
+
 def manifests(recipe) -> tuple[dict, dict]:
-    configmap, job = yaml.safe_load_all(launch(recipe, dryrun=True).rendered)
-    return configmap, job
+    """The ConfigMap and the PyTorchJob of a dry run."""
+    by_kind = manifests_by_kind(launch(recipe, dryrun=True).rendered)
+    return by_kind["ConfigMap"], by_kind["PyTorchJob"]
 
 
 def test_manifests_match_the_published_schemas(kube_recipe, pytorchjob_schema, configmap_schema):
@@ -131,7 +137,10 @@ def test_replicas_resources_volumes_and_secrets(kube_recipe):
         assert container["ports"] == [{"containerPort": 23456, "name": "pytorchjob-port"}]
         assert container["resources"]["limits"] == {"nvidia.com/gpu": "8", "cpu": "48", "memory": "900Gi"}
         env = {item["name"]: item for item in container["env"]}
-        assert env["NCCL_DEBUG"] == {"name": "NCCL_DEBUG", "value": "INFO"}
+        assert env["NCCL_DEBUG"] == {
+            "name": "NCCL_DEBUG",
+            "valueFrom": {"secretKeyRef": {"name": f"{job['metadata']['name']}-env", "key": "NCCL_DEBUG"}},
+        }
         assert env["WANDB_API_KEY"] == {
             "name": "WANDB_API_KEY",
             "valueFrom": {"secretKeyRef": {"name": "wandb-credentials", "key": "api-key"}},
@@ -153,6 +162,25 @@ def test_replicas_resources_volumes_and_secrets(kube_recipe):
     assert recipe["executor"]["kubernetes"]["image"] == "ghcr.io/example/falcon-h1-train:0.1"
 
 
+def test_env_vars_values_reach_the_pods_only_through_a_secret(kube_recipe):
+    result = launch(kube_recipe, dryrun=True)
+    by_kind = manifests_by_kind(result.rendered)
+    assert list(by_kind) == ["Secret", "ConfigMap", "PyTorchJob"]  # created in this order
+    secret, job = by_kind["Secret"], by_kind["PyTorchJob"]
+    assert (secret["apiVersion"], secret["type"], secret["metadata"]["namespace"]) == ("v1", "Opaque", "llm")
+    assert secret["metadata"]["name"] == f"{job['metadata']['name']}-env"
+    assert secret["stringData"] == {"NCCL_DEBUG": "***", "SERVICE_PASSWORD": "***"}  # printed masked
+    recipe = yaml.safe_load(by_kind["ConfigMap"]["data"]["recipe.yaml"])
+    assert recipe["executor"]["kubernetes"]["env_vars"] == {"NCCL_DEBUG": "***", "SERVICE_PASSWORD": "***"}
+    assert ENV_VALUE not in result.rendered and ENV_VALUE not in result.recipe_yaml and ENV_VALUE not in str(result)
+
+
+def test_env_var_names_are_checked(kube_recipe):
+    kube_recipe.executor.kubernetes.env_vars = {"NOT-A-NAME": "x"}
+    with pytest.raises(ConfigValueError, match="executor.kubernetes.env_vars.*'NOT-A-NAME' is not an environment"):
+        validate_executor(kube_recipe.executor)
+
+
 def test_single_node_job_has_only_a_master(kube_recipe):
     kube_recipe.executor.kubernetes.nodes = 1
     _, job = manifests(kube_recipe)
@@ -161,7 +189,7 @@ def test_single_node_job_has_only_a_master(kube_recipe):
 
 def test_pod_command_runs_torchrun_with_the_operator_rendezvous(kube_recipe, tmp_path):
     result = launch(kube_recipe, dryrun=True)
-    _, job = yaml.safe_load_all(result.rendered)
+    job = manifests_by_kind(result.rendered)["PyTorchJob"]
     container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     fake_torchrun = tmp_path / "torchrun"
     fake_torchrun.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$ARGV_FILE"\n')
@@ -243,7 +271,7 @@ class _FakeKubernetesApi(BaseHTTPRequestHandler):
 
 # kubernetes 36's REST layer calls urllib3 1.26's deprecated getheader(); not ours to fix.
 @pytest.mark.filterwarnings("ignore:HTTPResponse.getheader:DeprecationWarning")
-def test_submission_creates_the_configmap_and_the_pytorchjob(kube_recipe, tmp_path, monkeypatch):
+def test_submission_creates_the_secret_the_configmap_and_the_pytorchjob(kube_recipe, tmp_path, monkeypatch):
     server = HTTPServer(("127.0.0.1", 0), _FakeKubernetesApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -264,15 +292,19 @@ def test_submission_creates_the_configmap_and_the_pytorchjob(kube_recipe, tmp_pa
         server.shutdown()
         server.server_close()
 
-    (post_map, map_body), (post_job, job_body), (patch, patch_body) = [
-        ((method, path), body) for method, path, body in _FakeKubernetesApi.requests
-    ]
+    (post_secret, secret_body), (post_map, map_body), (post_job, job_body), (patch_map, map_patch), (
+        patch_secret, secret_patch) = [((method, path), body) for method, path, body in _FakeKubernetesApi.requests]
+    assert post_secret == ("POST", "/api/v1/namespaces/llm/secrets")
+    assert secret_body["stringData"] == {"NCCL_DEBUG": "INFO", "SERVICE_PASSWORD": ENV_VALUE}
     assert post_map == ("POST", "/api/v1/namespaces/llm/configmaps")
     assert post_job == ("POST", "/apis/kubeflow.org/v1/namespaces/llm/pytorchjobs")
-    assert patch == ("PATCH", f"/api/v1/namespaces/llm/configmaps/{map_body['metadata']['name']}")
+    assert ENV_VALUE not in json.dumps([map_body, job_body])  # only the Secret holds the value
+    assert patch_map == ("PATCH", f"/api/v1/namespaces/llm/configmaps/{map_body['metadata']['name']}")
+    assert patch_secret == ("PATCH", f"/api/v1/namespaces/llm/secrets/{secret_body['metadata']['name']}")
     assert job_body["metadata"]["name"] == result.job_id and not result.dryrun
-    owner = patch_body["metadata"]["ownerReferences"][0]
-    assert (owner["kind"], owner["name"], owner["uid"]) == ("PyTorchJob", result.job_id, "uid-1234")
+    for patch_body in (map_patch, secret_patch):
+        owner = patch_body["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["uid"]) == ("PyTorchJob", result.job_id, "uid-1234")
 
 
 def test_submission_without_credentials_is_a_clear_error(kube_recipe, tmp_path, monkeypatch):

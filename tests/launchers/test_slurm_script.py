@@ -24,9 +24,9 @@ from local_slurm import free_port
 from torch.distributed.run import get_args_parser
 
 from falcon_h1.errors import ConfigValueError
-from launchers import validate_executor
+from launchers import Job, validate_executor
 from recipes.launch import launch
-from launchers.slurm import parse_time_limit
+from launchers.slurm import parse_time_limit, plan_job
 
 NODES = ["gpu-a01", "gpu-a02", "gpu-b17", "gpu-c03"]
 
@@ -78,6 +78,13 @@ def sbatch_flags(script: str) -> dict[str, str]:
     return flags
 
 
+def submitted_script(recipe) -> str:
+    """The sbatch script a launch submits (a dry run prints it with the env_vars values masked)."""
+    job = Job(name=recipe.name, run_dir=recipe.train.run_dir, executor=recipe.executor,
+              recipe_yaml_for=lambda run_dir: "", worker_module="recipes.worker")
+    return plan_job(job).script
+
+
 def run_script_with_fakes(script: str, tmp_path: Path) -> Path:
     fakes = tmp_path / "fakes"
     fakes.mkdir()
@@ -121,7 +128,7 @@ def test_sbatch_header_for_four_nodes_of_eight_gpus(big_recipe):
 
 
 def test_script_runs_torchrun_once_per_node_with_static_rendezvous(big_recipe, tmp_path):
-    script = launch(big_recipe, dryrun=True).rendered
+    script = submitted_script(big_recipe)
 
     fakes = run_script_with_fakes(script, tmp_path)
 
@@ -241,6 +248,13 @@ def test_time_limit_signal_saves_before_the_job_is_requeued(recipe, tmp_path):
     assert (fakes / "scontrol_calls").read_text().split("\n")[0].strip() == "scontrol requeue 4242 saved:saved_rank0"
     assert "fake worker rank 0: saved on signal 10" in output
     assert "the training processes have ended" in output
+
+
+def test_a_dry_run_prints_the_env_vars_names_not_their_values(big_recipe):
+    rendered = launch(big_recipe, dryrun=True).rendered
+    assert "export NCCL_DEBUG='***'" in rendered and "export GREETING='***'" in rendered
+    assert "INFO" not in rendered and "hello world" not in rendered
+    assert "export GREETING='hello world'" in submitted_script(big_recipe)
 
 
 def test_requeue_can_be_turned_off(big_recipe):

@@ -16,7 +16,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +28,11 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from recipes.api import compose_recipe
 from recipes.config import LoggerConfig, RecipeConfig
 from recipes.run_metadata import PROJECT_ROOT, write_run_metadata
 from recipes.tracking import Tracker, resolve_wandb_mode, wandb_destination
+from tests.conftest import free_port
 
 STEPS = [1, 2, 3]
 # Values chosen to be exact in float32 so TensorBoard's float32 storage compares equal.
@@ -263,6 +268,76 @@ def test_wandb_mode_resolution(monkeypatch):
     assert resolve_wandb_mode("offline") == "offline"
     with pytest.raises(ValueError, match=r"logger.wandb_mode = 'cloud'.*offline"):
         resolve_wandb_mode("cloud")
+
+
+# ---- W&B without a reachable server --------------------------------------------
+
+# W&B's own offline init takes about 1.5 s on a loaded CI machine; an online attempt that
+# waits for an unreachable server takes init_timeout (90 s).
+WANDB_START_BOUND_S = 10.0
+
+
+def assert_logged_offline_under_its_own_id(run_dir: Path, tracker: Tracker) -> None:
+    assert tracker.wandb_mode == "offline"
+    (log,) = wandb_offline_logs(run_dir)
+    records = read_wandb_log(log)
+    assert wandb_run_record(records).run_id == tracker.wandb_run_id == (run_dir / "wandb_run_id").read_text().strip()
+    assert wandb_history(records) == {1: {"loss": 2.0}}
+
+
+@pytest.mark.parametrize("overrides", [["logger=offline"], ["logger=offline", "logger.wandb_mode=auto"]],
+                         ids=["logger_offline", "wandb_mode_auto"])
+def test_an_unreachable_wandb_server_costs_no_time(tmp_path, monkeypatch, overrides):
+    """WANDB_API_KEY set, and the W&B server's port closed: training starts within seconds,
+    logging offline; `logger=offline` never tries the server at all."""
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 3)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
+    logger_cfg = compose_recipe(overrides).logger
+    logger_cfg.tensorboard = False
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Tracker(run_dir, logger_cfg, {}, [], rank=0) as tracker:
+            assert time.monotonic() - started < WANDB_START_BOUND_S
+            tracker.log(1, {"loss": 2.0})
+    assert_logged_offline_under_its_own_id(run_dir, tracker)
+    assert not list((run_dir / "wandb").glob("run-*")), "an online run was attempted"
+    said_offline = [str(w.message) for w in caught if "logging offline" in str(w.message)]
+    assert bool(said_offline) == (logger_cfg.wandb_mode == "auto")
+
+
+class _FailingWandbServer(BaseHTTPRequestHandler):
+    """A W&B server that is there but answers every request with 503."""
+
+    def _fail(self):
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_HEAD = _fail
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_online_init_falls_back_offline_under_the_same_run_id(tmp_path, monkeypatch):
+    """The failed online attempt held the run id in wandb-core; the offline run must not
+    collide with it ("run ID ... is in use") and keeps the id a resumed job continues."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FailingWandbServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 3)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "1")
+    run_dir = tmp_path / "run"
+    try:
+        with pytest.warns(UserWarning, match="(?s)W&B online init failed.*logging offline"):
+            with Tracker(run_dir, LoggerConfig(wandb_mode="online", tensorboard=False), {}, [], rank=0) as tracker:
+                tracker.log(1, {"loss": 2.0})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert_logged_offline_under_its_own_id(run_dir, tracker)
 
 
 def test_mlflow_without_mlflow_installed_is_a_clear_error(tmp_path, monkeypatch):
