@@ -26,6 +26,7 @@ from torch.distributed.run import get_args_parser
 from falcon_h1.errors import ConfigValueError
 from launchers import Job, validate_executor
 from recipes.launch import launch
+from launchers.job import RECIPE_FILE_NAME
 from launchers.slurm import parse_time_limit, plan_job
 
 NODES = ["gpu-a01", "gpu-a02", "gpu-b17", "gpu-c03"]
@@ -78,11 +79,16 @@ def sbatch_flags(script: str) -> dict[str, str]:
     return flags
 
 
-def submitted_script(recipe) -> str:
-    """The sbatch script a launch submits (a dry run prints it with the env_vars values masked)."""
+def submitted_plan(recipe, worker_module: str = "recipes.worker", recipe_yaml: str = ""):
+    """The sbatch script, job folder and recipe a launch submits (a dry run prints the script with
+    the env_vars values masked)."""
     job = Job(name=recipe.name, run_dir=recipe.train.run_dir, executor=recipe.executor,
-              recipe_yaml_for=lambda run_dir: "", worker_module="recipes.worker")
-    return plan_job(job).script
+              recipe_yaml_for=lambda run_dir: recipe_yaml, worker_module=worker_module)
+    return plan_job(job)
+
+
+def submitted_script(recipe) -> str:
+    return submitted_plan(recipe).script
 
 
 def run_script_with_fakes(script: str, tmp_path: Path) -> Path:
@@ -213,16 +219,17 @@ def test_time_limit_signal_saves_before_the_job_is_requeued(recipe, tmp_path):
     recipe.executor.slurm.env_vars = {"PYTHONPATH": str(HERE), "FAKE_WORKER_HOLD_FIRST_ATTEMPT": "1"}
     recipe.executor.slurm.master_port = free_port()
     run_dir = Path(recipe.train.run_dir)
-    result = launch(recipe, dryrun=True, worker_module=FAKE_WORKER)
-    Path(result.recipe_path).parent.mkdir(parents=True)  # what submitting writes
-    Path(result.recipe_path).write_text(result.recipe_yaml)
+    plan = submitted_plan(recipe, FAKE_WORKER, launch(recipe, dryrun=True, worker_module=FAKE_WORKER).recipe_yaml)
+    recipe_path = Path(plan.folder) / "configs" / RECIPE_FILE_NAME
+    recipe_path.parent.mkdir(parents=True)  # what submitting writes
+    recipe_path.write_text(plan.recipe_yaml)
     fakes = tmp_path / "fakes"
     fakes.mkdir()
     (fakes / "srun").write_text(FAKE_SRUN_FORWARDING.format(python=sys.executable))
     (fakes / "scontrol").write_text(FAKE_SCONTROL_SAVED)
     for fake in fakes.iterdir():
         fake.chmod(0o755)
-    (tmp_path / "job.sh").write_text(result.rendered)
+    (tmp_path / "job.sh").write_text(plan.script)
     env = {"PATH": f"{fakes}:/usr/bin:/bin", "FAKE_DIR": str(fakes), "RUN_DIR": str(run_dir), "HOME": str(tmp_path),
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost"}
     log = tmp_path / "job.log"
