@@ -69,6 +69,7 @@ def test_folded_bitnet_projections_are_handed_their_row_scale(megatron_single):
             assert made[linear] == 1
 
 
+@pytest.mark.slow  # 25-45 s on two CPU cores (the interpreter runs every kernel instance in Python)
 def test_folded_bitnet_model_on_triton_kernels_in_interpreter():
     """The same comparison on the GPU path's kernels (BitNet's Triton quantisers and GEMM, the
     Triton SwiGLU the folded MLP now takes, conv, scan) on CPU through Triton's interpreter."""
