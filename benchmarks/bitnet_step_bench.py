@@ -13,8 +13,11 @@ with torch's fused AdamW on the same batch:
   `bitnet_every_forward` quantises at every forward instead (weights_changed() before each).
   Eager steps are host-bound on these machines, so beside the wall time the summed GPU kernel
   time of one step (torch.profiler) is printed.
-Variants: bf16; bitnet (defaults: fake-quantised bf16 GEMM, int8 input kept for the backward);
-bitnet_int8_gemm (int8 x ternary forward GEMM); bitnet_reference_ste (x + (q(x) - x).detach()).
+Variants: bf16; bitnet (defaults: fake-quantised bf16 GEMM, int8 input kept for the backward, µP
+multipliers as fc1's and the mixer in-projections' output_row_scale); bitnet_int8_gemm (int8 x
+ternary forward GEMM); bitnet_reference_ste (x + (q(x) - x).detach()); graphed only,
+bitnet_scales_on_activations (KernelOptions(fold_scales=False): the multipliers on activations,
+eager SwiGLU).
 Peak GiB: torch.cuda.max_memory_allocated from after the model and optimizer are built.
 
 Table 2, per projection of the preset (its first layer's BitNet linears, batch x seq tokens):
@@ -40,17 +43,20 @@ STEP_VARIANTS = {
     "bitnet_int8_gemm": {"int8_matmul": True},
     "bitnet_reference_ste": {"fused": False},
 }
+UNFOLDED = "bitnet_scales_on_activations"  # the bitnet variant with KernelOptions(fold_scales=False)
 
 
 # ------------------------------------------------------------------------------ helpers
-def _build(preset, bitnet: dict | None):
+def _build(preset, bitnet: dict | None, fold_scales: bool = True):
     from bitnet.spec import falcon_h1_linear_spec
+    from falcon_h1.kernels import KernelOptions
     from falcon_h1.model import build_model
     from recipes.config import BitNetConfig
 
     cfg = None if bitnet is None else BitNetConfig(enabled=True, **bitnet)
     linears = falcon_h1_linear_spec(cfg, preset.kernel_backend)
-    return build_model(preset, linears=linears, precision="bf16", seed=0).cuda().train()
+    return build_model(preset, linears=linears, kernel_options=KernelOptions(fold_scales=fold_scales),
+                       precision="bf16", seed=0).cuda().train()
 
 
 def _free():
@@ -93,6 +99,7 @@ def step_table(preset, batch: int, seq: int, micro_batches: int, warmup: int, st
              for i in range(micro_batches)]
     runs = [(name, "graph") for name in STEP_VARIANTS] + [(name, "eager_accum") for name in STEP_VARIANTS]
     runs.insert(runs.index(("bitnet", "eager_accum")) + 1, ("bitnet_every_forward", "eager_accum"))
+    runs.insert(runs.index(("bitnet", "graph")) + 1, (UNFOLDED, "graph"))
     rows, baseline = [], {}
     print(f"Table 1: training step, {preset.name}, {batch} x {seq} tokens ({micro_batches} micro-batches "
           f"in eager_accum), {torch.cuda.get_device_name()}", flush=True)
@@ -100,7 +107,7 @@ def step_table(preset, batch: int, seq: int, micro_batches: int, warmup: int, st
         row = {"variant": name, "mode": mode}
         model = optimizer = step = None
         try:
-            model = _build(preset, STEP_VARIANTS.get(name, {}))
+            model = _build(preset, STEP_VARIANTS.get(name, {}), fold_scales=name != UNFOLDED)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
             torch.cuda.reset_peak_memory_stats()
             if mode == "graph":
@@ -175,36 +182,34 @@ def _kept_mib(forward, params) -> float:
 
 def _mlp_rows(mlp, preset, batch: int, seq: int, bench) -> list[tuple[str, float, float]]:
     """(label, fwd+bwd ms, kept MiB) of one MLP block three ways: the bf16 model's (µP scales on
-    fc1's weight rows, the Triton SwiGLU), the BitNet model's today (falcon_h1 keeps the scales on
-    the activations for BitNet linears: eager silu(gate * m_gate) * up * m_down), and BitNet with
-    the scales as fc1's output_row_scale and the Triton SwiGLU (what falcon_h1 can wire)."""
+    fc1's weight rows, the Triton SwiGLU), BitNet with the scales on the activations (what
+    KernelOptions(fold_scales=False) runs: eager silu(gate * m_gate) * up * m_down), and the
+    BitNet model's own (`mlp`: the scales as fc1's output_row_scale, the Triton SwiGLU)."""
     import torch.nn.functional as F
 
     from falcon_h1.kernels.swiglu_triton import swiglu_triton
 
+    if not (mlp.scales_in_weights and mlp.triton_swiglu):
+        raise SystemExit("bitnet_step_bench: the BitNet model's MLP does not fold its µP scales into fc1")
     m_gate, m_down = preset.mlp_multipliers
-    f = preset.intermediate_size
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
-    row_scale = torch.tensor([m_gate] * f + [m_down] * f).to(fc1.weight.device, torch.bfloat16)[:, None]
     plain1, plain2 = _rebuilt(fc1, plain=True), _rebuilt(fc2, plain=True)
     u = torch.randn(seq, batch, preset.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(seq, batch, preset.hidden_size, device="cuda", dtype=torch.bfloat16)
 
     def bf16_folded():
-        return plain2(swiglu_triton(plain1(u, weight=plain1.weight * row_scale)[0]))[0]
+        return plain2(swiglu_triton(plain1(u, weight=plain1.weight * mlp.fc1_row_scale)[0]))[0]
 
-    def bitnet_today():
+    def bitnet_scales_on_activations():
         gate, up = fc1(u)[0].chunk(2, dim=-1)
         return fc2(F.silu(gate * m_gate) * up * m_down)[0]
-
-    def bitnet_row_scaled():
-        return fc2(swiglu_triton(fc1(u, output_row_scale=row_scale)[0]))[0]
 
     rows = []
     for label, forward, params in (
             ("MLP block: bf16, scales folded, Triton SwiGLU (the bf16 model)", bf16_folded, (plain1.weight, plain2.weight)),
-            ("MLP block: BitNet today, scales on activations, eager SwiGLU", bitnet_today, (fc1.weight, fc2.weight)),
-            ("MLP block: BitNet, output_row_scale, Triton SwiGLU", bitnet_row_scaled, (fc1.weight, fc2.weight))):
+            ("MLP block: BitNet, scales on activations, eager SwiGLU", bitnet_scales_on_activations,
+             (fc1.weight, fc2.weight)),
+            ("MLP block: BitNet, output_row_scale, Triton SwiGLU (the model)", lambda: mlp(u), (fc1.weight, fc2.weight))):
         ms = bench(lambda fwd=forward: fwd().backward(grad), (u, *params))
         rows.append((label, ms, _kept_mib(forward, params)))
     return rows

@@ -169,13 +169,14 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
             layer.mlp.forward = torch.compile(layer.mlp.forward)
         return model, fwd
 
-    def ours_bitnet(fused: bool):
+    def ours_bitnet(fused: bool, options: dict | None = None):
         def build():
             from bitnet.spec import falcon_h1_linear_spec
             from recipes.config import BitNetConfig
 
             linears = falcon_h1_linear_spec(BitNetConfig(enabled=True, fused=fused), preset.kernel_backend)
-            return build_model(preset, linears=linears, precision="bf16", seed=0).train(), our_loss
+            return build_model(preset, linears=linears, kernel_options=KernelOptions(**(options or {})),
+                               precision="bf16", seed=0).train(), our_loss
         return build
 
     def ours_bf16_random():
@@ -216,6 +217,8 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
         "ours_bf16_random_init": ours_bf16_random,
         "ours_bitnet_fused": ours_bitnet(True),
         "ours_bitnet_reference_ste": ours_bitnet(False),
+        # µP multipliers on the activations (eager SwiGLU) instead of BitNet's output_row_scale
+        "ours_bitnet_scales_on_activations": ours_bitnet(True, {"fold_scales": False}),
     }
 
 

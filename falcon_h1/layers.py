@@ -13,8 +13,9 @@ one tensor-parallel all-reduce instead of two.
 The linear classes come from the model's LinearSpec (falcon_h1.linears), the kernels' choices
 from its KernelOptions (falcon_h1.kernels), both fixed when the model is built. µP multipliers
 are config, never baked into stored weights: they scale the projection inputs/outputs, or, where
-the in-projection supports it, ride on its weight rows and the conv output at each step
-(`scales_in_weights`), which is the same function with less activation traffic.
+the in-projection supports it, ride on its output rows (the weight it is handed, or BitNet's
+`output_row_scale` after quantising) and the conv output at each step (`scales_in_weights`),
+which is the same function with less activation traffic.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from falcon_h1.config import FalconH1Config
 from falcon_h1.context_parallel import ContextParallelLayout, context_parallel_attention
 from falcon_h1.context_parallel import mamba as cp_mamba
 from falcon_h1.kernels import KernelOptions
-from falcon_h1.linears import LinearSpec, supports_weight_scaling
+from falcon_h1.linears import LinearSpec, project_row_scaled, supports_row_scaling
 from falcon_h1.megatron_compat.transformer import recompute
 
 
@@ -153,12 +154,6 @@ def _register_row_scale(module: torch.nn.Module, name: str, values: list[float],
     module.register_buffer(name, scale, persistent=False)
 
 
-def _project_row_scaled(linear, u, row_scale):
-    """(u @ W^T) * s as u @ (W * s)^T: one weight-sized multiply instead of activation-sized ones
-    forward and backward; autograd carries the scale into W's gradient."""
-    return linear(u, weight=linear.weight * row_scale)[0]
-
-
 class ParallelHybridMixer(MegatronModule):
     """Attention and/or Mamba-2 on the same input; outputs summed."""
 
@@ -220,11 +215,13 @@ class ParallelHybridMixer(MegatronModule):
 
     def _scales_fold_into_weights(self) -> bool:
         """Whether the µP multipliers ride on the in-projection's weight rows and the conv output
-        instead of the activations: exact in real arithmetic, only rounding differs. Needs linears
-        that multiply the weight they are handed (falcon_h1.linears.supports_weight_scaling) and no
-        gated RMSNorm (which would normalise a scale folded into x away)."""
+        instead of the activations: exact in real arithmetic, only rounding differs. Needs
+        in-projections that take per-row output scales (falcon_h1.linears.supports_row_scaling) and
+        no gated RMSNorm (which would normalise a scale folded into x away). The out-projection is
+        not asked: it sees the same input either way (y and o come out of the branches already
+        scaled), so a quantising out-projection quantises the same values."""
         return (self.kernel_options.fold_scales and not self.cfg.mamba_rms_norm
-                and all(supports_weight_scaling(getattr(self, name)) for name in self._in_projections()))
+                and all(supports_row_scaling(getattr(self, name)) for name in self._in_projections()))
 
     def _register_scales(self):
         """Per-channel µP scales: of the in-projection output and out-projection input, or, folded
@@ -252,7 +249,7 @@ class ParallelHybridMixer(MegatronModule):
         """u @ W^T of the in-projection `name`, its rows µP-scaled when the scales are folded."""
         linear = getattr(self, name)
         if self.scales_in_weights:
-            return _project_row_scaled(linear, u, getattr(self, f"{name}_row_scale"))
+            return project_row_scaled(linear, u, getattr(self, f"{name}_row_scale"))
         return linear(u)[0]
 
     # ---- branches on local heads; inputs [s, b, channels] ----
@@ -384,7 +381,7 @@ class SwiGLUMLP(MegatronModule):
         self.linear_fc2 = _row(config, cfg.intermediate_size, cfg.hidden_size, linears.linear("mlp", "row"))
         self.triton_swiglu = kernel_options.triton_swiglu
         # silu(g * m_gate) * (up * m_down): both multipliers can ride on fc1's weight rows
-        self.scales_in_weights = kernel_options.fold_scales and supports_weight_scaling(self.linear_fc1)
+        self.scales_in_weights = kernel_options.fold_scales and supports_row_scaling(self.linear_fc1)
         if self.scales_in_weights:
             m_gate, m_down = cfg.mlp_multipliers
             _register_row_scale(self, "fc1_row_scale", [m_gate] * self.ffn_local + [m_down] * self.ffn_local,
@@ -392,7 +389,7 @@ class SwiGLUMLP(MegatronModule):
 
     def forward(self, u):
         if self.scales_in_weights:
-            h = kernels.swiglu(_project_row_scaled(self.linear_fc1, u, self.fc1_row_scale), self.triton_swiglu)
+            h = kernels.swiglu(project_row_scaled(self.linear_fc1, u, self.fc1_row_scale), self.triton_swiglu)
         else:
             m_gate, m_down = self.cfg.mlp_multipliers
             gate, up = self.linear_fc1(u)[0].chunk(2, dim=-1)

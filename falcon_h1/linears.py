@@ -65,3 +65,24 @@ def supports_weight_scaling(linear: torch.nn.Module) -> bool:
     given, except under gradient-accumulation fusion, whose backward accumulates into the
     `main_grad` of the tensor it was handed, which a scaled copy of the parameter does not have."""
     return getattr(linear, "supports_weight_scaling", True) and not linear.gradient_accumulation_fusion
+
+
+def supports_output_row_scale(linear: torch.nn.Module) -> bool:
+    """Whether `linear(u, output_row_scale=s)` computes (u @ W^T) * s itself, for constant per-row
+    scales s (a class attribute `supports_output_row_scale = True`: BitNet's column linear scales
+    the weight it quantised, so the quantisation stays that of the unscaled weight)."""
+    return bool(getattr(linear, "supports_output_row_scale", False))
+
+
+def supports_row_scaling(linear: torch.nn.Module) -> bool:
+    """Whether `project_row_scaled` can fold constant per-row output scales into this linear."""
+    return supports_output_row_scale(linear) or supports_weight_scaling(linear)
+
+
+def project_row_scaled(linear: torch.nn.Module, u: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """(u @ W^T) * s without an activation-sized multiply, forward or backward: the linear's own
+    `output_row_scale` where it has one, else u @ (W * s)^T (autograd carries the scale into W's
+    gradient). row_scale: constant [rows, 1]; the linear must pass `supports_row_scaling`."""
+    if supports_output_row_scale(linear):
+        return linear(u, output_row_scale=row_scale)[0]
+    return linear(u, weight=linear.weight * row_scale)[0]

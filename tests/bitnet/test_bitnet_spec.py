@@ -47,8 +47,9 @@ def test_layers_listed_are_quantised_and_named(megatron_single):
     from bitnet.layers import bitnet_layers
 
     assert all(module.bitnet_name == name for name, module in bitnet_layers(model))
-    # the in-projection is Megatron's plain linear (no segment quantised): its µP scales fold
-    assert all(layer.mixer.scales_in_weights and not layer.mlp.scales_in_weights for layer in model.layers)
+    # µP scales fold into Megatron's plain in-projection (no segment quantised) and into BitNet's
+    # fc1 (as its output_row_scale)
+    assert all(layer.mixer.scales_in_weights and layer.mlp.scales_in_weights for layer in model.layers)
 
 
 def test_unfused_projections_follow_their_own_switch(megatron_single):

@@ -60,3 +60,45 @@ def test_the_spec_chooses_every_projection_and_folding_asks_the_linear(megatron_
     ids = torch.randint(0, 97, (2, 13), generator=g)
     errors = gradient_errors(ours, hf, ids, torch.randn(2, 13, 97, generator=g))
     assert max(errors.values()) <= 1e-5, errors
+
+
+class _ScalesOwnRows(_WeightAsGiven):
+    """A linear that takes per-row output scales itself (as BitNet's column linear does after
+    quantising) and refuses a scaled weight; records the scales it was handed."""
+
+    supports_output_row_scale = True
+    handed: list = []
+
+    def forward(self, input_, weight=None, output_row_scale=None, **kwargs):
+        out, bias = super().forward(input_, weight, **kwargs)
+        if output_row_scale is not None:
+            self.handed.append(output_row_scale)
+            out = out * output_row_scale.reshape(-1)
+        return out, bias
+
+
+class _ScalingColumn(_ScalesOwnRows, ColumnParallelLinear):
+    pass
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_folding_hands_the_row_scales_to_a_linear_that_takes_them(megatron_single, tmp_path, fused):
+    """Column linears with `supports_output_row_scale` (asked, not their type) get the µP
+    multipliers of every in-projection and fc1 as output_row_scale, never a scaled weight, and
+    the model still equals transformers' FalconH1; the row linears keep their inputs."""
+    from tests.falcon_h1.hf_built import build_from_hf, gradient_errors
+    from tests.falcon_h1.hf_reference import make_hf_model
+
+    spec = LinearSpec(linear=lambda projection, parallel: _ScalingColumn if parallel == "column" else _Row,
+                      fused_linear=lambda segments, parallel: _ScalingColumn if parallel == "column" else _Row)
+    hf = make_hf_model(seed=4, mamba_rms_norm=False)
+    hf.save_pretrained(tmp_path)
+    ours = build_from_hf(tmp_path, linears=spec, fused_projections=fused)
+    assert all(layer.mixer.scales_in_weights and layer.mlp.scales_in_weights for layer in ours.layers)
+    _ScalesOwnRows.handed.clear()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 13), generator=g)
+    errors = gradient_errors(ours, hf, ids, torch.randn(2, 13, 97, generator=g))
+    assert max(errors.values()) <= 1e-5, errors
+    # per layer: the in-projection(s) and fc1 (the LM head has no µP row scale)
+    assert len(_ScalesOwnRows.handed) == len(ours.layers) * ((1 if fused else 2) + 1)
