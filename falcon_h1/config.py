@@ -188,6 +188,8 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value <= 0:
             _fail(name, value, "a positive integer")
+    if isinstance(cfg.rope_theta, bool) or not isinstance(cfg.rope_theta, (int, float)) or not cfg.rope_theta > 0:
+        _fail("rope_theta", cfg.rope_theta, "a number > 0 (the base of the rotary embedding's frequencies)")
     if cfg.layer_pattern is not None:
         bad = sorted(set(cfg.layer_pattern) - set(LAYER_KINDS))
         if bad:

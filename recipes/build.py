@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 from falcon_h1.config import FalconH1Config, check_recompute_layers, resolve
@@ -93,6 +95,8 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
     for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(key, value, "a positive integer")
+    if p.dp is not None and (isinstance(p.dp, bool) or not isinstance(p.dp, int) or p.dp < 1):
+        _fail("parallel.dp", p.dp, "null (world_size / (tp * pp * cp)) or a positive integer")
     if p.ddp_bucket_size is not None and (not isinstance(p.ddp_bucket_size, int) or p.ddp_bucket_size < 1):
         _fail("parallel.ddp_bucket_size", p.ddp_bucket_size, "null (Megatron's default) or a positive integer")
     model_cfg = resolve(effective_model_config(recipe), p.tp)
@@ -108,12 +112,17 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
         value = getattr(t, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(f"train.{key}", value, "a positive integer")
+    if t.global_batch_size % t.micro_batch_size:
+        _fail("train.global_batch_size", t.global_batch_size,
+              f"a multiple of train.micro_batch_size = {t.micro_batch_size} (times the data-parallel size): "
+              "each step accumulates whole micro-batches")
     for key, off in (("save_interval", "no checkpoints"), ("eval_interval", "no evaluation"),
                      ("exit_after_steps", "never")):
         value = getattr(t, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             _fail(f"train.{key}", value, f"an integer >= 0 (0: {off})")
     schedule = checked_schedule(t)
+    validate_adam(t)
     if isinstance(t.sample_tokens, bool) or not isinstance(t.sample_tokens, int) or t.sample_tokens < 0:
         _fail("train.sample_tokens", t.sample_tokens, "an integer >= 0 (0: no sample at the end)")
     from recipes.checkpoint_files import validate_keep_checkpoints
@@ -130,11 +139,40 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
     from recipes.data import validate_data_config
 
     validate_data_config(recipe.data)
+    if isinstance(recipe.data.num_workers, bool) or recipe.data.num_workers < 0:
+        _fail("data.num_workers", recipe.data.num_workers, "an integer >= 0 (0: samples are read in the training process)")
+    validate_load_dir(recipe)
     validate_chat_training(recipe)
     if recipe.logger.wandb:
         resolve_wandb_mode(recipe.logger.wandb_mode)
     validate_cuda_graph(recipe)
     return CheckedRecipe(model_cfg, schedule)
+
+
+def validate_adam(train_cfg) -> None:
+    """AdamW's betas are decay rates of its moment averages, and eps keeps its update finite."""
+    for key in ("adam_beta1", "adam_beta2"):
+        value = getattr(train_cfg, key)
+        if not 0 <= value < 1:
+            _fail(f"train.{key}", value, "a number in [0, 1) (the decay rate of AdamW's moment average)")
+    if not train_cfg.adam_eps > 0:
+        _fail("train.adam_eps", train_cfg.adam_eps,
+              "a number > 0 (it keeps AdamW's update finite where a gradient's second moment is 0)")
+
+
+def validate_load_dir(recipe: RecipeConfig) -> None:
+    """train.load_dir must exist where a local run reads it. A resumed run never reads it, and a
+    remote job reads it on the cluster (where the worker checks it at start)."""
+    from recipes.checkpoint_files import has_checkpoints
+
+    load_dir, run_dir = recipe.train.load_dir, recipe.train.run_dir
+    if load_dir is None or recipe.executor.kind != "local" or os.path.isdir(load_dir):
+        return
+    if recipe.train.resume and has_checkpoints(Path(run_dir) / "checkpoints"):
+        return
+    _fail("train.load_dir", load_dir, "null or an existing directory: a Hugging Face FalconH1 checkpoint "
+          "(config.json + *.safetensors) or a falcon-train run directory"
+          + ("" if os.path.isabs(load_dir) else f" (relative to {os.getcwd()})"))
 
 
 def validate_sequence_split(recipe: RecipeConfig, model_cfg: FalconH1Config) -> None:

@@ -130,18 +130,17 @@ def main(argv: Optional[list[str]] = None) -> None:
 def _run(args) -> None:
     import torch.distributed as dist
 
-    from recipes.inference import load_for_inference, require_tokenizer
+    from recipes.inference import load_for_inference, require_at_least_one, require_tokenizer
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}; allowed: an integer >= 1.")
+    require_at_least_one(batch_size=args.batch_size, seq_length=args.seq_length, tp=args.tp, limit=args.limit)
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot {args.num_fewshot}; allowed: an integer >= 0.")
+    if args.log_samples and (args.data or not args.output):
+        raise ValueError("--log-samples needs --tasks and --output (the samples are written there).")
     documents = read_documents(args.data, args.field) if args.data else None
     loaded = load_for_inference(args.path, tp=args.tp, tokenizer=args.tokenizer)
     tokenizer = require_tokenizer(loaded, args.path)
-    if args.log_samples and (documents is not None or not args.output):
-        raise ValueError("--log-samples needs --tasks and --output (the samples are written there).")
     seq_length = args.seq_length or loaded.max_length
-    if seq_length < 1:
-        raise ValueError(f"--seq-length {seq_length}; allowed: an integer >= 1.")
     if documents is not None:
         results = perplexity(loaded.model, tokenizer, documents, seq_length, args.batch_size)
         report = json.dumps(results, indent=2)

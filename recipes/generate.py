@@ -160,10 +160,11 @@ def main(argv: Optional[list[str]] = None) -> None:
 def _run(args) -> None:
     import torch.distributed as dist
 
-    from recipes.inference import load_for_inference, require_tokenizer
+    from falcon_h1.generation.sampling import Sampler
+    from recipes.inference import load_for_inference, require_at_least_one, require_tokenizer
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}; allowed: an integer >= 1.")
+    require_at_least_one(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, tp=args.tp)
+    Sampler.of(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed)  # before the model loads
     items = read_prompts(args.prompt, args.file, args.chat)
     loaded = load_for_inference(args.path, tp=args.tp, tokenizer=args.tokenizer)
     tokenizer = require_tokenizer(loaded, args.path)

@@ -88,6 +88,13 @@ def require_tokenizer(loaded: InferenceModel, path) -> TextTokenizer:
     return loaded.tokenizer
 
 
+def require_at_least_one(**flags) -> None:
+    """Refuse a command-line count below 1, naming the flag (`max_new_tokens=0` -> --max-new-tokens)."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}; allowed: an integer >= 1.")
+
+
 def run_command(name: str, run, args) -> None:
     """Run a falcon-generate / falcon-eval body: a bad argument, a missing file, a model folder
     without what it needs or a checkpoint that cannot be read ends the command with one line and

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from falcon_h1.errors import ConfigValueError
 from recipes.config import RecipeConfig
@@ -33,9 +34,23 @@ def to_recipe(tree: DictConfig) -> RecipeConfig:
     own `hydra` node, when present, is left out)."""
     _register_now_resolver()
     tree = OmegaConf.masked_copy(tree, [k for k in tree.keys() if k != "hydra"]) if "hydra" in tree else tree
-    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree))
+    try:
+        recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree))
+    except InterpolationResolutionError as error:
+        setting_error = _config_value_error_within(error)  # a resolver's check (the µP multipliers of mup.mode)
+        if setting_error is None:
+            raise
+        raise setting_error from None
     refuse_unknown_keys(recipe)
     return recipe
+
+
+def _config_value_error_within(error: BaseException):
+    """The ConfigValueError an OmegaConf error wraps (it chains the resolver's exception as its
+    context), or None."""
+    while error is not None and not isinstance(error, ConfigValueError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def refuse_unknown_keys(node, path: str = "") -> None:

@@ -75,16 +75,50 @@ def main() -> None:
     if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in sys.argv) and "--resolve" not in sys.argv:
         sys.argv.append("--resolve")  # print the µP multipliers (interpolations) as the values they resolve to
     if not _is_dry_run(sys.argv[1:]):
-        _app()
+        _run_app()
         return
     # Hydra makes its run directory (train.run_dir) before the app runs; a dry run starts
     # nothing, so it must leave nothing behind: Hydra's directory is a scratch one here.
     scratch = tempfile.mkdtemp(prefix="falcon-train-dryrun-")
     sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     try:
-        _app()
+        _run_app()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_app() -> None:
+    """The Hydra app, with Hydra's own errors (a key no config has, an unknown group option, a
+    value of the wrong type, an override it cannot parse) reported as settings to change: one
+    `falcon-train: error:` paragraph and exit code 2, as the recipe's checks are. Hydra prints
+    them itself and exits 1 unless HYDRA_FULL_ERROR asks it to raise them, which it does here;
+    a user who sets HYDRA_FULL_ERROR=1 still gets Hydra's full stack trace."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        _app()
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _app()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"falcon-train: error: {_hydra_error_text(err)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+
+
+def _hydra_error_text(err: Exception) -> str:
+    """Hydra's message and the OmegaConf error under it, without OmegaConf's type lines and
+    Hydra's config search path."""
+    parts = [str(err)]
+    if err.__cause__ is not None and str(err.__cause__) not in parts[0]:
+        parts.append(str(err.__cause__))
+    text = "\n".join(parts).split("\nConfig search path:")[0]
+    lines = [line.rstrip() for line in text.splitlines()]
+    return "\n".join(line for line in lines
+                     if line.strip() and not line.lstrip().startswith(("reference_type=", "object_type=")))
 
 
 def _is_dry_run(args: list[str]) -> bool:
