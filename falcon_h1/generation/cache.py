@@ -6,7 +6,7 @@ Each mixer keeps, per batch row:
   and the SSM state [b, heads, head_dim, d_state] in fp32.
 
 A prompt is prefilled unpadded (no pad token reaches a conv window or SSM state); its
-states come from the mixer's input as the training forward hands it over. The SSM state at
+states come from the branch inputs as the training forward hands them over. The SSM state at
 the end of a prompt of length L has the closed form
 
     S_L = sum_t exp(sum_{s>t} A dt_s) dt_t x_t B_t^T
@@ -23,7 +23,7 @@ import torch
 
 from falcon_h1.generation import model_access as access
 from falcon_h1.generation.steps import discretized_dt
-from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
+from falcon_h1.kernels import causal_conv1d_silu
 
 
 @dataclass
@@ -49,24 +49,23 @@ def allocate(mixer, batch: int, capacity: int, dtype: torch.dtype, device: torch
     return cache
 
 
-def fill_from_prompt(cache: LayerCache, rows: list[int], mixer, u: torch.Tensor, freqs) -> None:
-    """Write the states of prompts of one length into cache rows `rows`.
+def fill_attention(cache: LayerCache, rows: list[int], mixer, qkv: torch.Tensor, freqs) -> None:
+    """Write the K/V of prompts of one length into cache rows `rows`: qkv [L, len(rows), .] as the
+    mixer's attention got it; freqs: the rotary frequencies it was given (positions 0..L-1)."""
+    _, k, v = access.split_qkv(mixer, qkv)                           # [L, r, kv_heads, d]
+    k = access.apply_rotary(mixer, k, freqs)
+    index, length = torch.tensor(rows, device=qkv.device), qkv.shape[0]
+    cache.k[index, :, :length] = k.permute(1, 2, 0, 3).to(cache.k.dtype)
+    cache.v[index, :, :length] = v.permute(1, 2, 0, 3).to(cache.v.dtype)
 
-    u [L, len(rows), H]: the mixer's input over the prompts; freqs: the rotary frequencies
-    the mixer was given for them (positions 0..L-1).
-    """
-    qkv, zxbcdt = access.project_in(mixer, u)
-    index = torch.tensor(rows, device=u.device)
-    length = u.shape[0]
-    if qkv is not None:
-        _, k, v = access.split_qkv(mixer, qkv)                       # [L, r, kv_heads, d]
-        k = access.apply_rotary(mixer, k, freqs)
-        cache.k[index, :, :length] = k.permute(1, 2, 0, 3).to(cache.k.dtype)
-        cache.v[index, :, :length] = v.permute(1, 2, 0, 3).to(cache.v.dtype)
-    if zxbcdt is not None:
-        conv, ssm = mamba_states(mixer, zxbcdt.transpose(0, 1))
-        cache.conv[index] = conv.to(cache.conv.dtype)
-        cache.ssm[index] = ssm
+
+def fill_mamba(cache: LayerCache, rows: list[int], mixer, zxbcdt: torch.Tensor) -> None:
+    """Write the conv windows and SSM states at the end of prompts of one length into cache rows
+    `rows`: zxbcdt [L, len(rows), .] as the mixer's Mamba-2 branch got it."""
+    conv, ssm = mamba_states(mixer, zxbcdt.transpose(0, 1))
+    index = torch.tensor(rows, device=zxbcdt.device)
+    cache.conv[index] = conv.to(cache.conv.dtype)
+    cache.ssm[index] = ssm
 
 
 def mamba_states(mixer, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +75,8 @@ def mamba_states(mixer, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     k = p.conv_weight.shape[1]
     window = xbc[:, -(k - 1):].transpose(1, 2)                        # [r, c, <= k-1]
     conv = torch.nn.functional.pad(window, (k - 1 - window.shape[-1], 0))  # short prompts: causal zeros
-    x, B, _ = causal_conv1d_silu_reference(xbc, p.conv_weight, p.conv_bias).split([p.d_ssm, p.bc, p.bc], dim=-1)
+    x, B, _ = causal_conv1d_silu(xbc, p.conv_weight, p.conv_bias, False, out_scale=p.conv_out_scale).split(
+        [p.d_ssm, p.bc, p.bc], dim=-1)
     dt = discretized_dt(dt_raw, p.dt_bias, p.dt_limit)                # [r, L, h]
     return conv, final_ssm_state(x.unflatten(-1, (p.heads, -1)), dt, p.A, B.unflatten(-1, (p.groups, -1)))
 

@@ -59,6 +59,8 @@ class CachedMixer(torch.nn.Module):
         p, cache = self.ssm, self.cache
         z, xbc, dt_raw = access.split_zxbcdt(self.source, zxbcdt)   # [b, .]
         xbc = conv_step(cache.conv, xbc, p.conv_weight, p.conv_bias)
+        if p.conv_out_scale is not None:  # the folded ssm_out_multiplier on x, as the mixer's conv applies it
+            xbc = xbc * p.conv_out_scale.to(xbc.dtype)
         x, B, C = xbc.split([p.d_ssm, p.bc, p.bc], dim=-1)
         b = x.shape[0]
         y = ssm_step(cache.ssm, x.reshape(b, p.heads, p.head_dim), discretized_dt(dt_raw, p.dt_bias, p.dt_limit),

@@ -131,10 +131,13 @@ def _prefill(model, prompts, layer_caches) -> torch.Tensor:
     for rows in by_length.values():
         ids = torch.stack([prompts[r] for r in rows])
 
-        def fill(index, mixer, u, freqs, rows=rows):
-            caches.fill_from_prompt(layer_caches[index], rows, mixer, u, freqs)
+        def attention(index, mixer, qkv, freqs, rows=rows):
+            caches.fill_attention(layer_caches[index], rows, mixer, qkv, freqs)
 
-        with access.mixer_inputs_seen_by(model, fill), access.last_position_logits(model):
+        def mamba(index, mixer, zxbcdt, rows=rows):
+            caches.fill_mamba(layer_caches[index], rows, mixer, zxbcdt)
+
+        with access.branch_inputs_seen_by(model, attention, mamba), access.last_position_logits(model):
             last = model(ids)[:, -1]
         for j, r in enumerate(rows):
             logits[r] = last[j]

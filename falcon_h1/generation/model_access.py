@@ -3,16 +3,18 @@
 Generation runs the model's own forward for every token: embedding, layers, MLPs, norms,
 LM head and the tensor-parallel gathers are the training code. Only the mixers change:
 
-- prefill is the plain training forward with a pre-hook on each mixer that hands its input
-  (the normed hidden states) and the rotary frequencies it was given to the cache code
+- prefill is the plain training forward, each mixer handing its branches' inputs (qkv and
+  zxbcdt as its branches get them) and the rotary frequencies it was given to the cache code
   (falcon_h1.generation.cache), which computes that layer's states from them;
 - a decode step is the forward on one token per row at its own position (position_ids), with
   each mixer swapped for a module that handles that token from the caches
   (falcon_h1.generation.decode) and reads the mixer's projections, µP scales and SSM
   parameters through the functions here; the model computes the rotary frequencies.
 
-The projections are taken in their unfolded form (linear, then the mixer's per-channel µP
-scale), which is the same function as the folded one the training path may use.
+The projections and µP scales are the mixer's own: where it folds the scales into its weights
+(`mixer.scales_in_weights`), the v rows carry attention_out_multiplier and the conv output of x
+carries ssm_out_multiplier, so the branch outputs need no multiplier; otherwise the scales are
+applied to the activations, as the mixer's forward does.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class SsmParams:
     D: torch.Tensor                  # [heads]
     dt_bias: torch.Tensor            # [heads]
     dt_limit: tuple[float, float]
+    conv_out_scale: Optional[torch.Tensor]  # [conv_channels] where the mixer folds its scales, else None
     heads: int
     head_dim: int
     groups: int
@@ -73,27 +76,29 @@ def has_mamba(mixer) -> bool:
 
 
 def project_in(mixer, u: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """u [s, b, H] -> (qkv, zxbcdt) [s, b, .] of this rank's heads, µP-scaled; None for an absent branch."""
+    """u [s, b, H] -> (qkv, zxbcdt) [s, b, .] of this rank's heads as the mixer's branches get them
+    (µP-scaled); None for an absent branch."""
     d = mixer.dims
     if mixer.fused:
-        proj = mixer.in_proj(u)[0]
+        proj = mixer._project_in("in_proj", u)
         qkv, zxbcdt = proj.split([sum(d.attention_in), sum(d.mamba_in)], dim=-1)
     else:
-        qkv = mixer.attn_in_proj(u)[0] if mixer.attention else None
-        zxbcdt = mixer.mamba_in_proj(u)[0] if mixer.mamba else None
-    qkv = qkv * mixer.attn_in_scale.to(qkv.dtype) if mixer.attention else None
-    zxbcdt = zxbcdt * mixer.ssm_in_scale.to(zxbcdt.dtype) if mixer.mamba else None
+        qkv = mixer._project_in("attn_in_proj", u) if mixer.attention else None
+        zxbcdt = mixer._project_in("mamba_in_proj", u) if mixer.mamba else None
+    if not mixer.scales_in_weights:
+        qkv = qkv * mixer.attn_in_scale.to(qkv.dtype) if mixer.attention else None
+        zxbcdt = zxbcdt * mixer.ssm_in_scale.to(zxbcdt.dtype) if mixer.mamba else None
     return qkv, zxbcdt
 
 
 def project_out(mixer, y_ssm: Optional[torch.Tensor], o_attn: Optional[torch.Tensor]) -> torch.Tensor:
-    """Branch outputs [s, b, .] (before their out multipliers) -> mixer output [s, b, H]."""
-    c = mixer.cfg
+    """Branch outputs [s, b, .] (computed from project_in's inputs) -> mixer output [s, b, H]."""
+    c, folded = mixer.cfg, mixer.scales_in_weights
     parts = []
     if mixer.mamba:
-        parts.append(y_ssm * c.ssm_out_multiplier)
+        parts.append(y_ssm if folded else y_ssm * c.ssm_out_multiplier)
     if mixer.attention:
-        parts.append(o_attn * c.attention_out_multiplier)
+        parts.append(o_attn if folded else o_attn * c.attention_out_multiplier)
     if mixer.fused:
         return mixer.out_proj(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous())[0]
     out = mixer.mamba_out_proj(parts[0].contiguous())[0] if mixer.mamba else None
@@ -133,7 +138,8 @@ def ssm_params(mixer) -> SsmParams:
     d, c = mixer.dims, mixer.cfg
     return SsmParams(
         conv_weight=mixer.conv1d_weight, conv_bias=mixer.conv1d_bias, A=-torch.exp(mixer.A_log.float()),
-        D=mixer.D, dt_bias=mixer.dt_bias, dt_limit=tuple(c.time_step_limit), heads=d.ssm_heads,
+        D=mixer.D, dt_bias=mixer.dt_bias, dt_limit=tuple(c.time_step_limit),
+        conv_out_scale=mixer.conv_out_scale if mixer.scales_in_weights else None, heads=d.ssm_heads,
         head_dim=c.ssm_head_dim, groups=d.groups, d_state=c.mamba_d_state, d_ssm=d.z, bc=d.bc)
 
 
@@ -154,20 +160,32 @@ def uses_gpu_kernels(mixer) -> bool:
 
 
 @contextlib.contextmanager
-def mixer_inputs_seen_by(model, callback: Callable[[int, torch.nn.Module, torch.Tensor, Optional[torch.Tensor]], None]):
-    """During the block, each mixer's forward first calls callback(layer index, mixer, u [s, b, H],
-    rotary freqs), with the input it is about to process (used at once, so no layer's input
-    outlives its own forward)."""
-    handles = []
+def branch_inputs_seen_by(model, on_attention: Callable, on_mamba: Callable):
+    """During the block each mixer's forward hands its branches' inputs, as project_in gives them,
+    to on_attention(layer index, mixer, qkv [s, b, .], rotary freqs) and on_mamba(layer index,
+    mixer, zxbcdt [s, b, .]) before running the branch, so a prefill reads them instead of
+    projecting the prompt a second time (used at once: no layer's projection outlives its own
+    forward)."""
+    wrapped = []
     for index, mixer in mixers(model):
-        def hook(module, args, index=index):
-            callback(index, module, args[0], args[1] if len(args) > 1 else None)
-        handles.append(mixer.register_forward_pre_hook(hook))
+        attention, mamba = mixer._attention, mixer._mamba
+
+        def seen_attention(qkv, rotary_freqs, documents, index=index, mixer=mixer, run=attention):
+            on_attention(index, mixer, qkv, rotary_freqs)
+            return run(qkv, rotary_freqs, documents)
+
+        def seen_mamba(zxbcdt, seq_idx, index=index, mixer=mixer, run=mamba):
+            on_mamba(index, mixer, zxbcdt)
+            return run(zxbcdt, seq_idx)
+
+        # instance attributes shadow the branch methods for this block only
+        mixer._attention, mixer._mamba = seen_attention, seen_mamba
+        wrapped.append(mixer)
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for mixer in wrapped:
+            del mixer._attention, mixer._mamba
 
 
 @contextlib.contextmanager

@@ -75,6 +75,17 @@ def test_cached_decoding_equals_full_recomputation(hf_pair, prompts):
     assert_cached_decoding_equals_recomputation(falcon_h1.from_hf(hf_pair[0]), prompts, NEW_TOKENS)
 
 
+def test_cached_decoding_equals_full_recomputation_with_folded_scales(tmp_path, megatron_single, prompts):
+    """Without the gated RMSNorm the mixer folds its µP scales into its weights (v rows carry
+    attention_out_multiplier, the conv output of x ssm_out_multiplier): the caches and every step
+    hold the same folded quantities as the training forward."""
+    make_hf_model(seed=5, mamba_rms_norm=False, attention_out_multiplier=0.7, ssm_out_multiplier=1.3).save_pretrained(
+        tmp_path)
+    model = falcon_h1.from_hf(tmp_path)
+    assert all(layer.mixer.scales_in_weights for layer in model.layers)
+    assert_cached_decoding_equals_recomputation(model, prompts, 20)
+
+
 def test_cached_decoding_equals_full_recomputation_with_yarn(tmp_path, megatron_single, prompts):
     """yarn scales cos and sin by an attention factor: cached K and each new q, k carry it."""
     rope = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16}
