@@ -312,21 +312,36 @@ class ParallelHybridMixer(MegatronModule):
 
     def forward(self, u, rotary_freqs, documents=None):
         """documents: kernels.documents.Documents of packed rows (None: one document per row)."""
-        c, folded = self.cfg, self.scales_in_weights
+        qkv, zxbcdt = self.branch_inputs(u)
+        y = self._mamba(zxbcdt, documents.seq_idx if documents is not None else None) if self.mamba else None
+        o = self._attention(qkv, rotary_freqs, documents) if self.attention else None
+        return self.branch_outputs_combined(y, o)
+
+    def branch_inputs(self, u):
+        """u [s, b, H] -> (qkv, zxbcdt) [s, b, .] of this rank's heads as the branches take them,
+        µP-scaled (by the in-projection itself when the scales are folded); None for an absent
+        branch. Generation's decode step starts from these too."""
         if self.fused:
             qkv, zxbcdt = self._project_in("in_proj", u).split(
                 [sum(self.dims.attention_in), sum(self.dims.mamba_in)], dim=-1)
         else:
             qkv = self._project_in("attn_in_proj", u) if self.attention else None
             zxbcdt = self._project_in("mamba_in_proj", u) if self.mamba else None
+        if not self.scales_in_weights:
+            qkv = qkv * self.attn_in_scale.to(qkv.dtype) if self.attention else None
+            zxbcdt = zxbcdt * self.ssm_in_scale.to(zxbcdt.dtype) if self.mamba else None
+        return qkv, zxbcdt
+
+    def branch_outputs_combined(self, y_ssm, o_attn):
+        """The branches' outputs [s, b, .] (None for an absent branch) -> mixer output [s, b, H]:
+        their out multipliers (already carried by the v rows and the conv output when the scales
+        are folded), then the out-projection."""
+        c, folded = self.cfg, self.scales_in_weights
         parts = []
         if self.mamba:
-            seq_idx = documents.seq_idx if documents is not None else None
-            y = self._mamba(zxbcdt if folded else zxbcdt * self.ssm_in_scale.to(zxbcdt.dtype), seq_idx)
-            parts.append(y if folded else y * c.ssm_out_multiplier)
+            parts.append(y_ssm if folded else y_ssm * c.ssm_out_multiplier)
         if self.attention:
-            o = self._attention(qkv if folded else qkv * self.attn_in_scale.to(qkv.dtype), rotary_freqs, documents)
-            parts.append(o if folded else o * c.attention_out_multiplier)
+            parts.append(o_attn if folded else o_attn * c.attention_out_multiplier)
         return self._project_out(parts)
 
     def _project_out(self, parts):

@@ -39,10 +39,10 @@ class CachedMixer(torch.nn.Module):
             raise ValueError("a decode step takes one new token per row: no packed documents (position_ids "
                              "restarting inside a row) can reach it.")
         mixer = self.source
-        qkv, zxbcdt = access.project_in(mixer, u)
+        qkv, zxbcdt = mixer.branch_inputs(u)
         y = self._mamba(zxbcdt[0]) if zxbcdt is not None else None
         o = self._attention(qkv, rotary_freqs) if qkv is not None else None
-        return access.project_out(mixer, y, o)
+        return mixer.branch_outputs_combined(y, o)
 
     def _attention(self, qkv, freqs):
         mixer, cache, at = self.source, self.cache, self.step.now

@@ -8,13 +8,13 @@ LM head and the tensor-parallel gathers are the training code. Only the mixers c
   (falcon_h1.generation.cache), which computes that layer's states from them;
 - a decode step is the forward on one token per row at its own position (position_ids), with
   each mixer swapped for a module that handles that token from the caches
-  (falcon_h1.generation.decode) and reads the mixer's projections, µP scales and SSM
-  parameters through the functions here; the model computes the rotary frequencies.
+  (falcon_h1.generation.decode): the mixer's own `branch_inputs` and `branch_outputs_combined`
+  around cached branches that read its SSM parameters through the functions here; the model
+  computes the rotary frequencies.
 
-The projections and µP scales are the mixer's own: where it folds the scales into its weights
-(`mixer.scales_in_weights`), the v rows carry attention_out_multiplier and the conv output of x
-carries ssm_out_multiplier, so the branch outputs need no multiplier; otherwise the scales are
-applied to the activations, as the mixer's forward does.
+The µP scales are the mixer's: where it folds them into its weights (`mixer.scales_in_weights`),
+the v rows carry attention_out_multiplier and the conv output of x carries ssm_out_multiplier
+(`SsmParams.conv_out_scale`), so the cached quantities are those of the training forward.
 """
 
 from __future__ import annotations
@@ -75,39 +75,6 @@ def has_mamba(mixer) -> bool:
     return mixer.mamba
 
 
-def project_in(mixer, u: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """u [s, b, H] -> (qkv, zxbcdt) [s, b, .] of this rank's heads as the mixer's branches get them
-    (µP-scaled); None for an absent branch."""
-    d = mixer.dims
-    if mixer.fused:
-        proj = mixer._project_in("in_proj", u)
-        qkv, zxbcdt = proj.split([sum(d.attention_in), sum(d.mamba_in)], dim=-1)
-    else:
-        qkv = mixer._project_in("attn_in_proj", u) if mixer.attention else None
-        zxbcdt = mixer._project_in("mamba_in_proj", u) if mixer.mamba else None
-    if not mixer.scales_in_weights:
-        qkv = qkv * mixer.attn_in_scale.to(qkv.dtype) if mixer.attention else None
-        zxbcdt = zxbcdt * mixer.ssm_in_scale.to(zxbcdt.dtype) if mixer.mamba else None
-    return qkv, zxbcdt
-
-
-def project_out(mixer, y_ssm: Optional[torch.Tensor], o_attn: Optional[torch.Tensor]) -> torch.Tensor:
-    """Branch outputs [s, b, .] (computed from project_in's inputs) -> mixer output [s, b, H]."""
-    c, folded = mixer.cfg, mixer.scales_in_weights
-    parts = []
-    if mixer.mamba:
-        parts.append(y_ssm if folded else y_ssm * c.ssm_out_multiplier)
-    if mixer.attention:
-        parts.append(o_attn if folded else o_attn * c.attention_out_multiplier)
-    if mixer.fused:
-        return mixer.out_proj(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous())[0]
-    out = mixer.mamba_out_proj(parts[0].contiguous())[0] if mixer.mamba else None
-    if mixer.attention:
-        attn = mixer.attn_out_proj(parts[-1].contiguous())[0]
-        out = attn if out is None else out + attn
-    return out
-
-
 def split_qkv(mixer, qkv: torch.Tensor):
     """qkv [s, b, .] -> q [s, b, q_heads, d], k and v [s, b, kv_heads, d]."""
     d, hd = mixer.dims, mixer.cfg.kv_channels
@@ -161,7 +128,7 @@ def uses_gpu_kernels(mixer) -> bool:
 
 @contextlib.contextmanager
 def branch_inputs_seen_by(model, on_attention: Callable, on_mamba: Callable):
-    """During the block each mixer's forward hands its branches' inputs, as project_in gives them,
+    """During the block each mixer's forward hands its branches' inputs (`branch_inputs`)
     to on_attention(layer index, mixer, qkv [s, b, .], rotary freqs) and on_mamba(layer index,
     mixer, zxbcdt [s, b, .]) before running the branch, so a prefill reads them instead of
     projecting the prompt a second time (used at once: no layer's projection outlives its own
