@@ -124,11 +124,9 @@ def run(recipe: RecipeConfig, executor: str | None = None):
     for line in mup_report(recipe):
         print(f"falcon-train: {line}", file=sys.stderr)
     if recipe.executor.kind == "local" and recipe.executor.nproc_per_node == 1 and not recipe.dryrun:
-        from recipes.fallback_notices import quiet_fallbacks
+        from recipes.fallback_notices import announce_fallbacks
 
-        fallbacks = quiet_fallbacks()  # before Megatron is imported
-        if fallbacks:
-            print(fallbacks, file=sys.stderr)
+        announce_fallbacks()
         from recipes.training import train
 
         return train(recipe)  # validates first

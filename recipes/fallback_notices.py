@@ -52,6 +52,17 @@ def quiet_fallbacks() -> str:
     return fallback_line()
 
 
+def announce_fallbacks() -> None:
+    """quiet_fallbacks(), and its line on stderr from the first process of a job (call before
+    Megatron is imported)."""
+    import os
+    import sys
+
+    line = quiet_fallbacks()
+    if line and os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
 def fallback_line() -> str:
     missing = [name for name, module in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))
                if importlib.util.find_spec(module) is None]

@@ -11,13 +11,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m recipes.worker RECIPE.yaml", file=sys.stderr)
         return 2
-    import os
+    from recipes.fallback_notices import announce_fallbacks
 
-    from recipes.fallback_notices import quiet_fallbacks
-
-    fallbacks = quiet_fallbacks()  # before Megatron is imported
-    if fallbacks and os.environ.get("RANK", "0") == "0":
-        print(fallbacks, file=sys.stderr)
+    announce_fallbacks()
     from recipes.recipe_file import recipe_from_yaml
     from recipes.run_errors import RunError
     from recipes.training import train
