@@ -29,9 +29,7 @@ import numpy as np
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from falcon_h1.errors import ConfigValueError
-from recipes.data.chat_demo import CHAT_DEMO
-from recipes.data.tokenizer_files import (BYTE_SPEC, CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_HELP,  # noqa: F401
-                                          find_chat_template, resolve_tokenizer_file)
+from recipes.data.tokenizer_files import BYTE_SPEC, CHAT_TEMPLATE_HELP, find_chat_template, resolve_tokenizer_file
 
 VOCAB_MULTIPLE = 64
 
