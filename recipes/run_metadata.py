@@ -36,7 +36,9 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-MASK = "***"
+from launchers.job import MASKED_ENV_VALUE
+
+MASK = MASKED_ENV_VALUE  # one mask for every hidden value, in files and in the launchers' printouts
 SECRET_WORDS = ("key", "token", "secret", "password")
 # Keys whose value is a mapping of environment variables, e.g. executor.slurm.env_vars or
 # Hydra's hydra.job.env_set: the variable names are useful to see, their values are not ours
