@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from falcon_h1.errors import ConfigValueError
+from falcon_h1.errors import ConfigValueError, is_int_at_least
 
 # One character per decoder layer: H = parallel hybrid (attention + Mamba-2 side by
 # side, then MLP), A = attention + MLP, M = Mamba-2 + MLP, "-" = MLP only.
@@ -272,8 +272,7 @@ def check_recompute_layers(recompute: str, recompute_layers: Optional[int], laye
         raise ConfigValueError(field, recompute_layers,
                                f"null unless the recomputation is full (it is {recompute!r}): it picks how many "
                                "layers the full recomputation covers")
-    if isinstance(recompute_layers, bool) or not isinstance(recompute_layers, int) or \
-            not 1 <= recompute_layers <= layers_per_stage:
+    if not is_int_at_least(recompute_layers, 1) or recompute_layers > layers_per_stage:
         raise ConfigValueError(field, recompute_layers,
                                f"null (every layer) or an integer in 1..{layers_per_stage} (the layers of one "
                                "pipeline stage)")

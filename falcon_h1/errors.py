@@ -23,3 +23,9 @@ class ConfigValueError(ValueError):
         # Rebuilt with all four fields when it travels between processes (pickled by
         # torch.distributed.broadcast_object_list, multiprocessing), not from the message alone.
         return type(self), (self.key, self.value, self.allowed, str(self))
+
+
+def is_int_at_least(value: Any, minimum: int) -> bool:
+    """Whether `value` is an integer (a bool is not one) of at least `minimum`: the test behind
+    every count setting (sizes, steps, intervals)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

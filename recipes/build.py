@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from falcon_h1.config import FalconH1Config, check_recompute_layers, resolve
-from falcon_h1.errors import ConfigValueError
+from falcon_h1.errors import ConfigValueError, is_int_at_least
 from falcon_h1.mup import MODES, MULTIPLIER_FIELDS
 from recipes.config import RecipeConfig
 from recipes.schedules import LrSchedule, checked_schedule
@@ -93,9 +93,9 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
 
     p, t = recipe.parallel, recipe.train
     for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int_at_least(value, 1):
             _fail(key, value, "a positive integer")
-    if p.dp is not None and (isinstance(p.dp, bool) or not isinstance(p.dp, int) or p.dp < 1):
+    if p.dp is not None and not is_int_at_least(p.dp, 1):
         _fail("parallel.dp", p.dp, "null (world_size / (tp * pp * cp)) or a positive integer")
     if p.ddp_bucket_size is not None and (not isinstance(p.ddp_bucket_size, int) or p.ddp_bucket_size < 1):
         _fail("parallel.ddp_bucket_size", p.ddp_bucket_size, "null (Megatron's default) or a positive integer")
@@ -110,7 +110,7 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
                            field="train.recompute_layers")
     for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
         value = getattr(t, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int_at_least(value, 1):
             _fail(f"train.{key}", value, "a positive integer")
     if t.global_batch_size % t.micro_batch_size:
         _fail("train.global_batch_size", t.global_batch_size,
@@ -119,11 +119,11 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
     for key, off in (("save_interval", "no checkpoints"), ("eval_interval", "no evaluation"),
                      ("exit_after_steps", "never")):
         value = getattr(t, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int_at_least(value, 0):
             _fail(f"train.{key}", value, f"an integer >= 0 (0: {off})")
     schedule = checked_schedule(t)
     validate_adam(t)
-    if isinstance(t.sample_tokens, bool) or not isinstance(t.sample_tokens, int) or t.sample_tokens < 0:
+    if not is_int_at_least(t.sample_tokens, 0):
         _fail("train.sample_tokens", t.sample_tokens, "an integer >= 0 (0: no sample at the end)")
     from recipes.checkpoint_files import validate_keep_checkpoints
 
@@ -230,7 +230,7 @@ def validate_cuda_graph(recipe: RecipeConfig) -> None:
         return
     when = "with train.cuda_graph = true"
     warmup = t.cuda_graph_warmup_steps
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+    if not is_int_at_least(warmup, 1):
         _fail("train.cuda_graph_warmup_steps", warmup,
               f"an integer >= 1 {when}: the eager steps before the capture compile and autotune the Triton "
               "kernels, create the NCCL communicators and fill the model's cached scales, none of which "

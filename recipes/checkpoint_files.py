@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
-from falcon_h1.errors import ConfigValueError
+from falcon_h1.errors import ConfigValueError, is_int_at_least
 
 MANIFEST = "checksums.json"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -42,7 +42,7 @@ def checkpoint_dir(ckpt_root, step: int) -> Path:
 
 
 def validate_keep_checkpoints(keep) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    if not is_int_at_least(keep, 1):
         raise ConfigValueError(
             "train.keep_checkpoints", keep, "an integer >= 1",
             message=f"train.keep_checkpoints = {keep!r} is not allowed: an integer >= 1 (after each save the "

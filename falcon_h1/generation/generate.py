@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from falcon_h1.errors import is_int_at_least
 from falcon_h1.generation import cache as caches
 from falcon_h1.generation import model_access as access
 from falcon_h1.generation.decode import CachedMixer, StepHolder, StepPositions, decode_step
@@ -62,7 +63,7 @@ def generate(
     access.check_can_generate(model)
     sampler = Sampler.of(do_sample, temperature, top_k, top_p, seed)
     prompts = _prompts(input_ids, attention_mask, model.cfg.vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int_at_least(max_new_tokens, 1):
         raise ValueError(f"max_new_tokens = {max_new_tokens!r}; allowed: an integer >= 1.")
     eos = _eos_ids(eos_token_id, model.cfg.vocab_size, input_ids.device)
     graphed = cuda_graph_choice(cuda_graph, model, input_ids.device)

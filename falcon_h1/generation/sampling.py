@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from falcon_h1.errors import is_int_at_least
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -30,7 +32,7 @@ class Sampler:
             return Sampler()
         if temperature is not None and not temperature > 0:
             raise ValueError(f"temperature = {temperature!r}; allowed: a number > 0 (greedy: do_sample = False).")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and not is_int_at_least(top_k, 1):
             raise ValueError(f"top_k = {top_k!r}; allowed: an integer >= 1, or None for no top-k filter.")
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p = {top_p!r}; allowed: 0 < top_p <= 1, or None for no top-p filter.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from falcon_h1.errors import ConfigValueError
+from falcon_h1.errors import ConfigValueError, is_int_at_least
 from recipes.data.chat import is_chat_file
 from recipes.data.chat_demo import CHAT_DEMO
 from recipes.data.chat_sources import MASK_SUFFIX, chat_indexed_files
@@ -110,7 +110,7 @@ def validate_chat_data_config(data_cfg) -> None:
     except ConfigValueError as error:
         problems.append(error)
     seq_length = data_cfg.seq_length
-    if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 2:
+    if not is_int_at_least(seq_length, 2):
         problems.append(problem("data.seq_length", seq_length, "an integer >= 2",
                                 f"data.seq_length = {seq_length!r}: expected an integer >= 2 "
                                 f"(a chat row needs a token and its label)."))

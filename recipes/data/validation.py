@@ -20,7 +20,7 @@ import struct
 from pathlib import Path
 from typing import Optional, Sequence
 
-from falcon_h1.errors import ConfigValueError
+from falcon_h1.errors import ConfigValueError, is_int_at_least
 from recipes.data.bundled import BUNDLED, resolve_cache_dir
 from recipes.data.tokenizer_files import BYTE_SPEC, resolve_tokenizer_file
 
@@ -209,7 +209,7 @@ def validate_data_config(data_cfg) -> None:
     except ConfigValueError as error:
         problems.append(error)
     seq_length = data_cfg.seq_length
-    if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 1:
+    if not is_int_at_least(seq_length, 1):
         problems.append(ConfigValueError("data.seq_length", seq_length, "a positive integer",
                                          message=f"data.seq_length = {seq_length!r}: expected a positive integer."))
     raise_problems(problems)
