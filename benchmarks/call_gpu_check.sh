@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One H200 call: every GPU test in one pytest run over XDIST workers (-v, short tracebacks, to $OUT/gpu_tests.txt),
-# then decode speed of falcon_h1.generate with and without its CUDA graph (GEN_ARGS), while
+# then AFTER (eval'd), then decode speed of falcon_h1.generate with and without its CUDA graph (GEN_ARGS), while
 # causal_conv1d's CUDA extension builds in the background for the Hugging Face fast path (BUILD=1;
 # the wheel comes back in <16 MB parts: cat $OUT/cc1d.part* > causal_conv1d-...whl).
 #   device run: bash benchmarks/call_gpu_check.sh     (carry: wheels [, .whl])
@@ -19,8 +19,9 @@ timeout ${TESTS_S:-330} python3 -m pytest -v -n ${XDIST:-8} --dist load -p no:ca
   -rfE --durations=12 \
   ${TESTS:-$(ls tests/*/test_*gpu*.py)} ${EXTRA_TESTS:-} 2>&1 | grep -v -i "warn" > "$OUT/gpu_tests.txt"
 grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | cut -c1-200 | tail -25
+eval "${AFTER:-true}"  # e.g. another bench, before the decode run
 left=$((560 - SECONDS))
-if [ "$left" -gt 40 ]; then
+if [ "$left" -gt 40 ] && [ "${GEN_ARGS:-}" != skip ]; then
   timeout $left python3 benchmarks/generate_bench.py --out "$OUT" ${GEN_ARGS:---sizes 0.5b --batches 1 --new-tokens 64 --no-hf} \
     2>&1 | grep -v -i warn | tail -12
 fi

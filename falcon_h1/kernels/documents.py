@@ -23,6 +23,9 @@ from typing import Optional
 import torch
 
 
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default sparse block
+
+
 @dataclass(frozen=True, eq=False)
 class Documents:
     """The documents of a batch of packed rows (see the module docstring)."""
@@ -59,13 +62,17 @@ class Documents:
         """FlexAttention BlockMask of `attention_mask` (built once, shared by every layer)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        seq_idx = self.seq_idx
+        b, s = self.seq_idx.shape
+        block = FLEX_BLOCK_SIZE
+        # create_block_mask evaluates the mask on indices rounded up to whole blocks; on CUDA an index
+        # past the row's end is a device-side assert (pytorch#137801), so the lookup has a -1 tail.
+        # A real query never matches the tail (its id is >= 0); padded queries are dropped by flex.
+        seq_idx = torch.nn.functional.pad(self.seq_idx, (0, -s % block), value=-1)
 
         def same_document_causal(b, h, q, kv):
             return (seq_idx[b, q] == seq_idx[b, kv]) & (kv <= q)
 
-        b, s = seq_idx.shape
-        return create_block_mask(same_document_causal, b, None, s, s, device=seq_idx.device)
+        return create_block_mask(same_document_causal, b, None, s, s, device=seq_idx.device, BLOCK_SIZE=block)
 
 
 def _document_starts(seq_idx: torch.Tensor) -> torch.Tensor:

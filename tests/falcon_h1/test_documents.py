@@ -48,6 +48,19 @@ def test_block_mask_matches_the_boolean_mask():
             assert bool(dense[0, 0, qb, kb]) == any_allowed, (qb, kb)
 
 
+def test_block_mask_rule_takes_the_indices_of_whole_blocks():
+    """create_block_mask may evaluate the rule past the row's end, up to a whole 128-token block
+    (on CUDA an out-of-range lookup is a device-side assert): there it must answer, and allow
+    no real query to see a padded key."""
+    docs = documents_from_position_ids(position_ids([[13, 37, 22]]))   # 72 tokens, one partial block
+    rule = docs.block_mask.mask_mod
+    at = lambda i: torch.tensor(i)
+    assert not rule(at(0), at(0), at(71), at(127))        # a real query, a padded key
+    assert rule(at(0), at(0), at(71), at(50))             # the last document's first token
+    assert not rule(at(0), at(0), at(71), at(49))         # the middle document's last token
+    rule(at(0), at(0), at(127), at(127))                  # a padded query: answered, not an IndexError
+
+
 @pytest.mark.parametrize("bad", [torch.zeros(6), torch.zeros(1, 6), torch.zeros(1, 6, dtype=torch.bool)])
 def test_bad_position_ids_are_refused(bad):
     with pytest.raises(ValueError, match="position_ids"):

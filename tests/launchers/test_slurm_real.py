@@ -101,6 +101,7 @@ def test_failing_job_reports_exit_code_and_log_tail(slurm_cluster, recipe):
     assert "exit code 1" in outcome.describe() and "failing on purpose" in outcome.describe()
 
 
+@pytest.mark.slow  # CI: test_slurm_script.py's trap test and the requeue-resume test above
 def test_time_limit_signal_requeues_and_the_job_resumes(slurm_cluster, recipe):
     """USR1 to the batch shell (what `--signal=B:USR1@S` sends before the time limit)
     makes the job requeue itself; the second attempt runs the same recipe file."""

@@ -50,7 +50,8 @@ def _change_1kib_of_weights(ckpt: Path) -> str:
     return "__0_0.distcp has another SHA-256 than when it was saved"
 
 
-@pytest.mark.parametrize("damage", [_truncate_shard, _delete_metadata, _change_1kib_of_weights],
+@pytest.mark.parametrize("damage", [_truncate_shard, pytest.param(_delete_metadata, marks=pytest.mark.slow),
+                                    pytest.param(_change_1kib_of_weights, marks=pytest.mark.slow)],
                          ids=["truncated_shard", "deleted_metadata", "changed_1kib"])
 def test_damaged_newest_checkpoint_resumes_from_the_previous_one_identically(reference, tmp_path, damage):
     straight_dir, straight = reference

@@ -24,7 +24,7 @@ def _signal_after_step(proc, run_dir, signum: int, step: int, timeout: float = 2
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_saves_the_step_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, signum):
     stopped_dir = tmp_path / "stopped"
     recipe = runs.write_recipe(stopped_dir, *STEPS)

@@ -78,6 +78,7 @@ def test_loss_falls(reference_run):
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.slow  # CI covers it by test_sft.py's killed chat run and test_stop_signals.py
 def test_killed_run_resumes_and_continues_identically(tmp_path, reference_run):
     recipe = _write_recipe(tmp_path, "resumed", "train.max_steps=12", "train.save_interval=4")
     proc = _worker(recipe, wait=False)
@@ -228,6 +229,7 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(tmp_path, reference_run):
         assert abs(losses[step] - reference_run[step]) <= 1e-3 * reference_run[step], step
 
 
+@pytest.mark.slow  # test_sft.py checks the same load_dir path on chat data in CI
 def test_fine_tune_from_hf_or_run_dir_starts_from_those_weights(tracked_runs, tmp_path, megatron_single):
     import falcon_h1
     from recipes.api import load_trained_model
@@ -257,8 +259,10 @@ def test_resume_false_refuses_to_overwrite(tracked_runs, tmp_path):
     assert sorted(_losses(dense)) == list(range(1, 9))  # nothing written
 
 
-@pytest.mark.parametrize("optimizer, nproc", [("plain", 1), ("distributed", 1), ("distributed", 2)],
-                         ids=["plain", "distributed", "distributed_dp2"])
+@pytest.mark.parametrize("optimizer, nproc", [
+    ("plain", 1),
+    pytest.param("distributed", 1, marks=pytest.mark.slow),  # dp2 runs the same optimizer, sharded
+    ("distributed", 2)], ids=["plain", "distributed", "distributed_dp2"])
 def test_bf16_run_with_fp32_ssm_parameters_saves_and_resumes_identically(tmp_path, optimizer, nproc):
     # A bf16 model keeps A_log, D and dt_bias in fp32. Megatron's bf16 optimizer numbered its
     # checkpoint state by its bf16 parameters alone and could not save such a model (the state of
