@@ -267,7 +267,7 @@ class ParallelHybridMixer(MegatronModule):
             o = context_parallel_attention(q, k, v, hd ** -0.5, backend, self.context_parallel)
         else:
             if documents is not None and c.attention_backend == "auto":
-                backend = self.kernel_options.packed_attention
+                backend = kernels.packed_attention_backend(self.kernel_options.packed_attention, q)
             o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend, documents=documents)
         return o.permute(2, 0, 1, 3).reshape(s, b, -1)
 

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
+from falcon_h1.kernels.document_attention import AUTO as PACKED_ATTENTION_AUTO
 from falcon_h1.kernels.document_attention import BACKENDS as PACKED_ATTENTION_BACKENDS
+from falcon_h1.kernels.document_attention import chosen_backend as packed_attention_backend
 from falcon_h1.kernels.documents import check_seq_idx
 from falcon_h1.kernels.ssd_reference import ssd_chunk_scan_reference
 
@@ -39,15 +41,16 @@ class KernelOptions:
     ssd_keep_forward_states: bool = True
     fused_cross_entropy: bool = True  # Triton loss + gradient in one forward; off: Megatron's fp32 copy
     # causal attention within the documents of packed rows on the GPU path (one of
-    # kernels.document_attention.BACKENDS; benchmarks/packed_attention_bench.py measures them):
-    # FlexAttention skips the blocks between documents and runs fp32 as well as bf16 (varlen:
-    # bf16/fp16 only). Elsewhere packed rows take SDPA with the document mask.
-    packed_attention: str = "flex"
+    # kernels.document_attention.BACKENDS, or "auto": varlen flash attention for fp16/bf16, SDPA
+    # with the document mask for fp32 (benchmarks/packed_throughput_bench.py measures them; flex
+    # compiles for minutes on a fresh machine). Off the GPU path packed rows take SDPA.
+    packed_attention: str = PACKED_ATTENTION_AUTO
 
     def __post_init__(self):
-        if self.packed_attention not in PACKED_ATTENTION_BACKENDS:
+        allowed = (PACKED_ATTENTION_AUTO, *PACKED_ATTENTION_BACKENDS)
+        if self.packed_attention not in allowed:
             raise ValueError(f"KernelOptions.packed_attention = {self.packed_attention!r} is not allowed: one of "
-                             f"{PACKED_ATTENTION_BACKENDS} (causal attention within the documents of packed rows).")
+                             f"{allowed} (causal attention within the documents of packed rows).")
 
     def for_device(self, backend: str, device: torch.device) -> "KernelOptions":
         """These options as a model on `device` with model.kernel_backend = `backend` runs them:

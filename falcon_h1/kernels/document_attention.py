@@ -22,6 +22,14 @@ import torch.nn.functional as F
 from falcon_h1.kernels.documents import Documents
 
 BACKENDS = ("sdpa", "unfused", "flex", "varlen")
+AUTO = "auto"  # the measured fastest where it runs (benchmarks/NOTES.md): varlen in fp16/bf16 on CUDA, else sdpa
+
+
+def chosen_backend(option: str, q: torch.Tensor) -> str:
+    """The backend `option` (one of BACKENDS or AUTO) names for attention inputs like `q`."""
+    if option != AUTO:
+        return option
+    return "varlen" if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) else "sdpa"
 
 
 def document_causal_attention(q, k, v, scale: float, backend: str, documents: Documents):

@@ -126,6 +126,24 @@ def test_kernel_options_on_the_reference_path_turn_the_gpu_kernels_off():
     assert cuda_reference.fused_rms_norm  # torch's own kernel, not a Triton one: follows the device
 
 
+def test_packed_attention_auto_is_varlen_only_where_varlen_runs():
+    """'auto' names torch's varlen flash attention for fp16/bf16 inputs on CUDA (it runs nothing
+    else) and SDPA with the document mask for every other input; a named backend is kept."""
+    from types import SimpleNamespace
+
+    from falcon_h1.kernels import KernelOptions, packed_attention_backend
+
+    like = lambda device, dtype: SimpleNamespace(device=torch.device(device), dtype=dtype)
+    assert KernelOptions().packed_attention == "auto"
+    assert packed_attention_backend("auto", like("cuda", torch.bfloat16)) == "varlen"
+    assert packed_attention_backend("auto", like("cuda", torch.float16)) == "varlen"
+    assert packed_attention_backend("auto", like("cuda", torch.float32)) == "sdpa"
+    assert packed_attention_backend("auto", like("cpu", torch.bfloat16)) == "sdpa"
+    assert packed_attention_backend("flex", like("cuda", torch.bfloat16)) == "flex"
+    with pytest.raises(ValueError, match=r"packed_attention = 'ring' is not allowed: one of \('auto', 'sdpa'"):
+        KernelOptions(packed_attention="ring")
+
+
 def test_triton_backend_without_a_gpu_is_refused_when_the_model_is_built(megatron_single):
     from falcon_h1.model import build_model
     from falcon_h1.presets import get_preset
