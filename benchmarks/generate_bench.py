@@ -91,13 +91,13 @@ def build_hf(cfg, dtype: torch.dtype, device):
         torch.set_default_dtype(previous)
 
 
-def bench_size(size: str, args, device) -> list[dict]:
+def bench_size(size: str, args, device, record) -> None:
+    """Time every implementation at every batch size of `size`, handing each row to record()."""
     import falcon_h1
 
     dtype = "bf16" if device.type == "cuda" else "fp32"
     ours = build_ours(SIZES[size], dtype, args.seed)
     hf = None if args.no_hf else build_hf(ours.cfg, torch.bfloat16 if dtype == "bf16" else torch.float32, device)
-    rows = []
     for batch in args.batches:
         ids = torch.randint(0, ours.cfg.vocab_size, (batch, args.prompt_len),
                             generator=torch.Generator().manual_seed(batch)).to(device)
@@ -118,12 +118,10 @@ def bench_size(size: str, args, device) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             row = {"size": size, "impl": name, "batch": batch, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, **result}
-            rows.append(row)
-            print(_line(row), flush=True)
+            record(row)
     del ours, hf
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
 
 
 def _line(row: dict) -> str:
@@ -156,12 +154,19 @@ def main(argv=None) -> None:
     from falcon_h1.megatron_compat.parallel import default_device
 
     device = default_device()
-    rows = [row for size in args.sizes.split(",") for row in bench_size(size, args, device)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
-    (out / "generate_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "generate_bench.txt").write_text("\n".join(_line(r) for r in rows) + "\n")
+    rows = []
+
+    def record(row: dict) -> None:  # the files are rewritten after every row: a call cut short keeps its rows
+        rows.append(row)
+        print(_line(row), flush=True)
+        (out / "generate_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (out / "generate_bench.txt").write_text("\n".join(_line(r) for r in rows) + "\n")
+
+    for size in args.sizes.split(","):
+        bench_size(size, args, device, record)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,14 @@ def run(args) -> dict:
             torch.cuda.empty_cache()
         results.append(row)
         print(json.dumps(row), flush=True)
+        report = _report(args, device, results)
+        if args.json:  # after every row: a run cut short keeps the rows it finished
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    return report
+
+
+def _report(args, device, results: list[dict]) -> dict:
     base = results[0].get("real_tokens_per_s")
     for row in results:
         if base and "real_tokens_per_s" in row:
@@ -205,11 +213,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.tiny:
         args.size, args.seq, args.batch, args.median_len, args.warmup, args.steps = "micro", 128, 2, 24.0, 1, 1
-    report = run(args)
-    print_table(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    print_table(run(args))
 
 
 if __name__ == "__main__":
