@@ -17,7 +17,7 @@ the end of a prompt of length L has the closed form
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -49,23 +49,34 @@ def allocate(mixer, batch: int, capacity: int, dtype: torch.dtype, device: torch
     return cache
 
 
-def fill_attention(cache: LayerCache, rows: list[int], mixer, qkv: torch.Tensor, freqs) -> None:
-    """Write the K/V of prompts of one length into cache rows `rows`: qkv [L, len(rows), .] as the
-    mixer's attention got it; freqs: the rotary frequencies it was given (positions 0..L-1)."""
+RowIndex = Union[slice, torch.Tensor]
+
+
+def row_index(rows: list[int], device: torch.device) -> RowIndex:
+    """Cache rows `rows` as an index made once per prefill group: a slice where they are
+    consecutive, else a tensor on `device`. A list would be copied to the device at every layer,
+    each copy waiting for the GPU to drain, so the host could never run ahead of it."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=device)
+
+
+def fill_attention(cache: LayerCache, rows: RowIndex, mixer, qkv: torch.Tensor, freqs) -> None:
+    """Write the K/V of prompts of one length into cache rows `rows` (row_index): qkv [L, r, .] as
+    the mixer's attention got it; freqs: the rotary frequencies it was given (positions 0..L-1)."""
     _, k, v = access.split_qkv(mixer, qkv)                           # [L, r, kv_heads, d]
     k = access.apply_rotary(mixer, k, freqs)
-    index, length = torch.tensor(rows, device=qkv.device), qkv.shape[0]
-    cache.k[index, :, :length] = k.permute(1, 2, 0, 3).to(cache.k.dtype)
-    cache.v[index, :, :length] = v.permute(1, 2, 0, 3).to(cache.v.dtype)
+    length = qkv.shape[0]
+    cache.k[rows, :, :length] = k.permute(1, 2, 0, 3).to(cache.k.dtype)
+    cache.v[rows, :, :length] = v.permute(1, 2, 0, 3).to(cache.v.dtype)
 
 
-def fill_mamba(cache: LayerCache, rows: list[int], mixer, zxbcdt: torch.Tensor) -> None:
+def fill_mamba(cache: LayerCache, rows: RowIndex, mixer, zxbcdt: torch.Tensor) -> None:
     """Write the conv windows and SSM states at the end of prompts of one length into cache rows
-    `rows`: zxbcdt [L, len(rows), .] as the mixer's Mamba-2 branch got it."""
+    `rows` (row_index): zxbcdt [L, r, .] as the mixer's Mamba-2 branch got it."""
     conv, ssm = mamba_states(mixer, zxbcdt.transpose(0, 1))
-    index = torch.tensor(rows, device=zxbcdt.device)
-    cache.conv[index] = conv.to(cache.conv.dtype)
-    cache.ssm[index] = ssm
+    cache.conv[rows] = conv.to(cache.conv.dtype)
+    cache.ssm[rows] = ssm
 
 
 def mamba_states(mixer, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

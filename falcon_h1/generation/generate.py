@@ -131,12 +131,13 @@ def _prefill(model, prompts, layer_caches) -> torch.Tensor:
     logits = [None] * len(prompts)
     for rows in by_length.values():
         ids = torch.stack([prompts[r] for r in rows])
+        into = caches.row_index(rows, ids.device)
 
-        def attention(index, mixer, qkv, freqs, rows=rows):
-            caches.fill_attention(layer_caches[index], rows, mixer, qkv, freqs)
+        def attention(index, mixer, qkv, freqs, into=into):
+            caches.fill_attention(layer_caches[index], into, mixer, qkv, freqs)
 
-        def mamba(index, mixer, zxbcdt, rows=rows):
-            caches.fill_mamba(layer_caches[index], rows, mixer, zxbcdt)
+        def mamba(index, mixer, zxbcdt, into=into):
+            caches.fill_mamba(layer_caches[index], into, mixer, zxbcdt)
 
         with access.branch_inputs_seen_by(model, attention, mamba), access.last_position_logits(model):
             last = model(ids)[:, -1]

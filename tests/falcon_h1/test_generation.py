@@ -106,7 +106,10 @@ def test_dynamic_rope_past_max_positions_equals_transformers_generate(tmp_path, 
 
 
 def test_left_padded_batch_equals_each_prompt_alone(hf_pair, prompts):
+    """Rows 0 and 2 have one length, so their prefill shares a forward that fills two cache rows
+    that are not consecutive."""
     model = falcon_h1.from_hf(hf_pair[0])
+    prompts = [prompts[0], prompts[1], prompts[0].flip(0)]
     ids, mask = left_padded(prompts)
     batch = falcon_h1.generate(model, ids, attention_mask=mask, max_new_tokens=20)
     for r, prompt in enumerate(prompts):
