@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One H200 call: every GPU test in one pytest run over XDIST workers (-v, short tracebacks, to $OUT/gpu_tests.txt),
+# One H200 call: FIRST_TESTS (test ids, each in its own pytest, whole tracebacks), then every GPU
+# test (or TESTS; TESTS=skip for none) in one pytest run over XDIST workers (-v, short tracebacks, to $OUT/gpu_tests.txt),
 # then AFTER (eval'd), then decode speed of falcon_h1.generate with and without its CUDA graph (GEN_ARGS), while
 # causal_conv1d's CUDA extension builds in the background for the Hugging Face fast path (BUILD=1;
 # the wheel comes back in <16 MB parts: cat $OUT/cc1d.part* > causal_conv1d-...whl).
@@ -9,16 +10,20 @@ source benchmarks/device_setup.sh
 if [ "${BUILD:-0}" = 1 ]; then
   setsid bash -c "bash benchmarks/build_causal_conv1d.sh wheels/causal_conv1d-1.7.0.tar.gz /tmp/cc1d > $OUT/cc1d_build.log 2>&1" &
 fi
-if [ -n "${FIRST_TESTS:-}" ]; then  # known failures first, with whole tracebacks
-  timeout ${FIRST_S:-150} python3 -m pytest -v -p no:cacheprovider -p no:warnings --tb=long -rfE $FIRST_TESTS 2>&1 \
-    | grep -v -i "warn" > "$OUT/first_tests.txt"
+if [ -n "${FIRST_TESTS:-}" ]; then  # known failures first, one pytest each: its traceback is written when it ends
+  for test in $FIRST_TESTS; do
+    timeout ${FIRST_S:-150} python3 -m pytest -v -s -p no:cacheprovider -p no:warnings --tb=long -rfE "$test" 2>&1 \
+      | grep -v -i "warn" >> "$OUT/first_tests.txt"
+  done
   grep -E "FAILED|ERROR|passed|failed|Error" "$OUT/first_tests.txt" | cut -c1-200 | tail -12
 fi
-# several workers: a fresh machine's time goes to compiling Triton kernels, one CPU core each
-timeout ${TESTS_S:-330} python3 -m pytest -v -n ${XDIST:-8} --dist load -p no:cacheprovider -p no:warnings --tb=short \
-  -rfE --durations=12 \
-  ${TESTS:-$(ls tests/*/test_*gpu*.py)} ${EXTRA_TESTS:-} 2>&1 | grep -v -i "warn" > "$OUT/gpu_tests.txt"
-grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | cut -c1-200 | tail -25
+if [ "${TESTS:-}" != skip ]; then
+  # several workers: a fresh machine's time goes to compiling Triton kernels, one CPU core each
+  timeout ${TESTS_S:-330} python3 -m pytest -v -n ${XDIST:-8} --dist load -p no:cacheprovider -p no:warnings --tb=short \
+    -rfE --durations=12 \
+    ${TESTS:-$(ls tests/*/test_*gpu*.py)} ${EXTRA_TESTS:-} 2>&1 | grep -v -i "warn" > "$OUT/gpu_tests.txt"
+  grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | cut -c1-200 | tail -25
+fi
 eval "${AFTER:-true}"  # e.g. another bench, before the decode run
 left=$((560 - SECONDS))
 if [ "$left" -gt 40 ] && [ "${GEN_ARGS:-}" != skip ]; then
