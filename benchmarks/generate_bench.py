@@ -119,7 +119,7 @@ def bench_size(size: str, args, device, record) -> None:
             row = {"size": size, "impl": name, "batch": batch, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, **result}
             record(row)
-    del ours, hf
+    ours = hf = None  # frees both before the next size is built
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

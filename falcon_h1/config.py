@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from falcon_h1.errors import ConfigValueError, is_int_at_least
+from falcon_h1.rope_parameters import scaling_type, validate_rope_scaling
 
 # One character per decoder layer: H = parallel hybrid (attention + Mamba-2 side by
 # side, then MLP), A = attention + MLP, M = Mamba-2 + MLP, "-" = MLP only.
@@ -120,8 +121,7 @@ def _fail(field_name: str, value, allowed: str) -> None:
 
 
 def rope_type(cfg: FalconH1Config) -> str:
-    scaling = cfg.rope_scaling or {}
-    return scaling.get("rope_type", scaling.get("type", "default"))
+    return scaling_type(cfg.rope_scaling)
 
 
 def check_context_parallel(cfg: FalconH1Config, cp: int) -> None:
@@ -214,9 +214,8 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
         if getattr(cfg, name) is not False:
             _fail(name, getattr(cfg, name), "false (bias parameters are not implemented; the released "
                   "Falcon-H1 models have none)")
-    from falcon_h1.rope_parameters import validate_rope_scaling
-
-    validate_rope_scaling(cfg)
+    if cfg.rope_scaling is not None:  # kv_channels divides by the head count, checked below
+        validate_rope_scaling(cfg.rope_scaling, cfg.kv_channels)
 
     kinds = set(cfg.layer_kinds)
     if kinds & {"hybrid", "attention"}:

@@ -104,7 +104,8 @@ def config_from_hf(hf: dict, generation_config: dict | None = None, **overrides)
     kwargs["hf_generation_config"] = generation_config
     cfg = FalconH1Config(**{**kwargs, **overrides})
     try:
-        validate_rope_scaling(cfg)
+        if cfg.rope_scaling is not None:  # kv_channels divides by the head count, which validate() checks
+            validate_rope_scaling(cfg.rope_scaling, cfg.kv_channels)
     except ConfigValueError as err:
         raise ConfigValueError("config.json rope_parameters", err.value, err.allowed,
                                message=f"config.json rope_parameters: {err}") from None

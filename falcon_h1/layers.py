@@ -37,6 +37,7 @@ from falcon_h1.config import FalconH1Config
 from falcon_h1.context_parallel import ContextParallelLayout, context_parallel_attention
 from falcon_h1.context_parallel import mamba as cp_mamba
 from falcon_h1.kernels import KernelOptions
+from falcon_h1.kernels.document_attention import chosen_backend as packed_attention_backend
 from falcon_h1.linears import LinearSpec, project_row_scaled, supports_row_scaling
 from falcon_h1.megatron_compat.transformer import recompute
 
@@ -267,7 +268,7 @@ class ParallelHybridMixer(MegatronModule):
             o = context_parallel_attention(q, k, v, hd ** -0.5, backend, self.context_parallel)
         else:
             if documents is not None and c.attention_backend == "auto":
-                backend = kernels.packed_attention_backend(self.kernel_options.packed_attention, q)
+                backend = packed_attention_backend(self.kernel_options.packed_attention, q)
             o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend, documents=documents)
         return o.permute(2, 0, 1, 3).reshape(s, b, -1)
 

@@ -152,7 +152,7 @@ class RotaryFrequencies(torch.nn.Module):
 
     def __init__(self, cfg: FalconH1Config):
         super().__init__()
-        validate_rope_scaling(cfg)
+        validate_rope_scaling(cfg.rope_scaling, cfg.kv_channels)
         self.cfg = cfg
         self.kind = rope_type(cfg)
         self._inv_freq_on: dict[torch.device, torch.Tensor] = {}  # built once per device (no copy per step)

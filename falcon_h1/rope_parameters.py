@@ -4,7 +4,9 @@ themselves are computed in `falcon_h1.rope`."""
 
 from __future__ import annotations
 
-from falcon_h1.config import FalconH1Config, _fail as _config_fail, rope_type
+from typing import Optional
+
+from falcon_h1.errors import ConfigValueError
 
 # type -> (required keys, optional keys), as transformers validates them (rope_theta lives in
 # model.rope_theta; "type" is the legacy spelling of "rope_type").
@@ -24,17 +26,23 @@ _COMMON_KEYS = frozenset({"rope_type", "type", "partial_rotary_factor"})
 
 
 def _fail(value, allowed: str) -> None:
-    _config_fail("rope_scaling", value, allowed)
+    raise ConfigValueError("model.rope_scaling", value, allowed)
 
 
-def validate_rope_scaling(cfg: FalconH1Config) -> None:
-    """Refuse RoPE settings this implementation (and Hugging Face's FalconH1) cannot run."""
-    scaling = cfg.rope_scaling
+def scaling_type(scaling: Optional[dict]) -> str:
+    """The rope_type that `model.rope_scaling` names ("default" for None)."""
+    scaling = scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def validate_rope_scaling(scaling, head_dim: int) -> None:
+    """Refuse `model.rope_scaling` values this implementation (and Hugging Face's FalconH1) cannot
+    run, for heads of `head_dim` channels."""
     if scaling is None:
         return
     if not isinstance(scaling, dict):
         _fail(scaling, "null or a dict of Hugging Face rope_parameters (rope_type and its keys)")
-    kind = rope_type(cfg)
+    kind = scaling_type(scaling)
     if kind not in ROPE_TYPES:
         _fail(scaling, f"rope_type one of {sorted(ROPE_TYPES)}")
     if "rope_theta" in scaling:
@@ -55,7 +63,7 @@ def validate_rope_scaling(cfg: FalconH1Config) -> None:
         value = scaling.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             _fail(scaling, f"{key} a number")
-    half = cfg.kv_channels // 2
+    half = head_dim // 2
     for key in ("short_factor", "long_factor"):
         if key in scaling and (not isinstance(scaling[key], (list, tuple)) or len(scaling[key]) != half):
             _fail(scaling, f"{key} a list of head_dim / 2 = {half} numbers")

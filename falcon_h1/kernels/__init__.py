@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
 from falcon_h1.kernels.document_attention import AUTO as PACKED_ATTENTION_AUTO
 from falcon_h1.kernels.document_attention import BACKENDS as PACKED_ATTENTION_BACKENDS
-from falcon_h1.kernels.document_attention import chosen_backend as packed_attention_backend
 from falcon_h1.kernels.documents import check_seq_idx
 from falcon_h1.kernels.ssd_reference import ssd_chunk_scan_reference
 

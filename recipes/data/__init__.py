@@ -23,7 +23,7 @@ _EXPORTS = {
     "HFJsonTokenizer": "recipes.data.tokenizer",
     "build_tokenizer": "recipes.data.tokenizer",
     "parse_blend": "recipes.data.validation",
-    "validate_data_config": "recipes.data.validation",
+    "validate_data_config": "recipes.data.config_checks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -21,7 +21,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from falcon_h1.errors import ConfigValueError
 from recipes.data.bundled import BUNDLED, ensure_bundled_dataset, resolve_cache_dir
-from recipes.data.validation import parse_blend, parse_split, validate_data_config
+from recipes.data.config_checks import validate_data_config
+from recipes.data.validation import parse_blend, parse_split
 
 SPLIT_NAMES = ("train", "valid", "test")
 

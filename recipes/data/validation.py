@@ -1,4 +1,5 @@
-"""Check `data.*` before training starts, with errors that name the field.
+"""The token data's checks (`data.kind = "tokens"`), with errors that name the field;
+`recipes.data.config_checks.validate_data_config` runs them with the chat data's.
 
 `data.paths` is either plain prefixes (["/a/prefix", "/b/prefix"], blended in
 proportion to their sizes) or weight/prefix pairs (["0.7", "/a", "0.3", "/b"]),
@@ -20,9 +21,8 @@ import struct
 from pathlib import Path
 from typing import Optional, Sequence
 
-from falcon_h1.errors import ConfigValueError, is_int_at_least
+from falcon_h1.errors import ConfigValueError
 from recipes.data.bundled import BUNDLED, resolve_cache_dir
-from recipes.data.tokenizer_files import BYTE_SPEC, resolve_tokenizer_file
 
 # Megatron's .idx layout: magic, version (<Q), dtype code (<B), sequence count (<Q), document
 # count (<Q), then int32 sequence lengths, int64 sequence pointers, int64 document indices.
@@ -110,7 +110,7 @@ def parse_split(split: str) -> list[float]:
     return [value / total for value in values]
 
 
-def _missing_files_problem(prefix: str) -> Optional[str]:
+def missing_files_problem(prefix: str) -> Optional[str]:
     missing = [path for path in (f"{prefix}.bin", f"{prefix}.idx") if not os.path.isfile(path)]
     if not missing:
         return None
@@ -164,7 +164,7 @@ def read_index(prefix: str) -> _IndexInfo:
     return _IndexInfo(dtype, last_pointer + last_length * np.dtype(dtype).itemsize)
 
 
-def _index_files_problem(prefix: str) -> Optional[str]:
+def index_files_problem(prefix: str) -> Optional[str]:
     """Why `prefix.idx` / `prefix.bin` cannot be read as one dataset, or None."""
     try:
         info = read_index(prefix)
@@ -183,36 +183,6 @@ def raise_problems(problems: list[ConfigValueError]) -> None:
     if problems:
         first = problems[0]
         raise ConfigValueError(first.key, first.value, first.allowed, message=" ".join(map(str, problems)))
-
-
-def validate_data_config(data_cfg) -> None:
-    """Raise one ConfigValueError listing every problem in `data.*`, before any work starts."""
-    from recipes.data.chat_validation import data_kind_problems, validate_chat_data_config
-
-    if data_cfg.kind == "chat":
-        return validate_chat_data_config(data_cfg)
-    prefixes, _ = parse_blend(data_cfg.paths)
-    unusable = [(prefix, problem) for prefix in prefixes
-                if prefix != BUNDLED and (problem := _missing_files_problem(prefix) or _index_files_problem(prefix))]
-    problems = []
-    if unusable:
-        problems.append(ConfigValueError("data.paths", unusable[0][0], PATHS_HELP,
-                                         message=" ".join([problem for _, problem in unusable] + [PATHS_HELP])))
-    problems += data_kind_problems(data_cfg)
-    if data_cfg.tokenizer != BYTE_SPEC:
-        try:
-            resolve_tokenizer_file(str(data_cfg.tokenizer))
-        except ConfigValueError as error:
-            problems.append(error)
-    try:
-        parse_split(data_cfg.split)
-    except ConfigValueError as error:
-        problems.append(error)
-    seq_length = data_cfg.seq_length
-    if not is_int_at_least(seq_length, 1):
-        problems.append(ConfigValueError("data.seq_length", seq_length, "a positive integer",
-                                         message=f"data.seq_length = {seq_length!r}: expected a positive integer."))
-    raise_problems(problems)
 
 
 def check_token_ids_fit(data_cfg, vocab_size: int) -> None:

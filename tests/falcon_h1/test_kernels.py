@@ -131,7 +131,8 @@ def test_packed_attention_auto_is_varlen_only_where_varlen_runs():
     else) and SDPA with the document mask for every other input; a named backend is kept."""
     from types import SimpleNamespace
 
-    from falcon_h1.kernels import KernelOptions, packed_attention_backend
+    from falcon_h1.kernels import KernelOptions
+    from falcon_h1.kernels.document_attention import chosen_backend as packed_attention_backend
 
     like = lambda device, dtype: SimpleNamespace(device=torch.device(device), dtype=dtype)
     assert KernelOptions().packed_attention == "auto"

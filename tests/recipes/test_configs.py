@@ -1,7 +1,6 @@
 """Config composition: every preset and override group composes into a typed recipe;
 bad overrides fail before training with the key named."""
 
-import dataclasses
 import math
 import subprocess
 import sys
