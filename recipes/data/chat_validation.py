@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from falcon_h1.errors import ConfigValueError, is_int_at_least
+from falcon_h1.errors import ConfigValueError
 from recipes.data.chat import is_chat_file
 from recipes.data.chat_demo import CHAT_DEMO
 from recipes.data.chat_sources import MASK_SUFFIX, chat_indexed_files
 from recipes.data.tokenizer_files import (BYTE_SPEC, CHAT_TEMPLATE_HELP, find_chat_template,
                                     resolve_tokenizer_file)
-from recipes.data.validation import parse_blend, parse_split, raise_problems
+from recipes.data.validation import parse_blend, raise_problems, split_and_length_problems
 
 DATA_KINDS = ("text", "chat")
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -105,15 +105,7 @@ def validate_chat_data_config(data_cfg) -> None:
                                 " ".join([text for _, text in entry_problems] + [CHAT_PATHS_HELP])))
     if text := _tokenizer_problem(data_cfg.tokenizer):
         problems.append(problem("data.tokenizer", data_cfg.tokenizer, "a tokenizer with a chat template", text))
-    try:
-        parse_split(data_cfg.split)
-    except ConfigValueError as error:
-        problems.append(error)
-    seq_length = data_cfg.seq_length
-    if not is_int_at_least(seq_length, 2):
-        problems.append(problem("data.seq_length", seq_length, "an integer >= 2",
-                                f"data.seq_length = {seq_length!r}: expected an integer >= 2 "
-                                f"(a chat row needs a token and its label)."))
+    problems += split_and_length_problems(data_cfg, 2, " (a chat row needs a token and its label)")
     if not isinstance(data_cfg.packing, bool):
         problems.append(problem("data.packing", data_cfg.packing, "true or false",
                                 f"data.packing = {data_cfg.packing!r}: expected true or false."))

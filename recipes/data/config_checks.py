@@ -4,12 +4,12 @@ recipes.data.chat_validation)."""
 
 from __future__ import annotations
 
-from falcon_h1.errors import ConfigValueError, is_int_at_least
+from falcon_h1.errors import ConfigValueError
 from recipes.data.bundled import BUNDLED
 from recipes.data.chat_validation import data_kind_problems, validate_chat_data_config
 from recipes.data.tokenizer_files import BYTE_SPEC, resolve_tokenizer_file
-from recipes.data.validation import (PATHS_HELP, index_files_problem, missing_files_problem, parse_blend, parse_split,
-                                     raise_problems)
+from recipes.data.validation import (PATHS_HELP, index_files_problem, missing_files_problem, parse_blend,
+                                     raise_problems, split_and_length_problems)
 
 
 def validate_data_config(data_cfg) -> None:
@@ -29,12 +29,5 @@ def validate_data_config(data_cfg) -> None:
             resolve_tokenizer_file(str(data_cfg.tokenizer))
         except ConfigValueError as error:
             problems.append(error)
-    try:
-        parse_split(data_cfg.split)
-    except ConfigValueError as error:
-        problems.append(error)
-    seq_length = data_cfg.seq_length
-    if not is_int_at_least(seq_length, 1):
-        problems.append(ConfigValueError("data.seq_length", seq_length, "a positive integer",
-                                         message=f"data.seq_length = {seq_length!r}: expected a positive integer."))
+    problems += split_and_length_problems(data_cfg, 1)
     raise_problems(problems)

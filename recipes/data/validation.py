@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 from typing import Optional, Sequence
 
-from falcon_h1.errors import ConfigValueError
+from falcon_h1.errors import ConfigValueError, is_int_at_least
 from recipes.data.bundled import BUNDLED, resolve_cache_dir
 
 # Megatron's .idx layout: magic, version (<Q), dtype code (<B), sequence count (<Q), document
@@ -183,6 +183,22 @@ def raise_problems(problems: list[ConfigValueError]) -> None:
     if problems:
         first = problems[0]
         raise ConfigValueError(first.key, first.value, first.allowed, message=" ".join(map(str, problems)))
+
+
+def split_and_length_problems(data_cfg, least: int, why: str = "") -> list[ConfigValueError]:
+    """The problems of `data.split` and of `data.seq_length` (an integer >= least; `why` says
+    why, for the message)."""
+    problems = []
+    try:
+        parse_split(data_cfg.split)
+    except ConfigValueError as error:
+        problems.append(error)
+    seq_length = data_cfg.seq_length
+    if not is_int_at_least(seq_length, least):
+        allowed = "a positive integer" if least == 1 else f"an integer >= {least}"
+        problems.append(ConfigValueError("data.seq_length", seq_length, allowed,
+                                         message=f"data.seq_length = {seq_length!r}: expected {allowed}{why}."))
+    return problems
 
 
 def check_token_ids_fit(data_cfg, vocab_size: int) -> None:
