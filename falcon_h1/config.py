@@ -124,6 +124,13 @@ def rope_type(cfg: FalconH1Config) -> str:
     return scaling_type(cfg.rope_scaling)
 
 
+def check_rope_scaling(cfg: FalconH1Config) -> None:
+    """validate_rope_scaling for this config; kv_channels (which divides by the head count) is
+    only read when there is a rope_scaling to check."""
+    if cfg.rope_scaling is not None:
+        validate_rope_scaling(cfg.rope_scaling, cfg.kv_channels)
+
+
 def check_context_parallel(cfg: FalconH1Config, cp: int) -> None:
     """What context parallelism (parallel.cp) needs of the model config, beyond the sequence split."""
     if cp > 1 and cfg.has_attention and rope_type(cfg) in ("dynamic", "longrope"):
@@ -214,8 +221,7 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
         if getattr(cfg, name) is not False:
             _fail(name, getattr(cfg, name), "false (bias parameters are not implemented; the released "
                   "Falcon-H1 models have none)")
-    if cfg.rope_scaling is not None:  # kv_channels divides by the head count, checked below
-        validate_rope_scaling(cfg.rope_scaling, cfg.kv_channels)
+    check_rope_scaling(cfg)
 
     kinds = set(cfg.layer_kinds)
     if kinds & {"hybrid", "attention"}:

@@ -14,10 +14,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from falcon_h1.config import UNSUPPORTED_BIASES, FalconH1Config
+from falcon_h1.config import UNSUPPORTED_BIASES, FalconH1Config, check_rope_scaling
 from falcon_h1.errors import ConfigValueError
 from falcon_h1.mup import MULTIPLIER_FIELDS
-from falcon_h1.rope_parameters import validate_rope_scaling
 from falcon_h1.weights import gather_hf_state, load_local_from_hf, merge_hf_state, split_hf_state
 
 # FalconH1Config fields that are not Hugging Face config keys of the same meaning.
@@ -104,8 +103,7 @@ def config_from_hf(hf: dict, generation_config: dict | None = None, **overrides)
     kwargs["hf_generation_config"] = generation_config
     cfg = FalconH1Config(**{**kwargs, **overrides})
     try:
-        if cfg.rope_scaling is not None:  # kv_channels divides by the head count, which validate() checks
-            validate_rope_scaling(cfg.rope_scaling, cfg.kv_channels)
+        check_rope_scaling(cfg)
     except ConfigValueError as err:
         raise ConfigValueError("config.json rope_parameters", err.value, err.allowed,
                                message=f"config.json rope_parameters: {err}") from None

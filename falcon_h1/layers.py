@@ -37,7 +37,7 @@ from falcon_h1.config import FalconH1Config
 from falcon_h1.context_parallel import ContextParallelLayout, context_parallel_attention
 from falcon_h1.context_parallel import mamba as cp_mamba
 from falcon_h1.kernels import KernelOptions
-from falcon_h1.kernels.document_attention import chosen_backend as packed_attention_backend
+from falcon_h1.kernels.document_attention import packed_attention_backend
 from falcon_h1.linears import LinearSpec, project_row_scaled, supports_row_scaling
 from falcon_h1.megatron_compat.transformer import recompute
 

@@ -24,8 +24,7 @@ from typing import Optional
 
 import torch
 
-from falcon_h1.config import FalconH1Config, rope_type
-from falcon_h1.rope_parameters import validate_rope_scaling
+from falcon_h1.config import FalconH1Config, check_rope_scaling, rope_type
 
 
 def _original_max_positions(cfg: FalconH1Config) -> int:
@@ -152,7 +151,7 @@ class RotaryFrequencies(torch.nn.Module):
 
     def __init__(self, cfg: FalconH1Config):
         super().__init__()
-        validate_rope_scaling(cfg.rope_scaling, cfg.kv_channels)
+        check_rope_scaling(cfg)
         self.cfg = cfg
         self.kind = rope_type(cfg)
         self._inv_freq_on: dict[torch.device, torch.Tensor] = {}  # built once per device (no copy per step)

@@ -25,7 +25,7 @@ BACKENDS = ("sdpa", "unfused", "flex", "varlen")
 AUTO = "auto"  # the measured fastest where it runs (benchmarks/NOTES.md): varlen in fp16/bf16 on CUDA, else sdpa
 
 
-def chosen_backend(option: str, q: torch.Tensor) -> str:
+def packed_attention_backend(option: str, q: torch.Tensor) -> str:
     """The backend `option` (one of BACKENDS or AUTO) names for attention inputs like `q`."""
     if option != AUTO:
         return option

@@ -63,16 +63,16 @@ class Documents:
         from torch.nn.attention.flex_attention import create_block_mask
 
         b, s = self.seq_idx.shape
-        block = FLEX_BLOCK_SIZE
         # create_block_mask evaluates the mask on indices rounded up to whole blocks; on CUDA an index
         # past the row's end is a device-side assert (pytorch#137801), so the lookup has a -1 tail.
         # A real query never matches the tail (its id is >= 0); padded queries are dropped by flex.
-        seq_idx = torch.nn.functional.pad(self.seq_idx, (0, -s % block), value=-1)
+        seq_idx = torch.nn.functional.pad(self.seq_idx, (0, -s % FLEX_BLOCK_SIZE), value=-1)
 
         def same_document_causal(b, h, q, kv):
             return (seq_idx[b, q] == seq_idx[b, kv]) & (kv <= q)
 
-        return create_block_mask(same_document_causal, b, None, s, s, device=seq_idx.device, BLOCK_SIZE=block)
+        return create_block_mask(same_document_causal, b, None, s, s, device=seq_idx.device,
+                                 BLOCK_SIZE=FLEX_BLOCK_SIZE)
 
 
 def _document_starts(seq_idx: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ def test_packed_attention_auto_is_varlen_only_where_varlen_runs():
     from types import SimpleNamespace
 
     from falcon_h1.kernels import KernelOptions
-    from falcon_h1.kernels.document_attention import chosen_backend as packed_attention_backend
+    from falcon_h1.kernels.document_attention import packed_attention_backend
 
     like = lambda device, dtype: SimpleNamespace(device=torch.device(device), dtype=dtype)
     assert KernelOptions().packed_attention == "auto"
