@@ -45,8 +45,11 @@ def document_causal_attention(q, k, v, scale: float, backend: str, documents: Do
         return F.scaled_dot_product_attention(q, k, v, attn_mask=documents.attention_mask, scale=scale,
                                               enable_gqa=rep > 1)
     if backend == "flex":
+        # Training rows, not decode steps: below 128 queries inductor would otherwise pick its
+        # flex-decoding kernel, which has no valid configuration for small heads.
         return _flex_attention(q.device.type)(q, k, v, block_mask=documents.block_mask, scale=scale,
-                                              enable_gqa=rep > 1)
+                                              enable_gqa=rep > 1,
+                                              kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
     if backend == "varlen":
         return _varlen(q, k, v, scale, documents, rep)
     raise ValueError(f"attention backend = {backend!r} for packed rows: expected one of {BACKENDS}.")
