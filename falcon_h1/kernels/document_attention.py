@@ -39,7 +39,6 @@ def document_causal_attention(q, k, v, scale: float, backend: str, documents: Do
         raise ValueError(f"documents: seq_idx has shape {documents.shape} but the attention input is "
                          f"[batch={q.shape[0]}, seq={q.shape[2]}]; build Documents from this batch's position_ids.")
     rep = q.shape[1] // k.shape[1]
-    q, k, v = (_rows_aligned(t) for t in (q, k, v))
     if backend == "unfused":
         return _unfused(q, k, v, scale, documents.attention_mask, rep)
     if backend == "sdpa":
@@ -54,17 +53,6 @@ def document_causal_attention(q, k, v, scale: float, backend: str, documents: Do
     if backend == "varlen":
         return _varlen(q, k, v, scale, documents, rep)
     raise ValueError(f"attention backend = {backend!r} for packed rows: expected one of {BACKENDS}.")
-
-
-def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
-    """t itself when every stride but the last is a whole number of 16-byte units, else a
-    contiguous copy. v is a view of the fused in-projection's output, whose row width need not
-    be a multiple of 8 bf16 values; the masked SDPA and flex kernels read such rows wrongly on the
-    GPU (benchmarks/NOTES.md, session 7) where the causal kernels of unpacked rows do not."""
-    unit = 16 // t.element_size()
-    if all(stride % unit == 0 for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1):
-        return t
-    return t.contiguous()
 
 
 def _unfused(q, k, v, scale, allowed, rep):

@@ -73,31 +73,3 @@ def test_seq_idx_of_the_wrong_shape_or_dtype_is_refused():
     for bad in (torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, 5, dtype=torch.int64)):
         with pytest.raises(ValueError, match=r"seq_idx.*int32 of shape \[batch, seq\] = \[2, 5\]"):
             check_seq_idx(bad, (2, 5))
-
-
-def test_packed_attention_kernels_get_rows_aligned_to_16_bytes(monkeypatch):
-    """v comes to attention as a view of the fused in-projection, whose row width (here 292
-    bf16 values, 584 bytes) need not be a multiple of 16 bytes; the masked GPU kernels misread
-    such rows, so document attention hands them aligned rows, with the same result."""
-    import torch.nn.functional as F
-
-    from falcon_h1.kernels.document_attention import document_causal_attention
-
-    docs = documents_from_position_ids(position_ids([[13, 37, 22]]))
-    g = torch.Generator().manual_seed(0)
-    projection = torch.randn(72, 1, 292, generator=g).to(torch.bfloat16)  # [s, b, width]
-    q, k = (torch.randn(1, h, 72, 16, generator=g).to(torch.bfloat16) for h in (4, 2))
-    v = projection[..., 260:292].reshape(72, 1, 2, 16).permute(1, 2, 0, 3)  # [b, heads, s, d] view
-    assert v.stride()[2] * v.element_size() % 16 != 0
-    seen, sdpa = [], F.scaled_dot_product_attention
-
-    def recording_sdpa(*tensors, **kwargs):
-        seen.extend(tensors[:3])
-        return sdpa(*tensors, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
-    got = document_causal_attention(q, k, v, 0.25, "sdpa", docs)
-    for t in seen:
-        assert all(s * t.element_size() % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
-    want = document_causal_attention(q.float(), k.float(), v.float().contiguous(), 0.25, "unfused", docs)
-    assert torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2)
