@@ -207,6 +207,19 @@ def vocab_parallel_cross_entropy(logits, labels, vocab_size: int, fast: bool):
     return tensor_parallel.vocab_parallel_cross_entropy(mask_vocab_padding(logits, vocab_size).float(), labels)
 
 
+def rows_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its address and every stride but the last are whole 16-byte units,
+    else a contiguous copy. v reaches attention as a view of the fused in-projection, whose row
+    width need not be a multiple of 8 bf16 values (the micro preset's is 292, or a preset's heads
+    split over TP ranks); on the GPU torch's flash and cuDNN kernels then read the rows wrongly
+    without an error, and the memory-efficient one refuses them (benchmarks/NOTES.md, session 8)."""
+    unit = 16 // t.element_size()
+    strides = (stride for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1)
+    if t.data_ptr() % 16 == 0 and all(stride % unit == 0 for stride in strides):
+        return t
+    return t.contiguous()
+
+
 def causal_attention(q, k, v, scale: float, backend: str, documents=None):
     """q [b, hq, lq, d], k/v [b, hkv, lk, d] (GQA), lq <= lk -> [b, hq, lq, d].
 
@@ -218,6 +231,7 @@ def causal_attention(q, k, v, scale: float, backend: str, documents=None):
     only, by kernels.document_attention (which also offers backends "flex" and "varlen").
     """
     lq, lk = q.shape[2], k.shape[2]
+    q, k, v = (rows_aligned(t) for t in (q, k, v))
     if lq > lk:
         raise ValueError(f"causal_attention: {lq} queries but {lk} keys; the queries must be the last "
                          "positions of the keys' span")

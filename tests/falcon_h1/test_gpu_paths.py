@@ -258,6 +258,36 @@ def test_packed_attention_backends_match_reference(backend):
     assert max(errors.values()) <= BF16_TOLERANCE, errors
 
 
+@pytest.mark.parametrize("backend", ["causal sdpa", "sdpa", "flex", "varlen"])
+def test_attention_on_a_view_of_the_fused_projection_matches_reference(backend):
+    """v as the micro preset hands it to attention: a view of the fused in-projection's 292-wide
+    bf16 rows (584 bytes, not a whole number of 16-byte units, which torch's flash and cuDNN
+    kernels misread). bf16 fwd + bwd, unpacked (causal sdpa) and packed rows, against the unfused
+    fp32 reference on contiguous copies."""
+    from falcon_h1.kernels import causal_attention
+    from falcon_h1.kernels.documents import documents_from_position_ids
+    from tests.falcon_h1.packed_rows import position_ids
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    rows = [[72]] if backend == "causal sdpa" else [[13, 37, 22]]
+    docs = None if backend == "causal sdpa" else documents_from_position_ids(position_ids(rows).cuda())
+    projection = torch.randn(72, 1, 292, device="cuda", generator=g)  # [s, b, width]
+    q, k = (torch.randn(1, h, 72, 16, device="cuda", generator=g) for h in (4, 2))
+    dy = torch.randn(1, 4, 72, 16, device="cuda", generator=g)
+    outputs = {}
+    for name, dtype in (("unfused", torch.float32), (backend.split()[-1], torch.bfloat16)):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, projection)]
+        v = leaves[2][..., 96:128].reshape(72, 1, 2, 16).permute(1, 2, 0, 3)
+        if dtype == torch.float32:
+            v = v.contiguous()
+        out = causal_attention(leaves[0], leaves[1], v, 16 ** -0.5, name, documents=docs)
+        out.backward(dy.to(dtype))
+        outputs[name] = [out, leaves[0].grad, leaves[1].grad, leaves[2].grad[..., 96:128]]
+    got = outputs[backend.split()[-1]]
+    errors = {n: rel(a, b) for n, b, a in zip(["out", "dq", "dk", "dv"], outputs["unfused"], got)}
+    assert max(errors.values()) <= BF16_TOLERANCE, errors
+
+
 @pytest.mark.parametrize("backend", ["flex", "varlen", "sdpa"])
 def test_model_packed_row_equals_each_document_alone_on_the_fast_path(megatron_single, backend):
     """The whole model on the GPU path in bf16 (KernelOptions.packed_attention = backend): a packed

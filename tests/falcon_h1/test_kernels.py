@@ -46,6 +46,47 @@ def test_attention_backends_agree_with_gqa():
         assert torch.allclose(causal_attention(q, k, v, 0.3, backend).double(), want, atol=1e-5)
 
 
+def _in_projection_views(length: int, dtype):
+    """q, k [b, heads, l, 16] and v as attention gets it from the micro preset's fused
+    in-projection: a view of a 292-wide row (584 bytes in bf16, not a whole number of 16-byte units)."""
+    g = torch.Generator().manual_seed(5)
+    projection = torch.randn(length, 1, 292, generator=g).to(dtype)  # [s, b, width]
+    q, k = (torch.randn(1, h, length, 16, generator=g).to(dtype) for h in (4, 2))
+    v = projection[..., 96:128].reshape(length, 1, 2, 16).permute(1, 2, 0, 3)
+    return q, k, v
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_attention_kernels_get_rows_aligned_to_16_bytes(monkeypatch, packed):
+    """torch's GPU attention kernels misread rows whose stride is not a whole number of 16 bytes
+    (the micro preset's fused in-projection), so causal_attention hands SDPA aligned rows, and the
+    result is still attention of the view's values (float64 reference on a contiguous copy)."""
+    import torch.nn.functional as F
+
+    from falcon_h1.kernels.documents import documents_from_position_ids
+    from tests.falcon_h1.packed_rows import position_ids
+
+    q, k, v = _in_projection_views(72, torch.bfloat16)
+    assert v.stride(2) * v.element_size() % 16 != 0
+    docs = documents_from_position_ids(position_ids([[13, 37, 22]] if packed else [[72]]))
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(*tensors, **kwargs):
+        seen.extend(tensors[:3])
+        return sdpa(*tensors, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    got = causal_attention(q, k, v, 0.25, "sdpa", documents=docs if packed else None)
+    assert len(seen) == 3
+    for t in seen:
+        assert t.data_ptr() % 16 == 0
+        assert all(s * t.element_size() % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    monkeypatch.undo()
+    want = causal_attention(q.double(), k.double(), v.double().contiguous(), 0.25, "unfused",
+                            documents=docs if packed else None)
+    assert _rel(got, want) <= 1e-2  # bf16 operands
+
+
 def test_triton_kernels_match_float64_in_interpreter():
     """The Triton conv+SiLU and SwiGLU kernels (forward and backward) run on CPU under
     Triton's interpreter in a subprocess (the variable must be set before triton loads);
