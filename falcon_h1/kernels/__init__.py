@@ -211,8 +211,9 @@ def rows_aligned(t: torch.Tensor) -> torch.Tensor:
     """t itself when its address and every stride but the last are whole 16-byte units,
     else a contiguous copy. v reaches attention as a view of the fused in-projection, whose row
     width need not be a multiple of 8 bf16 values (the micro preset's is 292, or a preset's heads
-    split over TP ranks); on the GPU torch's flash and cuDNN kernels then read the rows wrongly
-    without an error, and the memory-efficient one refuses them (benchmarks/NOTES.md, session 8)."""
+    split over TP ranks); on the GPU torch's cuDNN kernel (its default pick there) then returns
+    wrong values without an error, flash fails with a misaligned address and the memory-efficient
+    kernel refuses them (benchmarks/NOTES.md, session 8)."""
     unit = 16 // t.element_size()
     strides = (stride for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1)
     if t.data_ptr() % 16 == 0 and all(stride % unit == 0 for stride in strides):

@@ -261,9 +261,9 @@ def test_packed_attention_backends_match_reference(backend):
 @pytest.mark.parametrize("backend", ["causal sdpa", "sdpa", "flex", "varlen"])
 def test_attention_on_a_view_of_the_fused_projection_matches_reference(backend):
     """v as the micro preset hands it to attention: a view of the fused in-projection's 292-wide
-    bf16 rows (584 bytes, not a whole number of 16-byte units, which torch's flash and cuDNN
-    kernels misread). bf16 fwd + bwd, unpacked (causal sdpa) and packed rows, against the unfused
-    fp32 reference on contiguous copies."""
+    bf16 rows (584 bytes, not a whole number of 16-byte units: torch's cuDNN kernel returns wrong
+    values for them, flash a misaligned address). bf16 fwd + bwd, unpacked (causal sdpa) and packed
+    rows, against the unfused fp32 reference on contiguous copies."""
     from falcon_h1.kernels import causal_attention
     from falcon_h1.kernels.documents import documents_from_position_ids
     from tests.falcon_h1.packed_rows import position_ids

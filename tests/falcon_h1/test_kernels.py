@@ -58,7 +58,7 @@ def _in_projection_views(length: int, dtype):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 def test_attention_kernels_get_rows_aligned_to_16_bytes(monkeypatch, packed):
-    """torch's GPU attention kernels misread rows whose stride is not a whole number of 16 bytes
+    """torch's GPU attention kernels fail on rows whose stride is not a whole number of 16 bytes
     (the micro preset's fused in-projection), so causal_attention hands SDPA aligned rows, and the
     result is still attention of the view's values (float64 reference on a contiguous copy)."""
     import torch.nn.functional as F
