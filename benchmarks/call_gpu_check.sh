@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One H200 call: FIRST_TESTS (test ids, each in its own pytest, whole tracebacks), then every GPU
-# test (or TESTS; TESTS=skip for none) in one pytest run over XDIST workers (-v, short tracebacks, to $OUT/gpu_tests.txt),
+# test (or TESTS; TESTS=skip for none) over XDIST workers (-v, short tracebacks, to $OUT/gpu_tests.txt; the slow
+# SLOW ones beside them to $OUT/gpu_tests_slow.txt),
 # then AFTER (eval'd), then decode speed of falcon_h1.generate with and without its CUDA graph (GEN_ARGS), while
 # causal_conv1d's CUDA extension builds in the background for the Hugging Face fast path (BUILD=1;
 # the wheel comes back in <16 MB parts: cat $OUT/cc1d.part* > causal_conv1d-...whl).
@@ -18,10 +19,20 @@ if [ -n "${FIRST_TESTS:-}" ]; then  # known failures first, one pytest each: its
   grep -E "FAILED|ERROR|passed|failed|Error" "$OUT/first_tests.txt" | cut -c1-200 | tail -12
 fi
 if [ "${TESTS:-}" != skip ]; then
-  # several workers: a fresh machine's time goes to compiling Triton kernels, one CPU core each
-  timeout ${TESTS_S:-330} python3 -m pytest -v -n ${XDIST:-8} --dist load -p no:cacheprovider -p no:warnings --tb=short \
-    -rfE --durations=12 \
-    ${TESTS:-$(ls tests/*/test_*gpu*.py)} ${EXTRA_TESTS:-} 2>&1 | grep -v -i "warn" > "$OUT/gpu_tests.txt"
+  # several workers: a fresh machine's time goes to compiling Triton kernels, one CPU core each.
+  # With every GPU test (TESTS unset), the whole-model packed-row tests (~180 s each, compiling)
+  # start at once on workers of their own (SLOW, SLOW_XDIST) instead of queueing behind the rest.
+  pytest_gpu() { timeout ${TESTS_S:-330} python3 -m pytest -v --dist load -p no:cacheprovider -p no:warnings \
+    --tb=short -rfE --durations=12 "$@" 2>&1 | grep -v -i "warn"; }
+  slow=${SLOW:-tests/falcon_h1/test_gpu_paths.py::test_model_packed_row_equals_each_document_alone_on_the_fast_path}
+  if [ -z "${TESTS:-}" ] && [ "$slow" != none ]; then
+    pytest_gpu -n ${SLOW_XDIST:-3} "$slow" > "$OUT/gpu_tests_slow.txt" &
+    pytest_gpu -n ${XDIST:-8} --deselect "$slow" $(ls tests/*/test_*gpu*.py) ${EXTRA_TESTS:-} > "$OUT/gpu_tests.txt"
+    wait
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests_slow.txt" | cut -c1-200 | tail -6
+  else
+    pytest_gpu -n ${XDIST:-8} ${TESTS:-$(ls tests/*/test_*gpu*.py)} ${EXTRA_TESTS:-} > "$OUT/gpu_tests.txt"
+  fi
   grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.txt" | cut -c1-200 | tail -25
 fi
 eval "${AFTER:-true}"  # e.g. another bench, before the decode run
