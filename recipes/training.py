@@ -237,6 +237,8 @@ def _build_model_and_optimizer(recipe: RecipeConfig, checked):
     model = build_model_for(recipe, checked.model_cfg, sequence_parallel=p.sequence_parallel,
                             recompute=t.recompute, recompute_layers=t.recompute_layers,
                             seed=t.seed)
+    if torch.cuda.is_available():
+        _check_training_state_fits(model, p)
     transformer_config = model.config
     # Set before the DDP wrapper reads it: per-token loss means no 1/dp pre-scaling of the gradients.
     transformer_config.calculate_per_token_loss = True
@@ -248,6 +250,19 @@ def _build_model_and_optimizer(recipe: RecipeConfig, checked):
     optimizer = build_optimizer([ddp_model], t, p, checked.schedule)
     scheduler = build_scheduler(optimizer, checked.schedule)
     return model, ddp_model, optimizer, scheduler, graph_stream
+
+
+def _check_training_state_fits(model, parallel_cfg) -> None:
+    from megatron.core import parallel_state
+
+    from recipes.memory_budget import check_training_state_fits
+
+    shards = (parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+              if parallel_cfg.distributed_optimizer else 1)
+    free, total = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # torch's cache is free to reuse
+    check_training_state_fits((p for p in model.parameters() if p.requires_grad), shards, free, total,
+                              parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.distributed_optimizer)
 
 
 def _resume(recipe: RecipeConfig, ckpt_root: Path, model, ddp_model, optimizer, scheduler):
