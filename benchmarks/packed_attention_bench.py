@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from benchmarks.tables import print_rows
 from falcon_h1.kernels.document_attention import BACKENDS, document_causal_attention
 from falcon_h1.kernels.documents import documents_from_position_ids
 
@@ -185,13 +186,7 @@ def mamba_table(args, device, rows) -> list[dict]:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    print("  ".join(f"{c:>16s}" for c in columns))
-    for row in rows:
-        if "unavailable" in row:
-            print(f"{row[columns[0]]:>16s}  unavailable: {row['unavailable']}")
-            continue
-        cells = [row.get(c, "") for c in columns]
-        print("  ".join(f"{c:>16.3g}" if isinstance(c, float) else f"{str(c):>16s}" for c in cells))
+    print_rows(rows, columns, width=16, digits=3, reason_key="unavailable")
 
 
 def main(argv=None) -> None:

@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.tables import print_rows
 from recipes.data.chat_packing import one_per_row, pack_best_fit_decreasing, row_sample
 
 MIN_LENGTH = 16
@@ -185,13 +186,7 @@ def print_table(report: dict) -> None:
           f"tokens, conversation lengths log-normal median {report['median_len']:g} sigma {report['sigma']:g}")
     columns = ["mode", "ms", "conversations", "real_tokens", "efficiency", "real_tokens_per_s", "speedup_vs_one_per_row",
                "max_rel_err_logits", "rel_err_loss"]
-    print("  ".join(f"{c:>20s}" for c in columns))
-    for row in report["results"]:
-        if "error" in row:
-            print(f"{row['mode']:>20s}  error: {row['error']}")
-            continue
-        cells = [row.get(c, "") for c in columns]
-        print("  ".join(f"{c:>20.4g}" if isinstance(c, float) else f"{str(c):>20s}" for c in cells))
+    print_rows(report["results"], columns, width=20, digits=4, reason_key="error")
 
 
 def main(argv=None) -> None:
