@@ -22,11 +22,11 @@ def gradient_and_optimizer_bytes(params, optimizer_shards: int) -> int:
     """Bytes this rank's DDP gradient buffer and AdamW state take for `params` (its weight
     shards), the optimizer state split over `optimizer_shards` ranks (the distributed optimizer
     over data x context parallelism; 1 without it)."""
-    total = 0
+    gradients = state = 0
     for p in params:
-        state = ADAM_MOMENT_BYTES + (MAIN_WEIGHT_BYTES if p.dtype in (torch.bfloat16, torch.float16) else 0)
-        total += p.numel() * (GRADIENT_BYTES * optimizer_shards + state)
-    return -(-total // optimizer_shards)
+        gradients += p.numel() * GRADIENT_BYTES
+        state += p.numel() * (ADAM_MOMENT_BYTES + (MAIN_WEIGHT_BYTES if p.dtype in (torch.bfloat16, torch.float16) else 0))
+    return gradients + -(-state // optimizer_shards)
 
 
 def check_training_state_fits(params, optimizer_shards: int, free_bytes: int, total_bytes: int,

@@ -55,3 +55,18 @@ def test_resumed_run_keeps_the_fused_optimizer_setting(tmp_path):
     finally:
         optim.set_fused_adamw = original
     assert seen and all(flag is True for flag in seen[-1])  # after the checkpoint load
+
+
+def test_a_training_state_larger_than_the_free_memory_stops_before_megatron_allocates_it(tmp_path, monkeypatch):
+    """train() on a GPU that (as reported) has almost nothing free: the memory check refuses the
+    run naming the layout, before DDP or the optimizer exist and before any metric is written."""
+    from falcon_h1.errors import ConfigValueError
+    from recipes.api import compose_recipe
+    from recipes.training import train
+
+    total = torch.cuda.mem_get_info()[1]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 20, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+    with pytest.raises(ConfigValueError, match="parallel.tp = 1.*parallel.distributed_optimizer=true"):
+        train(compose_recipe(COMMON + [f"train.run_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
