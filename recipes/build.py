@@ -146,6 +146,7 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
     if recipe.logger.wandb:
         resolve_wandb_mode(recipe.logger.wandb_mode)
     validate_cuda_graph(recipe)
+    validate_optimizer_offload(recipe)
     return CheckedRecipe(model_cfg, schedule)
 
 
@@ -251,12 +252,39 @@ def validate_cuda_graph(recipe: RecipeConfig) -> None:
               "number in every forward (a synchronous host-to-device copy, illegal during capture)")
 
 
-def validate_cuda_graph_device(recipe: RecipeConfig, cuda_available: bool) -> None:
-    """On the host that trains (not the one that submits the job): a CUDA graph needs a GPU."""
-    if recipe.train.cuda_graph and not cuda_available:
-        _fail("train.cuda_graph", recipe.train.cuda_graph,
+def validate_optimizer_offload(recipe: RecipeConfig) -> None:
+    """What keeping part of the optimizer state in host memory (train.optimizer_offload_fraction)
+    needs: Megatron offloads only its distributed optimizer's state, in its precision-aware form."""
+    p, t = recipe.parallel, recipe.train
+    fraction = t.optimizer_offload_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        _fail("train.optimizer_offload_fraction", fraction,
+              "a number in [0, 1]: the share of the optimizer state kept in host memory (0 = none)")
+    if fraction == 0:
+        return
+    if not p.distributed_optimizer:
+        _fail("parallel.distributed_optimizer", p.distributed_optimizer,
+              f"true with train.optimizer_offload_fraction = {fraction}: Megatron moves the distributed "
+              "optimizer's state shards to the host (its HybridDeviceOptimizer); set "
+              "parallel.distributed_optimizer = true or train.optimizer_offload_fraction = 0")
+    if t.cuda_graph:
+        _fail("train.cuda_graph", t.cuda_graph,
+              f"false with train.optimizer_offload_fraction = {fraction}: the offloaded step copies "
+              "gradients out and weights back on side streams between the replays, a combination this "
+              "training loop does not support; use one or the other")
+
+
+def validate_gpu_settings(recipe: RecipeConfig, cuda_available: bool) -> None:
+    """On the host that trains (not the one that submits the job): the settings that need a GPU."""
+    t = recipe.train
+    if t.cuda_graph and not cuda_available:
+        _fail("train.cuda_graph", t.cuda_graph,
               "false on a host without a CUDA device: a CUDA graph captures GPU kernels, and this "
               "process sees no GPU (check CUDA_VISIBLE_DEVICES and the driver)")
+    if t.optimizer_offload_fraction and not cuda_available:
+        _fail("train.optimizer_offload_fraction", t.optimizer_offload_fraction,
+              "0 on a host without a CUDA device: it moves optimizer state from the GPU to host memory, "
+              "and this process sees no GPU (on CPU the whole state is in host memory already)")
 
 
 def validate_parallel_layout(recipe: RecipeConfig, world_size: int) -> None:

@@ -142,6 +142,13 @@ class TrainConfig:
     # the main-to-model parameter copies (any device; Megatron's own fallbacks read every
     # parameter's norm back to the host, a sync each) and torch's fused AdamW (GPU); false: Megatron's.
     fused_optimizer: bool = True
+    # Share of the optimizer state (fp32 master weights and AdamW moments, 12 bytes a bf16
+    # parameter) kept in host memory and stepped there by the CPU (Megatron's
+    # HybridDeviceOptimizer, its precision-aware distributed optimizer): 0 = all on the GPU, 1 = none.
+    # For a model whose state does not fit beside its activations (the 7B at 64K on one H200);
+    # the step then waits for the gradients' copy to the host and the CPU's AdamW.
+    # Needs parallel.distributed_optimizer = true and a GPU.
+    optimizer_offload_fraction: float = 0.0
     # End of training: sample this many new tokens after sample_prompt (printed with the
     # summary; recipes.generate.sample_after_training); 0 = no sample.
     sample_tokens: int = 0

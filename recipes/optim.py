@@ -63,6 +63,21 @@ def wrap_model(model: ModelChunks, parallel_cfg: ParallelConfig, train_cfg: Trai
     return wrapped[0] if isinstance(model, MegatronModule) else wrapped
 
 
+def _offload_settings(fraction: float) -> dict:
+    """Megatron's switches for keeping `fraction` of the optimizer state in host memory.
+
+    Its HybridDeviceOptimizer steps the offloaded shards with torch's AdamW on the CPU and the
+    rest on the GPU; it takes the bf16 weight shards from the precision-aware distributed
+    optimizer and keeps the fp32 master copies itself (beside their moments, on either side).
+    The gradients' copies to the host and the weights' copies back run on side streams,
+    parameter by parameter, so the CPU's AdamW starts before the last gradient has arrived.
+    """
+    if not fraction:
+        return {}
+    return dict(optimizer_cpu_offload=True, optimizer_offload_fraction=float(fraction),
+                use_precision_aware_optimizer=True, overlap_cpu_optimizer_d2h_h2d=True)
+
+
 def build_optimizer(wrapped_models: ModelChunks, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
                     schedule: Optional[LrSchedule] = None):
     """Megatron's optimizer over the DDP-wrapped model chunk(s).
@@ -92,6 +107,7 @@ def build_optimizer(wrapped_models: ModelChunks, train_cfg: TrainConfig, paralle
         bf16=torch.bfloat16 in param_dtypes,
         params_dtype=torch.bfloat16 if torch.bfloat16 in param_dtypes else torch.float32,
         use_distributed_optimizer=parallel_cfg.distributed_optimizer,
+        **_offload_settings(train_cfg.optimizer_offload_fraction),
     )
     use_foreach_multi_tensor_ops(train_cfg.fused_optimizer)
     if torch.cuda.is_available():

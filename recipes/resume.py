@@ -55,6 +55,7 @@ RESUME_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("train.adam_eps", "is restored with the optimizer state, so a new value would be ignored"),
     ("train.load_dir", "only sets a new run's initial weights; a resumed run continues from its checkpoints"),
     ("parallel.distributed_optimizer", "lays the optimizer state out another way, which cannot be loaded across"),
+    ("train.optimizer_offload_fraction", "lays the optimizer state out another way, which cannot be loaded across"),
 )
 _NEVER_COMPARED = ("train.run_dir", "train.resume", "dryrun")
 

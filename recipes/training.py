@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -131,7 +132,7 @@ def build_run_state(recipe: RecipeConfig) -> RunState:
 
     from falcon_h1.flops import training_flops_per_token
     from falcon_h1.megatron_compat.parallel import default_device
-    from recipes.build import validate_cuda_graph_device, validate_recipe
+    from recipes.build import validate_gpu_settings, validate_recipe
     from recipes.checkpoint_files import has_checkpoints
     from recipes.data import build_tokenizer, make_data_iterator
     from recipes.data.validation import check_token_ids_fit
@@ -142,7 +143,7 @@ def build_run_state(recipe: RecipeConfig) -> RunState:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     t, data_cfg = recipe.train, recipe.data
     checked = validate_recipe(recipe)  # config errors before any process group or file
-    validate_cuda_graph_device(recipe, torch.cuda.is_available())
+    validate_gpu_settings(recipe, torch.cuda.is_available())
     world, dp = _init_processes(recipe)
     dp_rank = parallel_state.get_data_parallel_rank()
     run_dir = Path(t.run_dir)
@@ -238,7 +239,7 @@ def _build_model_and_optimizer(recipe: RecipeConfig, checked):
                             recompute=t.recompute, recompute_layers=t.recompute_layers,
                             seed=t.seed)
     if torch.cuda.is_available():
-        _check_training_state_fits(model, p)
+        _check_training_state_fits(model, p, t.optimizer_offload_fraction)
     transformer_config = model.config
     # Set before the DDP wrapper reads it: per-token loss means no 1/dp pre-scaling of the gradients.
     transformer_config.calculate_per_token_loss = True
@@ -252,7 +253,7 @@ def _build_model_and_optimizer(recipe: RecipeConfig, checked):
     return model, ddp_model, optimizer, scheduler, graph_stream
 
 
-def _check_training_state_fits(model, parallel_cfg) -> None:
+def _check_training_state_fits(model, parallel_cfg, offload_fraction: float = 0.0) -> None:
     from megatron.core import parallel_state
 
     from recipes.memory_budget import check_training_state_fits
@@ -262,7 +263,21 @@ def _check_training_state_fits(model, parallel_cfg) -> None:
     free, total = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # torch's cache is free to reuse
     check_training_state_fits((p for p in model.parameters() if p.requires_grad), shards, free, total,
-                              parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.distributed_optimizer)
+                              parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.distributed_optimizer,
+                              offload_fraction, _host_available_bytes() if offload_fraction else None,
+                              int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux): what the host can give without swapping; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _resume(recipe: RecipeConfig, ckpt_root: Path, model, ddp_model, optimizer, scheduler):

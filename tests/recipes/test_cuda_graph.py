@@ -12,7 +12,7 @@ import torch
 
 from recipes.api import compose_recipe
 from falcon_h1.errors import ConfigValueError
-from recipes.build import validate_cuda_graph_device, validate_recipe
+from recipes.build import validate_gpu_settings, validate_recipe
 from tests.conftest import REPO
 
 GRAPH = ["train.cuda_graph=true"]
@@ -41,15 +41,15 @@ def test_graph_recipe_within_the_limits_is_accepted():
                       ["train.cuda_graph_warmup_steps=1", "parallel.distributed_optimizer=true"]):
         recipe = compose_recipe(GRAPH + overrides)
         validate_recipe(recipe)
-        validate_cuda_graph_device(recipe, cuda_available=True)
+        validate_gpu_settings(recipe, cuda_available=True)
 
 
 def test_graph_needs_a_cuda_device_on_the_training_host():
     recipe = compose_recipe(GRAPH)
     with pytest.raises(ConfigValueError) as err:
-        validate_cuda_graph_device(recipe, cuda_available=False)
+        validate_gpu_settings(recipe, cuda_available=False)
     assert str(err.value).startswith("train.cuda_graph = True is not allowed: false on a host without a CUDA device")
-    validate_cuda_graph_device(compose_recipe([]), cuda_available=False)  # eager runs need no GPU
+    validate_gpu_settings(compose_recipe([]), cuda_available=False)  # eager runs need no GPU
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without a GPU")

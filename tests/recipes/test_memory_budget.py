@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from falcon_h1.errors import ConfigValueError
-from recipes.memory_budget import check_training_state_fits, gradient_and_optimizer_bytes
+from recipes.memory_budget import check_training_state_fits, gradient_and_optimizer_bytes, offloaded_optimizer_bytes
 
 
 def test_bf16_and_fp32_parameters_take_the_mixed_precision_adam_budget():
@@ -59,3 +59,35 @@ def test_the_training_check_reads_the_free_memory_and_the_optimizer_shards(megat
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (need - cached - 1, 2 * need))
     with pytest.raises(ConfigValueError, match="parallel.tp = 1"):
         _check_training_state_fits(model, ParallelConfig(distributed_optimizer=True))
+
+
+def test_an_offloaded_share_of_the_state_moves_from_the_gpu_to_the_host():
+    # 1,000 bf16 weights over 4 optimizer shards: 250 a rank, 12 bytes of state each, a quarter of
+    # it offloaded; on the host an offloaded weight holds its fp32 master (4), moments (8) and a
+    # pinned fp32 gradient copy (4); the fp32 gradient buffer stays on the GPU whole
+    params = [torch.empty(1000, dtype=torch.bfloat16)]
+    assert gradient_and_optimizer_bytes(params, 4, 0.25) == 1000 * 4 + 250 * 12 * 3 // 4
+    assert offloaded_optimizer_bytes(params, 4, 0.25) == 1000  # 250 x 0.25 offloaded x 16 bytes
+    assert gradient_and_optimizer_bytes(params, 1, 1.0) == 1000 * 4
+
+
+def test_an_offload_the_host_cannot_hold_is_refused_naming_the_fraction():
+    params = [torch.empty(2**20, dtype=torch.bfloat16)]
+    host = 2 * 2**20 * 16  # two processes' whole state, exactly
+    check_training_state_fits(params, 1, 2**30, 80 * 2**30, tp=1, pp=1, distributed_optimizer=True,
+                              offload_fraction=1.0, host_free_bytes=host, ranks_per_host=2)
+    with pytest.raises(ConfigValueError) as err:
+        check_training_state_fits(params, 1, 2**30, 80 * 2**30, tp=1, pp=1, distributed_optimizer=True,
+                                  offload_fraction=1.0, host_free_bytes=host - 1, ranks_per_host=2)
+    assert err.value.key == "train.optimizer_offload_fraction"
+    assert "2 training process(es) on this host" in str(err.value)
+    assert "a smaller train.optimizer_offload_fraction" in str(err.value)
+
+
+def test_the_gpu_refusal_offers_the_offload():
+    params = [torch.empty(2**20, dtype=torch.bfloat16)]
+    with pytest.raises(ConfigValueError, match="train.optimizer_offload_fraction > 0 with parallel.distributed_"):
+        check_training_state_fits(params, 1, 2**20, 80 * 2**30, tp=1, pp=1, distributed_optimizer=False)
+    # with everything offloaded only the 4 MiB of gradients stay on the GPU
+    check_training_state_fits(params, 1, 4 * 2**20, 80 * 2**30, tp=1, pp=1, distributed_optimizer=True,
+                              offload_fraction=1.0)

@@ -1,10 +1,13 @@
-"""train.fused_optimizer on a GPU, through train(): torch's fused AdamW and the foreach gradient
-norm / parameter copies follow the run with Megatron's fallbacks (foreach AdamW, per-tensor
-norms read back to the host). Skipped without CUDA; the CPU side (foreach norm and clipping scale
-against a float64 AdamW) is tests/recipes/test_optim.py.
+"""The optimizer on a GPU, through train(). train.fused_optimizer: torch's fused AdamW and the
+foreach gradient norm / parameter copies follow the run with Megatron's fallbacks (foreach AdamW,
+per-tensor norms read back to the host). train.optimizer_offload_fraction: the state kept and
+stepped on the host trains like the all-GPU distributed optimizer and resumes from its checkpoint.
+The memory check stops a state too large for the GPU. Skipped without CUDA; the CPU side (foreach
+norm and clipping scale against a float64 AdamW, the offload's refusals and byte counts) is
+tests/recipes/test_optim.py, test_optimizer_offload.py and test_memory_budget.py.
 
-Bound: both runs see the same weights and batches; AdamW's fused and foreach kernels round
-differently in the last fp32 bit, which the loss carries at ~1e-6 over a few steps."""
+Bound: both runs see the same weights and batches; AdamW's fused and foreach kernels (and the CPU's
+AdamW) round differently in the last fp32 bit, which the loss carries at ~1e-6 over a few steps."""
 
 import json
 
@@ -18,13 +21,18 @@ COMMON = ["logger=none", "data.seq_length=256", "train.precision=bf16", "train.m
           "train.log_interval=1", "train.save_interval=0"]
 
 
-def _run(run_dir, fused: bool):
+def _train(run_dir, *overrides):
+    """(loss, grad norm) of each step train() logged in run_dir, this and any earlier launch."""
     from recipes.api import compose_recipe
     from recipes.training import train
 
-    train(compose_recipe(COMMON + [f"train.run_dir={run_dir}", f"train.fused_optimizer={str(fused).lower()}"]))
+    train(compose_recipe(COMMON + [f"train.run_dir={run_dir}", *overrides]))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [(row["loss"], row["grad_norm"]) for row in rows if "loss" in row]
+
+
+def _run(run_dir, fused: bool):
+    return _train(run_dir, f"train.fused_optimizer={str(fused).lower()}")
 
 
 def test_fused_optimizer_follows_megatron_fallbacks(tmp_path):
@@ -70,3 +78,42 @@ def test_a_training_state_larger_than_the_free_memory_stops_before_megatron_allo
     with pytest.raises(ConfigValueError, match="parallel.tp = 1.*parallel.distributed_optimizer=true"):
         train(compose_recipe(COMMON + [f"train.run_dir={tmp_path / 'run'}"]))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+DISTRIBUTED = "parallel.distributed_optimizer=true"
+
+
+def _state_devices(megatron_optimizer) -> set[str]:
+    """Where the AdamW moments of Megatron's distributed optimizer live (its HybridDeviceOptimizer's
+    CPU and GPU sub-optimizers when offloading)."""
+    inner = megatron_optimizer.optimizer
+    optimizers = getattr(inner, "sub_optimizers", [inner])
+    return {state["exp_avg"].device.type for opt in optimizers for state in opt.state.values() if "exp_avg" in state}
+
+
+def test_an_offloaded_optimizer_trains_like_the_gpu_one_with_its_state_on_the_host(tmp_path, monkeypatch):
+    import recipes.optim
+
+    built = []
+    original = recipes.optim.build_optimizer
+    monkeypatch.setattr(recipes.optim, "build_optimizer", lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    gpu = _train(tmp_path / "gpu", DISTRIBUTED)
+    host = _train(tmp_path / "host", DISTRIBUTED, "train.optimizer_offload_fraction=1.0")
+    half = _train(tmp_path / "half", DISTRIBUTED, "train.optimizer_offload_fraction=0.5")
+    assert [_state_devices(opt) for opt in built] == [{"cuda"}, {"cpu"}, {"cpu", "cuda"}]
+    assert len(gpu) == len(host) == len(half) == 6
+    for (loss_g, norm_g), (loss_h, norm_h), (loss_5, norm_5) in zip(gpu, host, half):
+        assert loss_h == pytest.approx(loss_g, rel=1e-4) and loss_5 == pytest.approx(loss_g, rel=1e-4)
+        assert norm_h == pytest.approx(norm_g, rel=1e-3) and norm_5 == pytest.approx(norm_g, rel=1e-3)
+    assert host[-1][0] < host[0][0]
+
+
+def test_an_offloaded_run_resumes_from_its_checkpoint_where_it_stopped(tmp_path):
+    offload = (DISTRIBUTED, "train.optimizer_offload_fraction=1.0")
+    whole = _train(tmp_path / "whole", *offload)
+    _train(tmp_path / "stopped", *offload, "train.save_interval=3", "train.exit_after_steps=3")
+    resumed = _train(tmp_path / "stopped", *offload, "train.save_interval=3")
+    assert len(resumed) == 6
+    for (loss_w, norm_w), (loss_r, norm_r) in zip(whole[3:], resumed[3:]):
+        assert loss_r == pytest.approx(loss_w, rel=1e-5)
+        assert norm_r == pytest.approx(norm_w, rel=1e-4)

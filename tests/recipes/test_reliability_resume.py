@@ -42,6 +42,7 @@ def _copy(stopped, tmp_path):
     ("model.ssm_out_multiplier=0.5", "model.ssm_out_multiplier = 1.0 (this recipe: 0.5; changes the model)"),
     ("train.adam_beta1=0.8", "train.adam_beta1 = 0.9 (this recipe: 0.8; is restored with the optimizer state"),
     ("parallel.distributed_optimizer=true", "parallel.distributed_optimizer = False"),
+    ("train.optimizer_offload_fraction=0.5", "train.optimizer_offload_fraction = 0.0 (this recipe: 0.5; lays"),
 ])
 def test_changed_model_or_data_fields_are_refused_with_the_way_out(stopped, override, field):
     from recipes.resume import check_resume_config
