@@ -13,6 +13,7 @@ checkpoints are the same format on both devices.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional, Sequence, Union
 
 import torch
@@ -21,7 +22,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.module import MegatronModule
 
 from falcon_h1.megatron_compat.cpu import CpuCallsProxy, cuda_as_cpu, enable_cpu_megatron
-from falcon_h1.megatron_compat.optimizer import set_fused_adamw, use_foreach_multi_tensor_ops
+from falcon_h1.megatron_compat.optimizer import fp32_shards_as_leaves, set_fused_adamw, use_foreach_multi_tensor_ops
 from recipes.config import ParallelConfig, TrainConfig
 from recipes.schedules import LrSchedule, checked_schedule
 
@@ -110,11 +111,13 @@ def build_optimizer(wrapped_models: ModelChunks, train_cfg: TrainConfig, paralle
         **_offload_settings(train_cfg.optimizer_offload_fraction),
     )
     use_foreach_multi_tensor_ops(train_cfg.fused_optimizer)
+    offloading = fp32_shards_as_leaves() if optimizer_config.optimizer_cpu_offload else nullcontext()
     if torch.cuda.is_available():
-        optimizer = get_megatron_optimizer(optimizer_config, chunks)
+        with offloading:
+            optimizer = get_megatron_optimizer(optimizer_config, chunks)
         set_fused_adamw(optimizer, train_cfg.fused_optimizer)
     else:
-        with cuda_as_cpu():
+        with cuda_as_cpu(), offloading:
             optimizer = CpuCallsProxy(get_megatron_optimizer(optimizer_config, chunks))
     for group in optimizer.param_groups:
         group["weight_decay"] = schedule.weight_decay * group.get("wd_mult", 1.0)

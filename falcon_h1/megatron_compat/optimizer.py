@@ -14,6 +14,8 @@ versions of Apex's multi-tensor kernels, and both cost host round trips every st
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -86,3 +88,39 @@ def use_foreach_multi_tensor_ops(enabled: bool) -> None:
             (megatron_optimizer, "multi_tensor_scale_impl", _foreach_scale, utils.local_multi_tensor_scale)):
         if getattr(module, name, None) in replaced:
             setattr(module, name, ours if enabled else megatrons)
+
+
+@contextmanager
+def fp32_shards_as_leaves():
+    """Let Megatron 0.19.2's distributed optimizer offload a model that has fp32 parameters.
+
+    It hands its inner optimizer each fp32 parameter's shard as `param.view(-1)[range]`, a view
+    that autograd tracks (not a leaf). The all-GPU path assigns its param groups directly, but the
+    offloaded one builds a new HybridDeviceOptimizer from them, and torch refuses a non-leaf:
+    "can't optimize a non-leaf Tensor" (Falcon-H1's A_log, D and dt_bias are fp32). While this is
+    open, each such shard is its detached view instead: the same memory, so the step still updates
+    the model's parameter, with the shard's attributes (tensor-parallel flags) carried over, in the
+    param groups and in the shard lists Megatron copies gradients into alike.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]
+
+    def build(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config):
+        groups = original.__func__(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
+        leaves = {}
+        for shards in groups[3]:  # shard_fp32_groups
+            for index, shard in enumerate(shards):
+                if not shard.is_leaf:
+                    leaf = shard.detach()
+                    leaf.__dict__.update(shard.__dict__)
+                    leaves[id(shard)] = shards[index] = leaf
+        for group_range in opt_group_ranges:
+            group_range["orig_group"]["params"] = [leaves.get(id(p), p) for p in group_range["orig_group"]["params"]]
+        return groups
+
+    DistributedOptimizer._build_model_and_main_param_groups = classmethod(build)
+    try:
+        yield
+    finally:
+        DistributedOptimizer._build_model_and_main_param_groups = original
