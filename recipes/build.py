@@ -252,6 +252,14 @@ def validate_cuda_graph(recipe: RecipeConfig) -> None:
               "number in every forward (a synchronous host-to-device copy, illegal during capture)")
 
 
+# Why a run with train.optimizer_offload_fraction > 0 writes no checkpoint (validation and the stop
+# on a signal both say it).
+UNCHECKPOINTED_OFFLOAD = (
+    "a run with train.optimizer_offload_fraction > 0 is not checkpointed: the checkpoint code here "
+    "numbers the distributed optimizer's fp32 main shards, and the offloaded optimizer keeps its master "
+    "weights inside Megatron's HybridDeviceOptimizer instead")
+
+
 def validate_optimizer_offload(recipe: RecipeConfig) -> None:
     """What keeping part of the optimizer state in host memory (train.optimizer_offload_fraction)
     needs: Megatron offloads only its distributed optimizer's state, in its precision-aware form."""
@@ -267,6 +275,11 @@ def validate_optimizer_offload(recipe: RecipeConfig) -> None:
               f"true with train.optimizer_offload_fraction = {fraction}: Megatron moves the distributed "
               "optimizer's state shards to the host (its HybridDeviceOptimizer); set "
               "parallel.distributed_optimizer = true or train.optimizer_offload_fraction = 0")
+    if t.save_interval:
+        _fail("train.save_interval", t.save_interval,
+              f"0 with train.optimizer_offload_fraction = {fraction} ({UNCHECKPOINTED_OFFLOAD}); train without "
+              "checkpoints, or keep the optimizer state on the GPU (train.optimizer_offload_fraction = 0, with "
+              "more GPUs for a model whose state does not fit one)")
     if t.cuda_graph:
         _fail("train.cuda_graph", t.cuda_graph,
               f"false with train.optimizer_offload_fraction = {fraction}: the offloaded step copies "

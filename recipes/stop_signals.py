@@ -21,14 +21,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StoppedBySignal(SystemExit):
-    """Training stopped on a signal after saving `checkpoint_dir` at `step`; `code` is 128 + signum."""
+    """Training stopped on a signal after saving `checkpoint_dir` at `step` (or, where the run
+    cannot be checkpointed, without saving: `unsaved_because` says why); `code` is 128 + signum."""
 
-    def __init__(self, signum: int, step: int, checkpoint_dir: str, run_dir: str):
+    def __init__(self, signum: int, step: int, checkpoint_dir: str, run_dir: str,
+                 unsaved_because: Optional[str] = None):
         super().__init__(128 + signum)
         self.signum, self.step, self.checkpoint_dir, self.run_dir = signum, step, checkpoint_dir, run_dir
+        self.unsaved_because = unsaved_because
 
     def message(self) -> str:
         name = signal.Signals(self.signum).name
+        if self.unsaved_because:
+            return (f"{name} received: stopped after step {self.step} without a checkpoint ({self.unsaved_because}); "
+                    f"exit code {128 + self.signum}.")
         return (f"{name} received: stopped after step {self.step} and saved its checkpoint in {self.checkpoint_dir}. "
                 f"To resume, run the same command again with train.run_dir={self.run_dir} (it continues from step "
                 f"{self.step}); exit code {128 + self.signum}.")

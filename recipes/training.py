@@ -89,6 +89,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
 
     from recipes.generate import sample_after_training
     from recipes.resume import finished_run
+    from recipes.build import UNCHECKPOINTED_OFFLOAD
     from recipes.stop_signals import StoppedBySignal, stop_on_signals
 
     t = recipe.train
@@ -109,10 +110,11 @@ def train(recipe: RecipeConfig) -> TrainSummary:
         for step in range(state.start_step, t.max_steps):
             result = train_step(state, fwd_bwd, step)
             signum = stop.agreed(state.device)
-            if log_eval_save(state, step + 1, result, save_now=signum is not None):
+            unsaved = UNCHECKPOINTED_OFFLOAD if t.optimizer_offload_fraction else None
+            if log_eval_save(state, step + 1, result, save_now=signum is not None and not unsaved):
                 break
             if signum is not None:
-                stopped = StoppedBySignal(signum, step + 1, str(state.ckpt_root), str(state.run_dir))
+                stopped = StoppedBySignal(signum, step + 1, str(state.ckpt_root), str(state.run_dir), unsaved)
                 break
         score_heldout_questions(state, state.start_step + len(state.losses))
         summary = finish(state)
