@@ -68,3 +68,64 @@ def test_a_stop_without_a_checkpoint_says_so_instead_of_how_to_resume():
     assert stopped.message().startswith("SIGTERM received: stopped after step 7 without a checkpoint (a run with "
                                         "train.optimizer_offload_fraction > 0 is not checkpointed")
     assert "To resume" not in stopped.message()
+
+
+class _HostStream:
+    """Stands in for a CUDA stream: the offloaded optimizer makes its copy streams when it is built."""
+
+    def wait_stream(self, stream):
+        pass
+
+    def record_event(self, *args):
+        return None
+
+
+@pytest.fixture
+def host_streams(monkeypatch):
+    import contextlib
+
+    import torch
+
+    stream = _HostStream()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: _HostStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+def _offloaded_optimizer():
+    from falcon_h1.model import build_model
+    from falcon_h1.presets import get_preset
+    from recipes.config import ParallelConfig, TrainConfig
+    from recipes.optim import build_optimizer, wrap_model
+
+    model = build_model(get_preset("falcon_h1_micro"), precision="bf16", seed=0)  # A_log, D, dt_bias stay fp32
+    parallel, train_cfg = ParallelConfig(distributed_optimizer=True), TrainConfig(optimizer_offload_fraction=0.5)
+    ddp = wrap_model(model, parallel, train_cfg, model.config)
+    return model, build_optimizer([ddp], train_cfg, parallel)
+
+
+def test_the_offloaded_optimizer_builds_over_fp32_parameters_and_steps_them_in_place(megatron_single, host_streams):
+    import torch
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    from falcon_h1.megatron_compat.cpu import unwrapped_optimizer
+
+    model, optimizer = _offloaded_optimizer()
+    inners = getattr(unwrapped_optimizer(optimizer), "chained_optimizers", [unwrapped_optimizer(optimizer)])
+    assert all(isinstance(inner.optimizer, HybridDeviceOptimizer) for inner in inners)
+    fp32_storages = {p.untyped_storage().data_ptr() for p in model.parameters() if p.dtype == torch.float32}
+    fp32_shards = [p for inner in inners for g in inner.optimizer.param_groups for p in g["params"]
+                   if p.dtype == torch.float32]
+    assert fp32_shards and all(p.is_leaf for p in fp32_shards)
+    # each shard is a view of its parameter's memory, so stepping it updates the model
+    assert all(p.untyped_storage().data_ptr() in fp32_storages for p in fp32_shards)
+
+
+def test_without_the_leaf_shards_megatron_cannot_build_it(megatron_single, host_streams, monkeypatch):
+    import contextlib
+
+    import recipes.optim
+
+    monkeypatch.setattr(recipes.optim, "fp32_shards_as_leaves", contextlib.nullcontext)
+    with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"):
+        _offloaded_optimizer()
