@@ -87,9 +87,9 @@ def _rank() -> int:
 def train(recipe: RecipeConfig) -> TrainSummary:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from recipes.build import UNCHECKPOINTED_OFFLOAD
     from recipes.generate import sample_after_training
     from recipes.resume import finished_run
-    from recipes.build import UNCHECKPOINTED_OFFLOAD
     from recipes.stop_signals import StoppedBySignal, stop_on_signals
 
     t = recipe.train
@@ -104,13 +104,13 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     state.tracker = _start_tracking(state)
     state.ddp_model.train()
     stopped = None
+    unsaved = UNCHECKPOINTED_OFFLOAD if t.optimizer_offload_fraction else None  # why a stop saves nothing
     with state.run_lock, state.progress, state.tracker, stop_on_signals() as stop, \
             _training_schedule(get_forward_backward_func(), t) as fwd_bwd:
         score_heldout_questions(state, state.start_step)
         for step in range(state.start_step, t.max_steps):
             result = train_step(state, fwd_bwd, step)
             signum = stop.agreed(state.device)
-            unsaved = UNCHECKPOINTED_OFFLOAD if t.optimizer_offload_fraction else None
             if log_eval_save(state, step + 1, result, save_now=signum is not None and not unsaved):
                 break
             if signum is not None:

@@ -91,3 +91,25 @@ def test_the_gpu_refusal_offers_the_offload():
     # with everything offloaded only the 4 MiB of gradients stay on the GPU
     check_training_state_fits(params, 1, 4 * 2**20, 80 * 2**30, tp=1, pp=1, distributed_optimizer=True,
                               offload_fraction=1.0)
+
+
+def test_the_training_check_weighs_the_offloaded_share_against_the_hosts_memory(megatron_single, monkeypatch):
+    import recipes.training
+    from falcon_h1.model import build_model
+    from falcon_h1.presets import get_preset
+    from recipes.config import ParallelConfig
+    from recipes.training import _check_training_state_fits
+
+    model = build_model(get_preset("falcon_h1_micro"), precision="fp32", seed=0)
+    host_need = sum(p.numel() for p in model.parameters()) * 16  # all of it offloaded, one process
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2**40, 2**40))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(recipes.training, "_host_available_bytes", lambda: host_need)
+    _check_training_state_fits(model, ParallelConfig(distributed_optimizer=True), 1.0)
+    monkeypatch.setattr(recipes.training, "_host_available_bytes", lambda: host_need - 1)
+    with pytest.raises(ConfigValueError) as err:
+        _check_training_state_fits(model, ParallelConfig(distributed_optimizer=True), 1.0)
+    assert err.value.key == "train.optimizer_offload_fraction"
+    _check_training_state_fits(model, ParallelConfig(distributed_optimizer=True), 0.0)  # nothing on the host

@@ -2,9 +2,9 @@
 foreach gradient norm / parameter copies follow the run with Megatron's fallbacks (foreach AdamW,
 per-tensor norms read back to the host). train.optimizer_offload_fraction: the state kept and
 stepped on the host trains like the all-GPU distributed optimizer (such runs are not checkpointed:
-refused on CPU). The memory check stops a state too large for the GPU. Skipped without CUDA; the CPU side (foreach
-norm and clipping scale against a float64 AdamW, the offload's refusals and byte counts) is
-tests/recipes/test_optim.py, test_optimizer_offload.py and test_memory_budget.py.
+refused on CPU). The memory check stops a state too large for the GPU. Skipped without CUDA; the
+CPU side (foreach norm and clipping scale against a float64 AdamW, the offload's refusals and byte
+counts) is tests/recipes/test_optim.py, test_optimizer_offload.py and test_memory_budget.py.
 
 Bound: both runs see the same weights and batches; AdamW's fused and foreach kernels (and the CPU's
 AdamW) round differently in the last fp32 bit, which the loss carries at ~1e-6 over a few steps."""
@@ -106,4 +106,3 @@ def test_an_offloaded_optimizer_trains_like_the_gpu_one_with_its_state_on_the_ho
         assert loss_h == pytest.approx(loss_g, rel=1e-4) and loss_5 == pytest.approx(loss_g, rel=1e-4)
         assert norm_h == pytest.approx(norm_g, rel=1e-3) and norm_5 == pytest.approx(norm_g, rel=1e-3)
     assert host[-1][0] < host[0][0]
-

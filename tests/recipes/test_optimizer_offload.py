@@ -1,9 +1,10 @@
 """train.optimizer_offload_fraction on CPU: the settings Megatron's offloaded optimizer cannot run
 with are refused before a job starts, naming the field, its value and what is allowed; a GPU-less
 host refuses it at train() start before any directory is made; checkpointing such a run is
-refused, and a stop signal then ends it saying no checkpoint was written. The offloaded training itself
-(against the all-GPU optimizer, and resumed from its checkpoint) is tests/recipes/test_optim_gpu.py;
-the bytes it moves to the host are tests/recipes/test_memory_budget.py."""
+refused, and a stop signal then ends it saying no checkpoint was written; Megatron's offloaded
+optimizer builds over Falcon-H1's fp32 parameters. The offloaded training itself (against the
+all-GPU optimizer) is tests/recipes/test_optim_gpu.py; the bytes it moves to the host are
+tests/recipes/test_memory_budget.py."""
 
 import pytest
 
