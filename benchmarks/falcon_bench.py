@@ -199,7 +199,10 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
         # one KernelOptions switch off at a time
         "ours_fused_no_branch_fn": ours({"fused_mamba_branch": False}),
         "ours_fused_no_fused_norm": ours({"fused_rms_norm": False}),
-        "ours_fused_ssd_recompute": ours({"ssd_keep_forward_states": False}),
+        "ours_fused_ssd_recompute": ours({"ssd_keep_forward_states": False, "own_ssd_backward": False}),
+        "ours_fused_own_ssd": ours({"own_ssd_forward": True, "own_ssd_backward": True}),
+        "ours_fused_own_ssd_backward": ours({"own_ssd_backward": True}),
+        "ours_fused_mamba_ssd": ours({"own_ssd_forward": False, "own_ssd_backward": False}),
         "ours_fused_no_fused_ce": ours({"fused_cross_entropy": False}),
         "ours_fused_no_swiglu": ours({"triton_swiglu": False}),
         "ours_fused_options_off": ours(options_off),

@@ -38,6 +38,10 @@ class KernelOptions:
     fused_rms_norm: bool = True  # torch's fused RMSNorm kernel on CUDA; off: the fp32 eager formula
     # the scan's backward starts from the forward's chunk states (kernels.ssd_backward); off: recomputed
     ssd_keep_forward_states: bool = True
+    # the fused Mamba branch's scan on this project's Triton kernels instead of mamba_ssm's: the forward
+    # (kernels.ssd_fwd), the backward from the kept states (kernels.ssd_bwd: needs ssd_keep_forward_states)
+    own_ssd_forward: bool = False
+    own_ssd_backward: bool = False
     fused_cross_entropy: bool = True  # Triton loss + gradient in one forward; off: Megatron's fp32 copy
     # causal attention within the documents of packed rows on the GPU path (one of
     # kernels.document_attention.BACKENDS, or "auto": varlen flash attention for fp16/bf16, SDPA
@@ -46,6 +50,10 @@ class KernelOptions:
     packed_attention: str = PACKED_ATTENTION_AUTO
 
     def __post_init__(self):
+        if self.own_ssd_backward and not self.ssd_keep_forward_states:
+            raise ValueError("KernelOptions.own_ssd_backward = True starts the SSD backward from the forward's "
+                             "chunk states, so it needs ssd_keep_forward_states = True; got False. Turn "
+                             "own_ssd_backward off, or keep the states.")
         allowed = (PACKED_ATTENTION_AUTO, *PACKED_ATTENTION_BACKENDS)
         if self.packed_attention not in allowed:
             raise ValueError(f"KernelOptions.packed_attention = {self.packed_attention!r} is not allowed: one of "
@@ -63,6 +71,10 @@ class KernelOptions:
             triton_swiglu=self.triton_swiglu and gpu,
             # the branch is built from mamba_ssm's scan and the Triton conv
             fused_mamba_branch=self.fused_mamba_branch and self.triton_conv and self.triton_ssd and gpu,
+            own_ssd_forward=self.own_ssd_forward and self.fused_mamba_branch and self.triton_conv
+            and self.triton_ssd and gpu,
+            own_ssd_backward=self.own_ssd_backward and self.fused_mamba_branch and self.triton_conv
+            and self.triton_ssd and gpu,
             fused_rms_norm=self.fused_rms_norm and device.type == "cuda",
             fused_cross_entropy=self.fused_cross_entropy and gpu,
             packed_attention=self.packed_attention if gpu else "sdpa",

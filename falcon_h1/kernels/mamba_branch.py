@@ -11,17 +11,22 @@ recomputed in the backward (one 0.1 ms pass) instead of being kept for it. The s
 states are kept instead (`keep_forward_states`, KernelOptions.ssd_keep_forward_states;
 kernels.ssd_backward), so its backward does not recompute them.
 
-Uses mamba_ssm's Triton SSD forward/backward and this package's Triton conv; the
-reference path (kernels.ssd_scan + kernels.causal_conv1d_silu) computes the same function.
+Uses mamba_ssm's Triton SSD forward/backward, or this project's own (kernels.ssd_fwd,
+kernels.ssd_bwd; KernelOptions.own_ssd_forward / own_ssd_backward), and this package's Triton
+conv; the reference path (kernels.ssd_scan + kernels.causal_conv1d_silu) computes the same function.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from falcon_h1.kernels.conv_triton import conv_silu_backward, conv_silu_forward
 from falcon_h1.kernels.documents import check_seq_idx
 from falcon_h1.kernels.ssd_backward import ssd_backward_from_forward_states
+from falcon_h1.kernels.ssd_bwd import ssd_backward_own
+from falcon_h1.kernels.ssd_fwd import ssd_forward_own
 
 
 def _ssd_functions():
@@ -33,6 +38,11 @@ def _ssd_functions():
     return _mamba_chunk_scan_combined_fwd, _mamba_chunk_scan_combined_bwd
 
 
+class _OwnKernels(NamedTuple):
+    forward: bool
+    backward: bool
+
+
 def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.unflatten(-1, (n, -1))
 
@@ -40,18 +50,23 @@ def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
 class MambaConvScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, widths, heads, groups,
-                chunk_size, dt_limit, keep_forward_states):
+                chunk_size, dt_limit, keep_forward_states, own_kernels):
         d_z, d_bc, _ = widths
-        scan_fwd, _ = _ssd_functions()
         z, xBC, dt = zxbcdt.split([d_z, d_z + 2 * d_bc, heads], dim=-1)
         x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx).split([d_z, d_bc, d_bc], dim=-1)
-        out, out_x, dt_proc, dA_cumsum, states, _ = scan_fwd(
-            _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), chunk_size, D=D, z=_heads(z, heads),
-            dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit)
+        scan_in = (_heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), chunk_size)
+        if own_kernels.forward:
+            out, out_x, dt_proc, dA_cumsum, states = ssd_forward_own(
+                *scan_in, D=D, z=_heads(z, heads), dt_bias=dt_bias, dt_limit=dt_limit, seq_idx=seq_idx)
+        else:
+            out, out_x, dt_proc, dA_cumsum, states, _ = _ssd_functions()[0](
+                *scan_in, D=D, z=_heads(z, heads), dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
+                dt_limit=dt_limit)
         scan_state = (dt_proc, dA_cumsum, states) if keep_forward_states else ()
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, out_x,
                               *scan_state)
         ctx.shape = (widths, heads, groups, chunk_size, dt_limit)
+        ctx.own_backward = own_kernels.backward
         return out.flatten(-2)
 
     @staticmethod
@@ -69,7 +84,8 @@ class MambaConvScan(torch.autograd.Function):
         dxBC = torch.empty(batch, seq, conv_channels, device=dy.device, dtype=zxbcdt.dtype)
         dx, dB, dC = dxBC.split([d_z, d_bc, d_bc], dim=-1)
         if scan_state:
-            dA, dD, ddt_bias = ssd_backward_from_forward_states(
+            from_states = ssd_backward_own if ctx.own_backward else ssd_backward_from_forward_states
+            dA, dD, ddt_bias = from_states(
                 _heads(dy, heads), _heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), out_x, *scan_state,
                 chunk_size, D, _heads(z, heads), dt_bias, dt_limit, _heads(dx, heads), ddt, _heads(dB, groups),
                 _heads(dC, groups), _heads(dz, heads), seq_idx=seq_idx)
@@ -80,12 +96,13 @@ class MambaConvScan(torch.autograd.Function):
                 dx=_heads(dx, heads), ddt=ddt, dB=_heads(dB, groups), dC=_heads(dC, groups), dz=_heads(dz, heads))
         _, dweight, dbias = conv_silu_backward(dxBC, xBC, conv_weight, conv_bias, conv_scale, dx=dxBC_raw,
                                                seq_idx=seq_idx)
-        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None, None, None
+        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None, None, None, None
 
 
 def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d_ssm: int, d_bc: int,
                     heads: int, groups: int, chunk_size: int, dt_limit, seq_idx=None,
-                    keep_forward_states: bool = True) -> torch.Tensor:
+                    keep_forward_states: bool = True, own_forward: bool = False,
+                    own_backward: bool = False) -> torch.Tensor:
     """zxbcdt [b, s, d_ssm + d_ssm + 2 d_bc + heads] (channel stride 1) -> y * silu(z) [b, s, d_ssm].
 
     conv_scale [conv channels] or None multiplies the conv output (a constant: µP folding).
@@ -93,10 +110,18 @@ def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d
     and SSM state starting from zero.
     keep_forward_states: the scan's backward starts from the forward's chunk states
     (kernels.ssd_backward); False: mamba_ssm's backward recomputes them.
+    own_forward / own_backward: the scan's forward / backward on this project's kernels
+    (kernels.ssd_fwd / kernels.ssd_bwd) instead of mamba_ssm's; either forward saves what either
+    backward needs. The own backward starts from the kept states, so it needs keep_forward_states.
     """
     check_seq_idx(seq_idx, zxbcdt.shape[:2])
+    if own_backward and not keep_forward_states:
+        raise ValueError("mamba_conv_scan: own_backward=True (KernelOptions.own_ssd_backward) starts from the "
+                         "forward's chunk states, so it needs keep_forward_states=True "
+                         "(KernelOptions.ssd_keep_forward_states); got False")
     if conv_scale is not None:
         conv_scale = conv_scale.detach().float().contiguous()
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     return MambaConvScan.apply(zxbcdt, conv_weight.contiguous(), conv_bias, conv_scale, A, D, dt_bias, seq_idx,
-                               (d_ssm, d_bc, heads), heads, groups, chunk_size, (lo, hi), keep_forward_states)
+                               (d_ssm, d_bc, heads), heads, groups, chunk_size, (lo, hi), keep_forward_states,
+                               _OwnKernels(own_forward, own_backward))

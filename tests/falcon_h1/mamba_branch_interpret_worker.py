@@ -26,17 +26,18 @@ LEAK_MARGIN = 1e-2  # how far the packed rows run as one sequence must be from t
 LIMIT = (0.0, float("inf"))
 
 
-def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_states=True):
+def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_states=True, own=False):
     """path: "fused" (kernels.mamba_branch; keep_states: its scan backward from the forward's
-    chunk states), "split" (Triton conv, then the gated Triton scan) or "reference" (pure
-    PyTorch). -> [y, d_projection, d_params...]"""
+    chunk states; own: the scan forward and backward on this project's kernels, kernels.ssd_fwd /
+    kernels.ssd_bwd, instead of mamba_ssm's), "split" (Triton conv, then the gated Triton scan) or
+    "reference" (pure PyTorch). -> [y, d_projection, d_params...]"""
     d, bc, h, groups, extra, chunk = dims
     leaf = proj.clone().requires_grad_()
     params = [t.clone().requires_grad_() if t is not None else None for t in (w, bias, A, D, dt_bias)]
     zxbcdt = leaf[..., extra:].transpose(0, 1)  # strided [b, s, .] view of an [s, b, .] projection
     if path == "fused":
         y = mamba_conv_scan(zxbcdt, params[0], params[1], scale, *params[2:], d, bc, h, groups, chunk, LIMIT,
-                            seq_idx=seq_idx, keep_forward_states=keep_states)
+                            seq_idx=seq_idx, keep_forward_states=keep_states, own_forward=own, own_backward=own)
     else:
         fast = path == "split"
         z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
@@ -83,28 +84,29 @@ def errors_of(got, want, with_bias):
     return {n: ((a - b).norm() / b.norm()).item() for n, a, b in zip(names, got, want)}
 
 
-def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, keep_states, with_bias=True):
+def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, keep_states, with_bias=True,
+          own=False):
     args = inputs(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, with_bias)
     want = run("reference", *args)
-    got = run("fused", *args, keep_states=keep_states)
+    got = run("fused", *args, keep_states=keep_states, own=own)
     errors = errors_of(got, want, with_bias)
     errors["attention_columns_untouched"] = got[1][..., :args[-1][4]].abs().max().item()
     label = (f"b={batch} l={length} h={heads} p={head_dim} g={groups} n={state} chunk={chunk} "
-             f"scale={with_scale} bias={with_bias}")
+             f"scale={with_scale} bias={with_bias} own_kernels={own}")
     print(label, {k: f"{v:.1e}" for k, v in errors.items()})
     return max(errors.values()) <= TOLERANCE
 
 
-def check_packed(path, rows, heads, head_dim, groups, state, chunk, g, keep_states=True):
+def check_packed(path, rows, heads, head_dim, groups, state, chunk, g, keep_states=True, own=False):
     """Packed rows with seq_idx == each document alone; the rows as one sequence (SSM state
     and conv window leaking across documents; on the reference path, which computes the same
     function faster) must be far from it in every output, so the comparison sees a leak."""
     args = inputs(len(rows), sum(rows[0]), heads, head_dim, groups, state, chunk, True, g, True)
     seq_idx = documents_from_position_ids(position_ids(rows)).seq_idx
     want = documents_alone(*args, rows)
-    errors = errors_of(run(path, *args, seq_idx=seq_idx, keep_states=keep_states), want, True)
+    errors = errors_of(run(path, *args, seq_idx=seq_idx, keep_states=keep_states, own=own), want, True)
     leaks = errors_of(run("reference", *args), want, True)
-    print(f"packed {path} rows={rows} h={heads} p={head_dim} g={groups} n={state} chunk={chunk}",
+    print(f"packed {path} own_kernels={own} rows={rows} h={heads} p={head_dim} g={groups} n={state} chunk={chunk}",
           {k: f"{v:.1e}" for k, v in errors.items()},
           f"as one sequence (must exceed {LEAK_MARGIN:.0e}):", {k: f"{v:.1e}" for k, v in leaks.items()})
     return max(errors.values()) <= TOLERANCE and min(leaks.values()) >= LEAK_MARGIN
@@ -124,4 +126,10 @@ for keep_states in (True, False):
         check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, keep_states),
     ])
 ok &= check_packed("split", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g)
+# the scan on this project's own forward and backward kernels, in the same cases
+print("own SSD kernels")
+ok &= all([
+    check(2, 40, 4, 8, 2, 8, 16, True, g, True, own=True),
+    check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, own=True),
+])
 sys.exit(0 if ok else 1)

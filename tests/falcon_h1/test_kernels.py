@@ -151,6 +151,21 @@ def test_every_kernel_options_setting_computes_transformers_function(megatron_si
         assert max(errors.values()) <= 1e-5, (fused, errors)
 
 
+def test_own_ssd_backward_without_the_kept_states_is_refused():
+    """The own SSD backward starts from the forward's chunk states: asking for it with the states
+    recomputed instead is an error naming both options, in KernelOptions and in the branch itself."""
+    from falcon_h1.kernels import KernelOptions
+    from falcon_h1.kernels.mamba_branch import mamba_conv_scan
+
+    with pytest.raises(ValueError, match="own_ssd_backward.*ssd_keep_forward_states"):
+        KernelOptions(own_ssd_backward=True, ssd_keep_forward_states=False)
+    assert KernelOptions(own_ssd_forward=True, ssd_keep_forward_states=False).own_ssd_forward
+    zxbcdt = torch.zeros(1, 16, 2 * 8 + 2 * 4 + 2)
+    with pytest.raises(ValueError, match="own_backward=True.*keep_forward_states"):
+        mamba_conv_scan(zxbcdt, torch.zeros(16, 4), None, None, -torch.ones(2), torch.ones(2), torch.zeros(2),
+                        8, 4, 2, 1, 16, (0.0, float("inf")), keep_forward_states=False, own_backward=True)
+
+
 def test_kernel_options_on_the_reference_path_turn_the_gpu_kernels_off():
     """On a CPU (and under model.kernel_backend = 'reference' anywhere) the GPU kernels are off
     whatever was asked; where the arithmetic happens (fold_scales, gate_in_scan) is kept."""
@@ -162,6 +177,9 @@ def test_kernel_options_on_the_reference_path_turn_the_gpu_kernels_off():
         assert not (got.triton_ssd or got.triton_conv or got.triton_swiglu or got.fused_mamba_branch
                     or got.fused_rms_norm or got.fused_cross_entropy)
         assert got.fold_scales and got.gate_in_scan and got.ssd_keep_forward_states
+    asked_own = KernelOptions(own_ssd_forward=True, own_ssd_backward=True)
+    got_own = asked_own.for_device("auto", torch.device("cpu"))
+    assert not (got_own.own_ssd_forward or got_own.own_ssd_backward)
     cuda_reference = asked.for_device("reference", torch.device("cuda"))
     assert not (cuda_reference.triton_ssd or cuda_reference.triton_conv or cuda_reference.fused_cross_entropy)
     assert cuda_reference.fused_rms_norm  # torch's own kernel, not a Triton one: follows the device
