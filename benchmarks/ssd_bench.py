@@ -58,6 +58,7 @@ def _mamba_ssd():
 
 
 FORWARD_BLOCKS: dict = {}  # kernels.ssd_fwd.forward_blocks overrides (--forward-blocks)
+BACKWARD_BLOCKS: dict = {}  # kernels.ssd_bwd.ssd_backward_own's `blocks` (--backward-blocks)
 
 
 def _scan_fwd(t, own: bool = False):
@@ -83,9 +84,10 @@ def backward_from_states(t, saved, own: bool) -> dict:
     out_x, dt, dA_cumsum, states = saved[1:5]
     out = _grad_buffers(t)
     fn = ssd_backward_own if own else ssd_backward_from_forward_states
+    extra = {"blocks": BACKWARD_BLOCKS} if own else {}
     dA, dD, ddt_bias = fn(t["dout"], t["x"], t["dt_raw"], t["A"], t["B"], t["C"], out_x, dt, dA_cumsum, states,
                           t["chunk"], t["D"], t["z"], t["dt_bias"], t["limit"], out["dx"], out["ddt_raw"], out["dB"],
-                          out["dC"], out["dz"], seq_idx=t["seq_idx"])
+                          out["dC"], out["dz"], seq_idx=t["seq_idx"], **extra)
     return {**out, "dA": dA, "dD": dD, "ddt_bias": ddt_bias}
 
 
@@ -164,6 +166,24 @@ FORWARD_SWEEP = (  # kernels.ssd_fwd.forward_blocks overrides timed by --forward
 )
 
 
+BACKWARD_SWEEP = (  # kernels.ssd_bwd.ssd_backward_own `blocks` timed by --backward-sweep, one process each
+    {}, {"bc": {"HEAD_SPLITS": 1}}, {"bc": {"num_stages": 1}}, {"bc": {"BLOCK_N": 64}}, {"bc": {"maxnreg": 128}},
+    {"tokens": {"block_s": 128}}, {"tokens": {"block_n": 128, "num_warps": 8}}, {"dstates": {"BLOCK_T": 128}},
+)
+
+
+def backward_only(shape: str) -> dict:
+    """Our backward alone with BACKWARD_BLOCKS (GPU ms, per-kernel ms, relative difference from
+    mamba_ssm's backward from the same forward)."""
+    t = make_inputs(shape)
+    saved = _scan_fwd(t)
+    ours, mamba = backward_from_states(t, saved, own=True), backward_from_states(t, saved, own=False)
+    torch.cuda.synchronize()
+    return {"shape": shape, "blocks": BACKWARD_BLOCKS, "bwd_ours_ms": gpu_ms(lambda: backward_from_states(t, saved, True)),
+            "ours_vs_mamba": errors(ours, {k: v.double() for k, v in mamba.items()}),
+            "kernels": profile_kernels(lambda: backward_from_states(t, saved, True), top=6)[1:]}
+
+
 def forward_only(shape: str) -> dict:
     """The forwards alone: own (with FORWARD_BLOCKS) vs mamba_ssm's (relative errors, GPU ms)."""
     t = make_inputs(shape)
@@ -178,22 +198,32 @@ def forward_only(shape: str) -> dict:
     return row
 
 
-def forward_sweep(shape: str) -> list:
-    """Each FORWARD_SWEEP setting in its own process (a tile setting that faults cannot take the
-    others' CUDA context with it)."""
+def _sweep(shape: str, mode: str, blocks_flag: str, settings: tuple, describe) -> list:
+    """Each tile setting in its own process (a setting that faults cannot take the others' CUDA
+    context with it): `python -m benchmarks.ssd_bench <mode> --shapes <shape> <blocks_flag> <json>`."""
     import subprocess
     import sys
 
     rows = []
-    for blocks in FORWARD_SWEEP:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.ssd_bench", "--forward-only", "--shapes", shape,
-                               "--forward-blocks", json.dumps(blocks)], capture_output=True, text=True, timeout=300)
+    for blocks in settings:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.ssd_bench", mode, "--shapes", shape, blocks_flag,
+                               json.dumps(blocks)], capture_output=True, text=True, timeout=300)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
         rows.append(json.loads(line[-1][4:]) if line else {"blocks": blocks, "error": proc.stderr[-600:]})
-        r = rows[-1]
-        print(f"sweep {shape} {blocks}: " + (f"own {r['fwd_own_ms']:.3f} ms (mamba {r['fwd_ms']:.3f}), "
-              f"err {r['fwd_own_vs_mamba']}" if "fwd_own_ms" in r else f"ERROR {r['error']}"), flush=True)
+        print(f"sweep {shape} {blocks}: " + (f"ERROR {rows[-1]['error']}" if "error" in rows[-1] else describe(rows[-1])),
+              flush=True)
     return rows
+
+
+def forward_sweep(shape: str) -> list:
+    return _sweep(shape, "--forward-only", "--forward-blocks", FORWARD_SWEEP,
+                  lambda r: f"own {r['fwd_own_ms']:.3f} ms (mamba {r['fwd_ms']:.3f}), err {r['fwd_own_vs_mamba']}")
+
+
+def backward_sweep(shape: str) -> list:
+    return _sweep(shape, "--backward-only", "--backward-blocks", BACKWARD_SWEEP,
+                  lambda r: f"ours {r['bwd_ours_ms']:.3f} ms, max rel. diff from mamba_ssm "
+                            f"{max(r['ours_vs_mamba'].values()):.1e}")
 
 
 def main(argv=None):
@@ -204,12 +234,20 @@ def main(argv=None):
     ap.add_argument("--forward-only", action="store_true", help="the forwards alone")
     ap.add_argument("--forward-sweep", action="store_true", help="time FORWARD_SWEEP's tile settings")
     ap.add_argument("--forward-blocks", default="{}", help="JSON: kernels.ssd_fwd.forward_blocks overrides")
+    ap.add_argument("--backward-only", action="store_true", help="our backward alone")
+    ap.add_argument("--backward-sweep", action="store_true", help="time BACKWARD_SWEEP's tile settings")
+    ap.add_argument("--backward-blocks", default="{}", help="JSON: kernels.ssd_bwd.ssd_backward_own blocks")
     args = ap.parse_args(argv)
     FORWARD_BLOCKS.update(json.loads(args.forward_blocks))
-    if args.forward_only or args.forward_sweep:
+    BACKWARD_BLOCKS.update(json.loads(args.backward_blocks))
+    modes = {"forward_only": forward_only, "backward_only": backward_only,
+             "forward_sweep": lambda s: {"shape": s, "sweep": forward_sweep(s)},
+             "backward_sweep": lambda s: {"shape": s, "sweep": backward_sweep(s)}}
+    mode = next((m for m in modes if getattr(args, m)), None)
+    if mode:
         rows = []
         for shape in args.shapes:
-            rows.append(forward_only(shape) if args.forward_only else {"shape": shape, "sweep": forward_sweep(shape)})
+            rows.append(modes[mode](shape))
             print("ROW " + json.dumps(rows[-1], default=str), flush=True)
         if args.json:
             with open(args.json, "w") as f:

@@ -16,24 +16,34 @@ The math, term by term, is kernels.ssd_backward_reference (its docstring names e
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from falcon_h1.kernels.ssd_bwd_bc import bc_gradients
 from falcon_h1.kernels.ssd_bwd_states import gated_output_backward_and_local_dstates, state_passing_backward
-from falcon_h1.kernels.ssd_bwd_tokens import token_and_step_size_gradients
+from falcon_h1.kernels.ssd_bwd_tokens import token_and_step_size_gradients, token_blocks
 from falcon_h1.kernels.ssd_fwd import chunk_cb
 
 
 def ssd_backward_own(dout, x, dt_raw, A, B, C, out_x, dt, dA_cumsum, states, chunk_size, D, z, dt_bias, dt_limit,
-                     dx, ddt_raw, dB, dC, dz, seq_idx=None):
+                     dx, ddt_raw, dB, dC, dz, seq_idx=None, blocks: dict | None = None):
     """Gradients of the gated SSD scan (dt softplus, no initial state), written into the given
     dx / ddt_raw / dB / dC / dz; returns (dA, dD, ddt_bias). Arguments as
-    kernels.ssd_backward.ssd_backward_from_forward_states."""
+    kernels.ssd_backward.ssd_backward_from_forward_states. blocks: tile overrides for the tile
+    sweeps (benchmarks/ssd_bench.py --backward-sweep), a dict of override dicts under "dstates",
+    "passing", "bc" and "tokens" (keys as each module's `*_blocks` function returns them)."""
+    blocks = blocks or {}
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dy, dS_local = gated_output_backward_and_local_dstates(dout, z, out_x, C, dA_cumsum, chunk_size,
-                                                           seq_idx=seq_idx, dz=dz)
-    dS_out, ddA_last = state_passing_backward(dS_local, states, dA_cumsum, x.shape[1], chunk_size, seq_idx=seq_idx)
+                                                           seq_idx=seq_idx, dz=dz, blocks=blocks.get("dstates"))
+    dS_out, ddA_last = state_passing_backward(dS_local, states, dA_cumsum, x.shape[1], chunk_size, seq_idx=seq_idx,
+                                              blocks=blocks.get("passing"))
     del dS_local
-    bc_gradients(x, dy, dt, dA_cumsum, B, C, states, dS_out, chunk_size, seq_idx=seq_idx, dB=dB, dC=dC)
+    bc_gradients(x, dy, dt, dA_cumsum, B, C, states, dS_out, chunk_size, seq_idx=seq_idx, dB=dB, dC=dC,
+                 blocks=blocks.get("bc"))
+    tiles = None
+    if "tokens" in blocks:
+        tiles = replace(token_blocks(chunk_size, x.shape[-1], B.shape[-1], x.shape[2]), **blocks["tokens"])
     return token_and_step_size_gradients(x, dy, dt, dA_cumsum, B, C, states, dS_out, ddA_last, A, chunk_size,
                                          dt_raw, dt_bias, dt_limit, D=D, seq_idx=seq_idx, cb=chunk_cb(B, C, chunk_size),
-                                         dx=dx, ddt_raw=ddt_raw)
+                                         dx=dx, ddt_raw=ddt_raw, blocks=tiles)

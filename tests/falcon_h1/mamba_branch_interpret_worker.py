@@ -126,10 +126,7 @@ for keep_states in (True, False):
         check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, keep_states),
     ])
 ok &= check_packed("split", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g)
-# the scan on this project's own forward and backward kernels, in the same cases
+# the scan on this project's own forward and backward kernels (their own tests: test_ssd_fwd.py, test_ssd_bwd_*.py)
 print("own SSD kernels")
-ok &= all([
-    check(2, 40, 4, 8, 2, 8, 16, True, g, True, own=True),
-    check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, own=True),
-])
+ok &= check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, own=True)
 sys.exit(0 if ok else 1)

@@ -4,7 +4,7 @@ reference (kernels.ssd_backward_reference, checked against the step-by-step recu
 and pre-gate outputs, the processed step sizes, their in-chunk cumsum and the states entering each
 chunk. Tiles smaller than the chunk, head dim and state dim exercise every loop and partial-tile
 mask; a sequence that is not a multiple of the chunk, two groups of two heads and packed documents
-(boundaries inside a chunk and on a chunk edge) are covered. Prints one line per check; exit 1 on
+(boundaries inside a chunk and on a chunk edge, with step sizes clamped) are covered. Prints one line per check; exit 1 on
 failure."""
 
 import math
@@ -49,6 +49,6 @@ def case(packed: bool, limit, seed: int):
 
 
 failed = False
-for packed, limit, seed in ((False, (0.0, math.inf), 0), (True, (0.0, math.inf), 1), (False, (0.05, 1.5), 2)):
+for packed, limit, seed in ((False, (0.0, math.inf), 0), (True, (0.05, 1.5), 1)):
     failed |= case(packed, limit, seed)
 sys.exit(1 if failed else 0)
