@@ -168,7 +168,7 @@ def local_dstates_blocks(chunk_size: int, headdim: int, dstate: int) -> dict:
     (the fp32 accumulator then is at most 64 x 128: 64 registers a thread at 4 warps). At the
     0.5B shape (p 64, n 128) one program covers a whole state, so dy is computed once; at 7B
     (p 128, n 256) four programs share a (b, h, chunk) and each p-tile's dy is computed twice.
-    Not yet timed on the GPU (the lead sweeps them through `blocks`)."""
+    Not yet swept on the GPU (`blocks` overrides them: benchmarks/ssd_bench.py --backward-sweep)."""
     return dict(BLOCK_T=_tile_edge(chunk_size, 64), BLOCK_P=_tile_edge(headdim, 64), BLOCK_N=_tile_edge(dstate, 128),
                 num_warps=4)
 
