@@ -48,15 +48,6 @@ def make_inputs(shape: str, seed: int = 0) -> dict:
         limit=(0.0, math.inf))
 
 
-def _mamba_ssd():
-    from falcon_h1.kernels.ssd_triton import make_mamba_ssm_importable
-
-    make_mamba_ssm_importable()
-    from mamba_ssm.ops.triton import ssd_combined
-
-    return ssd_combined
-
-
 FORWARD_BLOCKS: dict = {}  # kernels.ssd_fwd.forward_blocks overrides (--forward-blocks)
 BACKWARD_BLOCKS: dict = {}  # kernels.ssd_bwd.ssd_backward_own's `blocks` (--backward-blocks)
 
@@ -68,7 +59,9 @@ def _scan_fwd(t, own: bool = False):
         return ssd_forward_own(t["x"], t["dt_raw"], t["A"], t["B"], t["C"], t["chunk"], D=t["D"], z=t["z"],
                                dt_bias=t["dt_bias"], dt_limit=t["limit"], seq_idx=t["seq_idx"],
                                blocks=FORWARD_BLOCKS)
-    return _mamba_ssd()._mamba_chunk_scan_combined_fwd(t["x"], t["dt_raw"], t["A"], t["B"], t["C"], t["chunk"], D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
+    from falcon_h1.kernels.mamba_branch import _ssd_functions
+
+    return _ssd_functions()[0](t["x"], t["dt_raw"], t["A"], t["B"], t["C"], t["chunk"], D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
                seq_idx=t["seq_idx"], dt_softplus=True, dt_limit=t["limit"])
 
 
@@ -92,7 +85,9 @@ def backward_from_states(t, saved, own: bool) -> dict:
 
 
 def backward_recomputing(t, saved) -> dict:
-    bwd = _mamba_ssd()._mamba_chunk_scan_combined_bwd
+    from falcon_h1.kernels.mamba_branch import _ssd_functions
+
+    bwd = _ssd_functions()[1]
     out = _grad_buffers(t)
     _, _, dA, _, _, dD, _, ddt_bias, _ = bwd(
         t["dout"], t["x"], t["dt_raw"], t["A"], t["B"], t["C"], saved[1], t["chunk"], D=t["D"], z=t["z"],
@@ -114,6 +109,12 @@ def reference_grads(t) -> dict:
     return {"out": out.detach(), **{k: leaves[v].grad for k, v in names.items()}}
 
 
+def forward_differences(own: tuple, mamba: tuple) -> dict:
+    """Relative difference of each forward output (ours vs mamba_ssm's: both return these first five)."""
+    return {k: float((a.double() - b.double()).norm() / b.double().norm())
+            for k, a, b in zip(("out", "out_x", "dt", "dA_cumsum", "states"), own, mamba)}
+
+
 def errors(got: dict, want: dict) -> dict:
     return {k: float((got[k].double() - want[k]).norm() / want[k].norm()) for k in GRADS}
 
@@ -131,8 +132,7 @@ def bench_shape(shape: str, reference: bool) -> dict:
     saved = _scan_fwd(t)
     saved_own = _scan_fwd(t, own=True)
     row = {"shape": shape, "dims": SHAPES[shape]}
-    row["fwd_own_vs_mamba"] = {k: float((a.double() - b_.double()).norm() / b_.double().norm()) for k, a, b_ in
-                               zip(("out", "out_x", "dt", "dA_cumsum", "states"), saved_own, saved)}
+    row["fwd_own_vs_mamba"] = forward_differences(saved_own, saved)
     for fn in (lambda: _scan_fwd(t), lambda: _scan_fwd(t, True), lambda: backward_from_states(t, saved, True),
                lambda: backward_from_states(t, saved, False), lambda: backward_recomputing(t, saved)):
         fn()  # compile / warm up
@@ -188,9 +188,7 @@ def forward_only(shape: str) -> dict:
     """The forwards alone: own (with FORWARD_BLOCKS) vs mamba_ssm's (relative errors, GPU ms)."""
     t = make_inputs(shape)
     saved, saved_own = _scan_fwd(t), _scan_fwd(t, own=True)
-    row = {"shape": shape, "blocks": FORWARD_BLOCKS, "fwd_own_vs_mamba": {
-        k: float((a.double() - b_.double()).norm() / b_.double().norm())
-        for k, a, b_ in zip(("out", "out_x", "dt", "dA_cumsum", "states"), saved_own, saved)}}
+    row = {"shape": shape, "blocks": FORWARD_BLOCKS, "fwd_own_vs_mamba": forward_differences(saved_own, saved)}
     torch.cuda.synchronize()
     row["fwd_ms"], row["fwd_own_ms"] = gpu_ms(lambda: _scan_fwd(t)), gpu_ms(lambda: _scan_fwd(t, True))
     row["fwd_own_kernels"] = profile_kernels(lambda: _scan_fwd(t, True), top=4)[1:]

@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_h1.kernels.ssd_launch import last_dim_contiguous, seq_idx_args, tile_edge
+
 # bc_gradient_blocks splits the heads until the grid has PROGRAMS_PER_SM_TARGET programs per SM of an H200
 STREAMING_MULTIPROCESSORS = 132
 PROGRAMS_PER_SM_TARGET = 4
@@ -330,18 +332,13 @@ def bc_gradient_blocks(batch: int, seq_len: int, heads: int, groups: int, chunk_
     heads per group (equal shares), at most one head a program. A prediction, to be measured: it
     pays only if more than one program fits on a SM (registers) or the last wave is short; e.g.
     0.5B (256 programs unsplit) -> 3 splits, 7B (128) -> 6, 34B (256, 16 heads a group) -> 4."""
-    fit = lambda size, cap: max(16, min(cap, triton.next_power_of_2(size)))
-    rows, block_n = fit(chunk_size, 64), fit(state_dim, 128)
+    rows, block_n = tile_edge(chunk_size, 64), tile_edge(state_dim, 128)
     unsplit_programs = (triton.cdiv(chunk_size, rows) * triton.cdiv(state_dim, block_n)
                         * triton.cdiv(seq_len, chunk_size) * batch * groups)
     wanted = triton.cdiv(PROGRAMS_PER_SM_TARGET * STREAMING_MULTIPROCESSORS, unsplit_programs)
-    return dict(BLOCK_ROWS=rows, BLOCK_PARTNERS=rows, BLOCK_P=fit(head_dim, 128), BLOCK_N=block_n,
+    return dict(BLOCK_ROWS=rows, BLOCK_PARTNERS=rows, BLOCK_P=tile_edge(head_dim, 128), BLOCK_N=block_n,
                 HEAD_SPLITS=_smallest_divisor_at_least(heads // groups, wanted),
                 num_warps=8 if rows * block_n >= 64 * 128 else 4, num_stages=2)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _stride_multiple(*tensors: torch.Tensor) -> int:
@@ -370,7 +367,7 @@ def bc_gradients(x, dy, dt, dA_cumsum, B, C, states, dS_out, chunk_size, seq_idx
     assert dy.shape == x.shape and C.shape == B.shape == (batch, seq_len, groups, state_dim)
     assert dt.shape == dA_cumsum.shape == (batch, heads, n_chunks, chunk_size), (dt.shape, dA_cumsum.shape)
     assert states.shape == dS_out.shape == (batch, n_chunks, heads, head_dim, state_dim)
-    x, dy, B, C, states, dS_out = (_last_dim_contiguous(t) for t in (x, dy, B, C, states, dS_out))
+    x, dy, B, C, states, dS_out = (last_dim_contiguous(t) for t in (x, dy, B, C, states, dS_out))
     if dB is None:
         dB = torch.empty(batch, seq_len, groups, state_dim, dtype=B.dtype, device=B.device)
     if dC is None:
@@ -387,9 +384,7 @@ def bc_gradients(x, dy, dt, dA_cumsum, B, C, states, dS_out, chunk_size, seq_idx
         db_out, dc_out = dB, dC
     if seq_idx is not None:
         assert seq_idx.shape == (batch, seq_len), seq_idx.shape
-        seq_args = (seq_idx, seq_idx.stride(0), seq_idx.stride(1))
-    else:
-        seq_args = (dt, 0, 0)  # never read
+    seq_args = seq_idx_args(seq_idx, dt)
     grid = (triton.cdiv(chunk_size, config["BLOCK_ROWS"]) * triton.cdiv(state_dim, config["BLOCK_N"]),
             n_chunks, batch * groups * head_splits)
     _bc_gradients_kernel[grid](

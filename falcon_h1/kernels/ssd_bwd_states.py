@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_h1.kernels.ssd_launch import last_dim_contiguous, seq_idx_args, tile_edge
+
 
 @triton.jit
 def _gated_dy_local_dstates_kernel(
@@ -156,12 +158,6 @@ def _state_passing_bwd_kernel(
     tl.store(part_base, 0.0)
 
 
-def _tile_edge(size: int, cap: int, floor: int = 16) -> int:
-    """The tile edge for a dimension of `size`: a power of two, at least `floor` (tl.dot's
-    minimum on the GPU), at most `cap`, no larger than the dimension needs."""
-    return max(floor, min(cap, triton.next_power_of_2(size)))
-
-
 def local_dstates_blocks(chunk_size: int, headdim: int, dstate: int) -> dict:
     """Default tiles of `gated_output_backward_and_local_dstates`: positions in blocks of up to
     64 (a Q = 256 chunk never sits in registers whole), p up to 64 and n up to 128 per program
@@ -169,7 +165,7 @@ def local_dstates_blocks(chunk_size: int, headdim: int, dstate: int) -> dict:
     0.5B shape (p 64, n 128) one program covers a whole state, so dy is computed once; at 7B
     (p 128, n 256) four programs share a (b, h, chunk) and each p-tile's dy is computed twice.
     Not yet swept on the GPU (`blocks` overrides them: benchmarks/ssd_bench.py --backward-sweep)."""
-    return dict(BLOCK_T=_tile_edge(chunk_size, 64), BLOCK_P=_tile_edge(headdim, 64), BLOCK_N=_tile_edge(dstate, 128),
+    return dict(BLOCK_T=tile_edge(chunk_size, 64), BLOCK_P=tile_edge(headdim, 64), BLOCK_N=tile_edge(dstate, 128),
                 num_warps=4)
 
 
@@ -191,17 +187,6 @@ def _launch_options(defaults: dict, blocks: dict | None) -> tuple[dict, dict]:
     return merged, launch
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _seq_idx_args(seq_idx, fallback: torch.Tensor):
-    """(pointer, batch stride, position stride) of seq_idx, or of a dummy when there is none."""
-    if seq_idx is None:
-        return fallback, 0, 0
-    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
-
-
 def gated_output_backward_and_local_dstates(dout, z, out_x, C, dA_cumsum, chunk_size, seq_idx=None, dz=None,
                                             blocks=None):
     """dout, z, out_x [b, l, h, p], C [b, l, g, n] (strided, last dim contiguous), dA_cumsum
@@ -220,7 +205,7 @@ def gated_output_backward_and_local_dstates(dout, z, out_x, C, dA_cumsum, chunk_
         raise ValueError(f"{nheads} heads do not split into {ngroups} groups")
     if dA_cumsum.shape != (batch, nheads, nchunks, chunk_size):
         raise ValueError(f"dA_cumsum {tuple(dA_cumsum.shape)}: expected {(batch, nheads, nchunks, chunk_size)}")
-    dout, z, out_x, C = (_last_dim_contiguous(t) for t in (dout, z, out_x, C))
+    dout, z, out_x, C = (last_dim_contiguous(t) for t in (dout, z, out_x, C))
     return_dz = dz is None
     if dz is None:
         dz = torch.empty_like(dout, memory_format=torch.contiguous_format)
@@ -231,7 +216,7 @@ def gated_output_backward_and_local_dstates(dout, z, out_x, C, dA_cumsum, chunk_
     tiles, launch = _launch_options(local_dstates_blocks(chunk_size, headdim, dstate), blocks)
     grid = (triton.cdiv(headdim, tiles["BLOCK_P"]) * triton.cdiv(dstate, tiles["BLOCK_N"]), nchunks,
             batch * nheads)
-    seq_ptr, stride_seq_b, stride_seq_l = _seq_idx_args(seq_idx, dA_cumsum)
+    seq_ptr, stride_seq_b, stride_seq_l = seq_idx_args(seq_idx, dA_cumsum)
     _gated_dy_local_dstates_kernel[grid](
         dout, z, out_x, C, dA_cumsum, seq_ptr, dy, dz, dS_local,
         seqlen, chunk_size, nheads, nheads // ngroups, headdim, dstate,
@@ -281,7 +266,7 @@ def state_passing_backward(dS_local, states, dA_cumsum, seqlen, chunk_size, seq_
     tiles, launch = _launch_options(state_passing_blocks(headdim, dstate), blocks)
     n_blocks = triton.cdiv(headdim * dstate, tiles["BLOCK_PN"])
     partial = torch.empty(batch, nheads, nchunks, n_blocks, device=dS_local.device, dtype=torch.float32)
-    seq_ptr, stride_seq_b, stride_seq_l = _seq_idx_args(seq_idx, dA_cumsum)
+    seq_ptr, stride_seq_b, stride_seq_l = seq_idx_args(seq_idx, dA_cumsum)
     _state_passing_bwd_kernel[(n_blocks, batch * nheads)](
         dS_local, states, dA_cumsum, seq_ptr, dS_out, partial,
         seqlen, chunk_size, nchunks, nheads, headdim * dstate,

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # torch's F.softplus default: above it the forward is the identity
+from falcon_h1.kernels.ssd_launch import SOFTPLUS_THRESHOLD, seq_idx_args, step_limits, tile_edge
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,9 @@ def token_blocks(chunk_size: int, headdim: int, dstate: int, n_heads: int) -> To
     the [block_s, p] fp32 accumulator is 64 registers a thread at 4 warps. Kernel 2 covers as
     many heads as keep its [heads, Q] tiles at <= 4096 elements."""
     q = triton.next_power_of_2(chunk_size)
-    rows = max(16, min(64, q))
+    rows = tile_edge(q, 64)
     return TokenBlocks(
-        block_s=rows, block_t=rows, block_n=max(16, min(64, triton.next_power_of_2(dstate))),
+        block_s=rows, block_t=rows, block_n=tile_edge(dstate, 64),
         num_warps=4 if headdim <= 64 else 8, num_stages=2,
         block_h=max(1, min(triton.next_power_of_2(n_heads), 4096 // q)),
     )
@@ -286,13 +286,6 @@ def _check_last_stride(**tensors):
             raise ValueError(f"ssd_bwd_tokens: {name} needs a last-dimension stride of 1 (got strides {t.stride()})")
 
 
-def _limits(dt_limit) -> tuple[float, float]:
-    """(lo, hi) as floats; None: no clamp (softplus >= 0, so lo = 0 never cuts the gradient)."""
-    if dt_limit is None:
-        return 0.0, math.inf
-    return float(dt_limit[0]), float(dt_limit[1])
-
-
 def _launch(x, dy, dt, dA_cumsum, B, C, cb, states, dS_out, ddA_last, A, chunk_size, D, seq_idx, dx, blocks, step):
     """Both kernels; step = (dt_raw, dt_bias, dt_limit, ddt_raw) runs the step-size chain in the second.
     -> (ddt, dA, dD, ddt_bias or None)."""
@@ -308,15 +301,15 @@ def _launch(x, dy, dt, dA_cumsum, B, C, cb, states, dS_out, ddA_last, A, chunk_s
         dy = dy.contiguous()
     _check_last_stride(x=x, B=B, C=C, cb=cb, states=states, dS_out=dS_out, dx=dx, dt=dt, dA_cumsum=dA_cumsum)
     blocks = blocks or token_blocks(chunk_size, p, n, h)
-    block_p = max(16, triton.next_power_of_2(p))
+    block_p = tile_edge(p)
     n_row_blocks = triton.cdiv(chunk_size, blocks.block_s)
     ddt = torch.empty(b, h, nc, chunk_size, device=x.device, dtype=torch.float32)
     dcs = torch.zeros_like(ddt)
     dd_partial = torch.empty(b * nc * h * n_row_blocks, device=x.device, dtype=torch.float32)
-    seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
+    seq, *seq_strides = seq_idx_args(seq_idx, dt)
     _token_gradients_kernel[(n_row_blocks, b * nc, h)](
         x, dy, dt, dA_cumsum, B, C, cb, states, dS_out, ddA_last, D if D is not None else A,
-        seq_idx if seq_idx is not None else dt, dx, ddt, dcs, dd_partial,
+        seq, dx, ddt, dcs, dd_partial,
         l, chunk_size, nc, h, h // g, p, n,
         *x.stride()[:3], *dy.stride()[:3], *dx.stride()[:3], *dt.stride()[:3], *dA_cumsum.stride()[:3],
         *B.stride()[:3], *C.stride()[:3], *cb.stride()[:4], *states.stride()[:4], *dS_out.stride()[:4],
@@ -330,7 +323,7 @@ def _launch(x, dy, dt, dA_cumsum, B, C, cb, states, dS_out, ddA_last, A, chunk_s
     if step is not None:
         dt_raw, dt_bias, dt_limit, ddt_raw = step
         dbias_partial = torch.empty(b * nc, h, device=x.device, dtype=torch.float32)
-        lo, hi = _limits(dt_limit)
+        lo, hi = step_limits(dt_limit)
         step_args = (dt_raw, dt_bias, ddt_raw, dbias_partial)
         step_strides = (*dt_raw.stride(), *ddt_raw.stride())
     else:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_h1.kernels.ssd_launch import SOFTPLUS_THRESHOLD, seq_idx_args, step_limits, tile_edge
+
 
 @triton.jit
 def _chunk_state_kernel(
@@ -46,7 +48,7 @@ def _chunk_state_kernel(
     dt = tl.load(dt_raw_ptr + b * s_dtrb + (start + offs_q) * s_dtrl + h * s_dtrh, mask=in_seq, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(dt_bias_ptr + h).to(tl.float32)
-    dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, linear past 20 as torch's
+    dt = tl.where(dt <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(dt)), dt)
     dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
     dt = tl.where(in_seq, dt, 0.0)
     cs = tl.cumsum(dt * tl.load(A_ptr + h).to(tl.float32), axis=0)
@@ -196,17 +198,13 @@ def _chunk_scan_kernel(
     tl.store(out_ptr + b * s_ob + h * s_oh + (start + offs_m)[:, None] * s_ol + offs_p[None, :], acc, mask=mask)
 
 
-def _pow2(v: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(v))
-
-
 def forward_blocks(p: int, n: int, chunk_size: int) -> dict:
     """Tile sizes by shape (H200 sweep, benchmarks/ssd_bench.py --forward-sweep): the chunk-state tile
     spans the whole chunk (its K dimension), with a 64 x 128 [p, n] output tile for chunks of 128
     and 64 x 64 for chunks of 256; the chunk scan takes 64-row tiles of the chunk."""
     state_n = 128 if chunk_size <= 128 else 64
-    return dict(state_p=min(64, _pow2(p)), state_n=min(state_n, _pow2(n)), scan_m=min(64, chunk_size),
-                scan_k=min(64, chunk_size), scan_p=min(64, _pow2(p)), scan_n=min(128, _pow2(n)), passing=1024)
+    return dict(state_p=tile_edge(p, 64), state_n=tile_edge(n, state_n), scan_m=min(64, chunk_size),
+                scan_k=min(64, chunk_size), scan_p=tile_edge(p, 64), scan_n=tile_edge(n, 128), passing=1024)
 
 
 def chunk_cb(B, C, chunk_size: int, block_m: int = 64, block_k: int = 64, block_n: int = 128) -> torch.Tensor:
@@ -222,7 +220,7 @@ def chunk_cb(B, C, chunk_size: int, block_m: int = 64, block_k: int = 64, block_
     _chunk_cb_kernel[grid](
         B, C, cb, l, nc, g, B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         cb.stride(0), cb.stride(1), cb.stride(2), cb.stride(3), N=n, Q=q, BM=block_m, BK=block_k,
-        BN=min(block_n, _pow2(n)))
+        BN=tile_edge(n, block_n))
     return cb
 
 
@@ -242,12 +240,12 @@ def ssd_forward_own(x, dt_raw, A, B, C, chunk_size: int, D=None, z=None, dt_bias
             raise ValueError(f"ssd_forward_own: {name} must have a contiguous last dimension; strides {t.stride()}")
     nc = triton.cdiv(l, q)
     blk = {**forward_blocks(p, n, q), **(blocks or {})}
-    if x.is_cuda and blk["scan_p"] < min(64, _pow2(p)):
+    if x.is_cuda and blk["scan_p"] < tile_edge(p, 64):
         # seen on the H200 (Triton 3.6, benchmarks/results/2026-12-03d/ssd_forward_sweep_call3.txt):
         # scan_p = 32 at p = 64 gave wrong outputs and, at p = 128, a memory fault; cause not found
         # (the same tiling is exact in Triton's interpreter)
         raise ValueError(f"ssd_forward_own: blocks scan_p = {blk['scan_p']} is narrower than "
-                         f"{min(64, _pow2(p))} for head dim {p}; on the GPU use at least that")
+                         f"{tile_edge(p, 64)} for head dim {p}; on the GPU use at least that")
     dev = x.device
     dt = torch.empty(b, h, nc, q, device=dev, dtype=torch.float32)
     cs = torch.empty_like(dt)
@@ -255,10 +253,8 @@ def ssd_forward_own(x, dt_raw, A, B, C, chunk_size: int, D=None, z=None, dt_bias
     states = torch.empty(b, nc, h, p, n, device=dev, dtype=x.dtype)
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     out = torch.empty_like(y) if z is not None else y
-    seq = seq_idx if seq_idx is not None else dt  # any tensor: not read without HAS_SEQ
-    seq_strides = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
-    lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    hi = min(hi, 3.0e38)
+    seq, *seq_strides = seq_idx_args(seq_idx, dt)
+    lo, hi = step_limits(dt_limit)
     A = A.contiguous()
 
     grid = (triton.cdiv(p, blk["state_p"]) * triton.cdiv(n, blk["state_n"]), b * nc, h)
