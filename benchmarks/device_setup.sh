@@ -2,6 +2,9 @@
 # $OUT (the caller may set a default first), the environment, the carried wheels (wheels/, and
 # .whl/ where a call carries it: causal_conv1d for the Hugging Face fast path), and
 # $OUT/device.txt with the cards, driver and library versions.
+# Triton's compiled kernels and autotune choices persist across calls: a call that carries
+# .triton_cache_tgz/ (the parts save_triton_cache wrote under $OUT last time, copied there)
+# skips the minutes of compiling and autotuning mamba_ssm's kernels.
 OUT=${OUT:-/tmp/falcon-gpu-out}
 mkdir -p "$OUT"
 # NVLink multicast stays off on the lent machines (the device tool's KINDS.md).
@@ -10,3 +13,13 @@ python3 -m pip install -q --no-deps --no-index wheels/*.whl $(ls .whl/*.whl 2>/d
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
+export TRITON_CACHE_DIR=$PWD/.triton_cache TRITON_CACHE_AUTOTUNING=1
+if ls .triton_cache_tgz/part.* > /dev/null 2>&1; then
+  mkdir -p "$TRITON_CACHE_DIR" && cat .triton_cache_tgz/part.* | tar xz -C "$TRITON_CACHE_DIR"
+  echo "triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) entries carried" | tee -a "$OUT/device.txt"
+fi
+save_triton_cache() {  # into $OUT/triton_cache_tgz/part.* (each under the 16 MB a returned file may hold)
+  mkdir -p "$OUT/triton_cache_tgz"
+  tar cz -C "$TRITON_CACHE_DIR" . | split -b 15M - "$OUT/triton_cache_tgz/part."
+  du -sh "$OUT/triton_cache_tgz"
+}

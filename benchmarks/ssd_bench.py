@@ -116,7 +116,7 @@ def forward_differences(own: tuple, mamba: tuple) -> dict:
 
 
 def errors(got: dict, want: dict) -> dict:
-    return {k: float((got[k].double() - want[k]).norm() / want[k].norm()) for k in GRADS}
+    return {k: float((got[k].double() - want[k]).norm() / want[k].norm()) for k in GRADS if k in got and k in want}
 
 
 def gpu_ms(fn, calls: int = 10) -> float:
@@ -167,9 +167,26 @@ FORWARD_SWEEP = (  # kernels.ssd_fwd.forward_blocks overrides timed by --forward
 
 
 BACKWARD_SWEEP = (  # kernels.ssd_bwd.ssd_backward_own `blocks` timed by --backward-sweep, one process each
-    {}, {"bc": {"HEAD_SPLITS": 1}}, {"bc": {"num_stages": 1}}, {"bc": {"BLOCK_N": 64}}, {"bc": {"maxnreg": 128}},
-    {"tokens": {"block_s": 128}}, {"tokens": {"block_n": 128, "num_warps": 8}}, {"dstates": {"BLOCK_T": 128}},
+    {},
+    {"tokens": {"num_warps": 8}}, {"tokens": {"block_s": 32, "block_t": 32}},
+    {"tokens": {"block_s": 32, "block_t": 32, "block_n": 32}}, {"tokens": {"block_s": 16, "block_t": 32}},
+    {"bc": {"num_stages": 1}}, {"bc": {"num_stages": 1, "BLOCK_N": 64}},
+    {"dstates": {"BLOCK_T": 32}}, {"dstates": {"BLOCK_T": 32, "BLOCK_N": 64}}, {"dstates": {"num_warps": 8}},
 )
+
+
+def best_of_sweep(path: str) -> dict:
+    """The backward `blocks` that combine, kernel by kernel, the fastest setting of a --backward-sweep
+    JSON where it beat the defaults (each setting changes one kernel's tiles, so they compose)."""
+    with open(path) as f:
+        rows = [r for r in json.load(f)[0]["sweep"] if "bwd_ours_ms" in r]
+    base = next(r["bwd_ours_ms"] for r in rows if r["blocks"] == {})
+    best: dict = {}
+    for r in sorted(rows, key=lambda r: r["bwd_ours_ms"]):
+        (kernel, setting), = r["blocks"].items() if len(r["blocks"]) == 1 else ((None, None),)
+        if kernel and kernel not in best and r["bwd_ours_ms"] < base:
+            best[kernel] = setting
+    return best
 
 
 def backward_only(shape: str) -> dict:
@@ -194,6 +211,16 @@ def forward_only(shape: str) -> dict:
     row["fwd_own_kernels"] = profile_kernels(lambda: _scan_fwd(t, True), top=4)[1:]
     row["fwd_mamba_kernels"] = profile_kernels(lambda: _scan_fwd(t), top=6)[1:]
     return row
+
+
+def own_once(shape: str) -> dict:
+    """Our forward and backward, one call each, nothing else launched (for a kernel profiler:
+    ncu -k regex:... python -m benchmarks.ssd_bench --own-once)."""
+    t = make_inputs(shape)
+    saved = _scan_fwd(t, own=True)
+    backward_from_states(t, saved, own=True)
+    torch.cuda.synchronize()
+    return {"shape": shape}
 
 
 def _sweep(shape: str, mode: str, blocks_flag: str, settings: tuple, describe) -> list:
@@ -233,12 +260,17 @@ def main(argv=None):
     ap.add_argument("--forward-sweep", action="store_true", help="time FORWARD_SWEEP's tile settings")
     ap.add_argument("--forward-blocks", default="{}", help="JSON: kernels.ssd_fwd.forward_blocks overrides")
     ap.add_argument("--backward-only", action="store_true", help="our backward alone")
+    ap.add_argument("--own-once", action="store_true", help="our forward and backward once (for ncu)")
     ap.add_argument("--backward-sweep", action="store_true", help="time BACKWARD_SWEEP's tile settings")
     ap.add_argument("--backward-blocks", default="{}", help="JSON: kernels.ssd_bwd.ssd_backward_own blocks")
+    ap.add_argument("--best-of-sweep", default=None, help="print best_of_sweep(this --backward-sweep JSON)")
     args = ap.parse_args(argv)
+    if args.best_of_sweep:
+        print(json.dumps(best_of_sweep(args.best_of_sweep)))
+        return
     FORWARD_BLOCKS.update(json.loads(args.forward_blocks))
     BACKWARD_BLOCKS.update(json.loads(args.backward_blocks))
-    modes = {"forward_only": forward_only, "backward_only": backward_only,
+    modes = {"forward_only": forward_only, "backward_only": backward_only, "own_once": own_once,
              "forward_sweep": lambda s: {"shape": s, "sweep": forward_sweep(s)},
              "backward_sweep": lambda s: {"shape": s, "sweep": backward_sweep(s)}}
     mode = next((m for m in modes if getattr(args, m)), None)

@@ -67,13 +67,15 @@ class TokenBlocks:
 def token_blocks(chunk_size: int, headdim: int, dstate: int, n_heads: int) -> TokenBlocks:
     """Default tiles: 64 x 64 position tiles (never a whole [Q, Q] fp32 tile at Q=256), the head
     dim whole (the dy.x tile needs all of it), n in 64-column steps; 8 warps when p > 64, where
-    the [block_s, p] fp32 accumulator is 64 registers a thread at 4 warps. Kernel 2 covers as
-    many heads as keep its [heads, Q] tiles at <= 4096 elements."""
+    the [block_s, p] fp32 accumulator is 64 registers a thread at 4 warps; one stage (two held
+    255 registers and spilled: the whole backward was 1.033 ms at 0.5B on the H200, 0.931 with one,
+    benchmarks/results/2026-12-04b). Kernel 2 covers as many heads as keep its [heads, Q] tiles at
+    <= 4096 elements."""
     q = triton.next_power_of_2(chunk_size)
     rows = tile_edge(q, 64)
     return TokenBlocks(
         block_s=rows, block_t=rows, block_n=tile_edge(dstate, 64),
-        num_warps=4 if headdim <= 64 else 8, num_stages=2,
+        num_warps=4 if headdim <= 64 else 8, num_stages=1,
         block_h=max(1, min(triton.next_power_of_2(n_heads), 4096 // q)),
     )
 

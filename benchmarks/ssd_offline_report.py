@@ -1,0 +1,148 @@
+"""Registers, spills and shared memory of the project's own SSD kernels for sm_90a, compiled here
+without a GPU, with the launch arguments the launchers really pass.
+
+The launchers (kernels.ssd_fwd.ssd_forward_own, kernels.ssd_bwd.ssd_backward_own) run on CPU
+tensors at a preset's shape while every Triton launch is caught: its arguments become a signature
+(pointer dtypes, integers specialised as the JIT does: 1 as a constant, multiples of 16 marked
+divisible), it is compiled for sm_90a, and ptxas reports. Run it with the device's Triton (the
+counts differ between Triton versions):
+    PYTHONPATH=/tmp/tri36:. .venv/bin/python -m benchmarks.ssd_offline_report --shapes 0.5b 7b \
+        [--backward-blocks '{"tokens": {"num_warps": 8}}'] [--forward-blocks '{...}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from benchmarks.ssd_bench import SHAPES
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+          torch.int64: "*i64"}
+
+
+def _signature(fn: JITFunction, args: tuple, kwargs: dict):
+    values = dict(zip(fn.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        name, value = param.name, values.get(param.name, param.default)
+        if param.is_constexpr or value is None:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = DTYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            else:
+                signature[name] = "i64" if abs(value) >= 2 ** 31 else "i32"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name} = {value!r}")
+    return signature, constexprs, attrs
+
+
+def _ptxas(ptx: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    return " | ".join(line.split("info    :")[-1].strip() for line in res.stderr.splitlines()
+                      if "registers" in line or "spill" in line)
+
+
+def caught_launches(run):
+    """Calls run() with every JITFunction launch compiled for sm_90a instead of run; returns
+    [(kernel name, grid, options, ptxas report, shared bytes)]."""
+    rows = []
+    original = JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if kwargs.get(k) is not None}
+        signature, constexprs, attrs = _signature(self, args, kwargs)
+        kernel = triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=TARGET, options=options)
+        grid = grid(kwargs) if callable(grid) else grid
+        rows.append((self.__name__, tuple(grid), options, _ptxas(kernel.asm["ptx"]), kernel.metadata.shared))
+
+    JITFunction.run = compile_instead
+    try:
+        run()
+    finally:
+        JITFunction.run = original
+    return rows
+
+
+def cpu_inputs(shape: str) -> dict:
+    b, l, h, p, n, g, q = SHAPES[shape]
+    gen = torch.Generator().manual_seed(0)
+    proj = torch.randn(l, b, 2 * h * p + 2 * g * n + h, generator=gen).to(torch.bfloat16).transpose(0, 1)
+    z, x, B, C, dt_raw = proj.split([h * p, h * p, g * n, g * n, h], dim=-1)
+    seq_idx = torch.zeros(b, l, dtype=torch.int32) if shape.endswith("packed") else None
+    return dict(x=x.unflatten(-1, (h, p)), z=z.unflatten(-1, (h, p)), B=B.unflatten(-1, (g, n)),
+                C=C.unflatten(-1, (g, n)), dt_raw=dt_raw, A=-torch.rand(h, generator=gen) - 0.5,
+                D=torch.randn(h, generator=gen), dt_bias=torch.randn(h, generator=gen),
+                dout=torch.randn(b, l, h, p, generator=gen).to(torch.bfloat16), chunk=q, seq_idx=seq_idx,
+                limit=(0.0, math.inf))
+
+
+def report(shape: str, forward_blocks: dict, backward_blocks: dict) -> None:
+    from falcon_h1.kernels.ssd_bwd import ssd_backward_own
+    from falcon_h1.kernels.ssd_fwd import ssd_forward_own
+
+    t = cpu_inputs(shape)
+    b, l, h, p, n, g, q = SHAPES[shape]
+    nc = triton.cdiv(l, q)
+    out_x = torch.empty_like(t["x"])
+    dt = torch.rand(b, h, nc, q)
+    dA_cumsum = -torch.rand(b, h, nc, q).cumsum(-1)
+    states = torch.randn(b, nc, h, p, n).to(torch.bfloat16)
+    grads = dict(dx=torch.empty_like(t["x"]), ddt_raw=torch.empty_like(t["dt_raw"]), dB=torch.empty_like(t["B"]),
+                 dC=torch.empty_like(t["C"]), dz=torch.empty_like(t["z"]))
+
+    def both():
+        ssd_forward_own(t["x"], t["dt_raw"], t["A"], t["B"], t["C"], q, D=t["D"], z=t["z"], dt_bias=t["dt_bias"],
+                        dt_limit=t["limit"], seq_idx=t["seq_idx"], blocks=forward_blocks)
+        ssd_backward_own(t["dout"], t["x"], t["dt_raw"], t["A"], t["B"], t["C"], out_x, dt, dA_cumsum, states, q,
+                         t["D"], t["z"], t["dt_bias"], t["limit"], grads["dx"], grads["ddt_raw"], grads["dB"],
+                         grads["dC"], grads["dz"], seq_idx=t["seq_idx"], blocks=backward_blocks)
+
+    print(f"{shape} (triton {triton.__version__}, sm_90a)")
+    for name, grid, options, usage, shared in caught_launches(both):
+        print(f"  {name:34s} grid {str(grid):16s} {options} shared {shared // 1024} KB\n  {'':34s} {usage}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["0.5b"], choices=sorted(SHAPES))
+    ap.add_argument("--forward-blocks", default="{}")
+    ap.add_argument("--backward-blocks", default="{}")
+    args = ap.parse_args(argv)
+    for shape in args.shapes:
+        report(shape, json.loads(args.forward_blocks), json.loads(args.backward_blocks))
+
+
+if __name__ == "__main__":
+    main()
