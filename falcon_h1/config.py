@@ -20,6 +20,9 @@ from falcon_h1.rope_parameters import scaling_type, validate_rope_scaling
 LAYER_KINDS = {"H": "hybrid", "A": "attention", "M": "mamba", "-": "mlp"}
 ATTENTION_BACKENDS = ("auto", "sdpa", "unfused")
 KERNEL_BACKENDS = ("auto", "reference", "triton")
+# whose Triton kernels run the SSD scan of the GPU path (falcon_h1.kernels: mamba_ssm's, or this
+# project's kernels.ssd_fwd + kernels.ssd_bwd; benchmarks/NOTES.md compares them)
+SSD_KERNELS = ("mamba_ssm", "own")
 UNSUPPORTED_BIASES = ("projectors_bias", "attention_bias", "mlp_bias", "mamba_proj_bias")
 
 
@@ -80,6 +83,7 @@ class FalconH1Config:
     fused_projections: bool = True
     attention_backend: str = "auto"
     kernel_backend: str = "auto"
+    ssd_kernels: str = "mamba_ssm"
     # Hugging Face config.json keys that do not change what the model computes (token ids,
     # use_cache, transformers_version, TII's own keys, ...) and the source's
     # generation_config.json: falcon_h1.from_hf keeps them, falcon_h1.to_hf writes them back.
@@ -211,6 +215,11 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
         _fail("attention_backend", cfg.attention_backend, f"one of {ATTENTION_BACKENDS}")
     if cfg.kernel_backend not in KERNEL_BACKENDS:
         _fail("kernel_backend", cfg.kernel_backend, f"one of {KERNEL_BACKENDS}")
+    if cfg.ssd_kernels not in SSD_KERNELS:
+        _fail("ssd_kernels", cfg.ssd_kernels, f"one of {SSD_KERNELS}")
+    if cfg.ssd_kernels == "own" and cfg.kernel_backend == "reference":
+        _fail("ssd_kernels", cfg.ssd_kernels, "'mamba_ssm' under kernel_backend = 'reference' (the PyTorch "
+              "reference runs no Triton scan; 'own' needs kernel_backend 'auto' or 'triton')")
     if len(cfg.ssm_multipliers) != 5:
         _fail("ssm_multipliers", cfg.ssm_multipliers, "5 numbers (z, x, B, C, dt)")
     if len(cfg.mlp_multipliers) != 2:

@@ -59,6 +59,13 @@ class KernelOptions:
             raise ValueError(f"KernelOptions.packed_attention = {self.packed_attention!r} is not allowed: one of "
                              f"{allowed} (causal attention within the documents of packed rows).")
 
+    def with_ssd_kernels(self, ssd_kernels: str) -> "KernelOptions":
+        """These options under model.ssd_kernels (falcon_h1.config.SSD_KERNELS): 'own' asks for this
+        project's scan forward and backward; 'mamba_ssm' keeps what was asked here."""
+        if ssd_kernels == "own":
+            return replace(self, own_ssd_forward=True, own_ssd_backward=True)
+        return self
+
     def for_device(self, backend: str, device: torch.device) -> "KernelOptions":
         """These options as a model on `device` with model.kernel_backend = `backend` runs them:
         the GPU kernels off on the reference path (the choice is made here, once per model).

@@ -18,6 +18,8 @@ from falcon_h1.presets import get_preset
     (dict(ssm_multipliers=[1.0, 1.0]), 1, "ssm_multipliers"),
     (dict(num_key_value_heads=2), 4, "num_key_value_heads"),  # tp does not divide kv heads
     (dict(attention_backend="flash3"), 1, "attention_backend"),
+    (dict(ssd_kernels="cuda"), 1, "ssd_kernels"),
+    (dict(ssd_kernels="own", kernel_backend="reference"), 1, "ssd_kernels"),  # would run no Triton scan
     (dict(projectors_bias=True), 1, "projectors_bias"),  # biases are not implemented: refused, not ignored
     (dict(attention_bias=True), 1, "attention_bias"),
     (dict(mlp_bias=True), 1, "mlp_bias"),

@@ -65,9 +65,10 @@ def test_triton_ssd_matches_reference():
     assert max(errors.values()) <= BF16_TOLERANCE, errors
 
 
-def test_model_fast_path_matches_reference_forward_and_backward(megatron_single):
-    """Fast path (bf16, Triton kernels, µP multipliers folded) against the reference path in
-    fp32. Gradients that nearly cancel (dt_bias, A_log: norms ~1e-8 against ~1e-5 for the
+@pytest.mark.parametrize("ssd_kernels", ["mamba_ssm", "own"])
+def test_model_fast_path_matches_reference_forward_and_backward(megatron_single, ssd_kernels):
+    """Fast path (bf16, Triton kernels, µP multipliers folded; the scan on mamba_ssm's kernels or
+    on the project's own, model.ssd_kernels) against the reference path in fp32. Gradients that nearly cancel (dt_bias, A_log: norms ~1e-8 against ~1e-5 for the
     weights) carry a few % of bf16 noise on any path, so each gradient's bound is the larger
     of 3 x the bf16 tolerance and twice the error of the reference path run in bf16."""
     from falcon_h1.model import build_model
@@ -82,7 +83,10 @@ def test_model_fast_path_matches_reference_forward_and_backward(megatron_single)
     labels = torch.randint(0, cfg.vocab_size, (2, 500), device="cuda")
     results = {}
     for backend, precision in (("reference", "fp32"), ("reference", "bf16"), ("auto", "bf16")):
-        model = build_model(cfg.replace(kernel_backend=backend), precision=precision, seed=3)
+        scan = ssd_kernels if backend == "auto" else "mamba_ssm"  # 'own' is refused on the reference path
+        model = build_model(cfg.replace(kernel_backend=backend, ssd_kernels=scan), precision=precision, seed=3)
+        if use_fast_path("auto", torch.device("cuda")):
+            assert model.kernel_options.own_ssd_backward == (scan == "own")
         logits = model(ids)
         loss = model(ids, labels=labels).float().mean()
         loss.backward()

@@ -185,6 +185,25 @@ def test_kernel_options_on_the_reference_path_turn_the_gpu_kernels_off():
     assert cuda_reference.fused_rms_norm  # torch's own kernel, not a Triton one: follows the device
 
 
+def test_model_ssd_kernels_own_asks_for_the_own_scan_where_the_gpu_path_runs(megatron_single):
+    """model.ssd_kernels = 'own' turns both own-scan switches on for a GPU build; on a CPU under
+    'auto' the model takes the PyTorch reference, as for every GPU kernel; 'mamba_ssm' keeps
+    what the caller asked."""
+    from falcon_h1.kernels import KernelOptions
+    from falcon_h1.model import build_model
+    from falcon_h1.presets import get_preset
+
+    own = KernelOptions().with_ssd_kernels("own")
+    assert own.own_ssd_forward and own.own_ssd_backward
+    asked = KernelOptions(own_ssd_forward=True)
+    assert asked.with_ssd_kernels("mamba_ssm") == asked
+    with pytest.raises(ValueError, match="own_ssd_backward.*ssd_keep_forward_states"):
+        KernelOptions(ssd_keep_forward_states=False).with_ssd_kernels("own")
+    model = build_model(get_preset("falcon_h1_micro").replace(ssd_kernels="own"), device=torch.device("cpu"),
+                        initialize=False)
+    assert not (model.kernel_options.own_ssd_forward or model.kernel_options.own_ssd_backward)
+
+
 def test_packed_attention_auto_is_varlen_only_where_varlen_runs():
     """'auto' names torch's varlen flash attention for fp16/bf16 inputs on CUDA (it runs nothing
     else) and SDPA with the document mask for every other input; a named backend is kept."""
