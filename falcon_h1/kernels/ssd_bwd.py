@@ -32,8 +32,6 @@ def ssd_backward_own(dout, x, dt_raw, A, B, C, out_x, dt, dA_cumsum, states, chu
     sweeps (benchmarks/ssd_bench.py --backward-sweep), a dict of override dicts under "dstates",
     "passing", "bc" and "tokens" (keys as each module's `*_blocks` function returns them)."""
     blocks = blocks or {}
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
     dy, dS_local = gated_output_backward_and_local_dstates(dout, z, out_x, C, dA_cumsum, chunk_size,
                                                            seq_idx=seq_idx, dz=dz, blocks=blocks.get("dstates"))
     dS_out, ddA_last = state_passing_backward(dS_local, states, dA_cumsum, x.shape[1], chunk_size, seq_idx=seq_idx,

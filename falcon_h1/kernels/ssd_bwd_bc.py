@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_h1.kernels.ssd_launch import last_dim_contiguous, seq_idx_args, tile_edge
+from falcon_h1.kernels.ssd_launch import check_written_in_place, last_dim_contiguous, seq_idx_args, tile_edge
 
 # bc_gradient_blocks splits the heads until the grid has PROGRAMS_PER_SM_TARGET programs per SM of an H200
 STREAMING_MULTIPROCESSORS = 132
@@ -372,7 +372,8 @@ def bc_gradients(x, dy, dt, dA_cumsum, B, C, states, dS_out, chunk_size, seq_idx
         dB = torch.empty(batch, seq_len, groups, state_dim, dtype=B.dtype, device=B.device)
     if dC is None:
         dC = torch.empty(batch, seq_len, groups, state_dim, dtype=C.dtype, device=C.device)
-    assert dB.shape == dC.shape == B.shape and dB.stride(-1) == dC.stride(-1) == 1
+    assert dB.shape == dC.shape == B.shape, (dB.shape, dC.shape, B.shape)
+    check_written_in_place("bc_gradients", dB=dB, dC=dC)
     config = {**bc_gradient_blocks(batch, seq_len, heads, groups, chunk_size, head_dim, state_dim),
               **(blocks or {})}
     launch = {k: config.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in config}

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_h1.kernels.ssd_launch import last_dim_contiguous, seq_idx_args, tile_edge
+from falcon_h1.kernels.ssd_launch import check_written_in_place, last_dim_contiguous, seq_idx_args, tile_edge
 
 
 @triton.jit
@@ -209,8 +209,7 @@ def gated_output_backward_and_local_dstates(dout, z, out_x, C, dA_cumsum, chunk_
     return_dz = dz is None
     if dz is None:
         dz = torch.empty_like(dout, memory_format=torch.contiguous_format)
-    elif dz.stride(-1) != 1:
-        raise ValueError("dz must have a contiguous last dimension (it is written in place)")
+    check_written_in_place("gated_output_backward_and_local_dstates", dz=dz)
     dy = torch.empty(batch, seqlen, nheads, headdim, device=dout.device, dtype=dout.dtype)
     dS_local = torch.empty(batch, nchunks, nheads, headdim, dstate, device=dout.device, dtype=torch.float32)
     tiles, launch = _launch_options(local_dstates_blocks(chunk_size, headdim, dstate), blocks)

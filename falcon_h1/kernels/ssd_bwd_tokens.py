@@ -31,7 +31,8 @@ Two kernels:
    dcs is in: da, ddt, dA's partial sums, and in `token_and_step_size_gradients` the chain back
    through the step sizes' bias, softplus and clamp too.
 
-Layouts: x, dy, dx [b, l, h, p] and B, C [b, l, g, n] with any strides but a last one of 1;
+Layouts (kernels.ssd_launch's policy: an input whose last stride is not 1 is copied, the output dx is
+refused): x, dy, dx [b, l, h, p] and B, C [b, l, g, n] with any strides but a last one of 1;
 dt_raw, ddt_raw [b, l, h] any strides; dt, dA_cumsum [b, h, nc, Q] fp32 (last stride 1); states,
 dS_out [b, nc, h, p, n] (last stride 1); ddA_last [b, h, nc] fp32; seq_idx [b, l] int32 or None;
 cb [b, nc, g, Q, Q] fp32 (last stride 1), cb[b, c, g, t, s] = C_t . B_s, valid only where t >= s
@@ -48,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_h1.kernels.ssd_launch import SOFTPLUS_THRESHOLD, seq_idx_args, step_limits, tile_edge
+from falcon_h1.kernels.ssd_launch import (SOFTPLUS_THRESHOLD, check_written_in_place, last_dim_contiguous,
+                                           seq_idx_args, step_limits, tile_edge)
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,8 @@ def _token_gradients_kernel(
         tl.atomic_add(dcs_base + t, tl.sum(w, axis=0), mask=t_ok, sem="relaxed")
 
     dx = inner * dt_s[:, None]
-    if HAS_D:
+    if HAS_D:  # dy_s again (an L2 hit) rather than held through the loop: registers are the limit
+        dy_s = tl.load(dy_base + s[:, None] * stride_dyl + cols_p[None, :], mask=sp_mask, other=0.0)
         dx += tl.load(d_ptr + head).to(tl.float32) * dy_s.to(tl.float32)
     tl.store(dx_base + s[:, None] * stride_dxl + cols_p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=sp_mask)
     tl.store(ddt_ptr + out_offset + s, tl.sum(inner * x_s.to(tl.float32), axis=1), mask=s_in_chunk)
@@ -282,12 +285,6 @@ def _chunk_reverse_cumsum_kernel(
                          stride_gh)
 
 
-def _check_last_stride(**tensors):
-    for name, t in tensors.items():
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"ssd_bwd_tokens: {name} needs a last-dimension stride of 1 (got strides {t.stride()})")
-
-
 def _launch(x, dy, dt, dA_cumsum, B, C, cb, states, dS_out, ddA_last, A, chunk_size, D, seq_idx, dx, blocks, step):
     """Both kernels; step = (dt_raw, dt_bias, dt_limit, ddt_raw) runs the step-size chain in the second.
     -> (ddt, dA, dD, ddt_bias or None)."""
@@ -299,9 +296,9 @@ def _launch(x, dy, dt, dA_cumsum, B, C, cb, states, dS_out, ddA_last, A, chunk_s
         raise ValueError(f"ssd_bwd_tokens: x {tuple(x.shape)}, B {tuple(B.shape)}, dt {tuple(dt.shape)}, cb "
                          f"{tuple(cb.shape)} {cb.dtype}, chunk_size {chunk_size} and dx "
                          f"{None if dx is None else tuple(dx.shape)} do not fit together")
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
-    _check_last_stride(x=x, B=B, C=C, cb=cb, states=states, dS_out=dS_out, dx=dx, dt=dt, dA_cumsum=dA_cumsum)
+    x, dy, dt, dA_cumsum, B, C, cb, states, dS_out = (
+        last_dim_contiguous(t) for t in (x, dy, dt, dA_cumsum, B, C, cb, states, dS_out))
+    check_written_in_place("ssd_bwd_tokens", dx=dx)
     blocks = blocks or token_blocks(chunk_size, p, n, h)
     block_p = tile_edge(p)
     n_row_blocks = triton.cdiv(chunk_size, blocks.block_s)

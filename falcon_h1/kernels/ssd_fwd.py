@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from falcon_h1.kernels.ssd_launch import SOFTPLUS_THRESHOLD, seq_idx_args, step_limits, tile_edge
+from falcon_h1.kernels.ssd_launch import (SOFTPLUS_THRESHOLD, last_dim_contiguous, seq_idx_args, step_limits,
+                                           tile_edge)
 
 
 @triton.jit
@@ -235,9 +236,7 @@ def ssd_forward_own(x, dt_raw, A, B, C, chunk_size: int, D=None, z=None, dt_bias
     q = chunk_size
     if q < 16 or q & (q - 1):
         raise ValueError(f"ssd_forward_own: chunk_size = {q}; the kernels need a power of two >= 16")
-    for name, t in (("x", x), ("B", B), ("C", C), ("dt_raw", dt_raw)) + ((("z", z),) if z is not None else ()):
-        if t.stride(-1) != 1:
-            raise ValueError(f"ssd_forward_own: {name} must have a contiguous last dimension; strides {t.stride()}")
+    x, dt_raw, B, C, z = (last_dim_contiguous(t) for t in (x, dt_raw, B, C, z))
     nc = triton.cdiv(l, q)
     blk = {**forward_blocks(p, n, q), **(blocks or {})}
     if x.is_cuda and blk["scan_p"] < tile_edge(p, 64):

@@ -1,5 +1,9 @@
 """Host-side pieces every launcher of the project's own SSD kernels (kernels.ssd_fwd, kernels.ssd_bwd_*)
-shares: tile sizes, the optional packed-document argument, the step-size limits."""
+shares: tile sizes, the layout policy, the optional packed-document argument, the step-size limits.
+
+Layout policy: the kernels take any strides but a last one of 1. An input without it is copied (a
+copy that shows in a profile, as mamba_ssm's wrappers do); an output the kernels write in place
+is refused, since a copy would not be what the caller reads."""
 
 from __future__ import annotations
 
@@ -20,8 +24,17 @@ def tile_edge(size: int, cap: int | None = None, floor: int = 16) -> int:
     return max(floor, edge if cap is None else min(cap, edge))
 
 
-def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def last_dim_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An input as the kernels read it: itself, or a copy where its last stride is not 1."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def check_written_in_place(where: str, **outputs: torch.Tensor | None) -> None:
+    """Refuses an output buffer (written in place) whose last stride is not 1."""
+    for name, t in outputs.items():
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{where}: {name} is written in place and needs a last-dimension stride of 1 "
+                             f"(got strides {tuple(t.stride())}); pass a buffer with a contiguous last dimension")
 
 
 def seq_idx_args(seq_idx, fallback: torch.Tensor) -> tuple:

@@ -4,7 +4,8 @@ reference (kernels.ssd_backward_reference, checked against the step-by-step recu
 and pre-gate outputs, the processed step sizes, their in-chunk cumsum and the states entering each
 chunk. Tiles smaller than the chunk, head dim and state dim exercise every loop and partial-tile
 mask; a sequence that is not a multiple of the chunk, two groups of two heads and packed documents
-(boundaries inside a chunk and on a chunk edge, with step sizes clamped) are covered. Prints one line per check; exit 1 on
+(boundaries inside a chunk and on a chunk edge, with step sizes clamped, x with a last stride of 2) are
+covered. Prints one line per check; exit 1 on
 failure."""
 
 import math
@@ -27,6 +28,8 @@ def case(packed: bool, limit, seed: int):
     proj = torch.randn(l, b, 2 * h * p + 2 * g * n + h, generator=gen).transpose(0, 1)
     z, x, B, C, dt_raw = proj.split([h * p, h * p, g * n, g * n, h], dim=-1)
     x, z = x.unflatten(-1, (h, p)), z.unflatten(-1, (h, p))
+    if packed:  # an x whose last stride is 2: the launcher copies it (kernels.ssd_launch's policy)
+        x = torch.stack([x, torch.full_like(x, float("nan"))], -1)[..., 0]
     B, C = B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
     A = -torch.rand(h, generator=gen) - 0.3
     D, dt_bias = torch.randn(h, generator=gen), torch.randn(h, generator=gen)
