@@ -160,7 +160,7 @@ def bench_shape(shape: str, reference: bool) -> dict:
 
 
 FORWARD_SWEEP = (  # kernels.ssd_fwd.forward_blocks overrides timed by --forward-sweep, one process each
-    dict(scan_m=64, scan_k=32), dict(scan_m=128, scan_k=64), dict(scan_n=64), dict(scan_p=128),
+    dict(), dict(scan_m=64, scan_k=64), dict(scan_m=64, scan_k=32), dict(scan_m=128, scan_k=64), dict(scan_n=64), dict(scan_p=128),
     dict(scan_m=32, scan_k=32), dict(state_p=32, state_n=64), dict(state_p=64, state_n=64), dict(passing=256),
     dict(passing=2048),
 )

@@ -202,10 +202,13 @@ def _chunk_scan_kernel(
 def forward_blocks(p: int, n: int, chunk_size: int) -> dict:
     """Tile sizes by shape (H200 sweep, benchmarks/ssd_bench.py --forward-sweep): the chunk-state tile
     spans the whole chunk (its K dimension), with a 64 x 128 [p, n] output tile for chunks of 128
-    and 64 x 64 for chunks of 256; the chunk scan takes 64-row tiles of the chunk."""
+    and 64 x 64 for chunks of 256; the chunk scan takes 64-row tiles of the chunk, in 64-column
+    steps, 32 for chunks of 256 (7B shape, H200 2026-12-04: 0.287 ms, the same as mamba_ssm's
+    forward, benchmarks/results/2026-12-04/ssd_fwd_sweep.txt)."""
     state_n = 128 if chunk_size <= 128 else 64
     return dict(state_p=tile_edge(p, 64), state_n=tile_edge(n, state_n), scan_m=min(64, chunk_size),
-                scan_k=min(64, chunk_size), scan_p=tile_edge(p, 64), scan_n=tile_edge(n, 128), passing=1024)
+                scan_k=min(64 if chunk_size <= 128 else 32, chunk_size), scan_p=tile_edge(p, 64),
+                scan_n=tile_edge(n, 128), passing=1024)
 
 
 def chunk_cb(B, C, chunk_size: int, block_m: int = 64, block_k: int = 64, block_n: int = 128) -> torch.Tensor:
