@@ -211,10 +211,12 @@ def forward_blocks(p: int, n: int, chunk_size: int) -> dict:
                 scan_n=tile_edge(n, 128), passing=1024)
 
 
-def chunk_cb(B, C, chunk_size: int, block_m: int = 64, block_k: int = 64, block_n: int = 128) -> torch.Tensor:
+def chunk_cb(B, C, chunk_size: int, block_m: int = 64, block_k: int = 64, block_n: int | None = None) -> torch.Tensor:
     """B, C [b, l, g, n] (strided, last dimension contiguous) -> cb [b, c, g, Q, Q] fp32 with
     cb[..., t, s] = C_t . B_s inside each chunk, for t's tile on or below s's tile (the tiles above
-    the diagonal are left unwritten: no causal product reads them)."""
+    the diagonal are left unwritten: no causal product reads them). block_n: the product's steps
+    over n, default all of n up to 256 (sm_90a, Triton 3.6: two 128-wide steps over n = 256 spill
+    472 bytes a thread, one step none; benchmarks/ssd_offline_report.py)."""
     b, l, g, n = B.shape
     q = chunk_size
     nc = triton.cdiv(l, q)
@@ -224,7 +226,7 @@ def chunk_cb(B, C, chunk_size: int, block_m: int = 64, block_k: int = 64, block_
     _chunk_cb_kernel[grid](
         B, C, cb, l, nc, g, B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         cb.stride(0), cb.stride(1), cb.stride(2), cb.stride(3), N=n, Q=q, BM=block_m, BK=block_k,
-        BN=tile_edge(n, block_n))
+        BN=tile_edge(n, 256) if block_n is None else tile_edge(n, block_n))
     return cb
 
 
@@ -273,7 +275,7 @@ def ssd_forward_own(x, dt_raw, A, B, C, chunk_size: int, D=None, z=None, dt_bias
         dS, cs, seq, states, l, nc, dS.stride(0), dS.stride(1), dS.stride(2), cs.stride(0), cs.stride(1),
         cs.stride(2), states.stride(0), states.stride(1), states.stride(2), *seq_strides,
         PN=p * n, Q=q, BLOCK=blk["passing"], HAS_SEQ=seq_idx is not None)
-    cb = chunk_cb(B, C, q, block_m=blk["scan_m"], block_k=blk["scan_k"], block_n=blk["scan_n"])
+    cb = chunk_cb(B, C, q, block_m=blk["scan_m"], block_k=blk["scan_k"])
     zz = z if z is not None else x
     grid = (triton.cdiv(q, blk["scan_m"]) * triton.cdiv(p, blk["scan_p"]), b * nc, h)
     _chunk_scan_kernel[grid](
