@@ -137,6 +137,13 @@ def check_rope_scaling(cfg: FalconH1Config) -> None:
 
 def check_context_parallel(cfg: FalconH1Config, cp: int) -> None:
     """What context parallelism (parallel.cp) needs of the model config, beyond the sequence split."""
+    if cp > 1 and cfg.has_mamba and cfg.ssd_kernels == "own":
+        raise ConfigValueError(
+            "model.ssd_kernels", cfg.ssd_kernels, "'mamba_ssm', or parallel.cp = 1",
+            message=f"model.ssd_kernels = 'own' is not allowed with parallel.cp = {cp}: the own kernels run inside "
+            "the fused Mamba branch, which scans each sequence from a zero state, and a context-parallel rank's "
+            "chunks start from the previous rank's state (mamba_ssm's scan takes it); allowed: 'mamba_ssm', or "
+            "parallel.cp = 1.")
     if cp > 1 and cfg.has_attention and rope_type(cfg) in ("dynamic", "longrope"):
         raise ConfigValueError(
             "model.rope_scaling", cfg.rope_scaling, "another rope_type, or parallel.cp = 1",
@@ -220,6 +227,10 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
     if cfg.ssd_kernels == "own" and cfg.kernel_backend == "reference":
         _fail("ssd_kernels", cfg.ssd_kernels, "'mamba_ssm' under kernel_backend = 'reference' (the PyTorch "
               "reference runs no Triton scan; 'own' needs kernel_backend 'auto' or 'triton')")
+    if cfg.ssd_kernels == "own" and cfg.has_mamba and (cfg.mamba_d_conv != 4 or cfg.mamba_rms_norm):
+        _fail("ssd_kernels", cfg.ssd_kernels, "'mamba_ssm' here: the own kernels run inside the fused Mamba "
+              f"branch, which takes mamba_d_conv = 4 and mamba_rms_norm = false (got {cfg.mamba_d_conv} and "
+              f"{cfg.mamba_rms_norm})")
     if len(cfg.ssm_multipliers) != 5:
         _fail("ssm_multipliers", cfg.ssm_multipliers, "5 numbers (z, x, B, C, dt)")
     if len(cfg.mlp_multipliers) != 2:

@@ -208,6 +208,13 @@ class ParallelHybridMixer(MegatronModule):
         # the fused branch scans each sequence from a zero state: not a context-parallel shard
         self.fused_mamba_branch = (mamba and kernel_options.fused_mamba_branch and cfg.mamba_d_conv == 4
                                    and self.gate_in_scan and context_parallel is None)
+        own_scan = kernel_options.own_ssd_forward or kernel_options.own_ssd_backward
+        if mamba and own_scan and not self.fused_mamba_branch:
+            raise ValueError(
+                "the own SSD kernels (model.ssd_kernels = 'own', KernelOptions.own_ssd_*) run inside the fused "
+                "Mamba branch, which this layer does not take: it needs KernelOptions.fused_mamba_branch and "
+                f"gate_in_scan, mamba_d_conv = 4 (got {cfg.mamba_d_conv}), mamba_rms_norm = false (got "
+                f"{cfg.mamba_rms_norm}) and no context parallelism; use model.ssd_kernels = 'mamba_ssm'")
         self.scales_in_weights = self._scales_fold_into_weights()
         self._register_scales()
 

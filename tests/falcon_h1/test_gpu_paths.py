@@ -68,9 +68,10 @@ def test_triton_ssd_matches_reference():
 @pytest.mark.parametrize("ssd_kernels", ["mamba_ssm", "own"])
 def test_model_fast_path_matches_reference_forward_and_backward(megatron_single, ssd_kernels):
     """Fast path (bf16, Triton kernels, µP multipliers folded; the scan on mamba_ssm's kernels or
-    on the project's own, model.ssd_kernels) against the reference path in fp32. Gradients that nearly cancel (dt_bias, A_log: norms ~1e-8 against ~1e-5 for the
-    weights) carry a few % of bf16 noise on any path, so each gradient's bound is the larger
-    of 3 x the bf16 tolerance and twice the error of the reference path run in bf16."""
+    on the project's own, model.ssd_kernels) against the reference path in fp32. Gradients that
+    nearly cancel (dt_bias, A_log: norms ~1e-8 against ~1e-5 for the weights) carry a few % of
+    bf16 noise on any path, so each gradient's bound is the larger of 3 x the bf16 tolerance and
+    twice the error of the reference path run in bf16."""
     from falcon_h1.model import build_model
     from falcon_h1.presets import get_preset
     from falcon_h1.weights import gather_hf_state

@@ -368,3 +368,18 @@ def test_packed_attention_equals_documents_alone(backend):
     for name, a, b_, c_ in zip(["out", "dq", "dk", "dv"], got, want, leaky):
         assert _rel(a, b_) <= TOLERANCE, name
         assert _rel(c_, b_) >= LEAK_MARGIN, name
+
+
+def test_a_layer_asked_for_the_own_scan_outside_the_fused_branch_refuses(megatron_single):
+    """The own SSD kernels run only inside the fused Mamba branch: options that ask for them where
+    a layer takes the unfused scan (here the branch switched off) are refused when it is built,
+    never silently dropped."""
+    from falcon_h1.kernels import KernelOptions
+    from falcon_h1.linears import MEGATRON_LINEARS
+    from falcon_h1.model import FalconH1Model, make_transformer_config
+    from falcon_h1.presets import get_preset
+
+    cfg = get_preset("falcon_h1_micro")
+    config = make_transformer_config(cfg, 1, 1, False, torch.float32, False, "none")
+    with pytest.raises(ValueError, match="own SSD kernels .* run inside the fused Mamba branch"):
+        FalconH1Model(cfg, config, MEGATRON_LINEARS, KernelOptions(own_ssd_forward=True, fused_mamba_branch=False))

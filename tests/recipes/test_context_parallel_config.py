@@ -21,6 +21,8 @@ MICRO = ["model=falcon_h1_micro"]
     (["parallel.cp=16", "data.seq_length=64"], "parallel.cp = 16 is not allowed: at most"),
     (["parallel.cp=3", "data.seq_length=18", "parallel.tp=4", "parallel.sequence_parallel=true",
       "model.num_key_value_heads=4", "model.mamba_n_groups=4"], "a multiple of parallel.cp * parallel.tp = 12"),
+    # the own scan kernels live in the fused Mamba branch, which scans from a zero state
+    (["parallel.cp=2", "model.ssd_kernels=own"], "model.ssd_kernels = 'own' is not allowed with parallel.cp = 2"),
 ])
 def test_impossible_context_parallel_recipe_fails_naming_the_key(overrides, message):
     with pytest.raises(ValueError) as err:
