@@ -7,7 +7,7 @@ tensors at a preset's shape while every Triton launch is caught: its arguments b
 divisible), it is compiled for sm_90a, and ptxas reports. Run it with the device's Triton (the
 counts differ between Triton versions):
     PYTHONPATH=/tmp/tri36:. .venv/bin/python -m benchmarks.ssd_offline_report --shapes 0.5b 7b \
-        [--backward-blocks '{"tokens": {"num_warps": 8}}'] [--forward-blocks '{...}']
+        [--backward-blocks '{"tokens": {"num_warps": 8}}'] [--forward-blocks '{...}'] [--sass]
 """
 
 from __future__ import annotations
@@ -62,18 +62,38 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict):
     return signature, constexprs, attrs
 
 
-def _ptxas(ptx: str) -> str:
+NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
+# SASS opcode families worth counting: the issue-bound kernels' instruction mix
+SASS_FAMILIES = {"mma": ("HGMMA", "HMMA", "WARPGROUP"), "shared": ("LDS", "STS", "LDSM", "STSM"),
+                 "global": ("LDG", "STG", "LDGSTS", "UTMALDG"), "atomic": ("RED", "REDG", "ATOM", "ATOMG", "ATOMS"), "sync": ("BAR",),
+                 "shuffle": ("SHFL",), "special": ("MUFU",), "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP"),
+                 "convert": ("F2F", "F2FP", "I2F", "F2I", "PRMT")}
+
+
+def _sass_mix(cubin: str) -> str:
+    """Static SASS instruction count and its mix by family (nvdisasm of the cubin)."""
+    text = subprocess.run([NVDISASM, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    ops = [line.split("*/", 1)[1].strip().lstrip("@!P0123456789T ").split(" ")[0].split(".")[0]
+           for line in text.splitlines() if line.strip().startswith("/*") and "*/" in line
+           and line.split("*/", 1)[1].strip() not in ("", "}")]
+    ops = [op.rstrip(";") for op in ops if op]
+    counts = {name: sum(op in family for op in ops) for name, family in SASS_FAMILIES.items()}
+    return f"{len(ops)} instructions: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _ptxas(ptx: str, sass: bool = False) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
+        path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(path, "w") as f:
             f.write(ptx)
-        res = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+        res = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", path, "-o", cubin],
                              capture_output=True, text=True, check=True)
+        mix = f"\n  {'':34s} {_sass_mix(cubin)}" if sass else ""
     return " | ".join(line.split("info    :")[-1].strip() for line in res.stderr.splitlines()
-                      if "registers" in line or "spill" in line)
+                      if "registers" in line or "spill" in line) + mix
 
 
-def caught_launches(run):
+def caught_launches(run, sass: bool = False):
     """Calls run() with every JITFunction launch compiled for sm_90a instead of run; returns
     [(kernel name, grid, options, ptxas report, shared bytes)]."""
     rows = []
@@ -85,7 +105,7 @@ def caught_launches(run):
         kernel = triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs, attrs=attrs),
                                 target=TARGET, options=options)
         grid = grid(kwargs) if callable(grid) else grid
-        rows.append((self.__name__, tuple(grid), options, _ptxas(kernel.asm["ptx"]), kernel.metadata.shared))
+        rows.append((self.__name__, tuple(grid), options, _ptxas(kernel.asm["ptx"], sass), kernel.metadata.shared))
 
     JITFunction.run = compile_instead
     try:
@@ -108,7 +128,7 @@ def cpu_inputs(shape: str) -> dict:
                 limit=(0.0, math.inf))
 
 
-def report(shape: str, forward_blocks: dict, backward_blocks: dict) -> None:
+def report(shape: str, forward_blocks: dict, backward_blocks: dict, sass: bool = False) -> None:
     from falcon_h1.kernels.ssd_bwd import ssd_backward_own
     from falcon_h1.kernels.ssd_fwd import ssd_forward_own
 
@@ -130,7 +150,7 @@ def report(shape: str, forward_blocks: dict, backward_blocks: dict) -> None:
                          grads["dC"], grads["dz"], seq_idx=t["seq_idx"], blocks=backward_blocks)
 
     print(f"{shape} (triton {triton.__version__}, sm_90a)")
-    for name, grid, options, usage, shared in caught_launches(both):
+    for name, grid, options, usage, shared in caught_launches(both, sass):
         print(f"  {name:34s} grid {str(grid):16s} {options} shared {shared // 1024} KB\n  {'':34s} {usage}")
 
 
@@ -139,9 +159,10 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", default=["0.5b"], choices=sorted(SHAPES))
     ap.add_argument("--forward-blocks", default="{}")
     ap.add_argument("--backward-blocks", default="{}")
+    ap.add_argument("--sass", action="store_true", help="also each kernel's static SASS instruction mix")
     args = ap.parse_args(argv)
     for shape in args.shapes:
-        report(shape, json.loads(args.forward_blocks), json.loads(args.backward_blocks))
+        report(shape, json.loads(args.forward_blocks), json.loads(args.backward_blocks), args.sass)
 
 
 if __name__ == "__main__":
