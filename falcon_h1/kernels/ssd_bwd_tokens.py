@@ -72,13 +72,14 @@ def token_blocks(chunk_size: int, headdim: int, dstate: int, n_heads: int) -> To
     the [block_s, p] fp32 accumulator is 64 registers a thread at 4 warps; one stage (two held
     255 registers and spilled: the whole backward was 1.033 ms at 0.5B on the H200, 0.931 with one,
     benchmarks/results/2026-12-04b). Kernel 2 covers as many heads as keep its [heads, Q] tiles at
-    <= 4096 elements."""
+    <= 1024 elements: with 4096, one program a chunk at 0.5B (128 programs for 132 SMs, 6% achieved
+    occupancy in ncu, 14.6 us)."""
     q = triton.next_power_of_2(chunk_size)
     rows = tile_edge(q, 64)
     return TokenBlocks(
         block_s=rows, block_t=rows, block_n=tile_edge(dstate, 64),
         num_warps=4 if headdim <= 64 else 8, num_stages=1,
-        block_h=max(1, min(triton.next_power_of_2(n_heads), 4096 // q)),
+        block_h=max(1, min(triton.next_power_of_2(n_heads), 1024 // q)),
     )
 
 
