@@ -22,7 +22,8 @@ from falcon_h1.kernels.ssd_reference import ssd_chunk_scan_reference
 class KernelOptions:
     """Which optimisations a model's kernels use (all on by default), fixed when the model is
     built (`falcon_h1.model.build_model(..., kernel_options=...)`) and held by its modules.
-    falcon-bench builds one model per setting to measure each; training keeps the defaults.
+    falcon-bench builds one model per setting to measure each; training keeps the defaults but for
+    the SSD scan's kernels, which model.ssd_kernels chooses (`with_ssd_kernels`).
 
     The GPU-kernel switches only apply where the GPU path runs (CUDA and model.kernel_backend
     'auto' or 'triton'): `for_device` turns them off elsewhere. fold_scales and gate_in_scan
