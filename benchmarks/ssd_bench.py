@@ -167,11 +167,12 @@ FORWARD_SWEEP = (  # kernels.ssd_fwd.forward_blocks overrides timed by --forward
 
 
 BACKWARD_SWEEP = (  # kernels.ssd_bwd.ssd_backward_own `blocks` timed by --backward-sweep, one process each
+    # (2026-12-04: every token-tile setting with fewer registers, and bc on one stage, were slower
+    # than the defaults; benchmarks/NOTES.md, session 11)
     {},
-    {"tokens": {"num_warps": 8}}, {"tokens": {"block_s": 32, "block_t": 32}},
-    {"tokens": {"block_s": 32, "block_t": 32, "block_n": 32}}, {"tokens": {"block_s": 16, "block_t": 32}},
-    {"bc": {"num_stages": 1}}, {"bc": {"num_stages": 1, "BLOCK_N": 64}},
-    {"dstates": {"BLOCK_T": 32}}, {"dstates": {"BLOCK_T": 32, "BLOCK_N": 64}}, {"dstates": {"num_warps": 8}},
+    {"bc": {"num_stages": 3}}, {"bc": {"HEAD_SPLITS": 1}}, {"bc": {"HEAD_SPLITS": 6}},
+    {"dstates": {"num_warps": 8}}, {"dstates": {"BLOCK_T": 32, "BLOCK_N": 64}},
+    {"tokens": {"num_warps": 8}}, {"tokens": {"block_s": 32, "block_t": 64}},
 )
 
 
