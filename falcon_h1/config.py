@@ -135,6 +135,12 @@ def check_rope_scaling(cfg: FalconH1Config) -> None:
         validate_rope_scaling(cfg.rope_scaling, cfg.kv_channels)
 
 
+def fits_fused_mamba_branch(cfg: FalconH1Config) -> bool:
+    """Whether the Mamba layers can take the fused conv + scan branch (kernels.mamba_branch): a
+    width-4 conv, and the gate inside the scan (no gated RMSNorm between the scan and the gate)."""
+    return cfg.mamba_d_conv == 4 and not cfg.mamba_rms_norm
+
+
 def check_context_parallel(cfg: FalconH1Config, cp: int) -> None:
     """What context parallelism (parallel.cp) needs of the model config, beyond the sequence split."""
     if cp > 1 and cfg.has_mamba and cfg.ssd_kernels == "own":
@@ -227,7 +233,7 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
     if cfg.ssd_kernels == "own" and cfg.kernel_backend == "reference":
         _fail("ssd_kernels", cfg.ssd_kernels, "'mamba_ssm' under kernel_backend = 'reference' (the PyTorch "
               "reference runs no Triton scan; 'own' needs kernel_backend 'auto' or 'triton')")
-    if cfg.ssd_kernels == "own" and cfg.has_mamba and (cfg.mamba_d_conv != 4 or cfg.mamba_rms_norm):
+    if cfg.ssd_kernels == "own" and cfg.has_mamba and not fits_fused_mamba_branch(cfg):
         _fail("ssd_kernels", cfg.ssd_kernels, "'mamba_ssm' here: the own kernels run inside the fused Mamba "
               f"branch, which takes mamba_d_conv = 4 and mamba_rms_norm = false (got {cfg.mamba_d_conv} and "
               f"{cfg.mamba_rms_norm})")

@@ -33,7 +33,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from falcon_h1 import kernels, rope
-from falcon_h1.config import FalconH1Config
+from falcon_h1.config import FalconH1Config, fits_fused_mamba_branch
 from falcon_h1.context_parallel import ContextParallelLayout, context_parallel_attention
 from falcon_h1.context_parallel import mamba as cp_mamba
 from falcon_h1.kernels import KernelOptions
@@ -206,8 +206,8 @@ class ParallelHybridMixer(MegatronModule):
         # the scan kernel gates y * silu(z) itself unless the gated RMSNorm comes between
         self.gate_in_scan = kernel_options.gate_in_scan and not cfg.mamba_rms_norm
         # the fused branch scans each sequence from a zero state: not a context-parallel shard
-        self.fused_mamba_branch = (mamba and kernel_options.fused_mamba_branch and cfg.mamba_d_conv == 4
-                                   and self.gate_in_scan and context_parallel is None)
+        self.fused_mamba_branch = (mamba and kernel_options.fused_mamba_branch and kernel_options.gate_in_scan
+                                   and fits_fused_mamba_branch(cfg) and context_parallel is None)
         own_scan = kernel_options.own_ssd_forward or kernel_options.own_ssd_backward
         if mamba and own_scan and not self.fused_mamba_branch:
             raise ValueError(

@@ -226,7 +226,7 @@ def chunk_cb(B, C, chunk_size: int, block_m: int = 64, block_k: int = 64, block_
     _chunk_cb_kernel[grid](
         B, C, cb, l, nc, g, B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         cb.stride(0), cb.stride(1), cb.stride(2), cb.stride(3), N=n, Q=q, BM=block_m, BK=block_k,
-        BN=tile_edge(n, 256) if block_n is None else tile_edge(n, block_n))
+        BN=tile_edge(n, block_n or 256))
     return cb
 
 
