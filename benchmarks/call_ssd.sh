@@ -9,11 +9,6 @@
 #   4. Triton's cache back under $OUT/triton_cache_tgz (copy it to .triton_cache_tgz/ for the next call)
 # Writes $OUT/step.txt + step.json, ssd.txt + ssd.json, ssd_gpu_tests.txt.
 source benchmarks/device_setup.sh
-run() {  # seconds, output file, command...
-  local limit=$1 out=$2; shift 2
-  timeout "$limit" "$@" > "$OUT/$out" 2>&1
-  echo "exit $?" >> "$OUT/$out"
-}
 run "${STEP_S:-200}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --variants ours_fused,ours_fused_own_ssd \
   --kernels none --json "$OUT/step.json"
 run "${SSD_BENCH_S:-200}" ssd.txt python3 -m benchmarks.ssd_bench --shapes 0.5b 7b 0.5b_packed --json "$OUT/ssd.json"

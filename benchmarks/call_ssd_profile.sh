@@ -10,11 +10,6 @@
 #   4. Triton's cache back under $OUT/triton_cache_tgz (copy it to .triton_cache_tgz/ for the next call)
 # Writes $OUT/ncu.txt, $OUT/ssd_bwd_sweep.txt, $OUT/ssd_7b.txt + ssd_7b.json.
 source benchmarks/device_setup.sh
-run() {  # seconds, output file, command...
-  local limit=$1 out=$2; shift 2
-  timeout "$limit" "$@" > "$OUT/$out" 2>&1
-  echo "exit $?" >> "$OUT/$out"
-}
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 OURS='regex:^_(chunk_scan|chunk_state|state_passing|chunk_cb|token_gradients|bc_gradients|gated_dy_local_dstates|state_passing_bwd|chunk_reverse_cumsum)_kernel'
 run "${NCU_S:-150}" ncu.txt "$NCU" --clock-control none -k "$OURS" --section SpeedOfLight --section Occupancy \

@@ -8,11 +8,6 @@
 #   4. Triton's cache back under $OUT
 # Writes $OUT/ssd_bwd_sweep.txt + .json, ssd_tuned.txt + .json, ssd_gpu_tests.txt.
 source benchmarks/device_setup.sh
-run() {  # seconds, output file, command...
-  local limit=$1 out=$2; shift 2
-  timeout "$limit" "$@" > "$OUT/$out" 2>&1
-  echo "exit $?" >> "$OUT/$out"
-}
 run "${SWEEP_S:-200}" ssd_bwd_sweep.txt python3 -m benchmarks.ssd_bench --backward-sweep --shapes 0.5b \
   --json "$OUT/ssd_bwd_sweep.json"
 BEST=$(python3 -m benchmarks.ssd_bench --best-of-sweep "$OUT/ssd_bwd_sweep.json" 2>/dev/null || echo '{}')

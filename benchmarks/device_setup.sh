@@ -1,7 +1,7 @@
 # Sourced by every device suite (benchmarks/*_suite.sh, call_probe.sh) as its first step:
 # $OUT (the caller may set a default first), the environment, the carried wheels (wheels/, and
 # .whl/ where a call carries it: causal_conv1d for the Hugging Face fast path), and
-# $OUT/device.txt with the cards, driver and library versions.
+# $OUT/device.txt with the cards, driver and library versions, and run() (a step under its own time limit).
 # Triton's compiled kernels and autotune choices persist across calls: a call that carries
 # .triton_cache_tgz/ (the parts save_triton_cache wrote under $OUT last time, copied there)
 # skips the minutes of compiling and autotuning mamba_ssm's kernels.
@@ -22,4 +22,9 @@ save_triton_cache() {  # into $OUT/triton_cache_tgz/part.* (each under the 16 MB
   mkdir -p "$OUT/triton_cache_tgz"
   tar cz -C "$TRITON_CACHE_DIR" . | split -b 15M - "$OUT/triton_cache_tgz/part."
   du -sh "$OUT/triton_cache_tgz"
+}
+run() {  # seconds, output file under $OUT, command...: each step under its own time limit
+  local limit=$1 out=$2; shift 2
+  timeout "$limit" "$@" > "$OUT/$out" 2>&1
+  echo "exit $?" >> "$OUT/$out"
 }

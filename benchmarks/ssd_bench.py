@@ -27,24 +27,26 @@ SHAPES = {  # batch, seqlen, heads, head dim, state, groups, chunk (falcon_h1.pr
 GRADS = ("out", "dx", "dz", "dB", "dC", "ddt_raw", "dA", "dD", "ddt_bias")
 
 
-def make_inputs(shape: str, seed: int = 0) -> dict:
+def make_inputs(shape: str, seed: int = 0, device: str = "cuda") -> dict:
+    """The scan's inputs at `shape`, as strided views of one [s, b, .] bf16 in-projection buffer
+    (on the CPU for benchmarks.ssd_offline_report, whose launches compile instead of running)."""
     b, l, h, p, n, g, q = SHAPES[shape]
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     width = 2 * h * p + 2 * g * n + h
-    proj = torch.randn(l, b, width, device="cuda", generator=gen).to(torch.bfloat16).transpose(0, 1)
+    proj = torch.randn(l, b, width, device=device, generator=gen).to(torch.bfloat16).transpose(0, 1)
     z, x, B, C, dt_raw = proj.split([h * p, h * p, g * n, g * n, h], dim=-1)
     seq_idx = None
     if shape.endswith("packed"):  # documents of 300 to 1700 tokens, some boundaries on chunk edges
-        lengths = torch.randint(300, 1700, (64,), generator=gen, device="cuda")
+        lengths = torch.randint(300, 1700, (64,), generator=gen, device=device)
         lengths[::5] = 1024
         starts = torch.cumsum(lengths, 0)
-        pos = torch.arange(l, device="cuda")
+        pos = torch.arange(l, device=device)
         seq_idx = torch.searchsorted(starts, pos, right=True).to(torch.int32)[None].expand(b, l).contiguous()
     return dict(
         x=x.unflatten(-1, (h, p)), z=z.unflatten(-1, (h, p)), B=B.unflatten(-1, (g, n)), C=C.unflatten(-1, (g, n)),
-        dt_raw=dt_raw, A=-torch.rand(h, device="cuda", generator=gen) - 0.5, D=torch.randn(h, device="cuda", generator=gen),
-        dt_bias=torch.randn(h, device="cuda", generator=gen) - 2.0,
-        dout=torch.randn(b, l, h, p, device="cuda", generator=gen).to(torch.bfloat16), chunk=q, seq_idx=seq_idx,
+        dt_raw=dt_raw, A=-torch.rand(h, device=device, generator=gen) - 0.5,
+        D=torch.randn(h, device=device, generator=gen), dt_bias=torch.randn(h, device=device, generator=gen) - 2.0,
+        dout=torch.randn(b, l, h, p, device=device, generator=gen).to(torch.bfloat16), chunk=q, seq_idx=seq_idx,
         limit=(0.0, math.inf))
 
 
@@ -184,9 +186,9 @@ def best_of_sweep(path: str) -> dict:
     base = next(r["bwd_ours_ms"] for r in rows if r["blocks"] == {})
     best: dict = {}
     for r in sorted(rows, key=lambda r: r["bwd_ours_ms"]):
-        (kernel, setting), = r["blocks"].items() if len(r["blocks"]) == 1 else ((None, None),)
-        if kernel and kernel not in best and r["bwd_ours_ms"] < base:
-            best[kernel] = setting
+        if len(r["blocks"]) == 1 and r["bwd_ours_ms"] < base:
+            (kernel, setting), = r["blocks"].items()
+            best.setdefault(kernel, setting)
     return best
 
 

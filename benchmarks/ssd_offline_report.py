@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from benchmarks.ssd_bench import SHAPES
+from benchmarks.ssd_bench import SHAPES, make_inputs
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
@@ -115,24 +114,11 @@ def caught_launches(run, sass: bool = False):
     return rows
 
 
-def cpu_inputs(shape: str) -> dict:
-    b, l, h, p, n, g, q = SHAPES[shape]
-    gen = torch.Generator().manual_seed(0)
-    proj = torch.randn(l, b, 2 * h * p + 2 * g * n + h, generator=gen).to(torch.bfloat16).transpose(0, 1)
-    z, x, B, C, dt_raw = proj.split([h * p, h * p, g * n, g * n, h], dim=-1)
-    seq_idx = torch.zeros(b, l, dtype=torch.int32) if shape.endswith("packed") else None
-    return dict(x=x.unflatten(-1, (h, p)), z=z.unflatten(-1, (h, p)), B=B.unflatten(-1, (g, n)),
-                C=C.unflatten(-1, (g, n)), dt_raw=dt_raw, A=-torch.rand(h, generator=gen) - 0.5,
-                D=torch.randn(h, generator=gen), dt_bias=torch.randn(h, generator=gen),
-                dout=torch.randn(b, l, h, p, generator=gen).to(torch.bfloat16), chunk=q, seq_idx=seq_idx,
-                limit=(0.0, math.inf))
-
-
 def report(shape: str, forward_blocks: dict, backward_blocks: dict, sass: bool = False) -> None:
     from falcon_h1.kernels.ssd_bwd import ssd_backward_own
     from falcon_h1.kernels.ssd_fwd import ssd_forward_own
 
-    t = cpu_inputs(shape)
+    t = make_inputs(shape, device="cpu")
     b, l, h, p, n, g, q = SHAPES[shape]
     nc = triton.cdiv(l, q)
     out_x = torch.empty_like(t["x"])
