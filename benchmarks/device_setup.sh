@@ -19,6 +19,10 @@ if ls .triton_cache_tgz/part.* > /dev/null 2>&1; then
   echo "triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) entries carried" | tee -a "$OUT/device.txt"
 fi
 save_triton_cache() {  # into $OUT/triton_cache_tgz/part.* (each under the 16 MB a returned file may hold)
+  # A cache hit loads only the binary and its metadata (Triton skips a group's missing files): the
+  # intermediate IRs and the source, four fifths of the bytes, stay behind so the parts fit in a call.
+  find "$TRITON_CACHE_DIR" -type f \( -name '*.llir' -o -name '*.ptx' -o -name '*.ttir' -o -name '*.ttgir' \
+    -o -name '*.source' \) -delete
   mkdir -p "$OUT/triton_cache_tgz"
   tar cz -C "$TRITON_CACHE_DIR" . | split -b 15M - "$OUT/triton_cache_tgz/part."
   du -sh "$OUT/triton_cache_tgz"
