@@ -1,8 +1,8 @@
 # One device call for the project's own SSD kernels against mamba_ssm's (benchmarks/ssd_bench.py):
 #   device run: bash benchmarks/call_ssd.sh     (carry: wheels, .triton_cache_tgz; timeout_s 600)
 # Each step has its own time limit, so a slow step cannot take the others' results with it:
-#   1. the whole 0.5B training step (falcon-bench, 4 x 4096, CUDA-graphed: the eager step is host-bound) with model.ssd_kernels = mamba_ssm
-#      (ours_fused) and own (ours_fused_own_ssd), one process each
+#   1. the whole 0.5B training step (falcon-bench, 4 x 4096), CUDA-graphed (the eager step is bound by
+#      host launches), with model.ssd_kernels = mamba_ssm and own, in one process
 #   2. the bench at the 0.5B, 7B and packed 0.5B shapes (GPU ms and per-kernel ms first, then the
 #      errors against float64)
 #   3. the GPU test of the own kernels (tests/falcon_h1/test_ssd_own_gpu.py)
