@@ -96,18 +96,21 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
     out["conv_triton_fwd_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
     out["conv_triton_bwd_ms"] = bench(lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
     names = ("FWD_BLOCK_L", "FWD_BLOCK_C", "FWD_WARPS", "BWD_BLOCK_L", "BWD_BLOCK_C", "BWD_WARPS",
-             "BWD_ROWS_PER_PROGRAM")
+             "BWD_ROWS_PER_PROGRAM", "BWD_RELOAD_WINDOWS", "BWD_STAGES")
     defaults = {k: getattr(conv_triton, k) for k in names}
     sweep_tiles = which in ("all", "conv")
     for bl, bc, nw in [(16, 128, 4), (64, 128, 4), (32, 256, 8), (64, 64, 4)] if sweep_tiles else []:
         conv_triton.FWD_BLOCK_L, conv_triton.FWD_BLOCK_C, conv_triton.FWD_WARPS = bl, bc, nw
         out[f"conv_fwd_{bl}x{bc}w{nw}_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
     # pass 1 of the backward; 32x128 w8 r32 and 64x64 w8 r64 need ~128 registers offline (NOTES.md)
-    bwd_tiles = [(32, 128, 4, 32), (32, 128, 8, 32), (64, 64, 8, 64), (64, 128, 8, 64)]
-    for bl, bc, nw, rows in bwd_tiles if sweep_tiles else []:
+    # (rows, cols, warps, rows a program, x windows read again for dw, pipeline stages)
+    bwd_tiles = [(32, 128, 4, 64, False, 3), (32, 128, 4, 64, True, 3), (32, 128, 4, 64, False, 1),
+                 (32, 128, 4, 64, True, 1), (32, 128, 8, 64, True, 1), (16, 128, 4, 64, True, 1),
+                 (32, 128, 4, 128, True, 1), (64, 128, 8, 128, True, 1)]
+    for bl, bc, nw, rows, reload, stages in bwd_tiles if sweep_tiles else []:
         conv_triton.BWD_BLOCK_L, conv_triton.BWD_BLOCK_C, conv_triton.BWD_WARPS = bl, bc, nw
-        conv_triton.BWD_ROWS_PER_PROGRAM = rows
-        out[f"conv_bwd_tiles_{bl}x{bc}w{nw}r{rows}_ms"] = bench(
+        conv_triton.BWD_ROWS_PER_PROGRAM, conv_triton.BWD_RELOAD_WINDOWS, conv_triton.BWD_STAGES = rows, reload, stages
+        out[f"conv_bwd_tiles_{bl}x{bc}w{nw}r{rows}{'_reload' if reload else ''}_s{stages}_ms"] = bench(
             lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
     for k, v in defaults.items():
         setattr(conv_triton, k, v)

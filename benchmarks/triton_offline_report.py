@@ -52,9 +52,11 @@ def main():
         for bl, bc, nw in [(32, 128, 4)]:
             report(f"fwd {bl}x{bc} w{nw}{tag}", compile_kernel(ct._conv_silu_fwd_kernel,
                                                               {**flags, "BLOCK_L": bl, "BLOCK_C": bc}, nw))
-        for bl, bc, nw, rows in [(32, 128, 4, 64), (16, 128, 4, 64)]:
-            report(f"bwd pass 1 {bl}x{bc} w{nw} r{rows}{tag}", compile_kernel(
-                ct._conv_silu_bwd_pre_kernel, {**flags, "ROWS_PER_PROGRAM": rows, "BLOCK_L": bl, "BLOCK_C": bc}, nw))
+        for bl, bc, nw, rows, reload in [(32, 128, 4, 64, False), (16, 128, 4, 64, False), (32, 128, 4, 64, True),
+                                         (32, 128, 8, 64, True), (64, 128, 8, 128, True)]:
+            report(f"bwd pass 1 {bl}x{bc} w{nw} r{rows}{' reload' if reload else ''}{tag}", compile_kernel(
+                ct._conv_silu_bwd_pre_kernel, {**flags, "ROWS_PER_PROGRAM": rows, "RELOAD_WINDOWS": reload,
+                                               "BLOCK_L": bl, "BLOCK_C": bc}, nw))
         report(f"bwd pass 2 32x128 w4{tag}", compile_kernel(
             ct._conv_bwd_dx_kernel, {"HAS_SEQ_IDX": packed, "BLOCK_L": 32, "BLOCK_C": 128}, 4))
 

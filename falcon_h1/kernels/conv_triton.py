@@ -103,9 +103,8 @@ def _conv_silu_fwd_kernel(
 
 
 @triton.jit
-def _dpre(x_a, x_b, x_c, x_d, dy, w0, w1, w2, w3, bias, scale):
+def _dpre(a, dy, scale):
     """Gradient at the pre-activation a = w.x + bias of one row window: dy * scale * silu'(a)."""
-    a = x_a * w0[None, :] + x_b * w1[None, :] + x_c * w2[None, :] + x_d * w3[None, :] + bias[None, :]
     sig = tl.sigmoid(a)
     return dy * scale[None, :] * sig * (1.0 + a * (1.0 - sig))
 
@@ -115,13 +114,15 @@ def _conv_silu_bwd_pre_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, seq_idx_ptr, dy_ptr, g_ptr, dw_partial_ptr,
     seq_len, channels, stride_xb, stride_xl, stride_sb, stride_sl, stride_dyb, stride_dyl,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, RELOAD_WINDOWS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Pass 1 of the backward: g = d(out)/d(pre-activation) for every row, written as fp32
     [b, l, c], and a [5, channels] partial of (dw, dbias) per program: dw_j = sum_t g[t] x[t-3+j].
 
-    Only the four x windows of the forward are live, so the tile stays in registers (a
-    one-pass backward needs seven shifted x windows and g at four shifts, and spills).
+    At most the four x windows of the forward are live (a one-pass backward needs seven shifted
+    x windows and g at four shifts, and spills). RELOAD_WINDOWS: one window at a time, each
+    read again (from L1/L2, after g's store, so the compiler cannot merge the two reads) for its
+    dw_j, which keeps g and one window live instead of four.
     """
     pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -149,24 +150,38 @@ def _conv_silu_bwd_pre_kernel(
         rows = first_row + offset + tl.arange(0, BLOCK_L)
         doc = _documents(s_base, rows, seq_len, stride_sl, HAS_SEQ_IDX)
         # the forward's windows, masked alike: dw_j then sums only the inputs tap j really read
-        xm3 = _load_rows(x_base, rows - 3, _readable(s_base, rows - 3, seq_len, stride_sl, doc, HAS_SEQ_IDX),
-                         stride_xl, cols, col_mask)
-        xm2 = _load_rows(x_base, rows - 2, _readable(s_base, rows - 2, seq_len, stride_sl, doc, HAS_SEQ_IDX),
-                         stride_xl, cols, col_mask)
-        xm1 = _load_rows(x_base, rows - 1, _readable(s_base, rows - 1, seq_len, stride_sl, doc, HAS_SEQ_IDX),
-                         stride_xl, cols, col_mask)
+        ok3 = _readable(s_base, rows - 3, seq_len, stride_sl, doc, HAS_SEQ_IDX)
+        ok2 = _readable(s_base, rows - 2, seq_len, stride_sl, doc, HAS_SEQ_IDX)
+        ok1 = _readable(s_base, rows - 1, seq_len, stride_sl, doc, HAS_SEQ_IDX)
         in_range = _in_range(rows, seq_len)
-        x0 = _load_rows(x_base, rows, in_range, stride_xl, cols, col_mask)
         # dy rows past the end read 0, so g there is 0: no contribution from padding
-        g = _dpre(xm3, xm2, xm1, x0, _load_rows(dy_base, rows, in_range, stride_dyl, cols, col_mask),
-                  w0, w1, w2, w3, bias, scale)
-        dw0 += tl.sum(g * xm3, axis=0)
-        dw1 += tl.sum(g * xm2, axis=0)
-        dw2 += tl.sum(g * xm1, axis=0)
-        dw3 += tl.sum(g * x0, axis=0)
+        dy = _load_rows(dy_base, rows, in_range, stride_dyl, cols, col_mask)
+        g_ptrs = g_base + rows[:, None].to(tl.int64) * channels + cols[None, :]
+        g_mask = (rows < seq_len)[:, None] & col_mask[None, :]
+        if RELOAD_WINDOWS:
+            a = _load_rows(x_base, rows - 3, ok3, stride_xl, cols, col_mask) * w0[None, :] + bias[None, :]
+            a += _load_rows(x_base, rows - 2, ok2, stride_xl, cols, col_mask) * w1[None, :]
+            a += _load_rows(x_base, rows - 1, ok1, stride_xl, cols, col_mask) * w2[None, :]
+            a += _load_rows(x_base, rows, in_range, stride_xl, cols, col_mask) * w3[None, :]
+            g = _dpre(a, dy, scale)
+            tl.store(g_ptrs, g, mask=g_mask)
+            dw0 += tl.sum(g * _load_rows(x_base, rows - 3, ok3, stride_xl, cols, col_mask), axis=0)
+            dw1 += tl.sum(g * _load_rows(x_base, rows - 2, ok2, stride_xl, cols, col_mask), axis=0)
+            dw2 += tl.sum(g * _load_rows(x_base, rows - 1, ok1, stride_xl, cols, col_mask), axis=0)
+            dw3 += tl.sum(g * _load_rows(x_base, rows, in_range, stride_xl, cols, col_mask), axis=0)
+        else:
+            xm3 = _load_rows(x_base, rows - 3, ok3, stride_xl, cols, col_mask)
+            xm2 = _load_rows(x_base, rows - 2, ok2, stride_xl, cols, col_mask)
+            xm1 = _load_rows(x_base, rows - 1, ok1, stride_xl, cols, col_mask)
+            x0 = _load_rows(x_base, rows, in_range, stride_xl, cols, col_mask)
+            a = xm3 * w0[None, :] + xm2 * w1[None, :] + xm1 * w2[None, :] + x0 * w3[None, :] + bias[None, :]
+            g = _dpre(a, dy, scale)
+            dw0 += tl.sum(g * xm3, axis=0)
+            dw1 += tl.sum(g * xm2, axis=0)
+            dw2 += tl.sum(g * xm1, axis=0)
+            dw3 += tl.sum(g * x0, axis=0)
+            tl.store(g_ptrs, g, mask=g_mask)
         db += tl.sum(g, axis=0)
-        mask = (rows < seq_len)[:, None] & col_mask[None, :]
-        tl.store(g_base + rows[:, None].to(tl.int64) * channels + cols[None, :], g, mask=mask)
     # partial layout [program, 5, channels]: taps 0..3 then bias; summed over programs by torch
     n_l_programs = tl.num_programs(0)
     part = dw_partial_ptr + (batch * n_l_programs + pid_l).to(tl.int64) * 5 * channels + cols
@@ -210,6 +225,7 @@ def _conv_bwd_dx_kernel(
 # (pass 1 holds the forward's four x windows plus dy; pass 2 is the forward's shape over g).
 FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 32, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS, BWD_ROWS_PER_PROGRAM = 32, 128, 4, 64
+BWD_RELOAD_WINDOWS, BWD_STAGES = False, 3
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -258,8 +274,8 @@ def conv_silu_backward(dy, x, weight, bias, out_scale=None, dx=None, seq_idx=Non
         x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight, seq_ptr,
         dy, g, partial, seq_len, channels, x.stride(0), x.stride(1), stride_sb, stride_sl, dy.stride(0),
         dy.stride(1), ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, HAS_BIAS=bias is not None,
-        HAS_SCALE=out_scale is not None, HAS_SEQ_IDX=seq_idx is not None,
-        BLOCK_C=BWD_BLOCK_C, BLOCK_L=BWD_BLOCK_L, num_warps=BWD_WARPS)
+        HAS_SCALE=out_scale is not None, HAS_SEQ_IDX=seq_idx is not None, RELOAD_WINDOWS=BWD_RELOAD_WINDOWS,
+        BLOCK_C=BWD_BLOCK_C, BLOCK_L=BWD_BLOCK_L, num_warps=BWD_WARPS, num_stages=BWD_STAGES)
     grid = (triton.cdiv(seq_len, FWD_BLOCK_L), triton.cdiv(channels, FWD_BLOCK_C), batch)
     _conv_bwd_dx_kernel[grid](g, weight, seq_ptr, dx, seq_len, channels, stride_sb, stride_sl, dx.stride(0),
                               dx.stride(1), HAS_SEQ_IDX=seq_idx is not None,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
+from falcon_h1.kernels import conv_triton  # noqa: E402
 from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton  # noqa: E402
 from falcon_h1.kernels.documents import documents_from_position_ids  # noqa: E402
 from falcon_h1.kernels.swiglu_triton import swiglu_triton  # noqa: E402
@@ -101,20 +102,25 @@ def check_swiglu(rows, ffn, g):
 def main():
     g = torch.Generator().manual_seed(0)
     errors, leak_errors = {}, {}
-    # lengths: within one block, across backward program boundaries (64 rows), ragged, shorter
-    # than the kernel;
-    # channels not a multiple of the 128-channel block
-    for batch, length, channels, pad, with_scale in [(2, 37, 200, 3, False), (1, 300, 130, 0, True), (1, 2, 20, 0, True)]:
-        for name, err in check_conv(batch, length, channels, pad, with_scale, g).items():
-            errors[f"conv b{batch} l{length} c{channels} scale={with_scale} {name}"] = err
-    # packed rows: documents of uneven lengths, one shorter than the kernel, boundaries inside
-    # forward blocks (32 rows) and backward programs (64 rows) and across them
-    for rows in ([[11, 14, 15], [2, 25, 13]], [[30, 37, 33]]):
-        packed, leaks = check_packed_conv(rows, 130, g)
-        for name, err in packed.items():
-            errors[f"packed conv {rows} {name}"] = err
-        for name, err in leaks.items():
-            leak_errors[f"packed conv {rows} {name} (must exceed {LEAK_MARGIN:.0e})"] = err
+    # the backward's pass 1 both ways: the x windows kept for dw, and read again
+    for reload in (False, True):
+        conv_triton.BWD_RELOAD_WINDOWS = reload
+        tag = " reload" if reload else ""
+        # lengths: within one block, across backward program boundaries (64 rows), ragged, shorter
+        # than the kernel;
+        # channels not a multiple of the 128-channel block
+        for batch, length, channels, pad, with_scale in [(2, 37, 200, 3, False), (1, 300, 130, 0, True),
+                                                         (1, 2, 20, 0, True)]:
+            for name, err in check_conv(batch, length, channels, pad, with_scale, g).items():
+                errors[f"conv{tag} b{batch} l{length} c{channels} scale={with_scale} {name}"] = err
+        # packed rows: documents of uneven lengths, one shorter than the kernel, boundaries inside
+        # forward blocks (32 rows) and backward programs (64 rows) and across them
+        for rows in ([[11, 14, 15], [2, 25, 13]], [[30, 37, 33]]):
+            packed, leaks = check_packed_conv(rows, 130, g)
+            for name, err in packed.items():
+                errors[f"packed conv{tag} {rows} {name}"] = err
+            for name, err in leaks.items():
+                leak_errors[f"packed conv{tag} {rows} {name} (must exceed {LEAK_MARGIN:.0e})"] = err
     for name, err in check_swiglu(5, 1100, g).items():
         errors[f"swiglu {name}"] = err
     failed = False
