@@ -173,6 +173,8 @@ BACKWARD_SWEEP = (  # kernels.ssd_bwd.ssd_backward_own `blocks` timed by --backw
     # than the defaults; benchmarks/NOTES.md, session 11)
     {},
     {"bc": {"num_stages": 3}}, {"bc": {"HEAD_SPLITS": 1}}, {"bc": {"HEAD_SPLITS": 6}},
+    # at 7B (n = 256) 64 state columns a program is the tiling without spills (offline report)
+    {"bc": {"BLOCK_N": 64}}, {"bc": {"HEAD_SPLITS": 12}},
     {"dstates": {"num_warps": 8}}, {"dstates": {"BLOCK_T": 32, "BLOCK_N": 64}},
     {"tokens": {"num_warps": 8}}, {"tokens": {"block_s": 32, "block_t": 64}},
 )
