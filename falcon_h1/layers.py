@@ -216,6 +216,13 @@ class ParallelHybridMixer(MegatronModule):
                 f"gate_in_scan, mamba_d_conv = 4 (got {cfg.mamba_d_conv}), mamba_rms_norm = false (got "
                 f"{cfg.mamba_rms_norm}) and no context parallelism; use model.ssd_kernels = 'mamba_ssm'")
         self.scales_in_weights = self._scales_fold_into_weights()
+        # fused projections: the fused branch writes its gradient into the whole in-projection's
+        # gradient and the split copies the attention columns in beside it instead of concatenating
+        # (kernels.mamba_branch.split_in_projection); the branch must take the projection's own
+        # columns (scales folded into the weights: no scaling pass between)
+        self.shares_in_projection_gradient = (self.fused and self.attention and self.fused_mamba_branch
+                                              and self.scales_in_weights
+                                              and kernel_options.shared_in_projection_gradient)
         self._register_scales()
 
     def _in_projections(self) -> list[str]:
@@ -279,10 +286,11 @@ class ParallelHybridMixer(MegatronModule):
             o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend, documents=documents)
         return o.permute(2, 0, 1, 3).reshape(s, b, -1)
 
-    def _mamba(self, zxbcdt, seq_idx):
+    def _mamba(self, zxbcdt, seq_idx, in_projection_gradient=None):
         """zxbcdt [s, b, .] (already µP-scaled) -> y [s, b, d_ssm] (as a transposed view); with the
         scales folded, ssm_out_multiplier is applied by the conv to x, so y comes out scaled.
-        seq_idx [b, s] (packed rows, else None): conv window and SSM state restart per document."""
+        seq_idx [b, s] (packed rows, else None): conv window and SSM state restart per document.
+        in_projection_gradient: split_in_projection's, zxbcdt being its Mamba columns (fused branch)."""
         d, c, k, cp = self.dims, self.cfg, self.kernel_options, self.context_parallel
         conv_scale = self.conv_out_scale if self.scales_in_weights else None
         if self.fused_mamba_branch:
@@ -292,7 +300,7 @@ class ParallelHybridMixer(MegatronModule):
                                 -torch.exp(self.A_log.float()), self.D, self.dt_bias, d.z, d.bc, d.ssm_heads,
                                 d.groups, c.mamba_chunk_size, tuple(c.time_step_limit), seq_idx=seq_idx,
                                 keep_forward_states=k.ssd_keep_forward_states, own_forward=k.own_ssd_forward,
-                                own_backward=k.own_ssd_backward)
+                                own_backward=k.own_ssd_backward, in_projection_gradient=in_projection_gradient)
             return y.transpose(0, 1)
         # [b, s, .] views; under context parallelism this rank's chunks as a batch [chunks * b, c, .]
         zx = zxbcdt.transpose(0, 1) if cp is None else cp_mamba.as_chunk_batch(zxbcdt, cp)
@@ -321,8 +329,14 @@ class ParallelHybridMixer(MegatronModule):
 
     def forward(self, u, rotary_freqs, documents=None):
         """documents: kernels.documents.Documents of packed rows (None: one document per row)."""
-        qkv, zxbcdt = self.branch_inputs(u)
-        y = self._mamba(zxbcdt, documents.seq_idx if documents is not None else None) if self.mamba else None
+        if self.shares_in_projection_gradient and torch.is_grad_enabled():
+            from falcon_h1.kernels.mamba_branch import split_in_projection
+
+            qkv, zxbcdt, gradient = split_in_projection(self._project_in("in_proj", u), sum(self.dims.attention_in))
+        else:
+            (qkv, zxbcdt), gradient = self.branch_inputs(u), None
+        seq_idx = documents.seq_idx if documents is not None else None
+        y = self._mamba(zxbcdt, seq_idx, in_projection_gradient=gradient) if self.mamba else None
         o = self._attention(qkv, rotary_freqs, documents) if self.attention else None
         return self.branch_outputs_combined(y, o)
 

@@ -141,9 +141,9 @@ def branch_inputs_seen_by(model, on_attention: Callable, on_mamba: Callable):
             on_attention(index, mixer, qkv, rotary_freqs)
             return run(qkv, rotary_freqs, documents)
 
-        def seen_mamba(zxbcdt, seq_idx, index=index, mixer=mixer, run=mamba):
+        def seen_mamba(zxbcdt, seq_idx, index=index, mixer=mixer, run=mamba, **options):
             on_mamba(index, mixer, zxbcdt)
-            return run(zxbcdt, seq_idx)
+            return run(zxbcdt, seq_idx, **options)
 
         # instance attributes shadow the branch methods for this block only
         mixer._attention, mixer._mamba = seen_attention, seen_mamba

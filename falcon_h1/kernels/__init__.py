@@ -36,6 +36,10 @@ class KernelOptions:
     gate_in_scan: bool = True   # y * silu(z) inside the SSD kernel; off: a separate eager gating
     # conv + scan as one autograd function writing its gradients in place (kernels.mamba_branch)
     fused_mamba_branch: bool = True
+    # with a fused in-projection, that function writes its columns of the projection's whole gradient
+    # and the attention columns are copied in beside them (kernels.mamba_branch.split_in_projection);
+    # off: the two branches' gradients are concatenated
+    shared_in_projection_gradient: bool = True
     fused_rms_norm: bool = True  # torch's fused RMSNorm kernel on CUDA; off: the fp32 eager formula
     # the scan's backward starts from the forward's chunk states (kernels.ssd_backward); off: recomputed
     ssd_keep_forward_states: bool = True

@@ -6,7 +6,11 @@ Why one function: as separate autograd ops, every split of the in-projection out
 gradient changes layout ([b, s] scan order vs Megatron's [s, b]) on the way. Here the
 backward allocates the in-projection gradient once, in the [s, b] layout the GEMM wants,
 and the scan and conv kernels write dz, ddt, dx/dB/dC and dxBC straight into their slices
-(the same pattern as mamba_ssm's own split-conv-scan function). The conv output is
+(the same pattern as mamba_ssm's own split-conv-scan function). With a fused in-projection
+(attention and Mamba columns in one GEMM), `split_in_projection` hands the branches their columns
+and an InProjectionGradient: the backward here allocates the whole projection's gradient and
+writes its columns of it, and the split's backward fills in the attention columns, so no
+concatenation of the two branches' gradients runs. The conv output is
 recomputed in the backward (one 0.1 ms pass) instead of being kept for it. The scan's chunk
 states are kept instead (`keep_forward_states`, KernelOptions.ssd_keep_forward_states;
 kernels.ssd_backward), so its backward does not recompute them.
@@ -38,6 +42,61 @@ def _ssd_functions():
     return _mamba_chunk_scan_combined_fwd, _mamba_chunk_scan_combined_bwd
 
 
+class InProjectionGradient:
+    """The gradient of a fused in-projection's output [s, b, width] as one buffer: the Mamba
+    branch's backward (which runs first: the split's backward waits for it) allocates it and
+    writes the columns from `offset` on; split_in_projection's backward writes the columns before
+    `offset` and returns the buffer. One per forward call."""
+
+    def __init__(self, projection: torch.Tensor, offset: int):
+        self.shape, self.dtype, self.device, self.offset = projection.shape, projection.dtype, projection.device, offset
+        self.buffer: torch.Tensor | None = None
+
+    def mamba_columns(self) -> torch.Tensor:
+        """A new buffer's columns from `offset` on, [s, b, width - offset]: the Mamba branch's gradient."""
+        self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.buffer[..., self.offset:]
+
+    def take_buffer(self) -> torch.Tensor | None:
+        buffer, self.buffer = self.buffer, None
+        return buffer
+
+
+def _same_view(t: torch.Tensor, ref: torch.Tensor) -> bool:
+    return t.data_ptr() == ref.data_ptr() and t.shape == ref.shape and t.stride() == ref.stride()
+
+
+class _SplitInProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, projection, gradient, offset):
+        ctx.gradient, ctx.offset = gradient, offset
+        return projection[..., :offset], projection[..., offset:]
+
+    @staticmethod
+    def backward(ctx, d_first, d_mamba):
+        offset, buffer = ctx.offset, ctx.gradient.take_buffer()
+        if buffer is not None and d_mamba is not None and _same_view(d_mamba, buffer[..., offset:]):
+            if d_first is None:
+                buffer[..., :offset].zero_()
+            else:
+                buffer[..., :offset].copy_(d_first)
+            return buffer, None, None
+        # the Mamba columns' gradient came another way (not the fused branch's buffer): concatenate
+        shape = ctx.gradient.shape
+        first = d_first if d_first is not None else d_mamba.new_zeros(*shape[:-1], offset)
+        mamba = d_mamba if d_mamba is not None else first.new_zeros(*shape[:-1], shape[-1] - offset)
+        return torch.cat([first, mamba], dim=-1), None, None
+
+
+def split_in_projection(projection: torch.Tensor, offset: int):
+    """projection [s, b, width] -> (its columns before `offset`, the Mamba branch's columns from
+    `offset` on, the InProjectionGradient to hand mamba_conv_scan with the latter): the same
+    views as projection.split, whose backward would concatenate the two gradients."""
+    gradient = InProjectionGradient(projection, offset)
+    first, mamba = _SplitInProjection.apply(projection, gradient, offset)
+    return first, mamba, gradient
+
+
 class _OwnKernels(NamedTuple):
     forward: bool
     backward: bool
@@ -50,7 +109,7 @@ def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
 class MambaConvScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, widths, heads, groups,
-                chunk_size, dt_limit, keep_forward_states, own_kernels):
+                chunk_size, dt_limit, keep_forward_states, own_kernels, in_projection_gradient):
         d_z, d_bc, _ = widths
         z, xBC, dt = zxbcdt.split([d_z, d_z + 2 * d_bc, heads], dim=-1)
         x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx).split([d_z, d_bc, d_bc], dim=-1)
@@ -67,6 +126,7 @@ class MambaConvScan(torch.autograd.Function):
                               *scan_state)
         ctx.shape = (widths, heads, groups, chunk_size, dt_limit)
         ctx.own_backward = own_kernels.backward
+        ctx.in_projection_gradient = in_projection_gradient
         return out.flatten(-2)
 
     @staticmethod
@@ -78,8 +138,12 @@ class MambaConvScan(torch.autograd.Function):
         z, xBC, dt = zxbcdt.split([d_z, conv_channels, heads], dim=-1)
         x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx).split([d_z, d_bc, d_bc], dim=-1)
         batch, seq = zxbcdt.shape[:2]
-        # gradient of zxbcdt allocated [s, b, .] (the in-projection's layout), handed out as [b, s, .]
-        dzxbcdt = torch.empty(seq, batch, zxbcdt.shape[-1], device=dy.device, dtype=zxbcdt.dtype).transpose(0, 1)
+        # gradient of zxbcdt allocated [s, b, .] (the in-projection's layout), handed out as [b, s, .];
+        # with an InProjectionGradient, as its columns of the whole projection's gradient
+        if ctx.in_projection_gradient is not None:
+            dzxbcdt = ctx.in_projection_gradient.mamba_columns().transpose(0, 1)
+        else:
+            dzxbcdt = torch.empty(seq, batch, zxbcdt.shape[-1], device=dy.device, dtype=zxbcdt.dtype).transpose(0, 1)
         dz, dxBC_raw, ddt = dzxbcdt.split([d_z, conv_channels, heads], dim=-1)
         dxBC = torch.empty(batch, seq, conv_channels, device=dy.device, dtype=zxbcdt.dtype)
         dx, dB, dC = dxBC.split([d_z, d_bc, d_bc], dim=-1)
@@ -96,13 +160,14 @@ class MambaConvScan(torch.autograd.Function):
                 dx=_heads(dx, heads), ddt=ddt, dB=_heads(dB, groups), dC=_heads(dC, groups), dz=_heads(dz, heads))
         _, dweight, dbias = conv_silu_backward(dxBC, xBC, conv_weight, conv_bias, conv_scale, dx=dxBC_raw,
                                                seq_idx=seq_idx)
-        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None, None, None, None
+        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None, None, None, None, None
 
 
 def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d_ssm: int, d_bc: int,
                     heads: int, groups: int, chunk_size: int, dt_limit, seq_idx=None,
                     keep_forward_states: bool = True, own_forward: bool = False,
-                    own_backward: bool = False) -> torch.Tensor:
+                    own_backward: bool = False, in_projection_gradient: InProjectionGradient | None = None
+                    ) -> torch.Tensor:
     """zxbcdt [b, s, d_ssm + d_ssm + 2 d_bc + heads] (channel stride 1) -> y * silu(z) [b, s, d_ssm].
 
     conv_scale [conv channels] or None multiplies the conv output (a constant: µP folding).
@@ -113,15 +178,23 @@ def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d
     own_forward / own_backward: the scan's forward / backward on this project's kernels
     (kernels.ssd_fwd / kernels.ssd_bwd) instead of mamba_ssm's; either forward saves what either
     backward needs. The own backward starts from the kept states, so it needs keep_forward_states.
+    in_projection_gradient: split_in_projection's, when zxbcdt is (the [b, s] view of) its Mamba
+    columns: the backward writes zxbcdt's gradient into the whole projection's gradient buffer.
     """
     check_seq_idx(seq_idx, zxbcdt.shape[:2])
     if own_backward and not keep_forward_states:
         raise ValueError("mamba_conv_scan: own_backward=True (KernelOptions.own_ssd_backward) starts from the "
                          "forward's chunk states, so it needs keep_forward_states=True "
                          "(KernelOptions.ssd_keep_forward_states); got False")
+    if in_projection_gradient is not None:
+        s, b, width = in_projection_gradient.shape
+        if (b, s, width - in_projection_gradient.offset) != tuple(zxbcdt.shape):
+            raise ValueError(f"mamba_conv_scan: in_projection_gradient is for an in-projection of shape {(s, b, width)} "
+                             f"with the Mamba columns from {in_projection_gradient.offset} on, which does not match "
+                             f"zxbcdt {tuple(zxbcdt.shape)} (its [b, s, .] view of those columns)")
     if conv_scale is not None:
         conv_scale = conv_scale.detach().float().contiguous()
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     return MambaConvScan.apply(zxbcdt, conv_weight.contiguous(), conv_bias, conv_scale, A, D, dt_bias, seq_idx,
                                (d_ssm, d_bc, heads), heads, groups, chunk_size, (lo, hi), keep_forward_states,
-                               _OwnKernels(own_forward, own_backward))
+                               _OwnKernels(own_forward, own_backward), in_projection_gradient)

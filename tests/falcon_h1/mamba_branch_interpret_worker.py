@@ -18,7 +18,7 @@ run_mamba_ssm_in_interpreter()
 
 from falcon_h1.kernels import causal_conv1d_silu, ssd_scan  # noqa: E402
 from falcon_h1.kernels.documents import documents_from_position_ids  # noqa: E402
-from falcon_h1.kernels.mamba_branch import mamba_conv_scan  # noqa: E402
+from falcon_h1.kernels.mamba_branch import mamba_conv_scan, split_in_projection  # noqa: E402
 from tests.falcon_h1.packed_rows import documents, position_ids  # noqa: E402
 
 TOLERANCE = 1e-5  # the kernels compute in fp32 whatever the input dtype: fp32 rounding (seen: ~1e-6)
@@ -26,18 +26,28 @@ LEAK_MARGIN = 1e-2  # how far the packed rows run as one sequence must be from t
 LIMIT = (0.0, float("inf"))
 
 
-def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_states=True, own=False):
+def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_states=True, own=False,
+        d_first=None):
     """path: "fused" (kernels.mamba_branch; keep_states: its scan backward from the forward's
     chunk states; own: the scan forward and backward on this project's kernels, kernels.ssd_fwd /
-    kernels.ssd_bwd, instead of mamba_ssm's), "split" (Triton conv, then the gated Triton scan) or
-    "reference" (pure PyTorch). -> [y, d_projection, d_params...]"""
+    kernels.ssd_bwd, instead of mamba_ssm's), "fused_shared" (the same, its input the Mamba columns
+    of split_in_projection, writing its gradient into the projection's whole gradient), "split"
+    (Triton conv, then the gated Triton scan) or "reference" (pure PyTorch). d_first: a gradient
+    for the projection's columns before the Mamba ones (the attention branch's). -> [y,
+    d_projection, d_params...]"""
     d, bc, h, groups, extra, chunk = dims
     leaf = proj.clone().requires_grad_()
     params = [t.clone().requires_grad_() if t is not None else None for t in (w, bias, A, D, dt_bias)]
-    zxbcdt = leaf[..., extra:].transpose(0, 1)  # strided [b, s, .] view of an [s, b, .] projection
-    if path == "fused":
+    gradient = None
+    if path == "fused_shared":
+        first, mamba_columns, gradient = split_in_projection(leaf, extra)
+    else:
+        first, mamba_columns = leaf[..., :extra], leaf[..., extra:]
+    zxbcdt = mamba_columns.transpose(0, 1)  # strided [b, s, .] view of an [s, b, .] projection
+    if path in ("fused", "fused_shared"):
         y = mamba_conv_scan(zxbcdt, params[0], params[1], scale, *params[2:], d, bc, h, groups, chunk, LIMIT,
-                            seq_idx=seq_idx, keep_forward_states=keep_states, own_forward=own, own_backward=own)
+                            seq_idx=seq_idx, keep_forward_states=keep_states, own_forward=own, own_backward=own,
+                            in_projection_gradient=gradient)
     else:
         fast = path == "split"
         z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
@@ -47,7 +57,10 @@ def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_
                      C.unflatten(-1, (groups, -1)), chunk, params[3], params[4], LIMIT, fast,
                      z=z.unflatten(-1, (h, -1)) if fast else None, seq_idx=seq_idx)
         y = y.flatten(-2) if fast else y.flatten(-2) * F.silu(z)
-    y.backward(dy)
+    if d_first is None:
+        y.backward(dy)
+    else:
+        torch.autograd.backward([y, first], [dy, d_first])
     return [y, leaf.grad] + [p.grad for p in params if p is not None]
 
 
@@ -112,6 +125,23 @@ def check_packed(path, rows, heads, head_dim, groups, state, chunk, g, keep_stat
     return max(errors.values()) <= TOLERANCE and min(leaks.values()) >= LEAK_MARGIN
 
 
+def check_shared(g, own=False):
+    """The fused branch on split_in_projection's Mamba columns, writing its gradient into the
+    projection's whole gradient: equal to the reference, the attention columns' gradient exactly
+    the one given (and zero when none is)."""
+    args = inputs(2, 40, 4, 8, 2, 8, 16, True, g, True)
+    extra = args[-1][4]
+    d_first = torch.randn(*args[0].shape[:-1], extra, generator=g, dtype=torch.float64)
+    want = run("reference", *args)
+    got = run("fused_shared", *args, own=own, d_first=d_first)
+    errors = errors_of(got, want, True)
+    errors["d_in_projection"] = ((got[1][..., extra:] - want[1][..., extra:]).norm() / want[1].norm()).item()
+    errors["attention_columns"] = (got[1][..., :extra] - d_first).abs().max().item()
+    errors["attention_columns_unused"] = run("fused_shared", *args, own=own)[1][..., :extra].abs().max().item()
+    print(f"shared in-projection gradient own_kernels={own}", {k: f"{v:.1e}" for k, v in errors.items()})
+    return max(errors.values()) <= TOLERANCE
+
+
 ok = True
 # the scan's backward from the forward's chunk states (kernels.ssd_backward), then mamba_ssm's own
 for keep_states in (True, False):
@@ -129,4 +159,5 @@ ok &= check_packed("split", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g)
 # the scan on this project's own forward and backward kernels (their own tests: test_ssd_fwd.py, test_ssd_bwd_*.py)
 print("own SSD kernels")
 ok &= check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, own=True)
+ok &= check_shared(g) and check_shared(g, own=True)
 sys.exit(0 if ok else 1)
