@@ -329,12 +329,7 @@ class ParallelHybridMixer(MegatronModule):
 
     def forward(self, u, rotary_freqs, documents=None):
         """documents: kernels.documents.Documents of packed rows (None: one document per row)."""
-        if self.shares_in_projection_gradient and torch.is_grad_enabled():
-            from falcon_h1.kernels.mamba_branch import split_in_projection
-
-            qkv, zxbcdt, gradient = split_in_projection(self._project_in("in_proj", u), sum(self.dims.attention_in))
-        else:
-            (qkv, zxbcdt), gradient = self.branch_inputs(u), None
+        qkv, zxbcdt, gradient = self._branch_inputs(u, self.shares_in_projection_gradient and torch.is_grad_enabled())
         seq_idx = documents.seq_idx if documents is not None else None
         y = self._mamba(zxbcdt, seq_idx, in_projection_gradient=gradient) if self.mamba else None
         o = self._attention(qkv, rotary_freqs, documents) if self.attention else None
@@ -344,16 +339,28 @@ class ParallelHybridMixer(MegatronModule):
         """u [s, b, H] -> (qkv, zxbcdt) [s, b, .] of this rank's heads as the branches take them,
         µP-scaled (by the in-projection itself when the scales are folded); None for an absent
         branch. Generation's decode step starts from these too."""
+        qkv, zxbcdt, _ = self._branch_inputs(u, share_gradient=False)
+        return qkv, zxbcdt
+
+    def _branch_inputs(self, u, share_gradient: bool):
+        """branch_inputs and, with share_gradient (shares_in_projection_gradient, in training), the
+        InProjectionGradient the fused branch writes the projection's gradient into (else None)."""
+        gradient = None
         if self.fused:
-            qkv, zxbcdt = self._project_in("in_proj", u).split(
-                [sum(self.dims.attention_in), sum(self.dims.mamba_in)], dim=-1)
+            projection, offset = self._project_in("in_proj", u), sum(self.dims.attention_in)
+            if share_gradient:
+                from falcon_h1.kernels.mamba_branch import split_in_projection
+
+                qkv, zxbcdt, gradient = split_in_projection(projection, offset)
+            else:
+                qkv, zxbcdt = projection.split([offset, sum(self.dims.mamba_in)], dim=-1)
         else:
             qkv = self._project_in("attn_in_proj", u) if self.attention else None
             zxbcdt = self._project_in("mamba_in_proj", u) if self.mamba else None
         if not self.scales_in_weights:
             qkv = qkv * self.attn_in_scale.to(qkv.dtype) if self.attention else None
             zxbcdt = zxbcdt * self.ssm_in_scale.to(zxbcdt.dtype) if self.mamba else None
-        return qkv, zxbcdt
+        return qkv, zxbcdt, gradient
 
     def branch_outputs_combined(self, y_ssm, o_attn):
         """The branches' outputs [s, b, .] (None for an absent branch) -> mixer output [s, b, H]:

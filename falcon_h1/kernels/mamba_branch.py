@@ -73,19 +73,13 @@ class _SplitInProjection(torch.autograd.Function):
         return projection[..., :offset], projection[..., offset:]
 
     @staticmethod
-    def backward(ctx, d_first, d_mamba):
+    def backward(ctx, d_first, d_mamba):  # an unused output's gradient arrives as zeros (materialized)
         offset, buffer = ctx.offset, ctx.gradient.take_buffer()
-        if buffer is not None and d_mamba is not None and _same_view(d_mamba, buffer[..., offset:]):
-            if d_first is None:
-                buffer[..., :offset].zero_()
-            else:
-                buffer[..., :offset].copy_(d_first)
+        if buffer is not None and _same_view(d_mamba, buffer[..., offset:]):
+            buffer[..., :offset].copy_(d_first)
             return buffer, None, None
         # the Mamba columns' gradient came another way (not the fused branch's buffer): concatenate
-        shape = ctx.gradient.shape
-        first = d_first if d_first is not None else d_mamba.new_zeros(*shape[:-1], offset)
-        mamba = d_mamba if d_mamba is not None else first.new_zeros(*shape[:-1], shape[-1] - offset)
-        return torch.cat([first, mamba], dim=-1), None, None
+        return torch.cat([d_first, d_mamba], dim=-1), None, None
 
 
 def split_in_projection(projection: torch.Tensor, offset: int):
