@@ -27,7 +27,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -118,10 +117,14 @@ class RMSNorm(MegatronModule):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         _mark_sequence_parallel(self.weight, config)
         self.eps = eps
-        self.fused = kernel_options.fused_rms_norm
+        self.fused, self.triton = kernel_options.fused_rms_norm, kernel_options.triton_rms_norm
 
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps, self.fused)
+        return kernels.rms_norm(x, self.weight, self.eps, self.fused, self.triton)
+
+    def add_and_norm(self, x, delta):
+        """(x + delta, its norm): the residual add before this norm, fused with it on the Triton path."""
+        return kernels.residual_rms_norm(x, delta, self.weight, self.eps, self.fused, self.triton)
 
 
 def gated_rms_norm(y, z, weight, groups: int, eps: float, norm_before_gate: bool):
@@ -268,14 +271,13 @@ class ParallelHybridMixer(MegatronModule):
         return linear(u)[0]
 
     # ---- branches on local heads; inputs [s, b, channels] ----
-    def _attention(self, qkv, rotary_freqs, documents):
+    def _attention(self, qkv, rotary_freqs, documents, in_projection_gradient=None):
+        """in_projection_gradient: split_in_projection's, qkv being its attention columns."""
         d, c = self.dims, self.cfg
-        q, k, v = qkv.split([d.q, d.kv, d.kv], dim=-1)
-        s, b = q.shape[:2]
+        s, b = qkv.shape[:2]
         hd = c.kv_channels
-        q, k, v = q.reshape(s, b, -1, hd), k.reshape(s, b, -1, hd), v.reshape(s, b, -1, hd)
-        q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config, mscale=rope.attention_scaling(c))
-        k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config, mscale=rope.attention_scaling(c))
+        q, k, v = kernels.rotary_qkv(qkv, rotary_freqs, d.q, d.kv, hd, rope.attention_scaling(c),
+                                     self.kernel_options.triton_rotary, gradient=in_projection_gradient)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         backend = "sdpa" if c.attention_backend == "auto" else c.attention_backend
         if self.context_parallel is not None:
@@ -332,7 +334,7 @@ class ParallelHybridMixer(MegatronModule):
         qkv, zxbcdt, gradient = self._branch_inputs(u, self.shares_in_projection_gradient and torch.is_grad_enabled())
         seq_idx = documents.seq_idx if documents is not None else None
         y = self._mamba(zxbcdt, seq_idx, in_projection_gradient=gradient) if self.mamba else None
-        o = self._attention(qkv, rotary_freqs, documents) if self.attention else None
+        o = self._attention(qkv, rotary_freqs, documents, in_projection_gradient=gradient) if self.attention else None
         return self.branch_outputs_combined(y, o)
 
     def branch_inputs(self, u):
@@ -463,14 +465,16 @@ class FalconH1Layer(MegatronModule):
         self.mlp = SwiGLUMLP(cfg, config, linears, kernel_options)
 
     def forward(self, h, rotary_freqs, documents=None):
-        if self.kind != "mlp":
-            if self.config.recompute_granularity == "selective" and self.training:
-                # the mixer (attention + SSM scan) holds most activations; recompute only it
-                # (documents ride in the function: Megatron's checkpoint saves tensor arguments only)
-                h = h + recompute(partial(self._mix, documents=documents), h, rotary_freqs)
-            else:
-                h = h + self._mix(h, rotary_freqs, documents)
-        return h + self.mlp(self.pre_ff_layernorm(h))
+        if self.kind == "mlp":
+            return h + self.mlp(self.pre_ff_layernorm(h))
+        if self.config.recompute_granularity == "selective" and self.training:
+            # the mixer (attention + SSM scan) holds most activations; recompute only it
+            # (documents ride in the function: Megatron's checkpoint saves tensor arguments only)
+            mixed = recompute(partial(self._mix, documents=documents), h, rotary_freqs)
+        else:
+            mixed = self._mix(h, rotary_freqs, documents)
+        h, normed = self.pre_ff_layernorm.add_and_norm(h, mixed)
+        return h + self.mlp(normed)
 
     def _mix(self, h, rotary_freqs, documents=None):
         return self.mixer(self.input_layernorm(h), rotary_freqs, documents)

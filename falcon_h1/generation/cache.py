@@ -64,8 +64,7 @@ def row_index(rows: list[int], device: torch.device) -> RowIndex:
 def fill_attention(cache: LayerCache, rows: RowIndex, mixer, qkv: torch.Tensor, freqs) -> None:
     """Write the K/V of prompts of one length into cache rows `rows` (row_index): qkv [L, r, .] as
     the mixer's attention got it; freqs: the rotary frequencies it was given (positions 0..L-1)."""
-    _, k, v = access.split_qkv(mixer, qkv)                           # [L, r, kv_heads, d]
-    k = access.apply_rotary(mixer, k, freqs)
+    _, k, v = access.rotated_qkv(mixer, qkv, freqs)                  # [L, r, kv_heads, d]
     length = qkv.shape[0]
     cache.k[rows, :, :length] = k.permute(1, 2, 0, 3).to(cache.k.dtype)
     cache.v[rows, :, :length] = v.permute(1, 2, 0, 3).to(cache.v.dtype)

@@ -46,8 +46,7 @@ class CachedMixer(torch.nn.Module):
 
     def _attention(self, qkv, freqs):
         mixer, cache, at = self.source, self.cache, self.step.now
-        q, k, v = access.split_qkv(mixer, qkv)                      # [1, b, heads, d]
-        q, k = access.apply_rotary(mixer, q, freqs), access.apply_rotary(mixer, k, freqs)
+        q, k, v = access.rotated_qkv(mixer, qkv, freqs)             # [1, b, heads, d]
         rows = torch.arange(q.shape[1], device=q.device)
         cache.k[rows, :, at.positions] = k[0].to(cache.k.dtype)
         cache.v[rows, :, at.positions] = v[0].to(cache.v.dtype)

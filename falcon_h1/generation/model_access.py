@@ -75,20 +75,14 @@ def has_mamba(mixer) -> bool:
     return mixer.mamba
 
 
-def split_qkv(mixer, qkv: torch.Tensor):
-    """qkv [s, b, .] -> q [s, b, q_heads, d], k and v [s, b, kv_heads, d]."""
-    d, hd = mixer.dims, mixer.cfg.kv_channels
-    q, k, v = qkv.split([d.q, d.kv, d.kv], dim=-1)
-    return q.unflatten(-1, (-1, hd)), k.unflatten(-1, (-1, hd)), v.unflatten(-1, (-1, hd))
+def rotated_qkv(mixer, qkv: torch.Tensor, freqs: torch.Tensor):
+    """qkv [s, b, .] -> q [s, b, q_heads, d], k and v [s, b, kv_heads, d], q and k rotated as the
+    mixer rotates them (its kernel, freqs the model's [s, b or 1, 1, d])."""
+    from falcon_h1 import kernels, rope
 
-
-def apply_rotary(mixer, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """RoPE as the mixer applies it: t [s, b, heads, d], freqs (the model's, [s, b or 1, 1, d])."""
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
-
-    from falcon_h1 import rope
-
-    return apply_rotary_pos_emb(t, freqs, config=mixer.config, mscale=rope.attention_scaling(mixer.cfg))
+    d = mixer.dims
+    return kernels.rotary_qkv(qkv, freqs, d.q, d.kv, mixer.cfg.kv_channels, rope.attention_scaling(mixer.cfg),
+                              mixer.kernel_options.triton_rotary)
 
 
 def attention_scale(mixer) -> float:
@@ -137,9 +131,9 @@ def branch_inputs_seen_by(model, on_attention: Callable, on_mamba: Callable):
     for index, mixer in mixers(model):
         attention, mamba = mixer._attention, mixer._mamba
 
-        def seen_attention(qkv, rotary_freqs, documents, index=index, mixer=mixer, run=attention):
+        def seen_attention(qkv, rotary_freqs, documents, index=index, mixer=mixer, run=attention, **options):
             on_attention(index, mixer, qkv, rotary_freqs)
-            return run(qkv, rotary_freqs, documents)
+            return run(qkv, rotary_freqs, documents, **options)
 
         def seen_mamba(zxbcdt, seq_idx, index=index, mixer=mixer, run=mamba, **options):
             on_mamba(index, mixer, zxbcdt)

@@ -40,7 +40,13 @@ class KernelOptions:
     # and the attention columns are copied in beside them (kernels.mamba_branch.split_in_projection);
     # off: the two branches' gradients are concatenated
     shared_in_projection_gradient: bool = True
+    # RoPE on q and k in one Triton pass each from the in-projection, its backward writing one
+    # [q | k | v] gradient (kernels.rotary_triton); off: the reference formula, op by op
+    triton_rotary: bool = True
     fused_rms_norm: bool = True  # torch's fused RMSNorm kernel on CUDA; off: the fp32 eager formula
+    # RMSNorm in Triton, the residual add before the MLP's norm in the same pass forward and backward
+    # (kernels.rms_norm_triton); off: fused_rms_norm's choice after a separate add
+    triton_rms_norm: bool = True
     # the scan's backward starts from the forward's chunk states (kernels.ssd_backward); off: recomputed
     ssd_keep_forward_states: bool = True
     # the fused Mamba branch's scan on this project's Triton kernels instead of mamba_ssm's: the forward
@@ -81,6 +87,7 @@ class KernelOptions:
             triton_ssd=self.triton_ssd and gpu,
             triton_conv=self.triton_conv and gpu,
             triton_swiglu=self.triton_swiglu and gpu,
+            triton_rotary=self.triton_rotary and gpu,
             # the branch is built from mamba_ssm's scan and the Triton conv
             fused_mamba_branch=self.fused_mamba_branch and self.triton_conv and self.triton_ssd and gpu,
             own_ssd_forward=self.own_ssd_forward and self.fused_mamba_branch and self.triton_conv
@@ -88,6 +95,7 @@ class KernelOptions:
             own_ssd_backward=self.own_ssd_backward and self.fused_mamba_branch and self.triton_conv
             and self.triton_ssd and gpu,
             fused_rms_norm=self.fused_rms_norm and device.type == "cuda",
+            triton_rms_norm=self.triton_rms_norm and gpu,
             fused_cross_entropy=self.fused_cross_entropy and gpu,
             packed_attention=self.packed_attention if gpu else "sdpa",
         )
@@ -184,6 +192,33 @@ def swiglu(h, fast: bool):
     return swiglu_reference(h)
 
 
+def rotary_reference(t, freqs, mscale: float = 1.0):
+    """RoPE on t [s, b, heads, d] with the angles freqs [s, 1 or b, 1, d] (halves rotated as
+    pairs: t1 cos - t2 sin, t2 cos + t1 sin), cos and sin scaled by mscale and rounded to t's dtype
+    first, as Megatron's and Hugging Face's unfused formulas do."""
+    cos, sin = (torch.cos(freqs) * mscale).to(t.dtype), (torch.sin(freqs) * mscale).to(t.dtype)
+    t1, t2 = t.chunk(2, dim=-1)
+    return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+
+def rotary_qkv(qkv, freqs, q_width: int, kv_width: int, head_dim: int, mscale: float, fast: bool,
+               gradient=None):
+    """The attention columns qkv [s, b, q_width + 2 kv_width] -> q [s, b, q_heads, d] and k, v
+    [s, b, kv_heads, d], q and k rotated by the angles freqs [s, 1 or b, 1, d] (rotary_reference).
+    fast (KernelOptions.triton_rotary): kernels.rotary_triton, whose backward writes qkv's
+    gradient as one tensor, into `gradient` (an InProjectionGradient) when given."""
+    if fast:
+        from falcon_h1.kernels.rotary_triton import rotary_qkv_triton
+
+        q, k, v = rotary_qkv_triton(qkv, freqs, q_width, kv_width, head_dim, mscale, gradient)
+    else:
+        q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))
+    if fast:
+        return q, k, v
+    return rotary_reference(q, freqs, mscale), rotary_reference(k, freqs, mscale), v
+
+
 def rms_norm_reference(x, weight, eps: float):
     """RMSNorm computed in fp32 (weight applied in the input dtype), as Hugging Face's FalconH1."""
     dtype = x.dtype
@@ -192,12 +227,28 @@ def rms_norm_reference(x, weight, eps: float):
     return weight * h.to(dtype)
 
 
-def rms_norm(x, weight, eps: float, fast: bool):
-    """RMSNorm over the last dim; fast (KernelOptions.fused_rms_norm): torch's fused kernel (fp32
-    inside, one pass forward, one backward)."""
+def rms_norm(x, weight, eps: float, fast: bool, triton: bool = False):
+    """RMSNorm over the last dim. triton (KernelOptions.triton_rms_norm): kernels.rms_norm_triton;
+    fast (KernelOptions.fused_rms_norm): torch's fused kernel (fp32 inside, one pass forward, two
+    backward); else the reference formula."""
+    if triton:
+        from falcon_h1.kernels.rms_norm_triton import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
     if fast:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def residual_rms_norm(x, delta, weight, eps: float, fast: bool, triton: bool = False):
+    """(x + delta, rms_norm(x + delta)): a residual add and the norm after it, in one Triton pass
+    forward and backward with `triton` (kernels.rms_norm_triton)."""
+    if triton:
+        from falcon_h1.kernels.rms_norm_triton import residual_rms_norm_triton
+
+        return residual_rms_norm_triton(x, delta, weight, eps)
+    total = x + delta
+    return total, rms_norm(total, weight, eps, fast)
 
 
 def mask_vocab_padding(logits, vocab_size: int):

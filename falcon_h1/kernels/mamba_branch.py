@@ -43,19 +43,28 @@ def _ssd_functions():
 
 
 class InProjectionGradient:
-    """The gradient of a fused in-projection's output [s, b, width] as one buffer: the Mamba
-    branch's backward (which runs first: the split's backward waits for it) allocates it and
-    writes the columns from `offset` on; split_in_projection's backward writes the columns before
-    `offset` and returns the buffer. One per forward call."""
+    """The gradient of a fused in-projection's output [s, b, width] as one buffer, allocated by
+    whichever branch's backward runs first: the Mamba branch writes the columns from `offset` on,
+    the attention branch's RoPE (kernels.rotary_triton) those before it, and
+    split_in_projection's backward (which waits for both) copies in only a part neither wrote,
+    and returns the buffer. One per forward call."""
 
     def __init__(self, projection: torch.Tensor, offset: int):
         self.shape, self.dtype, self.device, self.offset = projection.shape, projection.dtype, projection.device, offset
         self.buffer: torch.Tensor | None = None
 
+    def _buffer(self) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.buffer
+
     def mamba_columns(self) -> torch.Tensor:
-        """A new buffer's columns from `offset` on, [s, b, width - offset]: the Mamba branch's gradient."""
-        self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        return self.buffer[..., self.offset:]
+        """The buffer's columns from `offset` on, [s, b, width - offset]: the Mamba branch's gradient."""
+        return self._buffer()[..., self.offset:]
+
+    def attention_columns(self) -> torch.Tensor:
+        """The buffer's columns before `offset`, [s, b, offset]: the attention branch's gradient."""
+        return self._buffer()[..., :self.offset]
 
     def take_buffer(self) -> torch.Tensor | None:
         buffer, self.buffer = self.buffer, None
@@ -75,17 +84,20 @@ class _SplitInProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_first, d_mamba):  # an unused output's gradient arrives as zeros (materialized)
         offset, buffer = ctx.offset, ctx.gradient.take_buffer()
-        if buffer is not None and _same_view(d_mamba, buffer[..., offset:]):
-            buffer[..., :offset].copy_(d_first)
-            return buffer, None, None
-        # the Mamba columns' gradient came another way (not the fused branch's buffer): concatenate
-        return torch.cat([d_first, d_mamba], dim=-1), None, None
+        if buffer is None:  # neither branch wrote into a shared buffer: concatenate
+            return torch.cat([d_first, d_mamba], dim=-1), None, None
+        # a part that came another way than through the buffer (not written there) is copied in
+        for part, columns in ((d_first, buffer[..., :offset]), (d_mamba, buffer[..., offset:])):
+            if not _same_view(part, columns):
+                columns.copy_(part)
+        return buffer, None, None
 
 
 def split_in_projection(projection: torch.Tensor, offset: int):
     """projection [s, b, width] -> (its columns before `offset`, the Mamba branch's columns from
-    `offset` on, the InProjectionGradient to hand mamba_conv_scan with the latter): the same
-    views as projection.split, whose backward would concatenate the two gradients."""
+    `offset` on, the InProjectionGradient to hand mamba_conv_scan with the latter and the
+    attention's rotary_qkv with the former): the same views as projection.split, whose backward
+    would concatenate the two gradients."""
     gradient = InProjectionGradient(projection, offset)
     first, mamba = _SplitInProjection.apply(projection, gradient, offset)
     return first, mamba, gradient

@@ -156,6 +156,70 @@ def test_triton_swiglu_matches_reference(dtype, tolerance):
     assert rel(got, want) <= tolerance and rel(fast.grad, ref.grad) <= tolerance
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOLERANCE)])
+@pytest.mark.parametrize("hidden", [1024, 3072, 5120])   # 0.5B, 7B, 34B
+def test_triton_residual_rms_norm_matches_reference(dtype, tolerance, hidden):
+    """The residual add and the MLP's RMSNorm in one kernel (kernels.rms_norm_triton) against
+    float64: the sum bit for bit torch's own x + delta, the norm, and the gradients of x, delta and
+    the weight; the plain RMSNorm (no residual) too."""
+    from falcon_h1.kernels.rms_norm_triton import residual_rms_norm_triton, rms_norm_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, delta, dsum, dout = (torch.randn(1000, 3, hidden, device="cuda", generator=g) for _ in range(4))
+    w = torch.rand(hidden, device="cuda", generator=g) + 0.5
+    leaf = lambda t, as64=False: t.detach().to(dtype).to(torch.float64 if as64 else dtype).clone().requires_grad_()
+    xs, ds, ws = (leaf(t) for t in (x, delta, w))
+    x64, d64, w64 = (leaf(t, True) for t in (x, delta, w))
+    _poison_allocator()
+    total, out = residual_rms_norm_triton(xs, ds, ws, 1e-5)
+    torch.autograd.backward([total, out], [dsum.to(dtype), dout.to(dtype)])
+    assert torch.equal(total, (xs + ds).detach())
+    rounded = x64 + d64 + (total.detach().double() - (x64 + d64)).detach()  # the rounded sum, exact gradient
+    want = rounded * torch.rsqrt(rounded.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    torch.autograd.backward([x64 + d64, want], [dsum.to(dtype).double(), dout.to(dtype).double()])
+    errors = {"out": rel(out, want), "dx": rel(xs.grad, x64.grad), "ddelta": rel(ds.grad, d64.grad),
+              "dweight": rel(ws.grad, w64.grad)}
+    plain_in, plain_w = leaf(x), leaf(w)
+    plain = rms_norm_triton(plain_in, plain_w, 1e-5)
+    plain.backward(dout.to(dtype))
+    p64, pw64 = leaf(x, True), leaf(w, True)
+    want_plain = p64 * torch.rsqrt(p64.pow(2).mean(-1, keepdim=True) + 1e-5) * pw64
+    want_plain.backward(dout.to(dtype).double())
+    errors.update(plain_out=rel(plain, want_plain), plain_dx=rel(plain_in.grad, p64.grad),
+                  plain_dweight=rel(plain_w.grad, pw64.grad))
+    assert max(errors.values()) <= tolerance, errors
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOLERANCE)])
+@pytest.mark.parametrize("positions", [False, True], ids=["shared_positions", "row_positions"])
+def test_triton_rotary_matches_reference(dtype, tolerance, positions):
+    """RoPE on the attention columns of a 0.5B-shaped fused in-projection (row 4120 wide; 8 q heads,
+    2 kv heads of 64), yarn's attention factor, against the reference formula in float64."""
+    from falcon_h1.config import FalconH1Config
+    from falcon_h1.kernels import rotary_qkv
+    from falcon_h1.rope import RotaryFrequencies
+
+    length, batch, hd, q_w, kv_w, width = 2048, 2, 64, 512, 128, 4120
+    cfg = FalconH1Config(head_dim=hd, max_position_embeddings=1024, rope_theta=1e6,
+                         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512})
+    position_ids = (torch.arange(length, device="cuda")[None] + torch.tensor([[0], [300]], device="cuda")
+                    if positions else None)
+    freqs = RotaryFrequencies(cfg)(length, position_ids, torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    proj = torch.randn(length, batch, width, device="cuda", generator=g)
+    grads = [torch.randn(length, batch, n, hd, device="cuda", generator=g) for n in (8, 2, 2)]
+    ref = proj.detach().double().requires_grad_()
+    want = rotary_qkv(ref[..., :q_w + 2 * kv_w], freqs.double(), q_w, kv_w, hd, 1.2, fast=False)
+    torch.autograd.backward(want, [t.double() for t in grads])
+    fast = proj.detach().to(dtype).requires_grad_()
+    _poison_allocator()
+    got = rotary_qkv(fast[..., :q_w + 2 * kv_w], freqs, q_w, kv_w, hd, 1.2, fast=True)
+    torch.autograd.backward(got, [t.to(dtype) for t in grads])
+    errors = {name: rel(a, b) for name, a, b in zip("qkv", got, want)}
+    errors["dqkv"] = rel(fast.grad, ref.grad)
+    assert max(errors.values()) <= tolerance, errors
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
 def test_triton_ssd_gating_matches_reference(packed):
     """The scan kernel's own gating (z passed in) against the reference y * silu(z); packed:

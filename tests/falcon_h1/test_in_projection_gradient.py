@@ -23,8 +23,24 @@ class _WritesIntoSharedGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         d_columns = ctx.gradient.mamba_columns().transpose(0, 1)
-        d_columns.copy_(dy * 2)
+        torch.mul(dy, 2, out=d_columns)
         return d_columns, None
+
+
+class _AttentionWritesIntoSharedGradient(torch.autograd.Function):
+    """Stands in for the attention's RoPE kernel (kernels.rotary_triton): y = 3 * x on the attention
+    columns, its input gradient written into the buffer's attention columns."""
+
+    @staticmethod
+    def forward(ctx, first, gradient):
+        ctx.gradient = gradient
+        return first * 3
+
+    @staticmethod
+    def backward(ctx, dy):
+        d_first = ctx.gradient.attention_columns()
+        torch.mul(dy, 3, out=d_first)
+        return d_first, None
 
 
 def _inputs(seed=0):
@@ -88,3 +104,31 @@ def test_a_mamba_gradient_from_elsewhere_is_concatenated():
     right gradient: the split falls back to concatenating."""
     proj, d_first, dy = _inputs(1)
     assert torch.equal(_shared(proj, d_first, dy, writes_into_buffer=False), _autograd_split(proj, d_first, dy))
+
+
+@pytest.mark.parametrize("attention_first", [True, False])
+def test_both_branches_writing_into_the_buffer_leave_the_split_nothing_to_copy(attention_first, monkeypatch):
+    """The attention side writes its columns too: the split's backward neither concatenates nor
+    copies, whichever branch's backward runs first (and so allocates the buffer)."""
+    proj, d_first, dy = _inputs(2)
+    leaf = proj.clone().requires_grad_()
+    first, columns, gradient = split_in_projection(leaf, FIRST)
+    # autograd runs the backward of the node created last first
+    mamba = lambda: _WritesIntoSharedGradient.apply(columns.transpose(0, 1), gradient)
+    attention = lambda: _AttentionWritesIntoSharedGradient.apply(first, gradient)
+    if attention_first:
+        y, o = mamba(), attention()
+    else:
+        o, y = attention(), mamba()
+    outputs, grads = [y, o], [dy, d_first]
+
+    def refused(*args, **kwargs):
+        raise AssertionError("both parts are in the buffer: the split must not concatenate or copy")
+
+    monkeypatch.setattr(torch, "cat", refused)
+    monkeypatch.setattr(torch.Tensor, "copy_", refused)
+    torch.autograd.backward(outputs, grads)
+    monkeypatch.undo()
+    want = _autograd_split(proj, None, dy)
+    want[..., :FIRST] = d_first * 3
+    assert torch.equal(leaf.grad, want)

@@ -88,7 +88,7 @@ def test_attention_kernels_get_rows_aligned_to_16_bytes(monkeypatch, packed):
 
 
 def test_triton_kernels_match_float64_in_interpreter():
-    """The Triton conv+SiLU and SwiGLU kernels (forward and backward) run on CPU under
+    """The Triton conv+SiLU, RoPE and SwiGLU kernels (forward and backward) run on CPU under
     Triton's interpreter in a subprocess (the variable must be set before triton loads);
     the conv also on packed rows (seq_idx) against every document convolved alone."""
     from pathlib import Path
@@ -129,7 +129,7 @@ def test_folded_multipliers_gradients_match_transformers(megatron_single, tmp_pa
 @pytest.mark.parametrize("options", [
     dict(fold_scales=False),                     # µP multipliers on the activations
     dict(gate_in_scan=False),                    # y * silu(z) after the scan
-    {f: False for f in ("triton_ssd", "triton_conv", "triton_swiglu", "fold_scales", "gate_in_scan",
+    {f: False for f in ("triton_ssd", "triton_conv", "triton_swiglu", "triton_rotary", "fold_scales", "gate_in_scan",
                         "fused_mamba_branch", "fused_rms_norm", "ssd_keep_forward_states", "fused_cross_entropy")},
 ], ids=["no_folding", "gate_after_scan", "all_off"])
 def test_every_kernel_options_setting_computes_transformers_function(megatron_single, tmp_path, options):
@@ -174,8 +174,8 @@ def test_kernel_options_on_the_reference_path_turn_the_gpu_kernels_off():
     asked = KernelOptions()
     for backend in ("auto", "reference"):
         got = asked.for_device(backend, torch.device("cpu"))
-        assert not (got.triton_ssd or got.triton_conv or got.triton_swiglu or got.fused_mamba_branch
-                    or got.fused_rms_norm or got.fused_cross_entropy)
+        assert not (got.triton_ssd or got.triton_conv or got.triton_swiglu or got.triton_rotary
+                    or got.fused_mamba_branch or got.fused_rms_norm or got.fused_cross_entropy)
         assert got.fold_scales and got.gate_in_scan and got.ssd_keep_forward_states
     asked_own = KernelOptions(own_ssd_forward=True, own_ssd_backward=True)
     got_own = asked_own.for_device("auto", torch.device("cpu"))

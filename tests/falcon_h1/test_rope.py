@@ -1,4 +1,8 @@
-"""RoPE frequencies of every type against transformers' FalconH1RotaryEmbedding (cos and sin)."""
+"""RoPE frequencies of every type against transformers' FalconH1RotaryEmbedding (cos and sin), and
+the rotation itself (kernels.rotary_reference / rotary_qkv's reference path) against Megatron's
+apply_rotary_pos_emb and transformers' apply_rotary_pos_emb. The Triton kernel is checked against
+float64 in Triton's interpreter (triton_interpret_worker.py, check_rotary) and on the GPU
+(test_gpu_paths.py)."""
 
 import pytest
 import torch
@@ -75,3 +79,43 @@ def test_unsupported_rope_settings_are_refused(scaling, message):
     with pytest.raises(ConfigValueError) as err:
         validate(cfg)
     assert "model.rope_scaling" in str(err.value) and message in str(err.value)
+
+
+def _rotation_inputs(dtype, seed=0):
+    ours, _ = _configs(SCALINGS["yarn"])
+    g = torch.Generator().manual_seed(seed)
+    length, batch = 40, 2
+    positions = torch.stack([torch.arange(length), torch.arange(length) + 7])
+    t = torch.randn(length, batch, 3, HEAD_DIM, generator=g).to(dtype)   # [s, b, heads, d]
+    return ours, t, RotaryFrequencies(ours)(length, positions)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_reference_equals_megatron_and_transformers(dtype):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from transformers.models.falcon_h1.modeling_falcon_h1 import apply_rotary_pos_emb as hf_apply
+
+    from falcon_h1.kernels import rotary_reference
+
+    ours, t, freqs = _rotation_inputs(dtype)
+    scale = attention_scaling(ours)
+    got = rotary_reference(t, freqs, scale)
+    assert torch.equal(got, _apply_rotary_pos_emb_bshd(t, freqs, mscale=scale))
+    # transformers: [b, heads, s, d] with cos / sin [b, s, d] already scaled and in the input dtype
+    cos, sin = ((f(freqs[:, :, 0]) * scale).to(dtype).transpose(0, 1) for f in (torch.cos, torch.sin))
+    hf_q, _ = hf_apply(t.permute(1, 2, 0, 3), t.permute(1, 2, 0, 3), cos, sin)
+    assert torch.equal(got, hf_q.permute(2, 0, 1, 3))
+
+
+def test_rotary_qkv_reference_path_rotates_q_and_k_and_passes_v():
+    from falcon_h1.kernels import rotary_qkv, rotary_reference
+
+    ours, t, freqs = _rotation_inputs(torch.float32)
+    q_w, kv_w = 2 * HEAD_DIM, HEAD_DIM
+    qkv = t.flatten(-2)[..., : q_w + 2 * kv_w]
+    qkv = torch.cat([qkv, t.flatten(-2)[..., :kv_w] * 2], dim=-1)    # 2 q heads, 1 kv head
+    q, k, v = rotary_qkv(qkv, freqs, q_w, kv_w, HEAD_DIM, 1.5, fast=False)
+    assert q.shape == (40, 2, 2, HEAD_DIM) and k.shape == v.shape == (40, 2, 1, HEAD_DIM)
+    assert torch.equal(q, rotary_reference(t[..., :2, :], freqs, 1.5))
+    assert torch.equal(k, rotary_reference(t[..., 2:3, :], freqs, 1.5))
+    assert torch.equal(v, t[..., :1, :] * 2)

@@ -12,11 +12,17 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 from falcon_h1.kernels import conv_triton  # noqa: E402
 from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton  # noqa: E402
+from falcon_h1.config import FalconH1Config  # noqa: E402
 from falcon_h1.kernels.documents import documents_from_position_ids  # noqa: E402
+from falcon_h1.kernels.mamba_branch import split_in_projection  # noqa: E402
+from falcon_h1.kernels.rms_norm_triton import residual_rms_norm_triton, rms_norm_triton  # noqa: E402
+from falcon_h1.kernels.rotary_triton import rotary_qkv_triton  # noqa: E402
+from falcon_h1.rope import RotaryFrequencies  # noqa: E402
 from falcon_h1.kernels.swiglu_triton import swiglu_triton  # noqa: E402
 from tests.falcon_h1.packed_rows import documents, position_ids  # noqa: E402
 
 TOLERANCE = 1e-5  # fp32 kernels against float64: rounding only
+BF16_TOLERANCE = 1e-2  # bf16 inputs and outputs against float64 of the same bf16 inputs
 LEAK_MARGIN = 1e-2  # how far a computation leaking across documents must be from the reference
 
 
@@ -99,9 +105,85 @@ def check_swiglu(rows, ffn, g):
     return {"out": rel(out, want), "dh": rel(hs.grad, h64.grad)}
 
 
+def rotate_float64(t, angles, mscale):
+    """RoPE as a complex product: each head's halves (t1, t2) as t1 + i t2, times mscale e^(i angle).
+    t [s, b, heads, d], angles [s, 1 or b, d / 2]."""
+    half = t.shape[-1] // 2
+    turned = torch.complex(t[..., :half], t[..., half:]) * torch.polar(torch.full_like(angles, mscale),
+                                                                       angles)[:, :, None, :]
+    return torch.cat([turned.real, turned.imag], dim=-1)
+
+
+def check_rotary(length, batch, heads, kv_heads, head_dim, with_positions, shared_gradient, g):
+    """rotary_qkv_triton on the attention columns of a wider projection (row stride > width), q and
+    k rotated and every gradient against float64; with shared_gradient through split_in_projection's
+    InProjectionGradient, the Mamba columns' gradient coming another way (so the split copies them in)."""
+    cfg = FalconH1Config(head_dim=head_dim, max_position_embeddings=64, rope_theta=500.0)
+    positions = torch.stack([torch.arange(length) + 5 * row for row in range(batch)]) if with_positions else None
+    freqs = RotaryFrequencies(cfg)(length, positions)
+    angles = freqs[..., 0, : head_dim // 2].double()
+    assert torch.equal(freqs[..., : head_dim // 2], freqs[..., head_dim // 2:])
+    mscale, q_w, kv_w, extra = 1.3, heads * head_dim, kv_heads * head_dim, 6
+    proj = torch.randn(length, batch, q_w + 2 * kv_w + extra, generator=g)
+    dq, dk, dv = (torch.randn(length, batch, n, head_dim, generator=g) for n in (heads, kv_heads, kv_heads))
+    d_extra = torch.randn(length, batch, extra, generator=g)
+    leaf = proj.clone().requires_grad_()
+    if shared_gradient:
+        qkv, rest, gradient = split_in_projection(leaf, q_w + 2 * kv_w)
+    else:
+        qkv, rest, gradient = leaf[..., : q_w + 2 * kv_w], leaf[..., q_w + 2 * kv_w:], None
+    q, k, v = rotary_qkv_triton(qkv, freqs, q_w, kv_w, head_dim, mscale, gradient)
+    unflat = lambda t: t.unflatten(-1, (-1, head_dim))
+    torch.autograd.backward([unflat(q), unflat(k), unflat(v), rest * 3], [dq, dk, dv, d_extra])
+    leaf64 = proj.double().requires_grad_()
+    q64, k64, v64 = (unflat(t) for t in leaf64[..., : q_w + 2 * kv_w].split([q_w, kv_w, kv_w], dim=-1))
+    want_q, want_k = rotate_float64(q64, angles, mscale), rotate_float64(k64, angles, mscale)
+    torch.autograd.backward([want_q, want_k, v64, leaf64[..., q_w + 2 * kv_w:] * 3],
+                            [dq.double(), dk.double(), dv.double(), d_extra.double()])
+    return {"q": rel(unflat(q), want_q), "k": rel(unflat(k), want_k), "v": rel(unflat(v), v64),
+            "dprojection": rel(leaf.grad, leaf64.grad)}
+
+
+def rms_norm_float64(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def check_rms_norm(rows, hidden, with_residual, dtype, g):
+    """rms_norm_triton / residual_rms_norm_triton on a strided [s, b, hidden] view against float64:
+    the output and the gradients of x, delta and the weight (the residual stream's own gradient
+    flowing on through the sum). The interpreter truncates fp32 to bf16 where the GPU rounds to nearest,
+    so a bf16 sum equal to torch's x + delta bit for bit is checked on the GPU (test_gpu_paths.py)."""
+    x = torch.randn(rows, 2, hidden + 5, generator=g)[..., 5:]   # row stride != width
+    delta = torch.randn(rows, 2, hidden, generator=g)
+    w = torch.rand(hidden, generator=g) + 0.5
+    dout, dsum = torch.randn(rows, 2, hidden, generator=g), torch.randn(rows, 2, hidden, generator=g)
+    xs, ds, ws = (t.detach().to(dtype).requires_grad_() for t in (x, delta, w))
+    x64, d64, w64 = (t.detach().to(dtype).double().requires_grad_() for t in (x, delta, w))
+    errors = {}
+    if with_residual:
+        total, out = residual_rms_norm_triton(xs, ds, ws, 1e-5)
+        torch.autograd.backward([total, out], [dsum.to(dtype), dout.to(dtype)])
+        total64 = x64 + d64
+        errors["sum"] = rel(total, total64)
+        want = rms_norm_float64(total.detach().double().requires_grad_(), w64, 1e-5)
+        # the float64 reference normalises the rounded sum (as the kernel does); its gradient flows
+        # to x and delta through the exact sum
+        want_ref = rms_norm_float64(total64 + (total.detach().double() - total64).detach(), w64, 1e-5)
+        torch.autograd.backward([total64, want_ref], [dsum.to(dtype).double(), dout.to(dtype).double()])
+        errors.update(out=rel(out, want), dx=rel(xs.grad, x64.grad), ddelta=rel(ds.grad, d64.grad))
+    else:
+        out = rms_norm_triton(xs, ws, 1e-5)
+        out.backward(dout.to(dtype))
+        want = rms_norm_float64(x64, w64, 1e-5)
+        want.backward(dout.to(dtype).double())
+        errors.update(out=rel(out, want), dx=rel(xs.grad, x64.grad))
+    errors["dweight"] = rel(ws.grad, w64.grad)
+    return errors
+
+
 def main():
     g = torch.Generator().manual_seed(0)
-    errors, leak_errors = {}, {}
+    errors, leak_errors, bf16_errors = {}, {}, {}
     # the backward's pass 1 both ways: the x windows kept for dw, and read again
     for reload in (False, True):
         conv_triton.BWD_RELOAD_WINDOWS = reload
@@ -121,11 +203,29 @@ def main():
                 errors[f"packed conv{tag} {rows} {name}"] = err
             for name, err in leaks.items():
                 leak_errors[f"packed conv{tag} {rows} {name} (must exceed {LEAK_MARGIN:.0e})"] = err
+    # head dims whose half is and is not a power of two; a row of its own positions or shared ones;
+    # GQA; the gradient into a shared in-projection buffer or its own
+    for length, batch, heads, kv_heads, head_dim, with_positions, shared in [
+            (37, 2, 4, 2, 16, True, True), (70, 1, 3, 1, 24, False, False), (5, 3, 2, 2, 64, True, False)]:
+        for name, err in check_rotary(length, batch, heads, kv_heads, head_dim, with_positions, shared, g).items():
+            errors[f"rotary l{length} b{batch} h{heads}/{kv_heads} d{head_dim} positions={with_positions} "
+                   f"shared={shared} {name}"] = err
+    # rows not a multiple of the backward's rows per program (16) nor its tile (4 rows at 1024);
+    # widths with and without padding to a power of two; fp32 here, bf16 below (its own tolerance)
+    for rows, hidden, with_residual in [(37, 200, True), (9, 1024, False), (19, 1024, True), (3, 3000, False)]:
+        for name, err in check_rms_norm(rows, hidden, with_residual, torch.float32, g).items():
+            errors[f"rms_norm s{rows} x b2 h{hidden} residual={with_residual} {name}"] = err
+    for name, err in check_rms_norm(21, 256, True, torch.bfloat16, g).items():
+        bf16_errors[f"rms_norm bf16 s21 x b2 h256 residual=True {name}"] = err
     for name, err in check_swiglu(5, 1100, g).items():
         errors[f"swiglu {name}"] = err
     failed = False
     for name, err in errors.items():
         ok = err <= TOLERANCE
+        failed |= not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.2e}")
+    for name, err in bf16_errors.items():
+        ok = err <= BF16_TOLERANCE
         failed |= not ok
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.2e}")
     for name, err in leak_errors.items():

@@ -1,0 +1,118 @@
+"""RoPE on the attention columns of the in-projection in Triton: q and k rotated in one pass
+each, and one gradient for the whole [q | k | v] block in the backward.
+
+Megatron's unfused `apply_rotary_pos_emb`, which the layer ran before, takes q and k one at a
+time as split views of the projection and runs cos, sin, two multiplies, a negation, a
+concatenation for the rotated half, an add and a concatenation with the (empty) unrotated
+tail: ten activation-sized passes forward, as many backward, and the split of [q | k | v]
+then concatenates dq, dk and dv. Here the forward reads q and k once from the projection
+(any row strides) and writes them rotated; cos and sin are computed in fp32 in the kernel
+from the frequencies. The backward rotates dq and dk back and copies dv into one [s, b, q+2kv]
+gradient, which can be the attention columns of the whole in-projection's gradient
+(kernels.mamba_branch.InProjectionGradient): then the split of the fused in-projection copies
+nothing either.
+
+The rotation, per head of width d with halves t1 = t[:d/2], t2 = t[d/2:] and the angles f
+(f1, f2 their halves; the model's are equal), scaled by mscale (yarn / longrope's attention
+factor):  out1 = t1 cos f1 - t2 sin f1,  out2 = t2 cos f2 + t1 sin f2  (fp32, rounded once).
+
+Reference: `rotary_reference` in falcon_h1.kernels (Megatron's formula, which rounds cos and
+sin to the input dtype first); the tests compare both with a float64 rotation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_ROWS = 32
+
+
+@triton.jit
+def _rotate_kernel(src_ptr, dst_ptr, freqs_ptr, rows, batch, mscale,
+                   stride_src_s, stride_src_b, stride_dst_s, stride_dst_b, stride_f_s, stride_f_b,
+                   HEAD_DIM: tl.constexpr, HALF_P2: tl.constexpr, INVERSE: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr):
+    """One head (program_id(1)) of BLOCK_ROWS tokens (flattened s * b): dst = rotation of src,
+    or with INVERSE its transpose (the backward). Heads are HEAD_DIM apart in both rows."""
+    pid_r, head = tl.program_id(0), tl.program_id(1)
+    half = HEAD_DIM // 2
+    r = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    j = tl.arange(0, HALF_P2)
+    mask = (r < rows)[:, None] & (j < half)[None, :]
+    s_idx, b_idx = (r // batch).to(tl.int64), (r % batch).to(tl.int64)
+    src = src_ptr + (s_idx * stride_src_s + b_idx * stride_src_b)[:, None] + head * HEAD_DIM + j[None, :]
+    dst = dst_ptr + (s_idx * stride_dst_s + b_idx * stride_dst_b)[:, None] + head * HEAD_DIM + j[None, :]
+    f = freqs_ptr + (s_idx * stride_f_s + b_idx * stride_f_b)[:, None] + j[None, :]
+    f1 = tl.load(f, mask=mask, other=0.0).to(tl.float32)
+    f2 = tl.load(f + half, mask=mask, other=0.0).to(tl.float32)
+    c1, c2 = tl.cos(f1) * mscale, tl.cos(f2) * mscale
+    if INVERSE:   # the transpose of [[c1, -s1], [s2, c2]]
+        a, b = tl.sin(f2) * mscale, -tl.sin(f1) * mscale
+    else:
+        a, b = -tl.sin(f1) * mscale, tl.sin(f2) * mscale
+    t1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    t2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (t1 * c1 + t2 * a).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + half, (t2 * c2 + t1 * b).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+def _freq_strides(freqs: torch.Tensor, batch: int) -> tuple[int, int]:
+    """freqs [s, 1 or b, 1, d]: its (sequence, batch) strides, the batch one 0 when shared."""
+    return freqs.stride(0), (freqs.stride(1) if freqs.shape[1] > 1 else 0)
+
+
+def _rotate(src: torch.Tensor, dst: torch.Tensor, freqs: torch.Tensor, head_dim: int, mscale: float,
+            inverse: bool):
+    """src, dst [s, b, heads * head_dim] (last dim contiguous, any s / b strides)."""
+    s, b, width = src.shape
+    rows = s * b
+    grid = (triton.cdiv(rows, BLOCK_ROWS), width // head_dim)
+    _rotate_kernel[grid](src, dst, freqs, rows, b, float(mscale), src.stride(0), src.stride(1), dst.stride(0),
+                         dst.stride(1), *_freq_strides(freqs, b), HEAD_DIM=head_dim,
+                         HALF_P2=triton.next_power_of_2(head_dim // 2), INVERSE=inverse, BLOCK_ROWS=BLOCK_ROWS,
+                         num_warps=4)
+
+
+class RotaryQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, freqs, q_width, kv_width, head_dim, mscale, gradient):
+        s, b = qkv.shape[:2]
+        q_rot = torch.empty(s, b, q_width, dtype=qkv.dtype, device=qkv.device)
+        k_rot = torch.empty(s, b, kv_width, dtype=qkv.dtype, device=qkv.device)
+        _rotate(qkv[..., :q_width], q_rot, freqs, head_dim, mscale, inverse=False)
+        _rotate(qkv[..., q_width:q_width + kv_width], k_rot, freqs, head_dim, mscale, inverse=False)
+        ctx.save_for_backward(freqs)
+        ctx.shape, ctx.dtype, ctx.widths = qkv.shape, qkv.dtype, (q_width, kv_width)
+        ctx.head_dim, ctx.mscale, ctx.gradient = head_dim, mscale, gradient
+        v = qkv[..., q_width + kv_width:]
+        return q_rot, k_rot, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (freqs,) = ctx.saved_tensors
+        q_width, kv_width = ctx.widths
+        if ctx.gradient is not None:
+            d_qkv = ctx.gradient.attention_columns()
+        else:
+            d_qkv = torch.empty(ctx.shape, dtype=ctx.dtype, device=dq.device)
+        _rotate(_last_dim_contiguous(dq), d_qkv[..., :q_width], freqs, ctx.head_dim, ctx.mscale, inverse=True)
+        _rotate(_last_dim_contiguous(dk), d_qkv[..., q_width:q_width + kv_width], freqs, ctx.head_dim,
+                ctx.mscale, inverse=True)
+        d_qkv[..., q_width + kv_width:].copy_(dv)
+        return d_qkv, None, None, None, None, None, None
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rotary_qkv_triton(qkv: torch.Tensor, freqs: torch.Tensor, q_width: int, kv_width: int, head_dim: int,
+                      mscale: float = 1.0, gradient=None):
+    """qkv [s, b, q_width + 2 kv_width] (last dim contiguous), freqs [s, 1 or b, 1, head_dim] ->
+    (q, k rotated, v) as [s, b, q_width], [s, b, kv_width], [s, b, kv_width] (v: a view of qkv).
+    gradient: an InProjectionGradient whose attention columns take qkv's gradient."""
+    if qkv.stride(-1) != 1:
+        raise ValueError("rotary_qkv_triton: qkv's last dimension must be contiguous")
+    return RotaryQKV.apply(qkv, freqs, q_width, kv_width, head_dim, mscale, gradient)
