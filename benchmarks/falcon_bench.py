@@ -198,6 +198,10 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
         "ours_fused": ours(),
         # one KernelOptions switch off at a time
         "ours_fused_no_branch_fn": ours({"fused_mamba_branch": False}),
+        # the Mamba path the gated-norm presets (mamba_rms_norm) took before they took the fused branch:
+        # unfused, the µP multipliers on the activations, the gated norm op by op
+        "ours_fused_unfused_gated_norm": ours({"fused_mamba_branch": False, "fold_scales": False,
+                                               "gate_in_scan": False}),
         "ours_fused_concatenated_in_grad": ours({"shared_in_projection_gradient": False}),
         "ours_fused_rope_op_by_op": ours({"triton_rotary": False}),
         "ours_fused_norm_op_by_op": ours({"triton_rms_norm": False}),

@@ -137,8 +137,9 @@ def check_rope_scaling(cfg: FalconH1Config) -> None:
 
 def fits_fused_mamba_branch(cfg: FalconH1Config) -> bool:
     """Whether the Mamba layers can take the fused conv + scan branch (kernels.mamba_branch): a
-    width-4 conv, and the gate inside the scan (no gated RMSNorm between the scan and the gate)."""
-    return cfg.mamba_d_conv == 4 and not cfg.mamba_rms_norm
+    width-4 conv, and the gate inside the scan (no gated RMSNorm between the scan and the gate: a
+    norm after the gate, mamba_norm_before_gate = false, follows the branch)."""
+    return cfg.mamba_d_conv == 4 and not (cfg.mamba_rms_norm and cfg.mamba_norm_before_gate)
 
 
 def check_context_parallel(cfg: FalconH1Config, cp: int) -> None:
@@ -235,8 +236,9 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
               "reference runs no Triton scan; 'own' needs kernel_backend 'auto' or 'triton')")
     if cfg.ssd_kernels == "own" and cfg.has_mamba and not fits_fused_mamba_branch(cfg):
         _fail("ssd_kernels", cfg.ssd_kernels, "'mamba_ssm' here: the own kernels run inside the fused Mamba "
-              f"branch, which takes mamba_d_conv = 4 and mamba_rms_norm = false (got {cfg.mamba_d_conv} and "
-              f"{cfg.mamba_rms_norm})")
+              f"branch, which takes mamba_d_conv = 4 and the gate before any gated RMSNorm (mamba_rms_norm = false "
+              f"or mamba_norm_before_gate = false; got {cfg.mamba_d_conv}, {cfg.mamba_rms_norm} and "
+              f"{cfg.mamba_norm_before_gate})")
     if len(cfg.ssm_multipliers) != 5:
         _fail("ssm_multipliers", cfg.ssm_multipliers, "5 numbers (z, x, B, C, dt)")
     if len(cfg.mlp_multipliers) != 2:

@@ -127,19 +127,6 @@ class RMSNorm(MegatronModule):
         return kernels.residual_rms_norm(x, delta, self.weight, self.eps, self.fused, self.triton)
 
 
-def gated_rms_norm(y, z, weight, groups: int, eps: float, norm_before_gate: bool):
-    """Group-wise RMSNorm of y gated by silu(z), as HF's FalconH1RMSNormGated."""
-    dtype = y.dtype
-    if not norm_before_gate:
-        y = y * F.silu(z.float())
-    h = y.float().unflatten(-1, (groups, -1))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    h = (weight.unflatten(-1, (groups, -1)) * h).flatten(-2)
-    if norm_before_gate:
-        h = h * F.silu(z.float())
-    return h.to(dtype)
-
-
 def _column(cfg_t, in_size, out_size, cls):
     return cls(in_size, out_size, config=cfg_t, init_method=cfg_t.init_method, bias=False,
                gather_output=False, skip_bias_add=True)
@@ -206,8 +193,9 @@ class ParallelHybridMixer(MegatronModule):
                 params.append(self.norm_weight)
             for p in params:
                 _mark_tp(p)
-        # the scan kernel gates y * silu(z) itself unless the gated RMSNorm comes between
-        self.gate_in_scan = kernel_options.gate_in_scan and not cfg.mamba_rms_norm
+        # the scan kernel gates y * silu(z) itself unless the gated RMSNorm normalises y before the
+        # gate (mamba_norm_before_gate); with the gate first, the norm of the gated output follows
+        self.gate_in_scan = kernel_options.gate_in_scan and not (cfg.mamba_rms_norm and cfg.mamba_norm_before_gate)
         # the fused branch scans each sequence from a zero state: not a context-parallel shard
         self.fused_mamba_branch = (mamba and kernel_options.fused_mamba_branch and kernel_options.gate_in_scan
                                    and fits_fused_mamba_branch(cfg) and context_parallel is None)
@@ -216,8 +204,9 @@ class ParallelHybridMixer(MegatronModule):
             raise ValueError(
                 "the own SSD kernels (model.ssd_kernels = 'own', KernelOptions.own_ssd_*) run inside the fused "
                 "Mamba branch, which this layer does not take: it needs KernelOptions.fused_mamba_branch and "
-                f"gate_in_scan, mamba_d_conv = 4 (got {cfg.mamba_d_conv}), mamba_rms_norm = false (got "
-                f"{cfg.mamba_rms_norm}) and no context parallelism; use model.ssd_kernels = 'mamba_ssm'")
+                f"gate_in_scan, mamba_d_conv = 4 (got {cfg.mamba_d_conv}), the gate before any gated RMSNorm "
+                f"(mamba_rms_norm = false or mamba_norm_before_gate = false; got {cfg.mamba_rms_norm} and "
+                f"{cfg.mamba_norm_before_gate}) and no context parallelism; use model.ssd_kernels = 'mamba_ssm'")
         self.scales_in_weights = self._scales_fold_into_weights()
         # fused projections: the fused branch writes its gradient into the whole in-projection's
         # gradient and the split copies the attention columns in beside it instead of concatenating
@@ -234,11 +223,10 @@ class ParallelHybridMixer(MegatronModule):
     def _scales_fold_into_weights(self) -> bool:
         """Whether the µP multipliers ride on the in-projection's weight rows and the conv output
         instead of the activations: exact in real arithmetic, only rounding differs. Needs
-        in-projections that take per-row output scales (falcon_h1.linears.supports_row_scaling) and
-        no gated RMSNorm (which would normalise a scale folded into x away). The out-projection is
-        not asked: it sees the same input either way (y and o come out of the branches already
-        scaled), so a quantising out-projection quantises the same values."""
-        return (self.kernel_options.fold_scales and not self.cfg.mamba_rms_norm
+        in-projections that take per-row output scales (falcon_h1.linears.supports_row_scaling). The
+        out-projection is not asked: it sees the same input either way (y and o come out of the
+        branches already scaled), so a quantising out-projection quantises the same values."""
+        return (self.kernel_options.fold_scales
                 and all(supports_row_scaling(getattr(self, name)) for name in self._in_projections()))
 
     def _register_scales(self):
@@ -253,11 +241,14 @@ class ParallelHybridMixer(MegatronModule):
         self.register_buffer("ssm_in_scale", torch.tensor(ssm, dtype=torch.float32), persistent=False)
         # Folded: v rows also carry attention_out_multiplier (o is linear in v); the conv output
         # of the x channels carries ssm_out_multiplier (y and D*x are linear in x), so no
-        # activation-sized scaling pass remains.
+        # activation-sized scaling pass remains. A gated RMSNorm would normalise that scale away:
+        # there the norm's output carries it (norm_out_scale).
         attn_rows = ([a] * d.q + [a * c.key_multiplier] * d.kv + [a * c.attention_out_multiplier] * d.kv
                      if self.attention else [])
-        conv_out = [c.ssm_out_multiplier] * d.z + [1.0] * (2 * d.bc) if self.mamba else []
+        x_out = 1.0 if c.mamba_rms_norm else c.ssm_out_multiplier
+        conv_out = [x_out] * d.z + [1.0] * (2 * d.bc) if self.mamba else []
         self.register_buffer("conv_out_scale", torch.tensor(conv_out, dtype=torch.float32), persistent=False)
+        self.norm_out_scale = c.ssm_out_multiplier if self.scales_in_weights and c.mamba_rms_norm else 1.0
         if self.scales_in_weights:
             rows = [attn_rows + ssm] if self.fused else [attn_rows] * self.attention + [ssm] * self.mamba
             for name, values in zip(self._in_projections(), rows):
@@ -303,7 +294,7 @@ class ParallelHybridMixer(MegatronModule):
                                 d.groups, c.mamba_chunk_size, tuple(c.time_step_limit), seq_idx=seq_idx,
                                 keep_forward_states=k.ssd_keep_forward_states, own_forward=k.own_ssd_forward,
                                 own_backward=k.own_ssd_backward, in_projection_gradient=in_projection_gradient)
-            return y.transpose(0, 1)
+            return self._norm_gated(y.transpose(0, 1))
         # [b, s, .] views; under context parallelism this rank's chunks as a batch [chunks * b, c, .]
         zx = zxbcdt.transpose(0, 1) if cp is None else cp_mamba.as_chunk_batch(zxbcdt, cp)
         z, xBC, dt = zx.split([d.z, d.conv_channels, d.dt], dim=-1)
@@ -323,11 +314,26 @@ class ParallelHybridMixer(MegatronModule):
             c.mamba_chunk_size, self.D, self.dt_bias, limit, k.triton_ssd,
             z=heads(z, d.ssm_heads) if self.gate_in_scan else None, seq_idx=seq_idx, initial_states=start,
         ).flatten(-2)
-        if c.mamba_rms_norm:
-            y = gated_rms_norm(y, z, self.norm_weight, d.groups, c.rms_norm_eps, c.mamba_norm_before_gate)
-        elif not self.gate_in_scan:
-            y = y * F.silu(z)
+        y = self._norm_gated(y) if self.gate_in_scan else self.gated_output(y, z)
         return y.transpose(0, 1) if cp is None else cp_mamba.from_chunk_batch(y, cp)
+
+    def _norm_gated(self, y):
+        """The scan's gated output y [..., d_ssm] -> the branch output: with mamba_rms_norm (gate
+        first), its group-wise RMSNorm; on the Triton path an [s, b, .] y comes out contiguous."""
+        c, k = self.cfg, self.kernel_options
+        if not c.mamba_rms_norm:
+            return y
+        return kernels.group_rms_norm(y, self.norm_weight, self.dims.groups, c.rms_norm_eps, self.norm_out_scale,
+                                      k.triton_rms_norm)
+
+    def gated_output(self, y, z):
+        """The scan's ungated output y [..., d_ssm] gated by z as this layer's branch does (the gated
+        RMSNorm, or y * silu(z)); a decode step gates its one-token output with it too."""
+        c = self.cfg
+        if c.mamba_rms_norm:
+            return kernels.gated_rms_norm_reference(y, z, self.norm_weight, self.dims.groups, c.rms_norm_eps,
+                                                    c.mamba_norm_before_gate, self.norm_out_scale)
+        return y * F.silu(z)
 
     def forward(self, u, rotary_freqs, documents=None):
         """documents: kernels.documents.Documents of packed rows (None: one document per row)."""

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -106,12 +105,7 @@ def ssm_params(mixer) -> SsmParams:
 
 def gate(mixer, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """The SSM output gated by z as the mixer does: gated RMSNorm, or y * silu(z)."""
-    c = mixer.cfg
-    if c.mamba_rms_norm:
-        from falcon_h1.layers import gated_rms_norm
-
-        return gated_rms_norm(y, z, mixer.norm_weight, mixer.dims.groups, c.rms_norm_eps, c.mamba_norm_before_gate)
-    return y * F.silu(z)
+    return mixer.gated_output(y, z)
 
 
 def uses_gpu_kernels(mixer) -> bool:

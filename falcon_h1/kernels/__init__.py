@@ -240,6 +240,35 @@ def rms_norm(x, weight, eps: float, fast: bool, triton: bool = False):
     return rms_norm_reference(x, weight, eps)
 
 
+def gated_rms_norm_reference(y, z, weight, groups: int, eps: float, norm_before_gate: bool = False,
+                             out_scale: float = 1.0):
+    """Group-wise RMSNorm of y [..., d] gated by silu(z) (before the norm, or after it with
+    norm_before_gate), as Hugging Face's FalconH1RMSNormGated, in fp32; z None: y is already gated.
+    out_scale: a constant on the output (the folded ssm_out_multiplier)."""
+    dtype = y.dtype
+    if z is not None and not norm_before_gate:
+        y = y * F.silu(z.float())
+    h = y.float().unflatten(-1, (groups, -1))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = (weight.unflatten(-1, (groups, -1)) * h).flatten(-2)
+    if z is not None and norm_before_gate:
+        h = h * F.silu(z.float())
+    if out_scale != 1.0:
+        h = h * out_scale
+    return h.to(dtype)
+
+
+def group_rms_norm(x, weight, groups: int, eps: float, out_scale: float, triton: bool):
+    """RMSNorm of each of `groups` column groups of x [..., d] (the Mamba branch's norm of its
+    already gated output), times weight and out_scale. triton (KernelOptions.triton_rms_norm):
+    kernels.rms_norm_triton, which reads an [s, b, d] x in any layout and writes a contiguous one."""
+    if triton:
+        from falcon_h1.kernels.rms_norm_triton import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, groups, out_scale)
+    return gated_rms_norm_reference(x, None, weight, groups, eps, out_scale=out_scale)
+
+
 def residual_rms_norm(x, delta, weight, eps: float, fast: bool, triton: bool = False):
     """(x + delta, rms_norm(x + delta)): a residual add and the norm after it, in one Triton pass
     forward and backward with `triton` (kernels.rms_norm_triton)."""

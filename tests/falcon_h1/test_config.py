@@ -20,7 +20,7 @@ from falcon_h1.presets import get_preset
     (dict(attention_backend="flash3"), 1, "attention_backend"),
     (dict(ssd_kernels="cuda"), 1, "ssd_kernels"),
     (dict(ssd_kernels="own", kernel_backend="reference"), 1, "ssd_kernels"),  # would run no Triton scan
-    (dict(ssd_kernels="own", mamba_rms_norm=True), 1, "ssd_kernels"),  # the fused branch gates in the scan
+    (dict(ssd_kernels="own", mamba_rms_norm=True, mamba_norm_before_gate=True), 1, "ssd_kernels"),  # the fused branch gates in the scan
     (dict(projectors_bias=True), 1, "projectors_bias"),  # biases are not implemented: refused, not ignored
     (dict(attention_bias=True), 1, "attention_bias"),
     (dict(mlp_bias=True), 1, "mlp_bias"),

@@ -65,10 +65,12 @@ def test_triton_ssd_matches_reference():
     assert max(errors.values()) <= BF16_TOLERANCE, errors
 
 
+@pytest.mark.parametrize("mamba_rms_norm", [False, True], ids=["gate", "gated_norm"])
 @pytest.mark.parametrize("ssd_kernels", ["mamba_ssm", "own"])
-def test_model_fast_path_matches_reference_forward_and_backward(megatron_single, ssd_kernels):
+def test_model_fast_path_matches_reference_forward_and_backward(megatron_single, ssd_kernels, mamba_rms_norm):
     """Fast path (bf16, Triton kernels, µP multipliers folded; the scan on mamba_ssm's kernels or
-    on the project's own, model.ssd_kernels) against the reference path in fp32. Gradients that
+    on the project's own, model.ssd_kernels; with mamba_rms_norm, as the released presets but 0.5B,
+    the fused branch followed by its group-wise norm) against the reference path in fp32. Gradients that
     nearly cancel (dt_bias, A_log: norms ~1e-8 against ~1e-5 for the weights) carry a few % of
     bf16 noise on any path, so each gradient's bound is the larger of 3 x the bf16 tolerance and
     twice the error of the reference path run in bf16."""
@@ -79,15 +81,17 @@ def test_model_fast_path_matches_reference_forward_and_backward(megatron_single,
     cfg = get_preset("falcon_h1_tiny").replace(
         max_position_embeddings=4096, mamba_chunk_size=64, key_multiplier=0.6, attention_in_multiplier=1.2,
         attention_out_multiplier=0.8, ssm_in_multiplier=1.1, ssm_out_multiplier=0.9,
-        ssm_multipliers=[0.5, 0.6, 0.7, 0.8, 0.9], mlp_multipliers=[1.4, 0.6])
+        ssm_multipliers=[0.5, 0.6, 0.7, 0.8, 0.9], mlp_multipliers=[1.4, 0.6], mamba_rms_norm=mamba_rms_norm)
     ids = torch.randint(0, cfg.vocab_size, (2, 500), device="cuda")
     labels = torch.randint(0, cfg.vocab_size, (2, 500), device="cuda")
     results = {}
     for backend, precision in (("reference", "fp32"), ("reference", "bf16"), ("auto", "bf16")):
         scan = ssd_kernels if backend == "auto" else "mamba_ssm"  # 'own' is refused on the reference path
         model = build_model(cfg.replace(kernel_backend=backend, ssd_kernels=scan), precision=precision, seed=3)
-        if use_fast_path("auto", torch.device("cuda")):
+        if use_fast_path("auto", torch.device("cuda")) and backend == "auto":
             assert model.kernel_options.own_ssd_backward == (scan == "own")
+            assert all(layer.mixer.fused_mamba_branch for layer in model.layers
+                       if hasattr(layer, "mixer") and layer.mixer.mamba)
         logits = model(ids)
         loss = model(ids, labels=labels).float().mean()
         loss.backward()

@@ -132,15 +132,18 @@ def test_folded_multipliers_gradients_match_transformers(megatron_single, tmp_pa
     {f: False for f in ("triton_ssd", "triton_conv", "triton_swiglu", "triton_rotary", "fold_scales", "gate_in_scan",
                         "fused_mamba_branch", "fused_rms_norm", "ssd_keep_forward_states", "fused_cross_entropy")},
 ], ids=["no_folding", "gate_after_scan", "all_off"])
-def test_every_kernel_options_setting_computes_transformers_function(megatron_single, tmp_path, options):
+@pytest.mark.parametrize("mamba_rms_norm", [False, True], ids=["gate", "gated_norm"])
+def test_every_kernel_options_setting_computes_transformers_function(megatron_single, tmp_path, options,
+                                                                     mamba_rms_norm):
     """A model built with other KernelOptions is the same function: logits and every gradient
-    equal transformers' FalconH1 (fp32, all multipliers != 1, no gated RMSNorm so that
-    folding and the in-scan gate would apply)."""
+    equal transformers' FalconH1 (fp32, all multipliers != 1; with and without the gated RMSNorm,
+    whose gate comes first: the scan gates and the norm follows it, the folded ssm_out_multiplier on
+    the norm's output)."""
     from falcon_h1.kernels import KernelOptions
     from tests.falcon_h1.hf_built import build_from_hf, gradient_errors
     from tests.falcon_h1.hf_reference import make_hf_model
 
-    hf = make_hf_model(seed=6, mamba_rms_norm=False)
+    hf = make_hf_model(seed=6, mamba_rms_norm=mamba_rms_norm)
     hf.save_pretrained(tmp_path)
     g = torch.Generator().manual_seed(8)
     ids = torch.randint(0, 97, (2, 19), generator=g)

@@ -181,6 +181,25 @@ def check_rms_norm(rows, hidden, with_residual, dtype, g):
     return errors
 
 
+def check_group_rms_norm(batch, length, groups, width, g):
+    """rms_norm_triton as the Mamba branch's norm: the scan's [b, s, d] output read as [s, b, d],
+    `groups` groups normalised apart, a constant out_scale, against float64; the output comes out
+    contiguous [s, b, d] and the input gradient in the input's [b, s, d] memory layout."""
+    hidden, scale = groups * width, 0.9
+    y = torch.randn(batch, length, hidden, generator=g)
+    w = torch.rand(hidden, generator=g) + 0.5
+    dout = torch.randn(length, batch, hidden, generator=g)
+    ys, ws = y.clone().requires_grad_(), w.clone().requires_grad_()
+    out = rms_norm_triton(ys.transpose(0, 1), ws, 1e-5, groups=groups, out_scale=scale)
+    out.backward(dout)
+    assert out.is_contiguous() and ys.grad.is_contiguous()
+    y64, w64 = y.double().requires_grad_(), w.double().requires_grad_()
+    h = y64.transpose(0, 1).unflatten(-1, (groups, width))
+    want = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).flatten(-2) * w64 * scale
+    want.backward(dout.double())
+    return {"out": rel(out, want), "dy": rel(ys.grad, y64.grad), "dweight": rel(ws.grad, w64.grad)}
+
+
 def main():
     g = torch.Generator().manual_seed(0)
     errors, leak_errors, bf16_errors = {}, {}, {}
@@ -215,6 +234,9 @@ def main():
     for rows, hidden, with_residual in [(37, 200, True), (9, 1024, False), (19, 1024, True), (3, 3000, False)]:
         for name, err in check_rms_norm(rows, hidden, with_residual, torch.float32, g).items():
             errors[f"rms_norm s{rows} x b2 h{hidden} residual={with_residual} {name}"] = err
+    for batch, length, groups, width in [(2, 19, 3, 40), (1, 33, 1, 128)]:
+        for name, err in check_group_rms_norm(batch, length, groups, width, g).items():
+            errors[f"group rms_norm b{batch} l{length} groups={groups} x {width} {name}"] = err
     for name, err in check_rms_norm(21, 256, True, torch.bfloat16, g).items():
         bf16_errors[f"rms_norm bf16 s21 x b2 h256 residual=True {name}"] = err
     for name, err in check_swiglu(5, 1100, g).items():
