@@ -205,6 +205,7 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
         "ours_fused_concatenated_in_grad": ours({"shared_in_projection_gradient": False}),
         "ours_fused_rope_op_by_op": ours({"triton_rotary": False}),
         "ours_fused_norm_op_by_op": ours({"triton_rms_norm": False}),
+        "ours_fused_keep_conv": ours({"mamba_keep_conv_output": True}),
         "ours_fused_no_fused_norm": ours({"fused_rms_norm": False}),
         "ours_fused_ssd_recompute": ours({"ssd_keep_forward_states": False, "own_ssd_backward": False}),
         "ours_fused_own_ssd": ours({"own_ssd_forward": True, "own_ssd_backward": True}),

@@ -293,7 +293,8 @@ class ParallelHybridMixer(MegatronModule):
                                 -torch.exp(self.A_log.float()), self.D, self.dt_bias, d.z, d.bc, d.ssm_heads,
                                 d.groups, c.mamba_chunk_size, tuple(c.time_step_limit), seq_idx=seq_idx,
                                 keep_forward_states=k.ssd_keep_forward_states, own_forward=k.own_ssd_forward,
-                                own_backward=k.own_ssd_backward, in_projection_gradient=in_projection_gradient)
+                                own_backward=k.own_ssd_backward, in_projection_gradient=in_projection_gradient,
+                                keep_conv_output=k.mamba_keep_conv_output)
             return self._norm_gated(y.transpose(0, 1))
         # [b, s, .] views; under context parallelism this rank's chunks as a batch [chunks * b, c, .]
         zx = zxbcdt.transpose(0, 1) if cp is None else cp_mamba.as_chunk_batch(zxbcdt, cp)

@@ -49,6 +49,9 @@ class KernelOptions:
     triton_rms_norm: bool = True
     # the scan's backward starts from the forward's chunk states (kernels.ssd_backward); off: recomputed
     ssd_keep_forward_states: bool = True
+    # the fused branch keeps its conv output for the backward ([b, s, conv channels] a layer) instead
+    # of recomputing it there (one conv pass a layer)
+    mamba_keep_conv_output: bool = False
     # the fused Mamba branch's scan on this project's Triton kernels instead of mamba_ssm's: the forward
     # (kernels.ssd_fwd), the backward from the kept states (kernels.ssd_bwd: needs ssd_keep_forward_states)
     own_ssd_forward: bool = False

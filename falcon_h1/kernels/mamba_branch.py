@@ -11,7 +11,8 @@ and the scan and conv kernels write dz, ddt, dx/dB/dC and dxBC straight into the
 and an InProjectionGradient: the backward here allocates the whole projection's gradient and
 writes its columns of it, and the split's backward fills in the attention columns, so no
 concatenation of the two branches' gradients runs. The conv output is
-recomputed in the backward (one 0.1 ms pass) instead of being kept for it. The scan's chunk
+recomputed in the backward (one 0.1 ms pass) instead of being kept for it, unless
+`keep_conv_output` (KernelOptions.mamba_keep_conv_output) trades its bytes for that pass. The scan's chunk
 states are kept instead (`keep_forward_states`, KernelOptions.ssd_keep_forward_states;
 kernels.ssd_backward), so its backward does not recompute them.
 
@@ -115,10 +116,11 @@ def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
 class MambaConvScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, widths, heads, groups,
-                chunk_size, dt_limit, keep_forward_states, own_kernels, in_projection_gradient):
+                chunk_size, dt_limit, keep_forward_states, keep_conv_output, own_kernels, in_projection_gradient):
         d_z, d_bc, _ = widths
         z, xBC, dt = zxbcdt.split([d_z, d_z + 2 * d_bc, heads], dim=-1)
-        x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx).split([d_z, d_bc, d_bc], dim=-1)
+        conv_out = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx)
+        x, B, C = conv_out.split([d_z, d_bc, d_bc], dim=-1)
         scan_in = (_heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), chunk_size)
         if own_kernels.forward:
             out, out_x, dt_proc, dA_cumsum, states = ssd_forward_own(
@@ -129,7 +131,7 @@ class MambaConvScan(torch.autograd.Function):
                 dt_limit=dt_limit)
         scan_state = (dt_proc, dA_cumsum, states) if keep_forward_states else ()
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, out_x,
-                              *scan_state)
+                              conv_out if keep_conv_output else None, *scan_state)
         ctx.shape = (widths, heads, groups, chunk_size, dt_limit)
         ctx.own_backward = own_kernels.backward
         ctx.in_projection_gradient = in_projection_gradient
@@ -137,12 +139,15 @@ class MambaConvScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, out_x, *scan_state = ctx.saved_tensors
+        (zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, out_x, conv_out,
+         *scan_state) = ctx.saved_tensors
         (d_z, d_bc, _), heads, groups, chunk_size, dt_limit = ctx.shape
         _, scan_bwd = _ssd_functions()
         conv_channels = d_z + 2 * d_bc
         z, xBC, dt = zxbcdt.split([d_z, conv_channels, heads], dim=-1)
-        x, B, C = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx).split([d_z, d_bc, d_bc], dim=-1)
+        if conv_out is None:
+            conv_out = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx)
+        x, B, C = conv_out.split([d_z, d_bc, d_bc], dim=-1)
         batch, seq = zxbcdt.shape[:2]
         # gradient of zxbcdt allocated [s, b, .] (the in-projection's layout), handed out as [b, s, .];
         # with an InProjectionGradient, as its columns of the whole projection's gradient
@@ -166,14 +171,14 @@ class MambaConvScan(torch.autograd.Function):
                 dx=_heads(dx, heads), ddt=ddt, dB=_heads(dB, groups), dC=_heads(dC, groups), dz=_heads(dz, heads))
         _, dweight, dbias = conv_silu_backward(dxBC, xBC, conv_weight, conv_bias, conv_scale, dx=dxBC_raw,
                                                seq_idx=seq_idx)
-        return dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias, None, None, None, None, None, None, None, None, None
+        return (dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias) + (None,) * 10
 
 
 def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d_ssm: int, d_bc: int,
                     heads: int, groups: int, chunk_size: int, dt_limit, seq_idx=None,
                     keep_forward_states: bool = True, own_forward: bool = False,
-                    own_backward: bool = False, in_projection_gradient: InProjectionGradient | None = None
-                    ) -> torch.Tensor:
+                    own_backward: bool = False, in_projection_gradient: InProjectionGradient | None = None,
+                    keep_conv_output: bool = False) -> torch.Tensor:
     """zxbcdt [b, s, d_ssm + d_ssm + 2 d_bc + heads] (channel stride 1) -> y * silu(z) [b, s, d_ssm].
 
     conv_scale [conv channels] or None multiplies the conv output (a constant: µP folding).
@@ -186,6 +191,8 @@ def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d
     backward needs. The own backward starts from the kept states, so it needs keep_forward_states.
     in_projection_gradient: split_in_projection's, when zxbcdt is (the [b, s] view of) its Mamba
     columns: the backward writes zxbcdt's gradient into the whole projection's gradient buffer.
+    keep_conv_output: the backward reads the forward's conv output ([b, s, conv channels] kept)
+    instead of recomputing it.
     """
     check_seq_idx(seq_idx, zxbcdt.shape[:2])
     if own_backward and not keep_forward_states:
@@ -203,4 +210,4 @@ def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     return MambaConvScan.apply(zxbcdt, conv_weight.contiguous(), conv_bias, conv_scale, A, D, dt_bias, seq_idx,
                                (d_ssm, d_bc, heads), heads, groups, chunk_size, (lo, hi), keep_forward_states,
-                               _OwnKernels(own_forward, own_backward), in_projection_gradient)
+                               keep_conv_output, _OwnKernels(own_forward, own_backward), in_projection_gradient)

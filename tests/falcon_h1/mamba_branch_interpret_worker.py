@@ -18,6 +18,7 @@ run_mamba_ssm_in_interpreter()
 
 from falcon_h1.kernels import causal_conv1d_silu, ssd_scan  # noqa: E402
 from falcon_h1.kernels.documents import documents_from_position_ids  # noqa: E402
+from falcon_h1.kernels import mamba_branch  # noqa: E402
 from falcon_h1.kernels.mamba_branch import mamba_conv_scan, split_in_projection  # noqa: E402
 from tests.falcon_h1.packed_rows import documents, position_ids  # noqa: E402
 
@@ -27,7 +28,7 @@ LIMIT = (0.0, float("inf"))
 
 
 def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_states=True, own=False,
-        d_first=None):
+        d_first=None, keep_conv=False):
     """path: "fused" (kernels.mamba_branch; keep_states: its scan backward from the forward's
     chunk states; own: the scan forward and backward on this project's kernels, kernels.ssd_fwd /
     kernels.ssd_bwd, instead of mamba_ssm's), "fused_shared" (the same, its input the Mamba columns
@@ -47,7 +48,7 @@ def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_
     if path in ("fused", "fused_shared"):
         y = mamba_conv_scan(zxbcdt, params[0], params[1], scale, *params[2:], d, bc, h, groups, chunk, LIMIT,
                             seq_idx=seq_idx, keep_forward_states=keep_states, own_forward=own, own_backward=own,
-                            in_projection_gradient=gradient)
+                            in_projection_gradient=gradient, keep_conv_output=keep_conv)
     else:
         fast = path == "split"
         z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
@@ -160,4 +161,26 @@ ok &= check_packed("split", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g)
 print("own SSD kernels")
 ok &= check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, own=True)
 ok &= check_shared(g) and check_shared(g, own=True)
+
+
+def check_kept_conv_output(g):
+    """The backward reading the forward's conv output instead of recomputing it: the same
+    gradients bit for bit (the recompute is the same kernel on the same input), packed rows too."""
+    rows = [[11, 14, 15], [3, 24, 13]]
+    args = inputs(len(rows), sum(rows[0]), 4, 8, 2, 8, 16, True, g, True)
+    seq_idx = documents_from_position_ids(position_ids(rows)).seq_idx
+    forward = mamba_branch.conv_silu_forward
+    calls = []
+    mamba_branch.conv_silu_forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    recomputed = run("fused", *args, seq_idx=seq_idx)
+    recomputing_calls = len(calls)
+    kept = run("fused", *args, seq_idx=seq_idx, keep_conv=True)
+    mamba_branch.conv_silu_forward = forward
+    differ = [i for i, (a, b) in enumerate(zip(recomputed, kept)) if not torch.equal(a, b)]
+    print("conv output kept for the backward: outputs differing from the recomputing backward's", differ,
+          f"conv forwards {recomputing_calls} recomputing, {len(calls) - recomputing_calls} kept")
+    return not differ and (recomputing_calls, len(calls) - recomputing_calls) == (2, 1)
+
+
+ok &= check_kept_conv_output(g)
 sys.exit(0 if ok else 1)
