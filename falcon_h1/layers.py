@@ -315,8 +315,10 @@ class ParallelHybridMixer(MegatronModule):
             c.mamba_chunk_size, self.D, self.dt_bias, limit, k.triton_ssd,
             z=heads(z, d.ssm_heads) if self.gate_in_scan else None, seq_idx=seq_idx, initial_states=start,
         ).flatten(-2)
+        if cp is None:  # [s, b, .] before the norm, which then writes the out-projection's layout
+            y, z = y.transpose(0, 1), z.transpose(0, 1)
         y = self._norm_gated(y) if self.gate_in_scan else self.gated_output(y, z)
-        return y.transpose(0, 1) if cp is None else cp_mamba.from_chunk_batch(y, cp)
+        return y if cp is None else cp_mamba.from_chunk_batch(y, cp)
 
     def _norm_gated(self, y):
         """The scan's gated output y [..., d_ssm] -> the branch output: with mamba_rms_norm (gate
