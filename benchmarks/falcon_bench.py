@@ -204,9 +204,9 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
                                                "gate_in_scan": False}),
         "ours_fused_concatenated_in_grad": ours({"shared_in_projection_gradient": False}),
         "ours_fused_rope_op_by_op": ours({"triton_rotary": False}),
-        "ours_fused_norm_op_by_op": ours({"triton_rms_norm": False}),
+        "ours_fused_torch_norm": ours({"triton_rms_norm": False}),  # torch's fused RMSNorm after a separate add
         "ours_fused_keep_conv": ours({"mamba_keep_conv_output": True}),
-        "ours_fused_no_fused_norm": ours({"fused_rms_norm": False}),
+        "ours_fused_no_fused_norm": ours({"fused_rms_norm": False, "triton_rms_norm": False}),
         "ours_fused_ssd_recompute": ours({"ssd_keep_forward_states": False, "own_ssd_backward": False}),
         "ours_fused_own_ssd": ours({"own_ssd_forward": True, "own_ssd_backward": True}),
         "ours_fused_own_ssd_backward": ours({"own_ssd_backward": True}),
