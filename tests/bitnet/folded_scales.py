@@ -22,16 +22,17 @@ TOLERANCE = 1e-5  # fp32, relative L2 per output and per parameter gradient
 EVERY_LAYER = ["attention_qkv", "attention_out", "mamba_in", "mamba_out", "mlp", "lm_head"]
 
 
-def bitnet_model(bitnet_cfg, kernel_options, fused_projections: bool, as_built_on_gpu: bool = False):
-    """The BitNet model of CONFIG. as_built_on_gpu: keep every kernel option as asked, as
-    build_model does on a GPU (on a CPU it turns the Triton kernels off), for Triton's
+def bitnet_model(bitnet_cfg, kernel_options, fused_projections: bool, as_built_on_gpu: bool = False,
+                 **changes):
+    """The BitNet model of CONFIG (with `changes` to it). as_built_on_gpu: keep every kernel option
+    as asked, as build_model does on a GPU (on a CPU it turns the Triton kernels off), for Triton's
     interpreter."""
     from bitnet.spec import falcon_h1_linear_spec
     from falcon_h1.config import resolve
     from falcon_h1.model import FalconH1Model, build_model, make_transformer_config
     from falcon_h1.weights import init_weights
 
-    cfg = CONFIG.replace(fused_projections=fused_projections)
+    cfg = CONFIG.replace(fused_projections=fused_projections, **changes)
     linears = falcon_h1_linear_spec(bitnet_cfg, cfg.kernel_backend)
     if not as_built_on_gpu:
         return build_model(cfg, linears=linears, kernel_options=kernel_options, seed=11)

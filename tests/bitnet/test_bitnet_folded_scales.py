@@ -39,6 +39,21 @@ def test_folded_scales_compute_the_unfolded_bitnet_model(megatron_single, bitnet
     assert got[worst] <= TOLERANCE, (worst, got[worst], got)
 
 
+def test_folded_scales_compute_the_unfolded_bitnet_model_with_the_gated_norm(megatron_single):
+    """The released presets' gated RMSNorm (the gate first): folded, ssm_out_multiplier rides on
+    the norm's output instead of on x (which the norm would normalise away); bit for bit the model
+    with the multipliers on the activations."""
+    bitnet_cfg = BitNetConfig(enabled=True, layers=EVERY_LAYER)
+    folded, unfolded = (bitnet_model(bitnet_cfg, KernelOptions(fold_scales=fold), True, mamba_rms_norm=True)
+                        for fold in (True, False))
+    assert folding(folded) == {True} and folding(unfolded) == {False}
+    assert all(layer.mixer.norm_out_scale == CONFIG.ssm_out_multiplier for layer in folded.layers)
+    data = batch(CONFIG.vocab_size)
+    got = errors(run(folded, data), run(unfolded, data))
+    worst = max(got, key=got.get)
+    assert got[worst] <= TOLERANCE, (worst, got[worst], got)
+
+
 def test_folded_bitnet_projections_are_handed_their_row_scale(megatron_single):
     """The folded model hands BitNet's column linears the constant row-scale buffers (never a
     scaled weight, which would quantise differently), and their quantised weight is still made
