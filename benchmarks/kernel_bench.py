@@ -116,6 +116,15 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
         setattr(conv_triton, k, v)
     timed("conv_triton_fwd_bwd", lambda: kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc))
 
+    # the fused cross entropy's backward (timed with the conv sweep too): the logits' gradient scaled
+    # per token in place, torch's broadcasting multiply (what it ran before) against the Triton
+    # kernel; signs as scales keep the values from growing or vanishing over the repeats
+    from falcon_h1.kernels.cross_entropy import scale_rows_
+
+    logits_grad = torch.randn(seq * batch, 32784, device="cuda", dtype=torch.bfloat16)
+    signs = torch.randint(0, 2, (seq * batch,), device="cuda").float() * 2 - 1
+    out["ce_bwd_scale_torch_ms"] = bench(lambda: logits_grad.mul_(signs[:, None]))
+    out["ce_bwd_scale_triton_ms"] = bench(lambda: scale_rows_(logits_grad, signs))
     if which == "conv":
         return dict(out)
     ffn = 2048
