@@ -117,7 +117,7 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
     timed("conv_triton_fwd_bwd", lambda: kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc))
 
     # the fused cross entropy's backward (timed with the conv sweep too): the logits' gradient scaled
-    # per token in place, torch's broadcasting multiply (what it ran before) against the Triton
+    # per token in place, torch's broadcasting multiply against the Triton
     # kernel; signs as scales keep the values from growing or vanishing over the repeats
     from falcon_h1.kernels.cross_entropy import scale_rows_
 

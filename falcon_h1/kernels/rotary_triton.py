@@ -1,8 +1,8 @@
 """RoPE on the attention columns of the in-projection in Triton: q and k rotated in one pass
 each, and one gradient for the whole [q | k | v] block in the backward.
 
-Megatron's unfused `apply_rotary_pos_emb`, which the layer ran before, takes q and k one at a
-time as split views of the projection and runs cos, sin, two multiplies, a negation, a
+The unfused formula (Megatron's `apply_rotary_pos_emb`, and `kernels.rotary_reference`) takes q
+and k one at a time as split views of the projection and runs cos, sin, two multiplies, a negation, a
 concatenation for the rotated half, an add and a concatenation with the (empty) unrotated
 tail: ten activation-sized passes forward, as many backward, and the split of [q | k | v]
 then concatenates dq, dk and dv. Here the forward reads q and k once from the projection
