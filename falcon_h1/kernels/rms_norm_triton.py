@@ -16,9 +16,9 @@ written in the [s, b, .] layout the out-projection reads, and the input gradient
 layout the scan's backward reads, so neither direction has a transposing copy. Every tensor is
 addressed as [s, b, hidden] with its own sequence and batch strides (last dim contiguous).
 
-The sum is rounded to the input dtype before it is normalised, so the norm sees the residual
-stream exactly as the unfused `h + delta` leaves it. Arithmetic is fp32 (rounded once on output),
-as torch's fused RMSNorm.
+The sum is rounded to its dtype (torch's for x + delta) before it is normalised, so the norm sees
+the residual stream exactly as the unfused `h + delta` leaves it. Arithmetic is fp32 (rounded once
+on output), as torch's fused RMSNorm.
 
 Reference: `rms_norm_reference` and `gated_rms_norm_reference` in falcon_h1.kernels (tests
 compare both with float64).
@@ -125,10 +125,12 @@ def _forward(x, delta, weight, eps, groups, out_scale):
     """x (and delta) [s, b, h] -> (x + delta or x, the norm [s, b, h] contiguous, rstd [s * b, groups])."""
     s, b, hidden = x.shape
     rows, width = s * b, hidden // groups
-    out = torch.empty(s, b, hidden, dtype=x.dtype, device=x.device)
-    rstd = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
     has_delta = delta is not None
-    total = torch.empty(s, b, hidden, dtype=x.dtype, device=x.device) if has_delta else x
+    # the sum in torch's type for x + delta; the norm in its input's type
+    dtype = torch.promote_types(x.dtype, delta.dtype) if has_delta else x.dtype
+    out = torch.empty(s, b, hidden, dtype=dtype, device=x.device)
+    rstd = torch.empty(rows, groups, dtype=torch.float32, device=x.device)
+    total = torch.empty(s, b, hidden, dtype=dtype, device=x.device) if has_delta else x
     delta = delta if has_delta else x   # unread without HAS_DELTA
     block_h = triton.next_power_of_2(width)
     block_r = _block_rows(block_h, 16)
@@ -201,7 +203,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: i
 
 
 def residual_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(x + delta, RMSNorm(x + delta) * weight), the sum rounded to x's dtype before the norm."""
+    """(x + delta, RMSNorm(x + delta) * weight), the sum rounded to its dtype (torch's for x + delta)
+    before the norm."""
     if delta.shape != x.shape:
         raise ValueError(f"residual_rms_norm: x {tuple(x.shape)} and delta {tuple(delta.shape)} must have one shape")
     return _ResidualRMSNorm.apply(x, delta, weight, eps)

@@ -200,6 +200,18 @@ def check_group_rms_norm(batch, length, groups, width, g):
     return {"out": rel(out, want), "dy": rel(ys.grad, y64.grad), "dweight": rel(ws.grad, w64.grad)}
 
 
+def check_mixed_dtype_residual(g):
+    """An fp32 residual stream plus a bf16 delta: the sum in fp32, bit for bit torch's x + delta
+    (the bf16 values widen exactly), and the norm's output in fp32 too."""
+    x = torch.randn(7, 2, 96, generator=g)
+    delta = torch.randn(7, 2, 96, generator=g).bfloat16()
+    w = torch.rand(96, generator=g) + 0.5
+    total, out = residual_rms_norm_triton(x, delta, w, 1e-5)
+    want = rms_norm_float64(total.double(), w.double(), 1e-5)
+    same_sum = total.dtype == torch.float32 and torch.equal(total, x + delta) and out.dtype == torch.float32
+    return {"out": rel(out, want), "sum differs from torch's x + delta": 0.0 if same_sum else 1.0}
+
+
 def main():
     g = torch.Generator().manual_seed(0)
     errors, leak_errors, bf16_errors = {}, {}, {}
@@ -234,6 +246,8 @@ def main():
     for rows, hidden, with_residual in [(37, 200, True), (9, 1024, False), (19, 1024, True), (3, 3000, False)]:
         for name, err in check_rms_norm(rows, hidden, with_residual, torch.float32, g).items():
             errors[f"rms_norm s{rows} x b2 h{hidden} residual={with_residual} {name}"] = err
+    for name, err in check_mixed_dtype_residual(g).items():
+        errors[f"rms_norm fp32 + bf16 residual {name}"] = err
     for batch, length, groups, width in [(2, 19, 3, 40), (1, 33, 1, 128)]:
         for name, err in check_group_rms_norm(batch, length, groups, width, g).items():
             errors[f"group rms_norm b{batch} l{length} groups={groups} x {width} {name}"] = err
