@@ -79,19 +79,19 @@ def _same_view(t: torch.Tensor, ref: torch.Tensor) -> bool:
 class _SplitInProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projection, gradient, offset):
-        ctx.gradient, ctx.offset = gradient, offset
+        ctx.gradient = gradient
         return projection[..., :offset], projection[..., offset:]
 
     @staticmethod
     def backward(ctx, d_first, d_mamba):  # an unused output's gradient arrives as zeros (materialized)
-        offset, buffer = ctx.offset, ctx.gradient.take_buffer()
-        if buffer is None:  # neither branch wrote into a shared buffer: concatenate
+        gradient = ctx.gradient
+        if gradient.buffer is None:  # neither branch wrote into a shared buffer: concatenate
             return torch.cat([d_first, d_mamba], dim=-1), None, None
         # a part that came another way than through the buffer (not written there) is copied in
-        for part, columns in ((d_first, buffer[..., :offset]), (d_mamba, buffer[..., offset:])):
+        for part, columns in ((d_first, gradient.attention_columns()), (d_mamba, gradient.mamba_columns())):
             if not _same_view(part, columns):
                 columns.copy_(part)
-        return buffer, None, None
+        return gradient.take_buffer(), None, None
 
 
 def split_in_projection(projection: torch.Tensor, offset: int):

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 ROWS_PER_PROGRAM = 16  # backward: rows each program reduces the weight gradient over
+FWD_MAX_ROWS = 16  # forward: at most this many rows a program
 TILE = 4096  # elements of a [rows, columns] tile a program loads at once
 
 
@@ -133,7 +134,7 @@ def _forward(x, delta, weight, eps, groups, out_scale):
     total = torch.empty(s, b, hidden, dtype=dtype, device=x.device) if has_delta else x
     delta = delta if has_delta else x   # unread without HAS_DELTA
     block_h = triton.next_power_of_2(width)
-    block_r = _block_rows(block_h, 16)
+    block_r = _block_rows(block_h, FWD_MAX_ROWS)
     _rms_norm_fwd_kernel[(triton.cdiv(rows, block_r), groups)](
         x, delta, weight, total, out, rstd, rows, b, width, eps, float(out_scale), *_strides(x), *_strides(delta),
         *_strides(total), *_strides(out), HAS_DELTA=has_delta, BLOCK_R=block_r, BLOCK_H=block_h,
@@ -146,16 +147,17 @@ def _backward(normed_input, weight, rstd, dout, dsum, groups, out_scale):
     normed_input's memory layout."""
     s, b, hidden = normed_input.shape
     rows, width = s * b, hidden // groups
+    has_dsum = dsum is not None
     dout = _as_3d(dout)
-    dsum = _as_3d(dsum) if dsum is not None else None
+    dsum = _as_3d(dsum) if has_dsum else dout   # unread without HAS_DSUM
     dx = torch.empty_like(normed_input)
     programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
     dw = torch.empty(programs, hidden, dtype=torch.float32, device=normed_input.device)
     block_h = triton.next_power_of_2(width)
     _rms_norm_bwd_kernel[(programs, groups)](
-        normed_input, weight, rstd, dout, dsum if dsum is not None else dout, dx, dw, rows, b, width, hidden,
-        float(out_scale), *_strides(normed_input), *_strides(dout), *_strides(dsum if dsum is not None else dout),
-        *_strides(dx), HAS_DSUM=dsum is not None, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
+        normed_input, weight, rstd, dout, dsum, dx, dw, rows, b, width, hidden, float(out_scale),
+        *_strides(normed_input), *_strides(dout), *_strides(dsum), *_strides(dx), HAS_DSUM=has_dsum,
+        ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
         BLOCK_R=_block_rows(block_h, ROWS_PER_PROGRAM), BLOCK_H=block_h, num_warps=_warps(block_h))
     return dx, dw.sum(0).to(weight.dtype)
 

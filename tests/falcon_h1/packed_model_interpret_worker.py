@@ -55,10 +55,9 @@ print(f"gradients that differ from the concatenated in-projection gradient's: {d
 # RoPE and the RMSNorms (with the residual add before the MLP's) in their Triton kernels against
 # the reference formulas op by op (fp32: rounding apart)
 op_by_op = run_packed(triton_model(replace(TRITON, triton_rotary=False, triton_rms_norm=False)), data)
-rope_errors = {name: ((grad - op_by_op["grads"][name]).norm() / op_by_op["grads"][name].norm()).item()
-               for name, grad in packed["grads"].items()}
+rope_errors = errors(packed, op_by_op)
 rope_worst = max(rope_errors, key=rope_errors.get)
-print(f"against RoPE and RMSNorm op by op: worst grad {rope_worst} {rope_errors[rope_worst]:.1e}")
+print(f"against RoPE and RMSNorm op by op: worst {rope_worst} {rope_errors[rope_worst]:.1e}")
 # the gated RMSNorm presets (mamba_rms_norm, the gate first) take the fused branch too, its norm after
 # it: against the same weights on the PyTorch reference path (another scan and conv: fp32 rounding
 # reaches 8e-6 in the conv's B weights, as it does for the model without the norm)
@@ -69,10 +68,7 @@ assert all(layer.mixer.fused_mamba_branch and layer.mixer.shares_in_projection_g
            for layer in norm_model.layers), "the gated RMSNorm model did not take the fused branch"
 reference = triton_model(KernelOptions().for_device("reference", torch.device("cpu")), config=NORM_CONFIG)
 norm_packed, norm_reference = run_packed(norm_model, data), run_packed(reference, data)
-norm_errors = {name: ((grad - norm_reference["grads"][name]).norm() / norm_reference["grads"][name].norm()).item()
-               for name, grad in norm_packed["grads"].items()}
-norm_errors["logits"] = ((norm_packed["logits"] - norm_reference["logits"]).norm()
-                         / norm_reference["logits"].norm()).item()
+norm_errors = errors(norm_packed, norm_reference)
 norm_worst = max(norm_errors, key=norm_errors.get)
 print(f"gated RMSNorm model on the fused branch against the reference path: worst {norm_worst} "
       f"{norm_errors[norm_worst]:.1e}")

@@ -179,7 +179,8 @@ def test_triton_residual_rms_norm_matches_reference(dtype, tolerance, hidden):
     torch.autograd.backward([total, out], [dsum.to(dtype), dout.to(dtype)])
     assert torch.equal(total, (xs + ds).detach())
     rounded = x64 + d64 + (total.detach().double() - (x64 + d64)).detach()  # the rounded sum, exact gradient
-    want = rounded * torch.rsqrt(rounded.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    norm64 = lambda t, weight: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+    want = norm64(rounded, w64)
     torch.autograd.backward([x64 + d64, want], [dsum.to(dtype).double(), dout.to(dtype).double()])
     errors = {"out": rel(out, want), "dx": rel(xs.grad, x64.grad), "ddelta": rel(ds.grad, d64.grad),
               "dweight": rel(ws.grad, w64.grad)}
@@ -187,7 +188,7 @@ def test_triton_residual_rms_norm_matches_reference(dtype, tolerance, hidden):
     plain = rms_norm_triton(plain_in, plain_w, 1e-5)
     plain.backward(dout.to(dtype))
     p64, pw64 = leaf(x, True), leaf(w, True)
-    want_plain = p64 * torch.rsqrt(p64.pow(2).mean(-1, keepdim=True) + 1e-5) * pw64
+    want_plain = norm64(p64, pw64)
     want_plain.backward(dout.to(dtype).double())
     errors.update(plain_out=rel(plain, want_plain), plain_dx=rel(plain_in.grad, p64.grad),
                   plain_dweight=rel(plain_w.grad, pw64.grad))

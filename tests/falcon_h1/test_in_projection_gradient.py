@@ -1,6 +1,6 @@
 """kernels.mamba_branch.split_in_projection: the fused in-projection's columns handed to the
 attention and Mamba branches, and its gradient built without concatenating theirs when the Mamba
-branch writes into the shared buffer (checked against autograd's own split, in float64, on CPU; the
+branch (and the attention's RoPE) write into the shared buffer (checked against autograd's own split, in float64, on CPU; the
 real fused branch in Triton's interpreter: mamba_branch_interpret_worker.py, check_shared)."""
 
 import pytest
@@ -12,35 +12,33 @@ S, B, FIRST, MAMBA = 7, 3, 5, 11
 
 
 class _WritesIntoSharedGradient(torch.autograd.Function):
-    """Stands in for the fused Mamba branch: y = 2 * x on the [b, s, .] view of the Mamba columns,
-    its input gradient written into the InProjectionGradient's buffer."""
+    """Stands in for a branch that writes its input gradient into the InProjectionGradient's buffer:
+    y = factor * x, with `columns` the buffer's columns it takes (the Mamba branch's, as [b, s, .]
+    like the fused branch; the attention's, as the RoPE kernel in kernels.rotary_triton)."""
 
     @staticmethod
-    def forward(ctx, columns_bs, gradient):
-        ctx.gradient = gradient
-        return columns_bs * 2
-
-    @staticmethod
-    def backward(ctx, dy):
-        d_columns = ctx.gradient.mamba_columns().transpose(0, 1)
-        torch.mul(dy, 2, out=d_columns)
-        return d_columns, None
-
-
-class _AttentionWritesIntoSharedGradient(torch.autograd.Function):
-    """Stands in for the attention's RoPE kernel (kernels.rotary_triton): y = 3 * x on the attention
-    columns, its input gradient written into the buffer's attention columns."""
-
-    @staticmethod
-    def forward(ctx, first, gradient):
-        ctx.gradient = gradient
-        return first * 3
+    def forward(ctx, x, gradient, columns, factor):
+        ctx.gradient, ctx.columns, ctx.factor = gradient, columns, factor
+        return x * factor
 
     @staticmethod
     def backward(ctx, dy):
-        d_first = ctx.gradient.attention_columns()
-        torch.mul(dy, 3, out=d_first)
-        return d_first, None
+        if ctx.columns == "mamba":
+            dx = ctx.gradient.mamba_columns().transpose(0, 1)
+        else:
+            dx = ctx.gradient.attention_columns()
+        torch.mul(dy, ctx.factor, out=dx)
+        return dx, None, None, None
+
+
+def _mamba_writes(columns_bs, gradient):
+    """The fused Mamba branch's stand-in: y = 2 * x on the [b, s, .] view of the Mamba columns."""
+    return _WritesIntoSharedGradient.apply(columns_bs, gradient, "mamba", 2)
+
+
+def _attention_writes(first, gradient):
+    """The attention RoPE kernel's stand-in: y = 3 * x on the attention columns."""
+    return _WritesIntoSharedGradient.apply(first, gradient, "attention", 3)
 
 
 def _inputs(seed=0):
@@ -65,7 +63,7 @@ def _autograd_split(proj, d_first, dy):
 def _shared(proj, d_first, dy, writes_into_buffer=True):
     leaf = proj.clone().requires_grad_()
     first, columns, gradient = split_in_projection(leaf, FIRST)
-    y = (_WritesIntoSharedGradient.apply(columns.transpose(0, 1), gradient) if writes_into_buffer
+    y = (_mamba_writes(columns.transpose(0, 1), gradient) if writes_into_buffer
          else columns.transpose(0, 1) * 2)
     outputs, grads = [y], [dy]
     if d_first is not None:
@@ -114,8 +112,8 @@ def test_both_branches_writing_into_the_buffer_leave_the_split_nothing_to_copy(a
     leaf = proj.clone().requires_grad_()
     first, columns, gradient = split_in_projection(leaf, FIRST)
     # autograd runs the backward of the node created last first
-    mamba = lambda: _WritesIntoSharedGradient.apply(columns.transpose(0, 1), gradient)
-    attention = lambda: _AttentionWritesIntoSharedGradient.apply(first, gradient)
+    mamba = lambda: _mamba_writes(columns.transpose(0, 1), gradient)
+    attention = lambda: _attention_writes(first, gradient)
     if attention_first:
         y, o = mamba(), attention()
     else:
