@@ -14,6 +14,7 @@ from falcon_h1.config import FalconH1Config, check_recompute_layers, resolve
 from falcon_h1.errors import ConfigValueError, is_int_at_least
 from falcon_h1.mup import MODES, MULTIPLIER_FIELDS
 from recipes.config import RecipeConfig
+from recipes.profiling import validate_profile_window
 from recipes.schedules import LrSchedule, checked_schedule
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -146,6 +147,7 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
     if recipe.logger.wandb:
         resolve_wandb_mode(recipe.logger.wandb_mode)
     validate_cuda_graph(recipe)
+    validate_profile_window(t)
     validate_optimizer_offload(recipe)
     return CheckedRecipe(model_cfg, schedule)
 

@@ -138,6 +138,11 @@ class TrainConfig:
     # graph) after cuda_graph_warmup_steps eager steps: removes host launch overhead.
     cuda_graph: bool = False
     cuda_graph_warmup_steps: int = 2
+    # Profile steps profile_step_start..profile_step_end (counted from 1; 0 = none) with torch's
+    # profiler: a timeline and a table of kernels by device time under run_dir/profile/
+    # (recipes/profiling.py). With cuda_graph the window starts after the capture step.
+    profile_step_start: int = 0
+    profile_step_end: int = 0
     # Optimizer step without Apex/Transformer Engine: foreach kernels for the gradient norm and
     # the main-to-model parameter copies (any device; Megatron's own fallbacks read every
     # parameter's norm back to the host, a sync each) and torch's fused AdamW (GPU); false: Megatron's.

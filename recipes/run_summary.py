@@ -47,6 +47,8 @@ class TrainSummary:
     heldout: list[tuple[int, Any]] = field(default_factory=list)
     # where the metrics went (tracking_lines)
     tracking: list[str] = field(default_factory=list)
+    # train.profile_step_start: which steps were profiled and where the outputs are (recipes.profiling)
+    profile: Optional[str] = None
 
     def report(self) -> str:
         """What the run did and where its outputs are, as `falcon-train` prints it."""
@@ -61,5 +63,6 @@ class TrainSummary:
             + f"report:      falcon-report {self.run_dir}"
             + (f"\nCUDA graph:  captured at step {self.cuda_graph_step}, replayed after"
                if self.cuda_graph_step else "")
+            + (f"\nprofile:     {self.profile}" if self.profile else "")
             + (f"\nsample:      {self.sample}" if self.sample else "")
         )

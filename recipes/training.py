@@ -89,6 +89,7 @@ def train(recipe: RecipeConfig) -> TrainSummary:
 
     from recipes.build import UNCHECKPOINTED_OFFLOAD
     from recipes.generate import sample_after_training
+    from recipes.profiling import StepProfiler
     from recipes.resume import finished_run
     from recipes.stop_signals import StoppedBySignal, stop_on_signals
 
@@ -105,11 +106,14 @@ def train(recipe: RecipeConfig) -> TrainSummary:
     state.ddp_model.train()
     stopped = None
     unsaved = UNCHECKPOINTED_OFFLOAD if t.optimizer_offload_fraction else None  # why a stop saves nothing
+    profiler = StepProfiler(t, state.run_dir, _rank(), state.start_step + 1)
     with state.run_lock, state.progress, state.tracker, stop_on_signals() as stop, \
-            _training_schedule(get_forward_backward_func(), t) as fwd_bwd:
+            _training_schedule(get_forward_backward_func(), t) as fwd_bwd, profiler:
         score_heldout_questions(state, state.start_step)
         for step in range(state.start_step, t.max_steps):
+            profiler.before_step(step + 1)
             result = train_step(state, fwd_bwd, step)
+            profiler.after_step(step + 1)
             signum = stop.agreed(state.device)
             if log_eval_save(state, step + 1, result, save_now=signum is not None and not unsaved):
                 break
@@ -117,7 +121,9 @@ def train(recipe: RecipeConfig) -> TrainSummary:
                 stopped = StoppedBySignal(signum, step + 1, str(state.ckpt_root), str(state.run_dir), unsaved)
                 break
         score_heldout_questions(state, state.start_step + len(state.losses))
+        profiler.close()  # a loop that stopped before profile_step_end writes what it profiled
         summary = finish(state)
+        summary.profile = profiler.notice
     if stopped is not None:
         if _rank() == 0:
             print(f"falcon-train: {stopped.message()}", flush=True)
