@@ -84,6 +84,9 @@ class FalconH1Config:
     attention_backend: str = "auto"
     kernel_backend: str = "auto"
     ssd_kernels: str = "mamba_ssm"
+    # The fused Mamba branch keeps its conv output for the backward ([b, s, conv channels] a layer)
+    # instead of recomputing it there (KernelOptions.mamba_keep_conv_output): faster where memory is spare.
+    mamba_keep_conv_output: bool = False
     # Hugging Face config.json keys that do not change what the model computes (token ids,
     # use_cache, transformers_version, TII's own keys, ...) and the source's
     # generation_config.json: falcon_h1.from_hf keeps them, falcon_h1.to_hf writes them back.
@@ -151,6 +154,13 @@ def check_context_parallel(cfg: FalconH1Config, cp: int) -> None:
             "the fused Mamba branch, which scans each sequence from a zero state, and a context-parallel rank's "
             "chunks start from the previous rank's state (mamba_ssm's scan takes it); allowed: 'mamba_ssm', or "
             "parallel.cp = 1.")
+    if cp > 1 and cfg.has_mamba and cfg.mamba_keep_conv_output:
+        raise ConfigValueError(
+            "model.mamba_keep_conv_output", True, "false, or parallel.cp = 1",
+            message=f"model.mamba_keep_conv_output = true is not allowed with parallel.cp = {cp}: it keeps the "
+            "fused Mamba branch's conv output, and context-parallel ranks take the unfused path (their chunks "
+            "start from the previous rank's state), which keeps what its own autograd needs; allowed: false, "
+            "or parallel.cp = 1.")
     if cp > 1 and cfg.has_attention and rope_type(cfg) in ("dynamic", "longrope"):
         raise ConfigValueError(
             "model.rope_scaling", cfg.rope_scaling, "another rope_type, or parallel.cp = 1",
@@ -239,6 +249,15 @@ def validate(cfg: FalconH1Config, tp: int = 1) -> FalconH1Config:
               f"branch, which takes mamba_d_conv = 4 and the gate before any gated RMSNorm (mamba_rms_norm = false "
               f"or mamba_norm_before_gate = false; got {cfg.mamba_d_conv}, {cfg.mamba_rms_norm} and "
               f"{cfg.mamba_norm_before_gate})")
+    if not isinstance(cfg.mamba_keep_conv_output, bool):
+        _fail("mamba_keep_conv_output", cfg.mamba_keep_conv_output, "true or false")
+    if cfg.mamba_keep_conv_output and cfg.has_mamba and (cfg.kernel_backend == "reference"
+                                                         or not fits_fused_mamba_branch(cfg)):
+        _fail("mamba_keep_conv_output", cfg.mamba_keep_conv_output,
+              "false here: only the fused Mamba branch recomputes its conv output, and these layers do not take "
+              f"it (it needs kernel_backend 'auto' or 'triton', got {cfg.kernel_backend!r}; mamba_d_conv = 4, got "
+              f"{cfg.mamba_d_conv}; the gate before any gated RMSNorm, got mamba_rms_norm = {cfg.mamba_rms_norm} "
+              f"and mamba_norm_before_gate = {cfg.mamba_norm_before_gate})")
     if len(cfg.ssm_multipliers) != 5:
         _fail("ssm_multipliers", cfg.ssm_multipliers, "5 numbers (z, x, B, C, dt)")
     if len(cfg.mlp_multipliers) != 2:

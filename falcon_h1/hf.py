@@ -21,7 +21,7 @@ from falcon_h1.weights import gather_hf_state, load_local_from_hf, merge_hf_stat
 
 # FalconH1Config fields that are not Hugging Face config keys of the same meaning.
 _OWN_FIELDS = {"name", "attention_ratio", "layer_pattern", "fused_projections", "attention_backend",
-               "kernel_backend", "ssd_kernels", "rope_theta", "rope_scaling", "hf_extra_config", "hf_generation_config"}
+               "kernel_backend", "ssd_kernels", "mamba_keep_conv_output", "rope_theta", "rope_scaling", "hf_extra_config", "hf_generation_config"}
 _ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor")
 # config.json keys Hugging Face's FalconH1 reads that change the result although they are no
 # field of ours: each is accepted only with the value this implementation computes.

@@ -241,7 +241,7 @@ def build_model(
                                      bf16, recompute, cp=parallel_state.get_context_parallel_world_size(),
                                      recompute_layers=recompute_layers)
     model = FalconH1Model(
-        cfg, config, linears, kernel_options.with_ssd_kernels(cfg.ssd_kernels).for_device(cfg.kernel_backend, device),
+        cfg, config, linears, kernel_options.with_model_choices(cfg.ssd_kernels, cfg.mamba_keep_conv_output).for_device(cfg.kernel_backend, device),
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         context_parallel=layout)
     model.to(device)

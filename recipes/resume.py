@@ -37,6 +37,7 @@ RESUME_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("model.attention_backend", None),  # how attention is computed, not what
     ("model.kernel_backend", None),
     ("model.ssd_kernels", None),
+    ("model.mamba_keep_conv_output", None),
     ("model.*", _MODEL),  # the µP multipliers too: mup.mode is resolved into model.* when composed
     ("bitnet.enabled", _MODEL),
     ("bitnet.layers", _MODEL),

@@ -23,7 +23,8 @@ class KernelOptions:
     """Which optimisations a model's kernels use (all on by default), fixed when the model is
     built (`falcon_h1.model.build_model(..., kernel_options=...)`) and held by its modules.
     falcon-bench builds one model per setting to measure each; training keeps the defaults but for
-    the SSD scan's kernels, which model.ssd_kernels chooses (`with_ssd_kernels`).
+    the SSD scan's kernels and the conv output's keeping, which model.ssd_kernels and
+    model.mamba_keep_conv_output choose (`with_model_choices`).
 
     The GPU-kernel switches only apply where the GPU path runs (CUDA and model.kernel_backend
     'auto' or 'triton'): `for_device` turns them off elsewhere. fold_scales and gate_in_scan
@@ -73,12 +74,13 @@ class KernelOptions:
             raise ValueError(f"KernelOptions.packed_attention = {self.packed_attention!r} is not allowed: one of "
                              f"{allowed} (causal attention within the documents of packed rows).")
 
-    def with_ssd_kernels(self, ssd_kernels: str) -> "KernelOptions":
-        """These options under model.ssd_kernels (falcon_h1.config.SSD_KERNELS): 'own' asks for this
-        project's scan forward and backward; 'mamba_ssm' keeps what was asked here."""
-        if ssd_kernels == "own":
-            return replace(self, own_ssd_forward=True, own_ssd_backward=True)
-        return self
+    def with_model_choices(self, ssd_kernels: str, keep_conv_output: bool) -> "KernelOptions":
+        """These options under the model config's kernel choices: model.ssd_kernels
+        (falcon_h1.config.SSD_KERNELS: 'own' asks for this project's scan forward and backward,
+        'mamba_ssm' keeps what was asked here) and model.mamba_keep_conv_output (true turns it on)."""
+        own = ssd_kernels == "own"
+        return replace(self, own_ssd_forward=self.own_ssd_forward or own, own_ssd_backward=self.own_ssd_backward or own,
+                       mamba_keep_conv_output=self.mamba_keep_conv_output or keep_conv_output)
 
     def for_device(self, backend: str, device: torch.device) -> "KernelOptions":
         """These options as a model on `device` with model.kernel_backend = `backend` runs them:

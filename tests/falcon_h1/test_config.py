@@ -21,6 +21,10 @@ from falcon_h1.presets import get_preset
     (dict(ssd_kernels="cuda"), 1, "ssd_kernels"),
     (dict(ssd_kernels="own", kernel_backend="reference"), 1, "ssd_kernels"),  # would run no Triton scan
     (dict(ssd_kernels="own", mamba_rms_norm=True, mamba_norm_before_gate=True), 1, "ssd_kernels"),  # the fused branch gates in the scan
+    # only the fused branch recomputes its conv output: refused where the layers do not take it
+    (dict(mamba_keep_conv_output=True, kernel_backend="reference"), 1, "mamba_keep_conv_output"),
+    (dict(mamba_keep_conv_output=True, mamba_d_conv=3), 1, "mamba_keep_conv_output"),
+    (dict(mamba_keep_conv_output="yes"), 1, "mamba_keep_conv_output"),
     (dict(projectors_bias=True), 1, "projectors_bias"),  # biases are not implemented: refused, not ignored
     (dict(attention_bias=True), 1, "attention_bias"),
     (dict(mlp_bias=True), 1, "mlp_bias"),

@@ -196,15 +196,19 @@ def test_model_ssd_kernels_own_asks_for_the_own_scan_where_the_gpu_path_runs(meg
     from falcon_h1.model import build_model
     from falcon_h1.presets import get_preset
 
-    own = KernelOptions().with_ssd_kernels("own")
-    assert own.own_ssd_forward and own.own_ssd_backward
-    asked = KernelOptions(own_ssd_forward=True)
-    assert asked.with_ssd_kernels("mamba_ssm") == asked
+    own = KernelOptions().with_model_choices("own", keep_conv_output=False)
+    assert own.own_ssd_forward and own.own_ssd_backward and not own.mamba_keep_conv_output
+    asked = KernelOptions(own_ssd_forward=True, mamba_keep_conv_output=True)
+    assert asked.with_model_choices("mamba_ssm", keep_conv_output=False) == asked
+    assert KernelOptions().with_model_choices("mamba_ssm", keep_conv_output=True).mamba_keep_conv_output
     with pytest.raises(ValueError, match="own_ssd_backward.*ssd_keep_forward_states"):
-        KernelOptions(ssd_keep_forward_states=False).with_ssd_kernels("own")
+        KernelOptions(ssd_keep_forward_states=False).with_model_choices("own", keep_conv_output=False)
     model = build_model(get_preset("falcon_h1_micro").replace(ssd_kernels="own"), device=torch.device("cpu"),
                         initialize=False)
     assert not (model.kernel_options.own_ssd_forward or model.kernel_options.own_ssd_backward)
+    kept = build_model(get_preset("falcon_h1_micro").replace(mamba_keep_conv_output=True), device=torch.device("cpu"),
+                       initialize=False)
+    assert kept.kernel_options.mamba_keep_conv_output
 
 
 def test_packed_attention_auto_is_varlen_only_where_varlen_runs():

@@ -23,6 +23,8 @@ MICRO = ["model=falcon_h1_micro"]
       "model.num_key_value_heads=4", "model.mamba_n_groups=4"], "a multiple of parallel.cp * parallel.tp = 12"),
     # the own scan kernels live in the fused Mamba branch, which scans from a zero state
     (["parallel.cp=2", "model.ssd_kernels=own"], "model.ssd_kernels = 'own' is not allowed with parallel.cp = 2"),
+    (["parallel.cp=2", "model.mamba_keep_conv_output=true"],
+     "model.mamba_keep_conv_output = true is not allowed with parallel.cp = 2"),
 ])
 def test_impossible_context_parallel_recipe_fails_naming_the_key(overrides, message):
     with pytest.raises(ValueError) as err:
