@@ -95,8 +95,13 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
     xd = xc.detach()
     out["conv_triton_fwd_ms"] = bench(lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach()))
     out["conv_triton_bwd_ms"] = bench(lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
+    out["conv_triton_fwd_streaming_ms"] = bench(
+        lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach(), streaming=True))
+    out["conv_triton_bwd_streaming_ms"] = bench(
+        lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach(), streaming=True))
     names = ("FWD_BLOCK_L", "FWD_BLOCK_C", "FWD_WARPS", "BWD_BLOCK_L", "BWD_BLOCK_C", "BWD_WARPS",
-             "BWD_ROWS_PER_PROGRAM", "BWD_RELOAD_WINDOWS", "BWD_STAGES")
+             "BWD_ROWS_PER_PROGRAM", "BWD_RELOAD_WINDOWS", "BWD_STAGES", "STREAM_BLOCK_C", "STREAM_WARPS",
+             "STREAM_ROWS_PER_PROGRAM")
     defaults = {k: getattr(conv_triton, k) for k in names}
     sweep_tiles = which in ("all", "conv")
     for bl, bc, nw in [(16, 128, 4), (64, 128, 4), (32, 256, 8), (64, 64, 4)] if sweep_tiles else []:
@@ -112,6 +117,14 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
         conv_triton.BWD_ROWS_PER_PROGRAM, conv_triton.BWD_RELOAD_WINDOWS, conv_triton.BWD_STAGES = rows, reload, stages
         out[f"conv_bwd_tiles_{bl}x{bc}w{nw}r{rows}{'_reload' if reload else ''}_s{stages}_ms"] = bench(
             lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach()))
+    # the one-pass backward: (channels, warps, rows a program)
+    for bc, nw, rows in [(64, 1, 64), (128, 1, 32), (128, 1, 128), (256, 1, 64), (256, 2, 64), (128, 2, 64)] \
+            if sweep_tiles else []:
+        conv_triton.STREAM_BLOCK_C, conv_triton.STREAM_WARPS, conv_triton.STREAM_ROWS_PER_PROGRAM = bc, nw, rows
+        out[f"conv_fwd_streaming_{bc}w{nw}r{rows}_ms"] = bench(
+            lambda: conv_triton.conv_silu_forward(xd, w.detach(), bias.detach(), streaming=True))
+        out[f"conv_bwd_streaming_{bc}w{nw}r{rows}_ms"] = bench(
+            lambda: conv_triton.conv_silu_backward(dyc, xd, w.detach(), bias.detach(), streaming=True))
     for k, v in defaults.items():
         setattr(conv_triton, k, v)
     timed("conv_triton_fwd_bwd", lambda: kernels.causal_conv1d_silu(xc, w, bias, True).backward(dyc))

@@ -294,17 +294,19 @@ class ParallelHybridMixer(MegatronModule):
                                 d.groups, c.mamba_chunk_size, tuple(c.time_step_limit), seq_idx=seq_idx,
                                 keep_forward_states=k.ssd_keep_forward_states, own_forward=k.own_ssd_forward,
                                 own_backward=k.own_ssd_backward, in_projection_gradient=in_projection_gradient,
-                                keep_conv_output=k.mamba_keep_conv_output)
+                                keep_conv_output=k.mamba_keep_conv_output,
+                                streaming_conv=k.streaming_conv)
             return self._norm_gated(y.transpose(0, 1))
         # [b, s, .] views; under context parallelism this rank's chunks as a batch [chunks * b, c, .]
         zx = zxbcdt.transpose(0, 1) if cp is None else cp_mamba.as_chunk_batch(zxbcdt, cp)
         z, xBC, dt = zx.split([d.z, d.conv_channels, d.dt], dim=-1)
         if cp is None:
             xBC = kernels.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, k.triton_conv,
-                                             out_scale=conv_scale, seq_idx=seq_idx)
+                                             out_scale=conv_scale, seq_idx=seq_idx,
+                                             streaming=k.streaming_conv)
         else:
             xBC = cp_mamba.causal_conv1d_silu(xBC, self.conv1d_weight, self.conv1d_bias, k.triton_conv, conv_scale,
-                                              cp)
+                                              cp, streaming=k.streaming_conv)
         x, B, C = xBC.split([d.z, d.bc, d.bc], dim=-1)
         heads = lambda t, n: t.unflatten(-1, (n, -1))  # splitting the contiguous last dim: a view
         A, limit = -torch.exp(self.A_log.float()), tuple(c.time_step_limit)

@@ -49,8 +49,10 @@ def _previous_chunks(per_chunk: torch.Tensor, layout: ContextParallelLayout) -> 
     return torch.stack(rows)
 
 
-def causal_conv1d_silu(xBC, weight, bias, triton: bool, out_scale, layout: ContextParallelLayout):
-    """xBC [chunks * b, c, ch] -> silu(causal conv) of the same shape, over the whole sequence."""
+def causal_conv1d_silu(xBC, weight, bias, triton: bool, out_scale, layout: ContextParallelLayout,
+                       streaming: bool = False):
+    """xBC [chunks * b, c, ch] -> silu(causal conv) of the same shape, over the whole sequence
+    (streaming: kernels.causal_conv1d_silu's)."""
     halo = weight.shape[-1] - 1
     mb, c, ch = xBC.shape
     if c < halo:
@@ -59,7 +61,8 @@ def causal_conv1d_silu(xBC, weight, bias, triton: bool, out_scale, layout: Conte
     b = mb // len(layout.local_chunks)
     tails = layout.gather(xBC[:, c - halo:], dim=0).unflatten(0, (-1, b))  # [gathered chunks, b, halo, ch]
     before = _previous_chunks(tails, layout).flatten(0, 1)
-    out = kernels.causal_conv1d_silu(torch.cat([before, xBC], dim=1), weight, bias, triton, out_scale=out_scale)
+    out = kernels.causal_conv1d_silu(torch.cat([before, xBC], dim=1), weight, bias, triton, out_scale=out_scale,
+                                     streaming=streaming)
     return out[:, halo:]
 
 

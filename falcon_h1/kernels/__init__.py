@@ -57,6 +57,10 @@ class KernelOptions:
     # (kernels.ssd_fwd), the backward from the kept states (kernels.ssd_bwd: needs ssd_keep_forward_states)
     own_ssd_forward: bool = False
     own_ssd_backward: bool = False
+    # the Triton conv walking the rows, forward and backward: each x (and dy) row read once, the
+    # backward in one pass (kernels.conv_triton's streaming kernels); off: row tiles reading shifted
+    # windows, the backward in two passes through an fp32 buffer
+    streaming_conv: bool = False
     fused_cross_entropy: bool = True  # Triton loss + gradient in one forward; off: Megatron's fp32 copy
     # causal attention within the documents of packed rows on the GPU path (one of
     # kernels.document_attention.BACKENDS, or "auto": varlen flash attention for fp16/bf16, SDPA
@@ -91,6 +95,7 @@ class KernelOptions:
             self,
             triton_ssd=self.triton_ssd and gpu,
             triton_conv=self.triton_conv and gpu,
+            streaming_conv=self.streaming_conv and self.triton_conv and gpu,
             triton_swiglu=self.triton_swiglu and gpu,
             triton_rotary=self.triton_rotary and gpu,
             # the branch is built from mamba_ssm's scan and the Triton conv
@@ -164,19 +169,21 @@ def ssd_scan(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_limit, fast: bool, z
     return y if z is None else y * F.silu(z)
 
 
-def causal_conv1d_silu(x, weight, bias, fast: bool, out_scale=None, seq_idx=None):
+def causal_conv1d_silu(x, weight, bias, fast: bool, out_scale=None, seq_idx=None, streaming=False):
     """x [b, l, c] -> silu(causal depthwise conv) [b, l, c], times out_scale [c] (a constant) if given.
 
     fast (KernelOptions.triton_conv): the Triton kernel, for width-4 convolutions. It reads x in
     place (channel stride 1, any batch/sequence strides) and returns a contiguous [b, l, c]; the
     reference goes through torch's [b, c, l] conv1d.
     With seq_idx [b, l] int32 (kernels.documents) no tap reads another packed document.
+    streaming (KernelOptions.streaming_conv): the Triton kernels walk the rows in one pass.
     """
     check_seq_idx(seq_idx, x.shape[:2])
     if fast and weight.shape[-1] == 4:
         from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton
 
-        return causal_conv1d_silu_triton(x, weight, bias, out_scale, seq_idx=seq_idx)
+        return causal_conv1d_silu_triton(x, weight, bias, out_scale, seq_idx=seq_idx,
+                                         streaming=streaming)
     out = causal_conv1d_silu_reference(x, weight, bias, seq_idx=seq_idx)
     return out if out_scale is None else out * out_scale.to(out.dtype)
 

@@ -219,6 +219,171 @@ def _conv_bwd_dx_kernel(
     tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _load_row(base, row, seq_len, stride_l, cols, col_mask):
+    """Row `row` of a [l, c] tile as fp32; rows outside [0, seq_len) read as 0."""
+    ok = (row >= 0) & (row < seq_len)
+    return tl.load(base + row.to(tl.int64) * stride_l + cols, mask=col_mask & ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_document(seq_base, row, seq_len, stride_sl, HAS_SEQ_IDX: tl.constexpr):
+    """Document number of one row (0 for every row without seq_idx; -1 outside the sequence,
+    where x and g read as 0 anyway)."""
+    if HAS_SEQ_IDX:
+        ok = (row >= 0) & (row < seq_len)
+        return tl.load(seq_base + row.to(tl.int64) * stride_sl, mask=ok, other=-1)
+    return 0
+
+
+@triton.jit
+def _conv_silu_fwd_streaming_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, seq_idx_ptr, out_ptr,
+    seq_len, channels, stride_xb, stride_xl, stride_sb, stride_sl, stride_ob, stride_ol,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The forward in one pass over the rows of a [ROWS_PER_PROGRAM x BLOCK_C] strip, the last three
+    rows of x kept in registers (each x row read once, plus three rows of halo a strip), the next
+    row's load issued before the current row's arithmetic."""
+    pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < channels
+    x_base = x_ptr + batch.to(tl.int64) * stride_xb
+    s_base = seq_idx_ptr + batch.to(tl.int64) * stride_sb
+    out_base = out_ptr + batch.to(tl.int64) * stride_ob
+    w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    first = pid_l * ROWS_PER_PROGRAM
+    xm3 = _load_row(x_base, first - 3, seq_len, stride_xl, cols, col_mask)
+    xm2 = _load_row(x_base, first - 2, seq_len, stride_xl, cols, col_mask)
+    xm1 = _load_row(x_base, first - 1, seq_len, stride_xl, cols, col_mask)
+    dm3 = _row_document(s_base, first - 3, seq_len, stride_sl, HAS_SEQ_IDX)
+    dm2 = _row_document(s_base, first - 2, seq_len, stride_sl, HAS_SEQ_IDX)
+    dm1 = _row_document(s_base, first - 1, seq_len, stride_sl, HAS_SEQ_IDX)
+    x_next = _load_row(x_base, first, seq_len, stride_xl, cols, col_mask)
+    for i in range(0, ROWS_PER_PROGRAM):
+        t = first + i
+        x0 = x_next
+        x_next = _load_row(x_base, t + 1, seq_len, stride_xl, cols, col_mask)
+        d0 = _row_document(s_base, t, seq_len, stride_sl, HAS_SEQ_IDX)
+        if HAS_SEQ_IDX:
+            a = (tl.where(dm3 == d0, xm3, 0.0) * w0 + tl.where(dm2 == d0, xm2, 0.0) * w1
+                 + tl.where(dm1 == d0, xm1, 0.0) * w2 + x0 * w3 + bias)
+        else:
+            a = xm3 * w0 + xm2 * w1 + xm1 * w2 + x0 * w3 + bias
+        y = a * tl.sigmoid(a)
+        if HAS_SCALE:
+            y *= scale
+        tl.store(out_base + t.to(tl.int64) * stride_ol + cols, y.to(out_ptr.dtype.element_ty),
+                 mask=col_mask & (t < seq_len))
+        xm3, xm2, xm1 = xm2, xm1, x0
+        dm3, dm2, dm1 = dm2, dm1, d0
+
+
+@triton.jit
+def _conv_silu_bwd_streaming_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, seq_idx_ptr, dy_ptr, dx_ptr, dw_partial_ptr,
+    seq_len, channels, stride_xb, stride_xl, stride_sb, stride_sl, stride_dyb, stride_dyl, stride_dxb, stride_dxl,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The whole backward in one pass over the rows of a [ROWS_PER_PROGRAM x BLOCK_C] strip:
+    dx, and a [5, channels] partial of (dw, dbias) per program.
+
+    The program walks its rows in order, one row of x and dy at a time, and keeps the last three
+    rows of x and of g = d(out)/d(pre-activation) in registers: g[t] needs x[t-3..t], and
+    dx[t-3] = sum_j w_j g[t-j] is complete once g[t] is. So the strip reads x and dy once (plus
+    three rows of halo at each end) and writes dx once: no g buffer, and dw and dbias sum over
+    rows inside each thread, with no reduction across threads until the end. The next row's
+    loads are issued before the current row's arithmetic, so each warp keeps two rows in flight.
+    With seq_idx a tap pairs only rows of one document, as in the forward.
+    """
+    pid_l, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < channels
+    x_base = x_ptr + batch.to(tl.int64) * stride_xb
+    s_base = seq_idx_ptr + batch.to(tl.int64) * stride_sb
+    dy_base = dy_ptr + batch.to(tl.int64) * stride_dyb
+    dx_base = dx_ptr + batch.to(tl.int64) * stride_dxb
+    w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    first = pid_l * ROWS_PER_PROGRAM
+    last = tl.minimum(first + ROWS_PER_PROGRAM, seq_len)  # rows whose dx and dw this program owns
+    # rows t-3, t-2, t-1 of x (and their documents) before the first row's step
+    xm3 = _load_row(x_base, first - 3, seq_len, stride_xl, cols, col_mask)
+    xm2 = _load_row(x_base, first - 2, seq_len, stride_xl, cols, col_mask)
+    xm1 = _load_row(x_base, first - 1, seq_len, stride_xl, cols, col_mask)
+    dm3 = _row_document(s_base, first - 3, seq_len, stride_sl, HAS_SEQ_IDX)
+    dm2 = _row_document(s_base, first - 2, seq_len, stride_sl, HAS_SEQ_IDX)
+    dm1 = _row_document(s_base, first - 1, seq_len, stride_sl, HAS_SEQ_IDX)
+    gm3 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    gm2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    gm1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw3 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    x_next = _load_row(x_base, first, seq_len, stride_xl, cols, col_mask)
+    dy_next = _load_row(dy_base, first, seq_len, stride_dyl, cols, col_mask)
+    # g is needed three rows past `last` (for dx[last - 1]); rows past the sequence read dy = 0
+    for i in range(0, ROWS_PER_PROGRAM + 3):
+        t = first + i
+        x0, dy0 = x_next, dy_next
+        x_next = _load_row(x_base, t + 1, seq_len, stride_xl, cols, col_mask)
+        dy_next = _load_row(dy_base, t + 1, seq_len, stride_dyl, cols, col_mask)
+        d0 = _row_document(s_base, t, seq_len, stride_sl, HAS_SEQ_IDX)
+        # the taps row t's output really read (another document's rows read as 0)
+        if HAS_SEQ_IDX:
+            tap0 = tl.where(dm3 == d0, xm3, 0.0)
+            tap1 = tl.where(dm2 == d0, xm2, 0.0)
+            tap2 = tl.where(dm1 == d0, xm1, 0.0)
+        else:
+            tap0, tap1, tap2 = xm3, xm2, xm1
+        a = tap0 * w0 + tap1 * w1 + tap2 * w2 + x0 * w3 + bias
+        sig = tl.sigmoid(a)
+        g0 = dy0 * scale * sig * (1.0 + a * (1.0 - sig))
+        g_own = tl.where(t < last, g0, 0.0)
+        dw0 += g_own * tap0
+        dw1 += g_own * tap1
+        dw2 += g_own * tap2
+        dw3 += g_own * x0
+        db += g_own
+        # dx of row u = t - 3: the outputs u..u+3 of u's document read x[u]
+        if HAS_SEQ_IDX:
+            dx_u = (gm3 * w3 + tl.where(dm2 == dm3, gm2, 0.0) * w2 + tl.where(dm1 == dm3, gm1, 0.0) * w1
+                    + tl.where(d0 == dm3, g0, 0.0) * w0)
+        else:
+            dx_u = gm3 * w3 + gm2 * w2 + gm1 * w1 + g0 * w0
+        u = t - 3
+        tl.store(dx_base + u.to(tl.int64) * stride_dxl + cols, dx_u.to(dx_ptr.dtype.element_ty),
+                 mask=col_mask & (u >= first) & (u < last))
+        xm3, xm2, xm1 = xm2, xm1, x0
+        gm3, gm2, gm1 = gm2, gm1, g0
+        dm3, dm2, dm1 = dm2, dm1, d0
+    part = dw_partial_ptr + (batch * tl.num_programs(0) + pid_l).to(tl.int64) * 5 * channels + cols
+    tl.store(part + 0 * channels, dw0, mask=col_mask)
+    tl.store(part + 1 * channels, dw1, mask=col_mask)
+    tl.store(part + 2 * channels, dw2, mask=col_mask)
+    tl.store(part + 3 * channels, dw3, mask=col_mask)
+    tl.store(part + 4 * channels, db, mask=col_mask)
+
+
 # Tile shapes for Hopper (H100/H200) at the Falcon-H1 widths: 128 channels x 2 bytes = 256-byte
 # rows. Measured with `falcon-bench --kernels conv` (benchmarks/NOTES.md, H200, 0.5B shape): the
 # forward at 32x128, 4 warps, 0.092 ms. The backward's two passes use the forward's tile shape
@@ -226,6 +391,9 @@ def _conv_bwd_dx_kernel(
 FWD_BLOCK_L, FWD_BLOCK_C, FWD_WARPS = 32, 128, 4
 BWD_BLOCK_L, BWD_BLOCK_C, BWD_WARPS, BWD_ROWS_PER_PROGRAM = 32, 128, 4, 64
 BWD_RELOAD_WINDOWS, BWD_STAGES = False, 3
+# The one-pass backward (_conv_silu_bwd_streaming_kernel): one warp walks 64 rows of 128 channels
+# (4 a thread); 3 halo rows at each end of a strip are read twice.
+STREAM_BLOCK_C, STREAM_WARPS, STREAM_ROWS_PER_PROGRAM = 128, 1, 64
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -239,11 +407,22 @@ def _seq_idx_args(seq_idx, fallback):
     return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
 
 
-def conv_silu_forward(x, weight, bias, out_scale=None, seq_idx=None):
+def conv_silu_forward(x, weight, bias, out_scale=None, seq_idx=None, streaming=False):
     """x [b, l, c] (channel stride 1), weight [c, 4], bias [c] or None, seq_idx [b, l] int32 or
-    None -> [b, l, c] contiguous."""
+    None -> [b, l, c] contiguous. streaming: one pass over the rows (_conv_silu_fwd_streaming_kernel);
+    False: row tiles, each reading its four shifted windows."""
     batch, seq_len, channels = x.shape
     out = torch.empty(batch, seq_len, channels, device=x.device, dtype=x.dtype)
+    if streaming:
+        grid = (triton.cdiv(seq_len, STREAM_ROWS_PER_PROGRAM), triton.cdiv(channels, STREAM_BLOCK_C), batch)
+        seq_ptr, stride_sb, stride_sl = _seq_idx_args(seq_idx, weight)
+        _conv_silu_fwd_streaming_kernel[grid](
+            x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight,
+            seq_ptr, out, seq_len, channels, x.stride(0), x.stride(1), stride_sb, stride_sl, out.stride(0),
+            out.stride(1), ROWS_PER_PROGRAM=STREAM_ROWS_PER_PROGRAM, HAS_BIAS=bias is not None,
+            HAS_SCALE=out_scale is not None, HAS_SEQ_IDX=seq_idx is not None, BLOCK_C=STREAM_BLOCK_C,
+            num_warps=STREAM_WARPS)
+        return out
     grid = (triton.cdiv(seq_len, FWD_BLOCK_L), triton.cdiv(channels, FWD_BLOCK_C), batch)
     seq_ptr, stride_sb, stride_sl = _seq_idx_args(seq_idx, weight)
     _conv_silu_fwd_kernel[grid](
@@ -255,16 +434,20 @@ def conv_silu_forward(x, weight, bias, out_scale=None, seq_idx=None):
     return out
 
 
-def conv_silu_backward(dy, x, weight, bias, out_scale=None, dx=None, seq_idx=None):
+def conv_silu_backward(dy, x, weight, bias, out_scale=None, dx=None, seq_idx=None, streaming=False):
     """-> dx [b, l, c] in x's dtype, dweight [c, 4] and dbias [c] (None without bias) in weight's dtype.
 
     dx: optional output buffer [b, l, c] with channel stride 1 (e.g. a slice of a larger
     gradient), written in place.
+    streaming: one pass over the rows (_conv_silu_bwd_streaming_kernel); False: two passes
+    through an fp32 buffer of g (pass 1 with the weight gradient's partials, pass 2 dx).
     """
     batch, seq_len, channels = x.shape
     dy = _channels_last(dy)
     if dx is None:
         dx = torch.empty(batch, seq_len, channels, device=x.device, dtype=x.dtype)
+    if streaming:
+        return _streaming_backward(dy, x, weight, bias, out_scale, dx, seq_idx)
     g = torch.empty(batch, seq_len, channels, device=x.device, dtype=torch.float32)
     n_l = triton.cdiv(seq_len, BWD_ROWS_PER_PROGRAM)
     partial = torch.empty(batch * n_l, 5, channels, device=x.device, dtype=torch.float32)
@@ -280,33 +463,55 @@ def conv_silu_backward(dy, x, weight, bias, out_scale=None, dx=None, seq_idx=Non
     _conv_bwd_dx_kernel[grid](g, weight, seq_ptr, dx, seq_len, channels, stride_sb, stride_sl, dx.stride(0),
                               dx.stride(1), HAS_SEQ_IDX=seq_idx is not None,
                               BLOCK_L=FWD_BLOCK_L, BLOCK_C=FWD_BLOCK_C, num_warps=FWD_WARPS)
-    sums = partial.sum(0)                      # [5, c] fp32, deterministic (no atomics)
-    dweight = sums[:4].t().to(weight.dtype)
-    dbias = sums[4].to(bias.dtype) if bias is not None else None
-    return dx, dweight, dbias
+    return (dx, *_weight_gradients(partial, weight, bias))
+
+
+def _weight_gradients(partial, weight, bias):
+    """(dweight [c, 4], dbias [c] or None) from the programs' [n, 5, c] fp32 partials, summed in a
+    fixed order (no atomics: deterministic)."""
+    sums = partial.sum(0)
+    return sums[:4].t().to(weight.dtype), (sums[4].to(bias.dtype) if bias is not None else None)
+
+
+def _streaming_backward(dy, x, weight, bias, out_scale, dx, seq_idx):
+    batch, seq_len, channels = x.shape
+    n_l = triton.cdiv(seq_len, STREAM_ROWS_PER_PROGRAM)
+    partial = torch.empty(batch * n_l, 5, channels, device=x.device, dtype=torch.float32)
+    seq_ptr, stride_sb, stride_sl = _seq_idx_args(seq_idx, weight)
+    grid = (n_l, triton.cdiv(channels, STREAM_BLOCK_C), batch)
+    _conv_silu_bwd_streaming_kernel[grid](
+        x, weight, bias if bias is not None else weight, out_scale if out_scale is not None else weight, seq_ptr,
+        dy, dx, partial, seq_len, channels, x.stride(0), x.stride(1), stride_sb, stride_sl, dy.stride(0),
+        dy.stride(1), dx.stride(0), dx.stride(1), ROWS_PER_PROGRAM=STREAM_ROWS_PER_PROGRAM,
+        HAS_BIAS=bias is not None, HAS_SCALE=out_scale is not None, HAS_SEQ_IDX=seq_idx is not None,
+        BLOCK_C=STREAM_BLOCK_C, num_warps=STREAM_WARPS)
+    return (dx, *_weight_gradients(partial, weight, bias))
 
 
 class CausalConv1dSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, out_scale, seq_idx):
+    def forward(ctx, x, weight, bias, out_scale, seq_idx, streaming):
         x = _channels_last(x)
         weight = weight.contiguous()
         ctx.save_for_backward(x, weight, bias, out_scale, seq_idx)
-        return conv_silu_forward(x, weight, bias, out_scale, seq_idx)
+        ctx.streaming = streaming
+        return conv_silu_forward(x, weight, bias, out_scale, seq_idx, streaming=streaming)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, out_scale, seq_idx = ctx.saved_tensors
-        dx, dweight, dbias = conv_silu_backward(dy, x, weight, bias, out_scale, seq_idx=seq_idx)
-        return dx, dweight, dbias, None, None
+        dx, dweight, dbias = conv_silu_backward(dy, x, weight, bias, out_scale, seq_idx=seq_idx,
+                                                streaming=ctx.streaming)
+        return dx, dweight, dbias, None, None, None
 
 
-def causal_conv1d_silu_triton(x, weight, bias, out_scale=None, seq_idx=None):
+def causal_conv1d_silu_triton(x, weight, bias, out_scale=None, seq_idx=None, streaming=False):
     """silu(causal depthwise conv(x)) * out_scale on [b, l, c]; out_scale is a constant (no grad);
-    seq_idx [b, l] int32 (kernels.documents) keeps each packed document's window to itself."""
+    seq_idx [b, l] int32 (kernels.documents) keeps each packed document's window to itself;
+    streaming: both passes one row at a time (conv_silu_forward's and conv_silu_backward's `streaming`)."""
     if weight.shape[-1] != KERNEL_WIDTH:
         raise ValueError(f"mamba_d_conv = {weight.shape[-1]}: the Triton conv kernel supports only "
                          f"{KERNEL_WIDTH}; use model.kernel_backend = 'reference'.")
     if out_scale is not None:
         out_scale = out_scale.detach().float().contiguous()
-    return CausalConv1dSiLU.apply(x, weight, bias, out_scale, seq_idx)
+    return CausalConv1dSiLU.apply(x, weight, bias, out_scale, seq_idx, streaming)

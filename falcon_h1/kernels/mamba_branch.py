@@ -116,10 +116,11 @@ def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
 class MambaConvScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, seq_idx, widths, heads, groups,
-                chunk_size, dt_limit, keep_forward_states, keep_conv_output, own_kernels, in_projection_gradient):
+                chunk_size, dt_limit, keep_forward_states, keep_conv_output, own_kernels, in_projection_gradient,
+                streaming_conv):
         d_z, d_bc, _ = widths
         z, xBC, dt = zxbcdt.split([d_z, d_z + 2 * d_bc, heads], dim=-1)
-        conv_out = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx)
+        conv_out = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx, streaming=streaming_conv)
         x, B, C = conv_out.split([d_z, d_bc, d_bc], dim=-1)
         scan_in = (_heads(x, heads), dt, A, _heads(B, groups), _heads(C, groups), chunk_size)
         if own_kernels.forward:
@@ -135,6 +136,7 @@ class MambaConvScan(torch.autograd.Function):
         ctx.shape = (widths, heads, groups, chunk_size, dt_limit)
         ctx.own_backward = own_kernels.backward
         ctx.in_projection_gradient = in_projection_gradient
+        ctx.streaming_conv = streaming_conv
         return out.flatten(-2)
 
     @staticmethod
@@ -146,7 +148,7 @@ class MambaConvScan(torch.autograd.Function):
         conv_channels = d_z + 2 * d_bc
         z, xBC, dt = zxbcdt.split([d_z, conv_channels, heads], dim=-1)
         if conv_out is None:
-            conv_out = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx)
+            conv_out = conv_silu_forward(xBC, conv_weight, conv_bias, conv_scale, seq_idx, streaming=ctx.streaming_conv)
         x, B, C = conv_out.split([d_z, d_bc, d_bc], dim=-1)
         batch, seq = zxbcdt.shape[:2]
         # gradient of zxbcdt allocated [s, b, .] (the in-projection's layout), handed out as [b, s, .];
@@ -170,15 +172,15 @@ class MambaConvScan(torch.autograd.Function):
                 D=D, z=_heads(z, heads), dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
                 dx=_heads(dx, heads), ddt=ddt, dB=_heads(dB, groups), dC=_heads(dC, groups), dz=_heads(dz, heads))
         _, dweight, dbias = conv_silu_backward(dxBC, xBC, conv_weight, conv_bias, conv_scale, dx=dxBC_raw,
-                                               seq_idx=seq_idx)
-        return (dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias) + (None,) * 10
+                                               seq_idx=seq_idx, streaming=ctx.streaming_conv)
+        return (dzxbcdt, dweight, dbias, None, dA, dD, ddt_bias) + (None,) * 11
 
 
 def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d_ssm: int, d_bc: int,
                     heads: int, groups: int, chunk_size: int, dt_limit, seq_idx=None,
                     keep_forward_states: bool = True, own_forward: bool = False,
                     own_backward: bool = False, in_projection_gradient: InProjectionGradient | None = None,
-                    keep_conv_output: bool = False) -> torch.Tensor:
+                    keep_conv_output: bool = False, streaming_conv: bool = False) -> torch.Tensor:
     """zxbcdt [b, s, d_ssm + d_ssm + 2 d_bc + heads] (channel stride 1) -> y * silu(z) [b, s, d_ssm].
 
     conv_scale [conv channels] or None multiplies the conv output (a constant: µP folding).
@@ -193,6 +195,7 @@ def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d
     columns: the backward writes zxbcdt's gradient into the whole projection's gradient buffer.
     keep_conv_output: the backward reads the forward's conv output ([b, s, conv channels] kept)
     instead of recomputing it.
+    streaming_conv: the conv's kernels walk the rows, the backward in one pass (kernels.conv_triton).
     """
     check_seq_idx(seq_idx, zxbcdt.shape[:2])
     if own_backward and not keep_forward_states:
@@ -210,4 +213,5 @@ def mamba_conv_scan(zxbcdt, conv_weight, conv_bias, conv_scale, A, D, dt_bias, d
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     return MambaConvScan.apply(zxbcdt, conv_weight.contiguous(), conv_bias, conv_scale, A, D, dt_bias, seq_idx,
                                (d_ssm, d_bc, heads), heads, groups, chunk_size, (lo, hi), keep_forward_states,
-                               keep_conv_output, _OwnKernels(own_forward, own_backward), in_projection_gradient)
+                               keep_conv_output, _OwnKernels(own_forward, own_backward), in_projection_gradient,
+                               streaming_conv)

@@ -28,13 +28,14 @@ LIMIT = (0.0, float("inf"))
 
 
 def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_states=True, own=False,
-        d_first=None, keep_conv=False):
+        d_first=None, keep_conv=False, streaming=False):
     """path: "fused" (kernels.mamba_branch; keep_states: its scan backward from the forward's
     chunk states; own: the scan forward and backward on this project's kernels, kernels.ssd_fwd /
     kernels.ssd_bwd, instead of mamba_ssm's), "fused_shared" (the same, its input the Mamba columns
     of split_in_projection, writing its gradient into the projection's whole gradient), "split"
     (Triton conv, then the gated Triton scan) or "reference" (pure PyTorch). d_first: a gradient
-    for the projection's columns before the Mamba ones (the attention branch's). -> [y,
+    for the projection's columns before the Mamba ones (the attention branch's). streaming: the
+    conv's row-walking kernels (KernelOptions.streaming_conv). -> [y,
     d_projection, d_params...]"""
     d, bc, h, groups, extra, chunk = dims
     leaf = proj.clone().requires_grad_()
@@ -48,12 +49,12 @@ def run(path, proj, w, bias, scale, A, D, dt_bias, dy, dims, seq_idx=None, keep_
     if path in ("fused", "fused_shared"):
         y = mamba_conv_scan(zxbcdt, params[0], params[1], scale, *params[2:], d, bc, h, groups, chunk, LIMIT,
                             seq_idx=seq_idx, keep_forward_states=keep_states, own_forward=own, own_backward=own,
-                            in_projection_gradient=gradient, keep_conv_output=keep_conv)
+                            in_projection_gradient=gradient, keep_conv_output=keep_conv, streaming_conv=streaming)
     else:
         fast = path == "split"
         z, xBC, dt = zxbcdt.split([d, d + 2 * bc, h], dim=-1)
-        x, B, C = causal_conv1d_silu(xBC, params[0], params[1], fast, out_scale=scale,
-                                     seq_idx=seq_idx).split([d, bc, bc], dim=-1)
+        x, B, C = causal_conv1d_silu(xBC, params[0], params[1], fast, out_scale=scale, seq_idx=seq_idx,
+                                     streaming=streaming).split([d, bc, bc], dim=-1)
         y = ssd_scan(x.unflatten(-1, (h, -1)), dt, params[2], B.unflatten(-1, (groups, -1)),
                      C.unflatten(-1, (groups, -1)), chunk, params[3], params[4], LIMIT, fast,
                      z=z.unflatten(-1, (h, -1)) if fast else None, seq_idx=seq_idx)
@@ -111,16 +112,18 @@ def check(batch, length, heads, head_dim, groups, state, chunk, with_scale, g, k
     return max(errors.values()) <= TOLERANCE
 
 
-def check_packed(path, rows, heads, head_dim, groups, state, chunk, g, keep_states=True, own=False):
+def check_packed(path, rows, heads, head_dim, groups, state, chunk, g, keep_states=True, own=False,
+                 streaming=False):
     """Packed rows with seq_idx == each document alone; the rows as one sequence (SSM state
     and conv window leaking across documents; on the reference path, which computes the same
     function faster) must be far from it in every output, so the comparison sees a leak."""
     args = inputs(len(rows), sum(rows[0]), heads, head_dim, groups, state, chunk, True, g, True)
     seq_idx = documents_from_position_ids(position_ids(rows)).seq_idx
     want = documents_alone(*args, rows)
-    errors = errors_of(run(path, *args, seq_idx=seq_idx, keep_states=keep_states, own=own), want, True)
+    errors = errors_of(run(path, *args, seq_idx=seq_idx, keep_states=keep_states, own=own, streaming=streaming),
+                       want, True)
     leaks = errors_of(run("reference", *args), want, True)
-    print(f"packed {path} own_kernels={own} rows={rows} h={heads} p={head_dim} g={groups} n={state} chunk={chunk}",
+    print(f"packed {path} own_kernels={own} streaming_conv={streaming} rows={rows} h={heads} p={head_dim} g={groups} n={state} chunk={chunk}",
           {k: f"{v:.1e}" for k, v in errors.items()},
           f"as one sequence (must exceed {LEAK_MARGIN:.0e}):", {k: f"{v:.1e}" for k, v in leaks.items()})
     return max(errors.values()) <= TOLERANCE and min(leaks.values()) >= LEAK_MARGIN
@@ -157,6 +160,10 @@ for keep_states in (True, False):
         check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, keep_states),
     ])
 ok &= check_packed("split", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g)
+# the conv's row-walking kernels, in the fused branch and on their own
+print("streaming conv kernels")
+ok &= check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, streaming=True)
+ok &= check_packed("split", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, streaming=True)
 # the scan on this project's own forward and backward kernels (their own tests: test_ssd_fwd.py, test_ssd_bwd_*.py)
 print("own SSD kernels")
 ok &= check_packed("fused", [[11, 14, 15], [3, 24, 13]], 4, 8, 2, 8, 16, g, own=True)

@@ -115,7 +115,8 @@ def _poison_allocator(numel: int = 1 << 24):
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOLERANCE)])
 @pytest.mark.parametrize("length", [4096, 1000, 3])
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-def test_triton_conv_matches_reference(dtype, tolerance, length, packed):
+@pytest.mark.parametrize("streaming", [False, True], ids=["two_pass", "streaming"])
+def test_triton_conv_matches_reference(dtype, tolerance, length, packed, streaming):
     from falcon_h1.kernels.conv_reference import causal_conv1d_silu_reference
     from falcon_h1.kernels.conv_triton import causal_conv1d_silu_triton
 
@@ -133,7 +134,7 @@ def test_triton_conv_matches_reference(dtype, tolerance, length, packed):
     want.backward(dy.double())
     fast = [t.detach().to(dtype).requires_grad_() for t in (x, w, bias)]
     _poison_allocator()
-    got = causal_conv1d_silu_triton(*fast, scale, seq_idx=seq_idx)
+    got = causal_conv1d_silu_triton(*fast, scale, seq_idx=seq_idx, streaming=streaming)
     _poison_allocator()
     got.backward(dy.to(dtype))
     errors = {name: rel(a, r) for name, a, r in [

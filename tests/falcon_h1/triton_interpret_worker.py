@@ -42,14 +42,14 @@ def conv_float64(x, w, bias, scale):
     return F.silu(acc) * scale
 
 
-def check_conv(batch, length, channels, pad, with_scale, g):
+def check_conv(batch, length, channels, pad, with_scale, g, streaming=False):
     base = torch.randn(length, batch, channels + pad, generator=g)
     x = base[:, :, pad:].transpose(0, 1)          # strided [b, l, c] view, as in the mixer
     w, bias = torch.randn(channels, 4, generator=g), torch.randn(channels, generator=g)
     scale = torch.rand(channels, generator=g) + 0.5 if with_scale else None
     dy = torch.randn(batch, length, channels, generator=g)
     xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, bias))
-    out = causal_conv1d_silu_triton(xs, ws, bs, scale)
+    out = causal_conv1d_silu_triton(xs, ws, bs, scale, streaming=streaming)
     out.backward(dy)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, bias))
     want = conv_float64(x64, w64, b64, scale.double() if with_scale else 1.0)
@@ -58,7 +58,7 @@ def check_conv(batch, length, channels, pad, with_scale, g):
             "dbias": rel(bs.grad, b64.grad)}
 
 
-def check_packed_conv(rows, channels, g):
+def check_packed_conv(rows, channels, g, streaming=False):
     """Packed rows (seq_idx) against every document convolved alone (float64), out and all
     gradients; and the same rows convolved as one sequence (a leaking window) must differ
     from that reference, so the comparison can see a leak."""
@@ -69,10 +69,10 @@ def check_packed_conv(rows, channels, g):
     dy = torch.randn(batch, length, channels, generator=g)
     seq_idx = documents_from_position_ids(position_ids(rows)).seq_idx
     xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, bias))
-    causal_conv1d_silu_triton(xs, ws, bs, scale, seq_idx=seq_idx).backward(dy)
+    causal_conv1d_silu_triton(xs, ws, bs, scale, seq_idx=seq_idx, streaming=streaming).backward(dy)
     got = {"out": None, "dx": xs.grad, "dweight": ws.grad, "dbias": bs.grad}
     with torch.no_grad():
-        got["out"] = causal_conv1d_silu_triton(x, w, bias, scale, seq_idx=seq_idx)
+        got["out"] = causal_conv1d_silu_triton(x, w, bias, scale, seq_idx=seq_idx, streaming=streaming)
 
     def float64(alone: bool):
         x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, bias))
@@ -215,21 +215,22 @@ def check_mixed_dtype_residual(g):
 def main():
     g = torch.Generator().manual_seed(0)
     errors, leak_errors, bf16_errors = {}, {}, {}
-    # the backward's pass 1 both ways: the x windows kept for dw, and read again
-    for reload in (False, True):
+    # the tiled kernels, the two-pass backward's pass 1 both ways (the x windows kept for dw, and read
+    # again), and the streaming kernels (the forward and the one-pass backward walking the rows)
+    for reload, streaming in ((False, False), (True, False), (False, True)):
         conv_triton.BWD_RELOAD_WINDOWS = reload
-        tag = " reload" if reload else ""
+        tag = " streaming" if streaming else " reload" if reload else ""
         # lengths: within one block, across backward program boundaries (64 rows), ragged, shorter
         # than the kernel;
         # channels not a multiple of the 128-channel block
         for batch, length, channels, pad, with_scale in [(2, 37, 200, 3, False), (1, 300, 130, 0, True),
                                                          (1, 2, 20, 0, True)]:
-            for name, err in check_conv(batch, length, channels, pad, with_scale, g).items():
+            for name, err in check_conv(batch, length, channels, pad, with_scale, g, streaming).items():
                 errors[f"conv{tag} b{batch} l{length} c{channels} scale={with_scale} {name}"] = err
         # packed rows: documents of uneven lengths, one shorter than the kernel, boundaries inside
         # forward blocks (32 rows) and backward programs (64 rows) and across them
         for rows in ([[11, 14, 15], [2, 25, 13]], [[30, 37, 33]]):
-            packed, leaks = check_packed_conv(rows, 130, g)
+            packed, leaks = check_packed_conv(rows, 130, g, streaming)
             for name, err in packed.items():
                 errors[f"packed conv{tag} {rows} {name}"] = err
             for name, err in leaks.items():
