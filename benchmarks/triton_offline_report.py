@@ -57,6 +57,11 @@ def main():
             report(f"bwd pass 1 {bl}x{bc} w{nw} r{rows}{' reload' if reload else ''}{tag}", compile_kernel(
                 ct._conv_silu_bwd_pre_kernel, {**flags, "ROWS_PER_PROGRAM": rows, "RELOAD_WINDOWS": reload,
                                                "BLOCK_L": bl, "BLOCK_C": bc}, nw))
+        for bc, nw, rows in [(128, 1, 64), (256, 1, 64), (256, 2, 64), (64, 1, 64)]:
+            report(f"streaming fwd {bc} w{nw} r{rows}{tag}", compile_kernel(
+                ct._conv_silu_fwd_streaming_kernel, {**flags, "ROWS_PER_PROGRAM": rows, "BLOCK_C": bc}, nw))
+            report(f"streaming bwd {bc} w{nw} r{rows}{tag}", compile_kernel(
+                ct._conv_silu_bwd_streaming_kernel, {**flags, "ROWS_PER_PROGRAM": rows, "BLOCK_C": bc}, nw))
         report(f"bwd pass 2 32x128 w4{tag}", compile_kernel(
             ct._conv_bwd_dx_kernel, {"HAS_SEQ_IDX": packed, "BLOCK_L": 32, "BLOCK_C": 128}, 4))
 
