@@ -8,12 +8,14 @@
 # Writes $OUT/conv_kernels.txt, conv_tests.txt, step_conv.txt + .json, train.txt, train.json, kernels_rank0.txt,
 # cc1d.part* + cc1d_name.txt, and Triton's cache under $OUT/triton_cache_tgz.
 source benchmarks/device_setup.sh
-MAX_JOBS=${MAX_JOBS:-16} setsid bash benchmarks/build_causal_conv1d.sh wheels/causal_conv1d-1.7.0.tar.gz /tmp/cc1d \
-  > "$OUT/cc1d_build.log" 2>&1 &
-run "${KERNELS_S:-100}" conv_kernels.txt python3 -m benchmarks.falcon_bench --variants "" --kernels conv --json "$OUT/conv_kernels.json"
-grep -E "conv_triton_bwd|streaming|conv_bwd_tiles_32x128w4r64_s3" "$OUT/conv_kernels.txt" | head -12
+if [ "${BUILD:-1}" = 1 ]; then  # BUILD=0: no causal_conv1d build
+  MAX_JOBS=${MAX_JOBS:-16} setsid bash benchmarks/build_causal_conv1d.sh wheels/causal_conv1d-1.7.0.tar.gz /tmp/cc1d \
+    > "$OUT/cc1d_build.log" 2>&1 &
+fi
 run "${CONV_TESTS_S:-90}" conv_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py -k "conv"
 tail -3 "$OUT/conv_tests.txt"
+run "${KERNELS_S:-100}" conv_kernels.txt python3 -m benchmarks.falcon_bench --variants "" --kernels conv --json "$OUT/conv_kernels.json"
+grep -E "conv_triton_bwd|streaming|conv_bwd_tiles_32x128w4r64_s3" "$OUT/conv_kernels.txt" | head -12
 pair=ours_fused_cuda_graph,ours_fused_streaming_conv_cuda_graph
 run "${STEP_S:-150}" step_conv.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 10 --kernels none \
   --variants "$pair,$pair" --json "$OUT/step_conv.json"
@@ -25,7 +27,7 @@ if [ "${TRAIN_S:-200}" -gt 0 ]; then  # TRAIN_S=0: no falcon-train profile
   find /tmp/train_profile -name "kernels_rank0.txt" -exec cp {} "$OUT/" \;
 fi
 save_triton_cache
-while [ $SECONDS -lt "${BUILD_UNTIL_S:-575}" ] && ! ls /tmp/cc1d/*.whl >/dev/null 2>&1; do sleep 5; done
+[ "${BUILD:-1}" = 1 ] && while [ $SECONDS -lt "${BUILD_UNTIL_S:-575}" ] && ! ls /tmp/cc1d/*.whl >/dev/null 2>&1; do sleep 5; done
 tail -2 "$OUT/cc1d_build.log"
 for w in /tmp/cc1d/*.whl; do [ -f "$w" ] && basename "$w" > "$OUT/cc1d_name.txt" && split -b 15M -d "$w" "$OUT/cc1d.part"; done
 [ -f "$OUT/train.txt" ] && tail -3 "$OUT/train.txt" && head -30 "$OUT/kernels_rank0.txt" | cut -c1-170
