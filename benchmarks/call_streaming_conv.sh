@@ -1,19 +1,19 @@
-# The streaming conv kernels (KernelOptions.streaming_conv) on the GPU: the conv GPU tests, the conv
-# kernels' microbenchmark (tiled against streaming, and their tilings), then the whole 0.5B step
-# 4 x 4096 graphed with and without them, interleaved around Hugging Face's fast path (mamba_ssm's
-# fused split-conv1d-scan + causal_conv1d) and the BitNet step on the same weights in the same process.
+# The streaming conv kernels (KernelOptions.streaming_conv) on the GPU: the whole 0.5B step 4 x 4096
+# graphed with and without them, interleaved around Hugging Face's fast path (mamba_ssm's
+# fused split-conv1d-scan + causal_conv1d) and the BitNet step on the same weights in the same process;
+# then the conv GPU tests and the conv kernels' microbenchmark (tiled against streaming, and their tilings).
 #   device run: bash benchmarks/call_streaming_conv.sh   (carry: wheels, .whl; timeout_s 480)
 # .whl/ holds causal_conv1d's wheel for torch 2.11 + CUDA 13, sm_90 (benchmarks/build_causal_conv1d.sh,
 # built on any machine with nvcc 13 and torch 2.11.0); without it the HF row runs its PyTorch fallback.
-# Writes $OUT/conv_tests.txt, conv_kernels.txt + .json, step.txt + step.json.
+# Writes $OUT/step.txt + step.json, conv_tests.txt, conv_kernels.txt + .json.
 source benchmarks/device_setup.sh
-run "${CONV_TESTS_S:-80}" conv_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py -k "conv"
-tail -3 "$OUT/conv_tests.txt"
-run "${KERNELS_S:-80}" conv_kernels.txt python3 -m benchmarks.falcon_bench --variants "" --kernels conv --json "$OUT/conv_kernels.json"
-grep -E "conv_triton_(fwd|bwd)|streaming|tiles_32x128w4r64_s3" "$OUT/conv_kernels.txt" | head -20
 G=_cuda_graph
 run "${STEP_S:-240}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 10 --kernels none \
   --variants "ours_fused$G,ours_fused_streaming_conv$G,hf_transformers,ours_bitnet_fused$G,ours_fused$G,ours_fused_streaming_conv$G" \
   --json "$OUT/step.json"
 grep -A7 "^variant" "$OUT/step.txt" | cut -c1-110; grep "hf_transformers ran" "$OUT/step.txt"
+run "${CONV_TESTS_S:-80}" conv_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py -k "conv"
+tail -3 "$OUT/conv_tests.txt"
+run "${KERNELS_S:-80}" conv_kernels.txt python3 -m benchmarks.falcon_bench --variants "" --kernels conv --json "$OUT/conv_kernels.json"
+grep -E "conv_triton_(fwd|bwd)|streaming|tiles_32x128w4r64_s3" "$OUT/conv_kernels.txt" | head -20
 exit 0
