@@ -3,7 +3,7 @@
 # BitNet graphed, interleaved around HF), 1.5B-Deep 4 x 4096, then 7B 1 x 4096 where SIZES names it
 # (SIZES default "0.5b,1.5b-deep"). Only graphed steps of ours are timed; HF runs eager, as its users do.
 #   device run: bash benchmarks/call_hf_ratios.sh   (carry: wheels, .whl, .triton_cache_tgz; timeout_s 600)
-# .whl/ holds causal_conv1d's wheel (benchmarks/call_train_profile_and_build.sh builds it on the device).
+# .whl/ holds causal_conv1d's wheel (benchmarks/build_causal_conv1d_here.sh builds it without a GPU).
 # Writes $OUT/<size>.txt + <size>.json, and Triton's cache under $OUT/triton_cache_tgz.
 source benchmarks/device_setup.sh
 G=_cuda_graph

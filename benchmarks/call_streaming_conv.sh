@@ -3,8 +3,8 @@
 # fused split-conv1d-scan + causal_conv1d) and the BitNet step on the same weights in the same process;
 # then the conv GPU tests and the conv kernels' microbenchmark (tiled against streaming, and their tilings).
 #   device run: bash benchmarks/call_streaming_conv.sh   (carry: wheels, .whl; timeout_s 480)
-# .whl/ holds causal_conv1d's wheel for torch 2.11 + CUDA 13, sm_90 (benchmarks/build_causal_conv1d.sh,
-# built on any machine with nvcc 13 and torch 2.11.0); without it the HF row runs its PyTorch fallback.
+# .whl/ holds causal_conv1d's wheel for torch 2.11 + CUDA 13, sm_90 (bash benchmarks/build_causal_conv1d_here.sh
+# builds it without a GPU; wheels/ from bash benchmarks/device_wheels.sh); without it HF runs its PyTorch fallback.
 # Writes $OUT/step.txt + step.json, conv_tests.txt, conv_kernels.txt + .json.
 source benchmarks/device_setup.sh
 G=_cuda_graph
