@@ -229,11 +229,11 @@ def _load_row(base, row, seq_len, stride_l, cols, col_mask):
 @triton.jit
 def _row_document(seq_base, row, seq_len, stride_sl, HAS_SEQ_IDX: tl.constexpr):
     """Document number of one row (0 for every row without seq_idx; -1 outside the sequence,
-    where x and g read as 0 anyway)."""
+    where x and g read as 0 anyway). A tensor either way: the walk carries it from row to row."""
     if HAS_SEQ_IDX:
         ok = (row >= 0) & (row < seq_len)
         return tl.load(seq_base + row.to(tl.int64) * stride_sl, mask=ok, other=-1)
-    return 0
+    return row * 0
 
 
 @triton.jit
