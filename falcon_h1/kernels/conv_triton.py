@@ -4,7 +4,13 @@ The Mamba-2 in-projection writes xBC with channels contiguous, so both kernels r
 that layout directly (any batch / sequence strides, channel stride 1) instead of
 transposing to PyTorch's [batch, channels, seq] conv layout and back. Each program owns
 a [BLOCK_L rows x BLOCK_C channels] tile; the k shifted row windows it needs are
-separate loads that hit L1/L2, so device memory sees each input about once.
+separate loads that hit L1/L2, so device memory sees each input about once. The backward
+takes two passes: g = d(out)/d(pre-activation) into an fp32 buffer with the weight gradient's
+partials, then dx from g.
+
+The streaming kernels (`streaming=True`, KernelOptions.streaming_conv) walk the rows of a strip
+instead, one row at a time, with the last three rows in registers: the backward is then one pass
+(x and dy read once, dx written once, no g buffer, dw summed inside each thread).
 Arithmetic is fp32 whatever the input dtype.
 
 Optional `out_scale` [channels] multiplies the activation (a per-channel constant such
