@@ -76,6 +76,33 @@ def _load_rows(base, rows, row_ok, stride_l, cols, col_mask):
 
 
 @triton.jit
+def _bias_and_scale(bias_ptr, scale_ptr, cols, col_mask, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """These channels' conv bias (0 without one) and output scale (1 without one), in fp32."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    return bias, scale
+
+
+@triton.jit
+def _store_weight_partials(dw_partial_ptr, program, channels, cols, col_mask, dw0, dw1, dw2, dw3, db):
+    """One program's (dw, dbias) partial into row `program` of the [programs, 5, channels] buffer
+    (taps 0..3 then bias), which torch sums over programs."""
+    part = dw_partial_ptr + program.to(tl.int64) * 5 * channels + cols
+    tl.store(part + 0 * channels, dw0, mask=col_mask)
+    tl.store(part + 1 * channels, dw1, mask=col_mask)
+    tl.store(part + 2 * channels, dw2, mask=col_mask)
+    tl.store(part + 3 * channels, dw3, mask=col_mask)
+    tl.store(part + 4 * channels, db, mask=col_mask)
+
+
+@triton.jit
 def _conv_silu_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, seq_idx_ptr, out_ptr,
     seq_len, channels, stride_xb, stride_xl, stride_sb, stride_sl, stride_ob, stride_ol,
@@ -110,9 +137,10 @@ def _conv_silu_fwd_kernel(
 
 @triton.jit
 def _dpre(a, dy, scale):
-    """Gradient at the pre-activation a = w.x + bias of one row window: dy * scale * silu'(a)."""
+    """Gradient at the pre-activation a = w.x + bias: dy * scale * silu'(a) (scale shaped to broadcast
+    against dy: [1, c] for a tile of rows, [c] for one row)."""
     sig = tl.sigmoid(a)
-    return dy * scale[None, :] * sig * (1.0 + a * (1.0 - sig))
+    return dy * scale * sig * (1.0 + a * (1.0 - sig))
 
 
 @triton.jit
@@ -137,14 +165,7 @@ def _conv_silu_bwd_pre_kernel(
     s_base = seq_idx_ptr + batch.to(tl.int64) * stride_sb
     dy_base = dy_ptr + batch.to(tl.int64) * stride_dyb
     w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    bias, scale = _bias_and_scale(bias_ptr, scale_ptr, cols, col_mask, HAS_BIAS, HAS_SCALE, BLOCK_C)
     dw0 = tl.zeros([BLOCK_C], dtype=tl.float32)
     dw1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     dw2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -169,7 +190,7 @@ def _conv_silu_bwd_pre_kernel(
             a += _load_rows(x_base, rows - 2, ok2, stride_xl, cols, col_mask) * w1[None, :]
             a += _load_rows(x_base, rows - 1, ok1, stride_xl, cols, col_mask) * w2[None, :]
             a += _load_rows(x_base, rows, in_range, stride_xl, cols, col_mask) * w3[None, :]
-            g = _dpre(a, dy, scale)
+            g = _dpre(a, dy, scale[None, :])
             tl.store(g_ptrs, g, mask=g_mask)
             dw0 += tl.sum(g * _load_rows(x_base, rows - 3, ok3, stride_xl, cols, col_mask), axis=0)
             dw1 += tl.sum(g * _load_rows(x_base, rows - 2, ok2, stride_xl, cols, col_mask), axis=0)
@@ -181,7 +202,7 @@ def _conv_silu_bwd_pre_kernel(
             xm1 = _load_rows(x_base, rows - 1, ok1, stride_xl, cols, col_mask)
             x0 = _load_rows(x_base, rows, in_range, stride_xl, cols, col_mask)
             a = xm3 * w0[None, :] + xm2 * w1[None, :] + xm1 * w2[None, :] + x0 * w3[None, :] + bias[None, :]
-            g = _dpre(a, dy, scale)
+            g = _dpre(a, dy, scale[None, :])
             dw0 += tl.sum(g * xm3, axis=0)
             dw1 += tl.sum(g * xm2, axis=0)
             dw2 += tl.sum(g * xm1, axis=0)
@@ -189,13 +210,8 @@ def _conv_silu_bwd_pre_kernel(
             tl.store(g_ptrs, g, mask=g_mask)
         db += tl.sum(g, axis=0)
     # partial layout [program, 5, channels]: taps 0..3 then bias; summed over programs by torch
-    n_l_programs = tl.num_programs(0)
-    part = dw_partial_ptr + (batch * n_l_programs + pid_l).to(tl.int64) * 5 * channels + cols
-    tl.store(part + 0 * channels, dw0, mask=col_mask)
-    tl.store(part + 1 * channels, dw1, mask=col_mask)
-    tl.store(part + 2 * channels, dw2, mask=col_mask)
-    tl.store(part + 3 * channels, dw3, mask=col_mask)
-    tl.store(part + 4 * channels, db, mask=col_mask)
+    _store_weight_partials(dw_partial_ptr, batch * tl.num_programs(0) + pid_l, channels, cols, col_mask,
+                           dw0, dw1, dw2, dw3, db)
 
 
 @triton.jit
@@ -243,6 +259,28 @@ def _row_document(seq_base, row, seq_len, stride_sl, HAS_SEQ_IDX: tl.constexpr):
 
 
 @triton.jit
+def _rows_before(x_base, s_base, first, seq_len, stride_xl, stride_sl, cols, col_mask, HAS_SEQ_IDX: tl.constexpr):
+    """The three rows of x before a strip's first row, and their documents: what the walk holds
+    when it reaches `first`."""
+    xm3 = _load_row(x_base, first - 3, seq_len, stride_xl, cols, col_mask)
+    xm2 = _load_row(x_base, first - 2, seq_len, stride_xl, cols, col_mask)
+    xm1 = _load_row(x_base, first - 1, seq_len, stride_xl, cols, col_mask)
+    dm3 = _row_document(s_base, first - 3, seq_len, stride_sl, HAS_SEQ_IDX)
+    dm2 = _row_document(s_base, first - 2, seq_len, stride_sl, HAS_SEQ_IDX)
+    dm1 = _row_document(s_base, first - 1, seq_len, stride_sl, HAS_SEQ_IDX)
+    return xm3, xm2, xm1, dm3, dm2, dm1
+
+
+@triton.jit
+def _document_taps(xm3, xm2, xm1, dm3, dm2, dm1, d0, HAS_SEQ_IDX: tl.constexpr):
+    """The three earlier rows as row t's output reads them: with seq_idx, a row of another
+    document than t's (d0) reads as 0."""
+    if HAS_SEQ_IDX:
+        return tl.where(dm3 == d0, xm3, 0.0), tl.where(dm2 == d0, xm2, 0.0), tl.where(dm1 == d0, xm1, 0.0)
+    return xm3, xm2, xm1
+
+
+@triton.jit
 def _conv_silu_fwd_streaming_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, seq_idx_ptr, out_ptr,
     seq_len, channels, stride_xb, stride_xl, stride_sb, stride_sl, stride_ob, stride_ol,
@@ -259,32 +297,18 @@ def _conv_silu_fwd_streaming_kernel(
     s_base = seq_idx_ptr + batch.to(tl.int64) * stride_sb
     out_base = out_ptr + batch.to(tl.int64) * stride_ob
     w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    bias, scale = _bias_and_scale(bias_ptr, scale_ptr, cols, col_mask, HAS_BIAS, HAS_SCALE, BLOCK_C)
     first = pid_l * ROWS_PER_PROGRAM
-    xm3 = _load_row(x_base, first - 3, seq_len, stride_xl, cols, col_mask)
-    xm2 = _load_row(x_base, first - 2, seq_len, stride_xl, cols, col_mask)
-    xm1 = _load_row(x_base, first - 1, seq_len, stride_xl, cols, col_mask)
-    dm3 = _row_document(s_base, first - 3, seq_len, stride_sl, HAS_SEQ_IDX)
-    dm2 = _row_document(s_base, first - 2, seq_len, stride_sl, HAS_SEQ_IDX)
-    dm1 = _row_document(s_base, first - 1, seq_len, stride_sl, HAS_SEQ_IDX)
+    xm3, xm2, xm1, dm3, dm2, dm1 = _rows_before(x_base, s_base, first, seq_len, stride_xl, stride_sl, cols,
+                                                col_mask, HAS_SEQ_IDX)
     x_next = _load_row(x_base, first, seq_len, stride_xl, cols, col_mask)
     for i in range(0, ROWS_PER_PROGRAM):
         t = first + i
         x0 = x_next
         x_next = _load_row(x_base, t + 1, seq_len, stride_xl, cols, col_mask)
         d0 = _row_document(s_base, t, seq_len, stride_sl, HAS_SEQ_IDX)
-        if HAS_SEQ_IDX:
-            a = (tl.where(dm3 == d0, xm3, 0.0) * w0 + tl.where(dm2 == d0, xm2, 0.0) * w1
-                 + tl.where(dm1 == d0, xm1, 0.0) * w2 + x0 * w3 + bias)
-        else:
-            a = xm3 * w0 + xm2 * w1 + xm1 * w2 + x0 * w3 + bias
+        tap0, tap1, tap2 = _document_taps(xm3, xm2, xm1, dm3, dm2, dm1, d0, HAS_SEQ_IDX)
+        a = tap0 * w0 + tap1 * w1 + tap2 * w2 + x0 * w3 + bias
         y = a * tl.sigmoid(a)
         if HAS_SCALE:
             y *= scale
@@ -320,23 +344,12 @@ def _conv_silu_bwd_streaming_kernel(
     dy_base = dy_ptr + batch.to(tl.int64) * stride_dyb
     dx_base = dx_ptr + batch.to(tl.int64) * stride_dxb
     w0, w1, w2, w3 = _load_taps(w_ptr, cols, col_mask)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    else:
-        scale = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    bias, scale = _bias_and_scale(bias_ptr, scale_ptr, cols, col_mask, HAS_BIAS, HAS_SCALE, BLOCK_C)
     first = pid_l * ROWS_PER_PROGRAM
     last = tl.minimum(first + ROWS_PER_PROGRAM, seq_len)  # rows whose dx and dw this program owns
     # rows t-3, t-2, t-1 of x (and their documents) before the first row's step
-    xm3 = _load_row(x_base, first - 3, seq_len, stride_xl, cols, col_mask)
-    xm2 = _load_row(x_base, first - 2, seq_len, stride_xl, cols, col_mask)
-    xm1 = _load_row(x_base, first - 1, seq_len, stride_xl, cols, col_mask)
-    dm3 = _row_document(s_base, first - 3, seq_len, stride_sl, HAS_SEQ_IDX)
-    dm2 = _row_document(s_base, first - 2, seq_len, stride_sl, HAS_SEQ_IDX)
-    dm1 = _row_document(s_base, first - 1, seq_len, stride_sl, HAS_SEQ_IDX)
+    xm3, xm2, xm1, dm3, dm2, dm1 = _rows_before(x_base, s_base, first, seq_len, stride_xl, stride_sl, cols,
+                                                col_mask, HAS_SEQ_IDX)
     gm3 = tl.zeros([BLOCK_C], dtype=tl.float32)
     gm2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     gm1 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -354,16 +367,9 @@ def _conv_silu_bwd_streaming_kernel(
         x_next = _load_row(x_base, t + 1, seq_len, stride_xl, cols, col_mask)
         dy_next = _load_row(dy_base, t + 1, seq_len, stride_dyl, cols, col_mask)
         d0 = _row_document(s_base, t, seq_len, stride_sl, HAS_SEQ_IDX)
-        # the taps row t's output really read (another document's rows read as 0)
-        if HAS_SEQ_IDX:
-            tap0 = tl.where(dm3 == d0, xm3, 0.0)
-            tap1 = tl.where(dm2 == d0, xm2, 0.0)
-            tap2 = tl.where(dm1 == d0, xm1, 0.0)
-        else:
-            tap0, tap1, tap2 = xm3, xm2, xm1
+        tap0, tap1, tap2 = _document_taps(xm3, xm2, xm1, dm3, dm2, dm1, d0, HAS_SEQ_IDX)
         a = tap0 * w0 + tap1 * w1 + tap2 * w2 + x0 * w3 + bias
-        sig = tl.sigmoid(a)
-        g0 = dy0 * scale * sig * (1.0 + a * (1.0 - sig))
+        g0 = _dpre(a, dy0, scale)
         g_own = tl.where(t < last, g0, 0.0)
         dw0 += g_own * tap0
         dw1 += g_own * tap1
@@ -382,12 +388,8 @@ def _conv_silu_bwd_streaming_kernel(
         xm3, xm2, xm1 = xm2, xm1, x0
         gm3, gm2, gm1 = gm2, gm1, g0
         dm3, dm2, dm1 = dm2, dm1, d0
-    part = dw_partial_ptr + (batch * tl.num_programs(0) + pid_l).to(tl.int64) * 5 * channels + cols
-    tl.store(part + 0 * channels, dw0, mask=col_mask)
-    tl.store(part + 1 * channels, dw1, mask=col_mask)
-    tl.store(part + 2 * channels, dw2, mask=col_mask)
-    tl.store(part + 3 * channels, dw3, mask=col_mask)
-    tl.store(part + 4 * channels, db, mask=col_mask)
+    _store_weight_partials(dw_partial_ptr, batch * tl.num_programs(0) + pid_l, channels, cols, col_mask,
+                           dw0, dw1, dw2, dw3, db)
 
 
 # Tile shapes for Hopper (H100/H200) at the Falcon-H1 widths: 128 channels x 2 bytes = 256-byte
