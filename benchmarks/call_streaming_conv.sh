@@ -1,6 +1,7 @@
-# The streaming conv kernels (KernelOptions.streaming_conv) on the GPU: the whole 0.5B step 4 x 4096
-# graphed with and without them, interleaved around Hugging Face's fast path (mamba_ssm's
-# fused split-conv1d-scan + causal_conv1d) and the BitNet step on the same weights in the same process;
+# The streaming conv kernels (KernelOptions.streaming_conv, the default) on the GPU against the tiled ones
+# (falcon-bench variant ours_fused_tiled_conv; the 2026-12-07 run named the pair ours_fused and
+# ours_fused_streaming_conv, before the default changed): the whole 0.5B step 4 x 4096 graphed with
+# each, interleaved around Hugging Face's fast path (mamba_ssm's fused split-conv1d-scan + causal_conv1d) and the BitNet step on the same weights in the same process;
 # then the conv GPU tests; then 1.5B-Deep 4 x 4096 the same way (without BitNet); the conv kernels'
 # microbenchmark (tiled against streaming, and their tilings) last, where KERNELS=1.
 #   device run: bash benchmarks/call_streaming_conv.sh   (carry: wheels, .whl; timeout_s 590)
@@ -12,13 +13,13 @@
 source benchmarks/device_setup.sh
 G=_cuda_graph
 run "${STEP_S:-230}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 10 --kernels none \
-  --variants "ours_fused$G,ours_fused_streaming_conv$G,hf_transformers,ours_bitnet_fused$G,ours_fused$G,ours_fused_streaming_conv$G" \
+  --variants "ours_fused$G,ours_fused_tiled_conv$G,hf_transformers,ours_bitnet_fused$G,ours_fused$G,ours_fused_tiled_conv$G" \
   --json "$OUT/step.json"
 grep -A7 "^variant" "$OUT/step.txt" | cut -c1-110; grep "hf_transformers ran" "$OUT/step.txt"
 run "${CONV_TESTS_S:-80}" conv_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py -k "conv"
 tail -3 "$OUT/conv_tests.txt"
 run "${DEEP_S:-200}" deep.txt python3 -m benchmarks.falcon_bench --size 1.5b-deep --steps 5 --kernels none \
-  --variants "ours_fused$G,ours_fused_streaming_conv$G,hf_transformers,ours_fused$G,ours_fused_streaming_conv$G" \
+  --variants "ours_fused$G,ours_fused_tiled_conv$G,hf_transformers,ours_fused$G,ours_fused_tiled_conv$G" \
   --json "$OUT/deep.json"
 grep -A6 "^variant" "$OUT/deep.txt" | cut -c1-110
 if [ "${KERNELS:-0}" = 1 ]; then

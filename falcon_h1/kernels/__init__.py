@@ -60,7 +60,7 @@ class KernelOptions:
     # the Triton conv walking the rows, forward and backward: each x (and dy) row read once, the
     # backward in one pass (kernels.conv_triton's streaming kernels); off: row tiles reading shifted
     # windows, the backward in two passes through an fp32 buffer
-    streaming_conv: bool = False
+    streaming_conv: bool = True
     fused_cross_entropy: bool = True  # Triton loss + gradient in one forward; off: Megatron's fp32 copy
     # causal attention within the documents of packed rows on the GPU path (one of
     # kernels.document_attention.BACKENDS, or "auto": varlen flash attention for fp16/bf16, SDPA
