@@ -4,7 +4,9 @@
 # each, interleaved around Hugging Face's fast path (mamba_ssm's fused split-conv1d-scan + causal_conv1d) and the BitNet step on the same weights in the same process;
 # then the conv GPU tests; then 1.5B-Deep 4 x 4096 the same way (without BitNet); the conv kernels'
 # microbenchmark (tiled against streaming, and their tilings) last, where KERNELS=1.
-#   device run: bash benchmarks/call_streaming_conv.sh   (carry: wheels, .whl; timeout_s 590)
+#   device run: [CANDIDATE=variant] bash benchmarks/call_streaming_conv.sh   (carry: wheels, .whl,
+#   .triton_cache_tgz; timeout_s 590). CANDIDATE (default ours_fused_tiled_conv) replaces the tiled conv
+#   in the pairs above.
 # .whl/ holds causal_conv1d's wheel for torch 2.11 + CUDA 13, sm_90 (bash benchmarks/build_causal_conv1d_here.sh
 # builds it without a GPU; wheels/ from bash benchmarks/device_wheels.sh); without it HF runs its PyTorch fallback.
 # Writes $OUT/step.txt + step.json, conv_tests.txt, deep.txt + deep.json, [conv_kernels.txt + .json], and
@@ -12,14 +14,16 @@
 # skips the compiling).
 source benchmarks/device_setup.sh
 G=_cuda_graph
+# the variant set against the defaults (any falcon-bench variant, e.g. ours_fused_triton_out_input)
+CANDIDATE=${CANDIDATE:-ours_fused_tiled_conv}
 run "${STEP_S:-230}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 10 --kernels none \
-  --variants "ours_fused$G,ours_fused_tiled_conv$G,hf_transformers,ours_bitnet_fused$G,ours_fused$G,ours_fused_tiled_conv$G" \
+  --variants "ours_fused$G,$CANDIDATE$G,hf_transformers,ours_bitnet_fused$G,ours_fused$G,$CANDIDATE$G" \
   --json "$OUT/step.json"
 grep -A7 "^variant" "$OUT/step.txt" | cut -c1-110; grep "hf_transformers ran" "$OUT/step.txt"
-run "${CONV_TESTS_S:-80}" conv_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py -k "conv"
+run "${CONV_TESTS_S:-80}" conv_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py -k "conv or out_projection"
 tail -3 "$OUT/conv_tests.txt"
 run "${DEEP_S:-200}" deep.txt python3 -m benchmarks.falcon_bench --size 1.5b-deep --steps 5 --kernels none \
-  --variants "ours_fused$G,ours_fused_tiled_conv$G,hf_transformers,ours_fused$G,ours_fused_tiled_conv$G" \
+  --variants "ours_fused$G,$CANDIDATE$G,hf_transformers,ours_fused$G,$CANDIDATE$G" \
   --json "$OUT/deep.json"
 grep -A6 "^variant" "$OUT/deep.txt" | cut -c1-110
 if [ "${KERNELS:-0}" = 1 ]; then

@@ -277,7 +277,8 @@ class ParallelHybridMixer(MegatronModule):
             if documents is not None and c.attention_backend == "auto":
                 backend = packed_attention_backend(self.kernel_options.packed_attention, q)
             o = kernels.causal_attention(q, k, v, scale=hd ** -0.5, backend=backend, documents=documents)
-        return o.permute(2, 0, 1, 3).reshape(s, b, -1)
+        o = o.permute(2, 0, 1, 3)  # [s, b, heads, d]: kernels.out_projection_input reads it in place
+        return o if self.fused and self.kernel_options.triton_out_projection_input else o.reshape(s, b, -1)
 
     def _mamba(self, zxbcdt, seq_idx, in_projection_gradient=None):
         """zxbcdt [s, b, .] (already µP-scaled) -> y [s, b, d_ssm] (as a transposed view); with the
@@ -388,9 +389,11 @@ class ParallelHybridMixer(MegatronModule):
         return self._project_out(parts)
 
     def _project_out(self, parts):
-        """Out-projection of the branch outputs [s, b, .] (summed, or one GEMM over their concat)."""
+        """Out-projection of the branch outputs [s, b, ...] (summed, or one GEMM over them side by side)."""
         if self.fused:
-            return self.out_proj(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].contiguous())[0]
+            from falcon_h1.kernels.out_projection_input import out_projection_input
+
+            return self.out_proj(out_projection_input(parts, self.kernel_options.triton_out_projection_input))[0]
         out = None
         if self.mamba:
             out = self.mamba_out_proj(parts[0].contiguous())[0]

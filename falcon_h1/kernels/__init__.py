@@ -61,6 +61,9 @@ class KernelOptions:
     # backward in one pass (kernels.conv_triton's streaming kernels); off: row tiles reading shifted
     # windows, the backward in two passes through an fp32 buffer
     streaming_conv: bool = True
+    # the fused out-projection's input written by one Triton copy a branch, each output read where it
+    # lies (kernels.out_projection_input); off: attention's output reshaped, then torch.cat
+    triton_out_projection_input: bool = False
     fused_cross_entropy: bool = True  # Triton loss + gradient in one forward; off: Megatron's fp32 copy
     # causal attention within the documents of packed rows on the GPU path (one of
     # kernels.document_attention.BACKENDS, or "auto": varlen flash attention for fp16/bf16, SDPA
@@ -98,6 +101,7 @@ class KernelOptions:
             streaming_conv=self.streaming_conv and self.triton_conv and gpu,
             triton_swiglu=self.triton_swiglu and gpu,
             triton_rotary=self.triton_rotary and gpu,
+            triton_out_projection_input=self.triton_out_projection_input and gpu,
             # the branch is built from mamba_ssm's scan and the Triton conv
             fused_mamba_branch=self.fused_mamba_branch and self.triton_conv and self.triton_ssd and gpu,
             own_ssd_forward=self.own_ssd_forward and self.fused_mamba_branch and self.triton_conv

@@ -112,6 +112,24 @@ def _poison_allocator(numel: int = 1 << 24):
     torch.cuda.synchronize()
 
 
+def test_out_projection_input_equals_concatenation():
+    """The out-projection's input from the scan's [b, s, .] y and SDPA's own output (seen as
+    [s, b, heads, d], as the layer passes it): torch.cat's values and gradients, bit for bit."""
+    from falcon_h1.kernels.out_projection_input import out_projection_input, out_projection_input_reference
+
+    b, s, heads, head_dim, width = 4, 1000, 8, 64, 1536
+    q, k, v = (torch.randn(b, heads, s, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).permute(2, 0, 1, 3)
+    y = torch.randn(b, s, width, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
+    dout = torch.randn(s, b, width + heads * head_dim, device="cuda", dtype=torch.bfloat16)
+    got_parts, want_parts = ([t.detach().clone().requires_grad_() for t in (y, o)] for _ in range(2))
+    got, want = out_projection_input(got_parts, True), out_projection_input_reference(want_parts)
+    got.backward(dout)
+    want.backward(dout)
+    assert got.is_contiguous() and torch.equal(got, want)
+    assert all(torch.equal(a.grad, w.grad) for a, w in zip(got_parts, want_parts))
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOLERANCE)])
 @pytest.mark.parametrize("length", [4096, 1000, 3])
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])

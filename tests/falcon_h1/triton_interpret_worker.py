@@ -200,6 +200,29 @@ def check_group_rms_norm(batch, length, groups, width, g):
     return {"out": rel(out, want), "dy": rel(ys.grad, y64.grad), "dweight": rel(ws.grad, w64.grad)}
 
 
+def check_out_projection_input(g):
+    """The out-projection's input from the branches' outputs in layouts they leave them in (y as the
+    scan's [b, s, .] memory seen as [s, b, .]; attention's [b, heads, s, d] memory seen as
+    [s, b, heads, d], its heads apart in memory; a part wider than one column block and a ragged row
+    count): the Triton copies equal torch.cat of the flattened parts, and so do the parts'
+    gradients, bit for bit."""
+    from falcon_h1.kernels.out_projection_input import out_projection_input, out_projection_input_reference
+
+    s, b, width, heads, head_dim = 19, 3, 300, 3, 24
+    y = torch.randn(b, s, width, generator=g).transpose(0, 1)
+    o = torch.randn(b, heads, s, head_dim, generator=g).permute(2, 0, 1, 3)
+    dout = torch.randn(s, b, width + heads * head_dim, generator=g)
+    got_parts = [t.clone().requires_grad_() for t in (y, o)]
+    want_parts = [t.clone().requires_grad_() for t in (y, o)]
+    got = out_projection_input(got_parts, triton_copy=True)
+    want = out_projection_input_reference(want_parts)
+    got.backward(dout)
+    want.backward(dout)
+    same = got.is_contiguous() and torch.equal(got, want) and all(
+        torch.equal(a.grad, w.grad) for a, w in zip(got_parts, want_parts))
+    return {"differs from torch.cat": 0.0 if same else 1.0}
+
+
 def check_mixed_dtype_residual(g):
     """An fp32 residual stream plus a bf16 delta: the sum in fp32, bit for bit torch's x + delta
     (the bf16 values widen exactly), and the norm's output in fp32 too."""
@@ -247,6 +270,8 @@ def main():
     for rows, hidden, with_residual in [(37, 200, True), (9, 1024, False), (19, 1024, True), (3, 3000, False)]:
         for name, err in check_rms_norm(rows, hidden, with_residual, torch.float32, g).items():
             errors[f"rms_norm s{rows} x b2 h{hidden} residual={with_residual} {name}"] = err
+    for name, err in check_out_projection_input(g).items():
+        errors[f"out-projection input {name}"] = err
     for name, err in check_mixed_dtype_residual(g).items():
         errors[f"rms_norm fp32 + bf16 residual {name}"] = err
     for batch, length, groups, width in [(2, 19, 3, 40), (1, 33, 1, 128)]:
