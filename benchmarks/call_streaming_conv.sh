@@ -1,7 +1,8 @@
 # The streaming conv kernels (KernelOptions.streaming_conv, the default) on the GPU against the tiled ones
 # (falcon-bench variant ours_fused_tiled_conv; the 2026-12-07 run named the pair ours_fused and
 # ours_fused_streaming_conv, before the default changed): the whole 0.5B step 4 x 4096 graphed with
-# each, interleaved around Hugging Face's fast path (mamba_ssm's fused split-conv1d-scan + causal_conv1d) and the BitNet step on the same weights in the same process;
+# each, interleaved around Hugging Face's fast path (mamba_ssm's fused split-conv1d-scan + causal_conv1d)
+# and the BitNet step on the same weights in the same process;
 # then the conv GPU tests; then 1.5B-Deep 4 x 4096 the same way (without BitNet); the conv kernels'
 # microbenchmark (tiled against streaming, and their tilings) last, where KERNELS=1.
 #   device run: [CANDIDATE=variant] bash benchmarks/call_streaming_conv.sh   (carry: wheels, .whl,

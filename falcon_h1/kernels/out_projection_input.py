@@ -86,9 +86,9 @@ def out_projection_input(parts: Sequence[torch.Tensor], triton_copy: bool) -> to
     """The parts [s, b, ...] (any strides; one dtype) side by side as one contiguous [s, b, sum of
     widths]. triton_copy (KernelOptions.triton_out_projection_input): one Triton copy a part;
     else the reference."""
+    if not triton_copy:
+        return out_projection_input_reference(parts)  # torch.cat refuses mismatched parts itself
     if len({p.shape[:2] for p in parts}) != 1 or len({p.dtype for p in parts}) != 1:
         raise ValueError("out_projection_input: the parts must share [s, b] and dtype; got "
                          f"{[(tuple(p.shape), p.dtype) for p in parts]}")
-    if not triton_copy:
-        return out_projection_input_reference(parts)
     return _OutProjectionInput.apply(*parts)

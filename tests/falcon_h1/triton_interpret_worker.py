@@ -270,8 +270,6 @@ def main():
     for rows, hidden, with_residual in [(37, 200, True), (9, 1024, False), (19, 1024, True), (3, 3000, False)]:
         for name, err in check_rms_norm(rows, hidden, with_residual, torch.float32, g).items():
             errors[f"rms_norm s{rows} x b2 h{hidden} residual={with_residual} {name}"] = err
-    for name, err in check_out_projection_input(g).items():
-        errors[f"out-projection input {name}"] = err
     for name, err in check_mixed_dtype_residual(g).items():
         errors[f"rms_norm fp32 + bf16 residual {name}"] = err
     for batch, length, groups, width in [(2, 19, 3, 40), (1, 33, 1, 128)]:
@@ -281,6 +279,8 @@ def main():
         bf16_errors[f"rms_norm bf16 s21 x b2 h256 residual=True {name}"] = err
     for name, err in check_swiglu(5, 1100, g).items():
         errors[f"swiglu {name}"] = err
+    for name, err in check_out_projection_input(g).items():
+        errors[f"out-projection input {name}"] = err
     failed = False
     for name, err in errors.items():
         ok = err <= TOLERANCE
