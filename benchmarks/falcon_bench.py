@@ -82,7 +82,7 @@ def time_limit(seconds: float | None):
 
 
 def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list[str], layers: int | None,
-        profile: tuple[str, ...] = (), variant_timeout: float | None = None, on_row=None):
+        profile: tuple[str, ...] = (), variant_timeout: float | None = None, on_row=None, profile_top: int = 25):
     """One row per variant; `on_row(rows so far)` after each (a partial table survives a kill);
     a variant past `variant_timeout` seconds (build and timing) is reported as an error."""
     from falcon_h1.megatron_compat.parallel import initialize_parallel
@@ -114,7 +114,8 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
         row = {"variant": name}
         try:
             with time_limit(variant_timeout):
-                row.update(_measure(builders, name, warmup, steps, name in profile and name not in variants[index + 1:]))
+                row.update(_measure(builders, name, warmup, steps,
+                                    profile_top if name in profile and name not in variants[index + 1:] else 0))
             tps = batch * seq / (row["ms"] / 1e3)
             if name.startswith("hf_transformers"):
                 row["hf_path"] = hf_path
@@ -129,9 +130,10 @@ def run(size: str, seq: int, batch: int, warmup: int, steps: int, variants: list
     return results
 
 
-def _measure(builders, name: str, warmup: int, steps: int, profile: bool) -> dict:
+def _measure(builders, name: str, warmup: int, steps: int, profile_top: int) -> dict:
     """Build one variant (any variant + "_cuda_graph": its forward + backward captured once and
-    replayed) and time its training step; the model is dropped on return."""
+    replayed) and time its training step; profile_top > 0: then profile one step, keeping its
+    largest kernels. The model is dropped on return."""
     graphed = name.endswith(GRAPH_SUFFIX)
     model, fwd = builders[name.removesuffix(GRAPH_SUFFIX)]()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -139,8 +141,8 @@ def _measure(builders, name: str, warmup: int, steps: int, profile: bool) -> dic
     step = (graphed_train_step if graphed else _train_step)(model, optimizer, fwd)
     ms, loss, peak_gib = time_steps(step, warmup, steps)
     row = {"ms": ms, "peak_gib": peak_gib, "first_loss": loss, "params": sum(p.numel() for p in model.parameters())}
-    if profile:  # a repeated variant: its last run
-        row["top_kernels"] = profile_kernels(step)
+    if profile_top:  # a repeated variant: its last run
+        row["top_kernels"] = profile_kernels(step, top=profile_top)
     return row
 
 
@@ -169,12 +171,13 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
             layer.mlp.forward = torch.compile(layer.mlp.forward)
         return model, fwd
 
-    def ours_bitnet(fused: bool, options: dict | None = None):
+    def ours_bitnet(fused: bool, options: dict | None = None, saved_input: str = "auto"):
         def build():
             from bitnet.spec import falcon_h1_linear_spec
             from recipes.config import BitNetConfig
 
-            linears = falcon_h1_linear_spec(BitNetConfig(enabled=True, fused=fused), preset.kernel_backend)
+            bitnet = BitNetConfig(enabled=True, fused=fused, saved_input=saved_input)
+            linears = falcon_h1_linear_spec(bitnet, preset.kernel_backend)
             return build_model(preset, linears=linears, kernel_options=KernelOptions(**(options or {})),
                                precision="bf16", seed=0).train(), our_loss
         return build
@@ -229,6 +232,10 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
         "hf_transformers_checkpointing": lambda: hf_model(checkpointing=True),
         "ours_bf16_random_init": ours_bf16_random,
         "ours_bitnet_fused": ours_bitnet(True),
+        # bitnet.saved_input: the backward keeps each quantised input as int8 (dequantised for the weight
+        # gradient) or as the fake-quantised bf16 input (no dequantising pass, 1 byte an element more)
+        "ours_bitnet_fused_int8_input": ours_bitnet(True, saved_input="int8"),
+        "ours_bitnet_fused_float_input": ours_bitnet(True, saved_input="float"),
         "ours_bitnet_reference_ste": ours_bitnet(False),
         # µP multipliers on the activations (eager SwiGLU) instead of BitNet's output_row_scale
         "ours_bitnet_scales_on_activations": ours_bitnet(True, {"fold_scales": False}),
@@ -266,6 +273,7 @@ def main(argv=None) -> None:
                         help="seconds a variant may take (build + steps) before it is reported as an error")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile one step of; "
                         "later variants then time slower (the profiler stays attached): list profiled ones last")
+    parser.add_argument("--profile-top", type=int, default=25, help="kernels listed in each profile")
     parser.add_argument("--kernels", default="all", choices=["all", "no_sweep", "conv", "none"],
                         help="kernel microbenchmarks to run after the variants (no_sweep: without the conv "
                         "tile sweep)")
@@ -283,7 +291,8 @@ def main(argv=None) -> None:
                 "wall_s": time.time() - started}, indent=2))
 
     rows = run(args.size, args.seq, args.batch, args.warmup, args.steps, variants, args.layers,
-               tuple(v for v in args.profile.split(",") if v), args.variant_timeout, write_json) if variants else []
+               tuple(v for v in args.profile.split(",") if v), args.variant_timeout, write_json,
+               args.profile_top) if variants else []
     kernel_profiles: dict = {}
     micro = {} if args.kernels == "none" else kernel_microbench(args.seq, args.batch, args.kernels, kernel_profiles)
     ref = {r["variant"]: r for r in rows if "error" not in r}

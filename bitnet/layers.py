@@ -81,6 +81,36 @@ class BitNetLinearOptions:
         kernels.validate_kernel_backend(self.kernel_backend)
 
 
+# Values of `bitnet.saved_input`: what the backward keeps of a quantised projection's input.
+SAVED_INPUTS = ("auto", "int8", "float")
+# What "auto" keeps on the fused float GEMM (the int8 GEMM reads and keeps int8 either way).
+AUTO_SAVED_INPUT = "int8"
+
+
+def keeps_int8_input(bitnet_cfg) -> bool:
+    """Whether the backward keeps int8 inputs under `bitnet_cfg.saved_input`, which is checked
+    against the GEMM path first: "int8" needs the fused or int8 GEMM (the reference pattern keeps
+    what autograd keeps, the float input), "float" the float GEMM (the int8 one reads int8)."""
+    value = getattr(bitnet_cfg, "saved_input", "auto")
+    if value not in SAVED_INPUTS:
+        raise ConfigValueError("bitnet.saved_input", value, f"one of {list(SAVED_INPUTS)}")
+    if value == "int8" and not (bitnet_cfg.fused or bitnet_cfg.int8_matmul):
+        raise ConfigValueError(
+            "bitnet.saved_input", value, "'auto' or 'float'",
+            message="bitnet.saved_input = 'int8' needs the fused GEMM, but bitnet.fused = false (and "
+                    "bitnet.int8_matmul = false): the reference pattern's autograd keeps the float input. "
+                    "Set bitnet.fused=true, or bitnet.saved_input to 'auto' or 'float'.")
+    if value == "float" and bitnet_cfg.int8_matmul:
+        raise ConfigValueError(
+            "bitnet.saved_input", value, "'auto' or 'int8'",
+            message="bitnet.saved_input = 'float' with bitnet.int8_matmul = true: the int8 GEMM reads the "
+                    "int8 input and keeps it for the backward. Set bitnet.int8_matmul=false, or "
+                    "bitnet.saved_input to 'auto' or 'int8'.")
+    if bitnet_cfg.int8_matmul:
+        return True
+    return (AUTO_SAVED_INPUT if value == "auto" else value) == "int8"
+
+
 def options_from_config(bitnet_cfg, kernel_backend: str = "auto") -> BitNetLinearOptions:
     """bitnet_cfg: recipes.config.BitNetConfig; kernel_backend: the model's (auto | reference |
     triton)."""
@@ -89,6 +119,7 @@ def options_from_config(bitnet_cfg, kernel_backend: str = "auto") -> BitNetLinea
         int8_matmul=bool(bitnet_cfg.int8_matmul),
         subln=bool(bitnet_cfg.subln),
         kernel_backend=kernel_backend,
+        keep_int8_input=keeps_int8_input(bitnet_cfg),
     )
 
 
@@ -559,6 +590,14 @@ BITNET_LINEAR_TYPES = (BitNetColumnParallelLinear, BitNetRowParallelLinear)
 
 
 # ----------------------------------------------------------------------------- selection
+def validate_bitnet_config(bitnet_cfg) -> list[str]:
+    """The config's fields checked, before anything is built: its layers (returned) and what
+    the backward keeps of their inputs."""
+    layers = validate_bitnet_layers(bitnet_cfg)
+    keeps_int8_input(bitnet_cfg)
+    return layers
+
+
 def validate_bitnet_layers(bitnet_cfg) -> list[str]:
     layers = bitnet_cfg.layers
     if layers is None or isinstance(layers, str):
@@ -635,6 +674,15 @@ def select_segmented_linear(bitnet_cfg, segments, parallel: str, kernel_backend:
     parsed = [Segment(name, size, bool(LAYER_TYPES[t] & enabled_types)) for name, size, t in segments]
     if not any(s.quantized for s in parsed):
         return plain
+    if (parallel == "row" and getattr(bitnet_cfg, "saved_input", "auto") == "int8" and not bitnet_cfg.int8_matmul
+            and not all(s.quantized for s in parsed)):
+        full = [s.name for s in parsed if not s.quantized]
+        raise ConfigValueError(
+            "bitnet.saved_input", "int8", "'auto' or 'float', or every segment of the input quantised",
+            message=f"bitnet.saved_input = 'int8', but the fused projection's input {[s.name for s in parsed]} "
+                    f"keeps {full} in full precision (bitnet.layers = {list(bitnet_cfg.layers)}), and int8 would "
+                    "lose those features, so its backward keeps the float input. Quantise every segment, or set "
+                    "bitnet.saved_input to 'auto' or 'float'.")
     cls = bitnet_linear_class(parallel, options_from_config(bitnet_cfg, kernel_backend))
     return functools.partial(cls, bitnet_segments=parsed)
 

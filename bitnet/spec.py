@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 
 from bitnet.kernels import validate_kernel_backend
-from bitnet.layers import label_bitnet_layers, select_linear, select_segmented_linear, validate_bitnet_layers
+from bitnet.layers import label_bitnet_layers, select_linear, select_segmented_linear, validate_bitnet_config
 from falcon_h1.linears import MEGATRON_LINEARS, LinearSpec
 
 
@@ -20,7 +20,7 @@ def falcon_h1_linear_spec(bitnet_cfg, kernel_backend: str) -> LinearSpec:
     BitNet layers' quantisers follow too."""
     if bitnet_cfg is None or not bitnet_cfg.enabled:
         return MEGATRON_LINEARS
-    validate_bitnet_layers(bitnet_cfg)
+    validate_bitnet_config(bitnet_cfg)
     validate_kernel_backend(kernel_backend)
     return LinearSpec(
         linear=functools.partial(_linear, bitnet_cfg, kernel_backend),

@@ -134,9 +134,9 @@ def validate_recipe(recipe: RecipeConfig) -> CheckedRecipe:
               f"1 .. model.max_position_embeddings = {model_cfg.max_position_embeddings}")
     validate_sequence_split(recipe, model_cfg)
     if recipe.bitnet.enabled:
-        from bitnet.layers import validate_bitnet_layers
+        from bitnet.layers import validate_bitnet_config
 
-        validate_bitnet_layers(recipe.bitnet)
+        validate_bitnet_config(recipe.bitnet)
     from recipes.data import validate_data_config
 
     validate_data_config(recipe.data)

@@ -48,6 +48,12 @@ class BitNetConfig:
     int8_matmul: bool = False
     # Extra non-learnable RMSNorm on the activations before each quantised projection.
     subln: bool = False
+    # What the backward keeps of each quantised projection's input for its weight gradient
+    # (bitnet.layers.SAVED_INPUTS): "int8", the int8 values and per-token scales (1 byte an
+    # element), dequantised by one more pass in the backward; "float", the fake-quantised input in
+    # its dtype (2 bytes in bf16), no pass; "auto", bitnet.layers.AUTO_SAVED_INPUT's choice. The
+    # gradients are the same bit for bit.
+    saved_input: str = "auto"
 
 
 @dataclass

@@ -17,7 +17,8 @@ from tests.conftest import REPO
 # variants that are not our model with other kernel options / config: HF itself (moved to CUDA),
 # torch.compile (minutes on CPU), BitNet (another function), random init (other weights)
 NOT_HF_FUNCTION = {"hf_transformers", "hf_transformers_checkpointing", "ours_fused_compiled", "ours_bitnet_fused",
-                   "ours_bitnet_reference_ste", "ours_bitnet_scales_on_activations", "ours_bf16_random_init"}
+                   "ours_bitnet_reference_ste", "ours_bitnet_scales_on_activations", "ours_bitnet_fused_int8_input",
+                   "ours_bitnet_fused_float_input", "ours_bf16_random_init"}
 
 
 def test_falcon_bench_command_is_installed_from_its_module():

@@ -79,3 +79,58 @@ def test_the_model_kernel_backend_reaches_the_bitnet_layers(megatron_single):
     assert backends == {"reference"}
     with pytest.raises(ValueError, match=r"kernel_backend='cuda'; allowed: \['auto', 'reference', 'triton'\]"):
         falcon_h1_linear_spec(BitNetConfig(enabled=True), "cuda")
+
+
+def _step(model):
+    """(loss, {param: grad}, the dtypes of what autograd keeps at the token count) of one step."""
+    import torch
+
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).float().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {t.dtype for t in kept}
+
+
+def test_saved_input_float_keeps_no_int8_and_gives_the_same_bits(megatron_single):
+    """bitnet.saved_input: what the backward keeps changes, not one bit of the loss or gradients."""
+    import torch
+
+    layers = ["attention_qkv", "attention_out", "mamba_in", "mamba_out", "mlp"]
+    loss_i, grads_i, kept_i = _step(_model(BitNetConfig(enabled=True, layers=layers, saved_input="int8")))
+    loss_f, grads_f, kept_f = _step(_model(BitNetConfig(enabled=True, layers=layers, saved_input="float")))
+    assert torch.int8 in kept_i and torch.int8 not in kept_f
+    assert torch.equal(loss_i, loss_f)
+    assert grads_i.keys() == grads_f.keys() and len(grads_i) > 0
+    assert all(torch.equal(grads_i[n], grads_f[n]) for n in grads_i)
+
+
+@pytest.mark.parametrize("fields, names", [
+    (dict(saved_input="bf16"), ("bitnet.saved_input = 'bf16'", "'auto', 'int8', 'float'")),
+    (dict(saved_input="int8", fused=False), ("bitnet.saved_input = 'int8'", "bitnet.fused = false")),
+    (dict(saved_input="float", int8_matmul=True), ("bitnet.saved_input = 'float'", "bitnet.int8_matmul = true")),
+])
+def test_saved_input_the_gemm_cannot_honour_is_refused(fields, names):
+    from bitnet.layers import validate_bitnet_config
+    from falcon_h1.errors import ConfigValueError
+
+    with pytest.raises(ConfigValueError) as err:
+        validate_bitnet_config(BitNetConfig(enabled=True, **fields))
+    assert err.value.key == "bitnet.saved_input" and all(n in str(err.value) for n in names)
+
+
+def test_int8_saved_input_with_a_full_precision_segment_is_refused(megatron_single):
+    """The out-projection's input [y_ssm | o_attn] with o_attn in full precision keeps its float
+    form; asking for int8 there is an error, not a setting dropped."""
+    from falcon_h1.errors import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=r"bitnet.saved_input = 'int8'.*\['o_attn'\] in full precision"):
+        _model(BitNetConfig(enabled=True, layers=["mamba_out"], saved_input="int8"))
+    assert _quantised(_model(BitNetConfig(enabled=True, layers=["mamba_out"], saved_input="auto")))

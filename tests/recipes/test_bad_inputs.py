@@ -61,6 +61,8 @@ TRAIN_INPUTS = [
     train("unknown_executor_group", "executor=aws", names=("executor/aws", "slurm")),
     train("unknown_mup_group", "mup=magic", names=("mup/magic", "derived")),
     train("unknown_bitnet_group", "bitnet=maybe", names=("bitnet/maybe", "on")),
+    train("bitnet_float_input_on_int8_gemm", "bitnet=on", "bitnet.int8_matmul=true", "bitnet.saved_input=float",
+          names=("bitnet.saved_input = 'float'", "bitnet.int8_matmul = true")),
     BadInput("cfg_job_unknown_key", TRAIN, ("--cfg", "job", "train.max_stepz=2"), ("train.max_stepz",)),
     BadInput("sweep_value_of_wrong_type", TRAIN, ("-m", "dryrun=true", "train.lr=1e-3,abc"), ("train.lr=abc", "Float")),
     train("moved_mup_key", "mup.key_multiplier=0.5", names=("mup.key_multiplier", "model.key_multiplier")),
