@@ -1,0 +1,22 @@
+# The graphed 0.5B step 4 x 4096 on any card, every row in one process: the defaults against the
+# untimed candidate (CANDIDATE, default ours_fused_triton_out_input: the out-projection's input by one
+# Triton copy a branch), BitNet b1.58 with the backward keeping int8 inputs and keeping the bf16
+# fake-quantised ones (bitnet.saved_input), interleaved twice, then Hugging Face's fast path for the
+# ratio, then the defaults and BitNet (int8) profiled over one replay each (the profiler stays
+# attached, so those two come last and their times are not timings); then the GPU tests of the
+# candidate's kernels.
+#   device run: [CANDIDATE=variant] bash benchmarks/call_step_candidates.sh   (carry: wheels, .whl,
+#   .triton_cache_tgz; timeout_s 590)
+# Writes $OUT/step.txt + step.json, gpu_tests.txt, and Triton's cache under $OUT/triton_cache_tgz.
+source benchmarks/device_setup.sh
+G=_cuda_graph B8=ours_bitnet_fused_int8_input BF=ours_bitnet_fused_float_input
+CANDIDATE=${CANDIDATE:-ours_fused_triton_out_input}
+run "${STEP_S:-330}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 10 --kernels none \
+  --variants "ours_fused$G,$CANDIDATE$G,$B8$G,$BF$G,ours_fused$G,$CANDIDATE$G,$B8$G,$BF$G,hf_transformers,ours_fused$G,$B8$G" \
+  --profile "ours_fused$G,$B8$G" --profile-top 45 --json "$OUT/step.json"
+grep -A12 "^variant" "$OUT/step.txt" | cut -c1-110; grep "hf_transformers ran" "$OUT/step.txt"
+run "${TESTS_S:-120}" gpu_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py \
+  -k "${TESTS_K:-out_projection}"
+tail -3 "$OUT/gpu_tests.txt"
+save_triton_cache
+exit 0
