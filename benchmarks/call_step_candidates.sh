@@ -4,7 +4,7 @@
 # fake-quantised ones (bitnet.saved_input), interleaved twice, then Hugging Face's fast path for the
 # ratio, then the defaults and BitNet (int8) profiled over one replay each (the profiler stays
 # attached, so those two come last and their times are not timings); then the GPU tests of the
-# candidate's kernels.
+# candidate's kernels and of BitNet's weight quantiser (bf16 bit for bit, which the interpreter cannot check).
 #   device run: [CANDIDATE=variant] bash benchmarks/call_step_candidates.sh   (carry: wheels, .whl,
 #   .triton_cache_tgz; timeout_s 590)
 # Writes $OUT/step.txt + step.json, gpu_tests.txt, and Triton's cache under $OUT/triton_cache_tgz.
@@ -15,8 +15,8 @@ run "${STEP_S:-330}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --s
   --variants "ours_fused$G,$CANDIDATE$G,$B8$G,$BF$G,ours_fused$G,$CANDIDATE$G,$B8$G,$BF$G,hf_transformers,ours_fused$G,$B8$G" \
   --profile "ours_fused$G,$B8$G" --profile-top 45 --json "$OUT/step.json"
 grep -A12 "^variant" "$OUT/step.txt" | cut -c1-110; grep "hf_transformers ran" "$OUT/step.txt"
-run "${TESTS_S:-120}" gpu_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py \
-  -k "${TESTS_K:-out_projection}"
+run "${TESTS_S:-150}" gpu_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py \
+  tests/bitnet/test_triton_gpu.py -k "${TESTS_K:-out_projection or weight_quant or layers_triton or cuda_graph or no_host_sync}"
 tail -3 "$OUT/gpu_tests.txt"
 save_triton_cache
 exit 0

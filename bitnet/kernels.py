@@ -74,8 +74,10 @@ def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=
 
 
 def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None,
-                          kernel_backend: str = "auto") -> torch.Tensor:
-    return backend(w, kernel_backend).fake_quantize_weights(w, stats, layout)
+                          kernel_backend: str = "auto", row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The dequantised weight in w's dtype, its rows times `row_scale` ([rows], rounded to w's
+    dtype first) where given: (q(W) * m) * s, one pass."""
+    return backend(w, kernel_backend).fake_quantize_weights(w, stats, layout, row_scale)
 
 
 def activation_absmax(x: torch.Tensor, layout=None, kernel_backend: str = "auto") -> torch.Tensor:

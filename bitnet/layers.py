@@ -316,19 +316,20 @@ class _BitNetLinearMixin:
             frozen = self._gemm_weight_from(self.frozen_ternary, self.frozen_scale, fake=self.weight)
             return frozen.with_row_scale(row_scale)
         self._finite_watch.poll(self._weight_label)
-        make = lambda: self._make_gemm_weight(weight).with_row_scale(row_scale)
+        make = lambda: self._make_gemm_weight(weight, row_scale)
         if weight is self.weight:
             return self._weight_cache.get(weight, make, also=row_scale)
         return make()
 
-    def _make_gemm_weight(self, weight: torch.Tensor) -> QuantizedWeight:
+    def _make_gemm_weight(self, weight: torch.Tensor, row_scale: torch.Tensor | None) -> QuantizedWeight:
         with torch.no_grad():
             stats = self.weight_stats(weight)
             if self.bitnet_options.int8_matmul:
                 ternary, scales = kernels.quantize_weights(weight, stats, self._layout, self._kernel_backend)
-                return self._gemm_weight_from(ternary, scales)
-            # full-precision segments pass through as they are
-            return QuantizedWeight(fq=kernels.fake_quantize_weights(weight, stats, self._layout, self._kernel_backend))
+                return self._gemm_weight_from(ternary, scales).with_row_scale(row_scale)
+            # full-precision segments pass through as they are; the row scale in the same pass
+            fq = kernels.fake_quantize_weights(weight, stats, self._layout, self._kernel_backend, row_scale=row_scale)
+            return QuantizedWeight(fq=fq, grad_row_scale=None if row_scale is None else row_scale.reshape(-1))
 
     def _gemm_weight_from(self, ternary, scales, fake=None) -> QuantizedWeight:
         """int8 GEMM: the ternary weight with its scales, one per output row (column linear) or

@@ -108,8 +108,13 @@ def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=
     return (ternary, scales) if layout is not None else (ternary.reshape(w.shape), scales[0])
 
 
-def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None) -> torch.Tensor:
-    """The dequantised ternary weight in w's dtype; full-precision segments as they are."""
+def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None,
+                          row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The dequantised ternary weight in w's dtype; full-precision segments as they are.
+    row_scale: constant multipliers of w's rows ([rows]), applied after, in w's dtype."""
+    if row_scale is not None:
+        fq = fake_quantize_weights(w, stats, layout)
+        return fq * row_scale.reshape(-1).to(fq.dtype).unsqueeze(-1)
     w2, lay = weight_layout(w, layout)
     stats = weight_stats(w2, lay) if stats is None else stats.reshape(len(lay), 2)
     parts = []

@@ -134,11 +134,6 @@ class SegmentLayout:
             self._tables[device] = tables
         return tables
 
-    def segment_numels(self, shape, device) -> torch.Tensor:
-        """float64 [n]: elements of each segment of a weight shaped `shape` (on `device`; computed
-        there from the cached tables, so no host-to-device copy)."""
-        return self.tables(device).sizes * float(shape[1 - self.dim])
-
     def along_weight(self, per_segment: torch.Tensor) -> torch.Tensor:
         """[n] per-segment values -> one per weight row ([size, 1], dim 0) or column ([size],
         dim 1): broadcasts against the weight [rows, cols]."""

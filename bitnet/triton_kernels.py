@@ -94,13 +94,26 @@ def _abs_sum_partial_kernel(
 
 
 @triton.jit
+def _finish_stats_kernel(partial_ptr, bounds_ptr, stats_ptr, programs, other, BLOCK_P: tl.constexpr):
+    """Program i: stats[i] = [sum of segment i's partial |w| sums, its numel] (float64)."""
+    seg = tl.program_id(0)
+    p = tl.arange(0, BLOCK_P)
+    total = tl.sum(tl.load(partial_ptr + seg * programs + p, mask=p < programs, other=0.0), axis=0)
+    size = tl.load(bounds_ptr + seg + 1).to(tl.float64) - tl.load(bounds_ptr + seg).to(tl.float64)
+    tl.store(stats_ptr + 2 * seg, total)
+    tl.store(stats_ptr + 2 * seg + 1, size * other)
+
+
+@triton.jit
 def _weight_quant_kernel(
-    w_ptr, stats_ptr, bounds_ptr, flags_ptr, out_ptr, scale_ptr, n, cols,
+    w_ptr, stats_ptr, bounds_ptr, flags_ptr, out_ptr, scale_ptr, row_scale_ptr, n, cols, row_len,
     N_SEG: tl.constexpr, SEG_DIM: tl.constexpr, BLOCK: tl.constexpr, TERNARY_OUT: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
     """Quantises each element with the (m, s) of its segment (row of w for SEG_DIM 0, column
     for 1); elements of full-precision segments are copied (0 in the ternary output, and their
-    scale is 0)."""
+    scale is 0). ROW_SCALE (float output): each row of w (row_len elements) times
+    row_scale[row] rounded to the output dtype, as the separate multiply of the two rounded tensors."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -129,8 +142,11 @@ def _weight_quant_kernel(
     if TERNARY_OUT:
         tl.store(out_ptr + offs, tl.where(quantized, q, 0.0).to(tl.int8), mask=mask)
     else:
-        w_fq = (q * m).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, tl.where(quantized, w_fq, w_raw.to(out_ptr.dtype.element_ty)), mask=mask)
+        w_fq = tl.where(quantized, (q * m).to(out_ptr.dtype.element_ty), w_raw.to(out_ptr.dtype.element_ty))
+        if ROW_SCALE:
+            r = tl.load(row_scale_ptr + offs // row_len, mask=mask, other=0.0).to(out_ptr.dtype.element_ty)
+            w_fq = (w_fq.to(tl.float32) * r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, w_fq, mask=mask)
 
 
 @triton.jit
@@ -208,12 +224,19 @@ def weight_stats(w: torch.Tensor, layout=None) -> torch.Tensor:
         w2, tables.bounds, partial, rows, cols, programs,
         N_SEG=len(lay), SEG_DIM=lay.dim, BLOCK=_SUM_BLOCK, BLOCKS_PER_PROGRAM=per_program, **_NO_FMA,
     )
-    stats = torch.stack([partial.sum(dim=1), lay.segment_numels(w2.shape, w2.device)], dim=1)
+    stats = torch.empty(len(lay), 2, dtype=torch.float64, device=w2.device)
+    _finish_stats_kernel[(len(lay),)](partial, tables.bounds, stats, programs, other,
+                                      BLOCK_P=triton.next_power_of_2(programs), **_NO_FMA)
     return stats if layout is not None else stats[0]
 
 
-def _weight_quant(w: torch.Tensor, stats: torch.Tensor | None, layout, ternary_out: bool):
+def _weight_quant(w: torch.Tensor, stats: torch.Tensor | None, layout, ternary_out: bool,
+                  row_scale: torch.Tensor | None = None):
     w2, lay = weight_layout(w.detach().contiguous(), layout)
+    row_len = w.shape[-1] if w.dim() else 1  # rows of w itself, whatever the layout's 2-D view
+    if row_scale is not None and row_scale.numel() * row_len != w.numel():
+        raise ValueError(f"fake_quantize_weights: row_scale of {row_scale.numel()} values for a weight shaped "
+                         f"{tuple(w.shape)}; allowed: one per row ({w.numel() // max(row_len, 1)})")
     stats = weight_stats(w2, lay) if stats is None else stats.reshape(len(lay), 2)
     tables = lay.tables(w2.device)
     out = torch.empty_like(w2, dtype=torch.int8 if ternary_out else w2.dtype)
@@ -221,8 +244,10 @@ def _weight_quant(w: torch.Tensor, stats: torch.Tensor | None, layout, ternary_o
     n = w2.numel()
     grid = (max(1, triton.cdiv(n, _QUANT_BLOCK)),)
     _weight_quant_kernel[grid](
-        w2, stats.to(torch.float64).contiguous(), tables.bounds, tables.flags, out, scales, n, w2.shape[1],
-        N_SEG=len(lay), SEG_DIM=lay.dim, BLOCK=_QUANT_BLOCK, TERNARY_OUT=ternary_out, **_NO_FMA,
+        w2, stats.to(torch.float64).contiguous(), tables.bounds, tables.flags, out, scales,
+        scales if row_scale is None else row_scale.reshape(-1).contiguous(), n, w2.shape[1], row_len,
+        N_SEG=len(lay), SEG_DIM=lay.dim, BLOCK=_QUANT_BLOCK, TERNARY_OUT=ternary_out, ROW_SCALE=row_scale is not None,
+        **_NO_FMA,
     )
     return (out, scales) if layout is not None else (out.reshape(w.shape), scales[0])
 
@@ -231,8 +256,9 @@ def quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=
     return _weight_quant(w, stats, layout, ternary_out=True)
 
 
-def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None) -> torch.Tensor:
-    return _weight_quant(w, stats, layout, ternary_out=False)[0]
+def fake_quantize_weights(w: torch.Tensor, stats: torch.Tensor | None = None, layout=None,
+                          row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    return _weight_quant(w, stats, layout, ternary_out=False, row_scale=row_scale)[0]
 
 
 def _rows(x: torch.Tensor):

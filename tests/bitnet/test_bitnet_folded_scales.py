@@ -68,9 +68,9 @@ def test_folded_bitnet_projections_are_handed_their_row_scale(megatron_single):
                 handed.setdefault(linear, []).append((weight, output_row_scale))
                 return forward(u, weight, output_row_scale=output_row_scale)
 
-            def counted(weight, make=make, linear=linear):
+            def counted(weight, row_scale, make=make, linear=linear):
                 made[linear] = made.get(linear, 0) + 1
-                return make(weight)
+                return make(weight, row_scale)
 
             linear.forward, linear._make_gemm_weight = spy, counted
     data = batch(CONFIG.vocab_size)

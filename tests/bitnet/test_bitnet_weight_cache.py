@@ -37,9 +37,9 @@ def quantisations(monkeypatch):
     counts = {"n": 0}
     make = _BitNetLinearMixin._make_gemm_weight
 
-    def counted(self, weight):
+    def counted(self, weight, row_scale):
         counts["n"] += 1
-        return make(self, weight)
+        return make(self, weight, row_scale)
 
     monkeypatch.setattr(_BitNetLinearMixin, "_make_gemm_weight", counted)
     return counts

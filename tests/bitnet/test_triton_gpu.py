@@ -254,6 +254,10 @@ def test_segmented_weight_quant_matches_reference(name, dtype):
     assert torch.equal(q_t, q_r) and torch.equal(m_t, m_r)
     assert torch.equal(tk.fake_quantize_weights(w, stats_r, layout),
                        ref.fake_quantize_weights(w, stats_r, layout))
+    # µP row multipliers in the same pass, bit for bit the multiply of the two rounded tensors
+    rows = torch.rand(w.shape[0], generator=torch.Generator().manual_seed(7)).cuda() * 3 + 0.1
+    assert torch.equal(tk.fake_quantize_weights(w, stats_r, layout, row_scale=rows),
+                       ref.fake_quantize_weights(w, stats_r, layout) * rows.to(dtype)[:, None])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

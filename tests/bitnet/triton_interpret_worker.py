@@ -56,6 +56,15 @@ def weight_checks(g):
                 check(f"fake-quantize weights {tag}", torch.equal(
                     tk.fake_quantize_weights(wd, stats, layout),
                     ref.fake_quantize_weights(wd, stats, layout)))
+            if layout.dim == 0 or name == "cols_fp":
+                # µP row multipliers in the same pass: bit for bit the separate multiply of the two
+                # rounded tensors (full-precision rows scaled too); a kernel that drops it fails here
+                rows = (torch.rand(wd.shape[0], generator=g) * 3 + 0.1).to(torch.float32)
+                fused = tk.fake_quantize_weights(wd, s_r, layout, row_scale=rows)
+                check(f"fake-quantize weights with row scale {tag}",
+                      torch.equal(fused, ref.fake_quantize_weights(wd, s_r, layout, row_scale=rows))
+                      and torch.equal(fused, ref.fake_quantize_weights(wd, s_r, layout) * rows.to(dtype)[:, None])
+                      and not torch.equal(fused, ref.fake_quantize_weights(wd, s_r, layout)))
             # One segment = the whole tensor without a layout.
             if name in ("rows_one", "cols_one"):
                 check(f"one segment = unsegmented {tag}", torch.equal(
@@ -71,6 +80,9 @@ def weight_checks(g):
                   torch.equal(q_t, q_r) and torch.equal(m_t, m_r))
             check(f"unsegmented fake-quantize weights {dtype} stats={stats is not None}",
                   torch.equal(tk.fake_quantize_weights(wd, stats), ref.fake_quantize_weights(wd, stats)))
+        rows = (torch.rand(wd.shape[0], generator=g) * 3 + 0.1).to(torch.float32)
+        check(f"unsegmented fake-quantize weights with row scale {dtype}", torch.equal(
+            tk.fake_quantize_weights(wd, row_scale=rows), ref.fake_quantize_weights(wd) * rows.to(dtype)[:, None]))
 
 
 def activation_checks(g):
