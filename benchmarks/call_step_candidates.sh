@@ -1,22 +1,22 @@
 # The graphed 0.5B step 4 x 4096 on any card, every row in one process: the defaults against the
-# untimed candidate (CANDIDATE, default ours_fused_triton_out_input: the out-projection's input by one
-# Triton copy a branch), BitNet b1.58 with the backward keeping int8 inputs and keeping the bf16
-# fake-quantised ones (bitnet.saved_input), interleaved twice, then Hugging Face's fast path for the
-# ratio, then the defaults and BitNet (int8) profiled over one replay each (the profiler stays
-# attached, so those two come last and their times are not timings); then the GPU tests of the
-# candidate's kernels and of BitNet's weight quantiser (bf16 bit for bit, which the interpreter cannot check).
+# untimed candidates (CANDIDATE, default ours_fused_candidates: the out-projection's input by one Triton
+# copy a branch, and RoPE in one launch), and BitNet b1.58 with the backward keeping int8 inputs and
+# keeping the bf16 fake-quantised ones (bitnet.saved_input), interleaved twice; then Hugging Face's
+# fast path for the ratio; then BitNet (int8) profiled over one replay (the profiler stays attached,
+# so it comes last). Then the GPU tests of the candidates' kernels and of BitNet's weight quantiser
+# (bf16 bit for bit, which the interpreter cannot check).
 #   device run: [CANDIDATE=variant] bash benchmarks/call_step_candidates.sh   (carry: wheels, .whl,
 #   .triton_cache_tgz; timeout_s 590)
 # Writes $OUT/step.txt + step.json, gpu_tests.txt, and Triton's cache under $OUT/triton_cache_tgz.
 source benchmarks/device_setup.sh
 G=_cuda_graph B8=ours_bitnet_fused_int8_input BF=ours_bitnet_fused_float_input
-CANDIDATE=${CANDIDATE:-ours_fused_triton_out_input}
-run "${STEP_S:-330}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 10 --kernels none \
-  --variants "ours_fused$G,$CANDIDATE$G,$B8$G,$BF$G,ours_fused$G,$CANDIDATE$G,$B8$G,$BF$G,hf_transformers,ours_fused$G,$B8$G" \
-  --profile "ours_fused$G,$B8$G" --profile-top 45 --json "$OUT/step.json"
-grep -A12 "^variant" "$OUT/step.txt" | cut -c1-110; grep "hf_transformers ran" "$OUT/step.txt"
+CANDIDATE=${CANDIDATE:-ours_fused_candidates}
+run "${STEP_S:-360}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 8 --warmup 2 --kernels none \
+  --variants "ours_fused$G,$CANDIDATE$G,$B8$G,$BF$G,ours_fused$G,$CANDIDATE$G,$B8$G,$BF$G,hf_transformers,$B8$G" \
+  --profile "$B8$G" --profile-top 45 --json "$OUT/step.json"
+grep -A11 "^variant" "$OUT/step.txt" | cut -c1-110; grep "hf_transformers ran" "$OUT/step.txt"
 run "${TESTS_S:-150}" gpu_tests.txt python3 -m pytest -q -p no:warnings --tb=short tests/falcon_h1/test_gpu_paths.py \
-  tests/bitnet/test_triton_gpu.py -k "${TESTS_K:-out_projection or weight_quant or layers_triton or cuda_graph or no_host_sync}"
+  tests/bitnet/test_triton_gpu.py -k "${TESTS_K:-out_projection or rotary or weight_quant or layers_triton or cuda_graph or no_host_sync}"
 tail -3 "$OUT/gpu_tests.txt"
 save_triton_cache
 exit 0

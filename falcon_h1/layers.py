@@ -268,7 +268,8 @@ class ParallelHybridMixer(MegatronModule):
         s, b = qkv.shape[:2]
         hd = c.kv_channels
         q, k, v = kernels.rotary_qkv(qkv, rotary_freqs, d.q, d.kv, hd, rope.attention_scaling(c),
-                                     self.kernel_options.triton_rotary, gradient=in_projection_gradient)
+                                     self.kernel_options.triton_rotary, gradient=in_projection_gradient,
+                                     one_launch=self.kernel_options.rotary_one_launch)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         backend = "sdpa" if c.attention_backend == "auto" else c.attention_backend
         if self.context_parallel is not None:

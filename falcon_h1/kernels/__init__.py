@@ -44,6 +44,10 @@ class KernelOptions:
     # RoPE on q and k in one Triton pass each from the in-projection, its backward writing one
     # [q | k | v] gradient (kernels.rotary_triton); off: the reference formula, op by op
     triton_rotary: bool = True
+    # that RoPE as one kernel a direction whose programs take every q and k head of their rows (the
+    # angles' cos and sin once for all heads, the backward's dv copied in the same launch); off: a
+    # program per head and a launch each for q and k
+    rotary_one_launch: bool = False
     fused_rms_norm: bool = True  # torch's fused RMSNorm kernel on CUDA; off: the fp32 eager formula
     # RMSNorm in Triton, the residual add before the MLP's norm in the same pass forward and backward
     # (kernels.rms_norm_triton); off: fused_rms_norm's choice after a separate add
@@ -101,6 +105,7 @@ class KernelOptions:
             streaming_conv=self.streaming_conv and self.triton_conv and gpu,
             triton_swiglu=self.triton_swiglu and gpu,
             triton_rotary=self.triton_rotary and gpu,
+            rotary_one_launch=self.rotary_one_launch and self.triton_rotary and gpu,
             triton_out_projection_input=self.triton_out_projection_input and gpu,
             # the branch is built from mamba_ssm's scan and the Triton conv
             fused_mamba_branch=self.fused_mamba_branch and self.triton_conv and self.triton_ssd and gpu,
@@ -218,15 +223,16 @@ def rotary_reference(t, freqs, mscale: float = 1.0):
 
 
 def rotary_qkv(qkv, freqs, q_width: int, kv_width: int, head_dim: int, mscale: float, fast: bool,
-               gradient=None):
+               gradient=None, one_launch: bool = False):
     """The attention columns qkv [s, b, q_width + 2 kv_width] -> q [s, b, q_heads, d] and k, v
     [s, b, kv_heads, d], q and k rotated by the angles freqs [s, 1 or b, 1, d] (rotary_reference).
     fast (KernelOptions.triton_rotary): kernels.rotary_triton, whose backward writes qkv's
-    gradient as one tensor, into `gradient` (an InProjectionGradient) when given."""
+    gradient as one tensor, into `gradient` (an InProjectionGradient) when given; one_launch
+    (KernelOptions.rotary_one_launch): its one-kernel form."""
     if fast:
         from falcon_h1.kernels.rotary_triton import rotary_qkv_triton
 
-        q, k, v = rotary_qkv_triton(qkv, freqs, q_width, kv_width, head_dim, mscale, gradient)
+        q, k, v = rotary_qkv_triton(qkv, freqs, q_width, kv_width, head_dim, mscale, gradient, one_launch)
     else:
         q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
     q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))

@@ -216,9 +216,11 @@ def test_triton_residual_rms_norm_matches_reference(dtype, tolerance, hidden):
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, BF16_TOLERANCE)])
 @pytest.mark.parametrize("positions", [False, True], ids=["shared_positions", "row_positions"])
-def test_triton_rotary_matches_reference(dtype, tolerance, positions):
+@pytest.mark.parametrize("one_launch", [False, True], ids=["head_programs", "one_launch"])
+def test_triton_rotary_matches_reference(dtype, tolerance, positions, one_launch):
     """RoPE on the attention columns of a 0.5B-shaped fused in-projection (row 4120 wide; 8 q heads,
-    2 kv heads of 64), yarn's attention factor, against the reference formula in float64."""
+    2 kv heads of 64), yarn's attention factor, against the reference formula in float64; a program
+    a head, or every head of a row block in one launch (KernelOptions.rotary_one_launch)."""
     from falcon_h1.config import FalconH1Config
     from falcon_h1.kernels import rotary_qkv
     from falcon_h1.rope import RotaryFrequencies
@@ -237,7 +239,7 @@ def test_triton_rotary_matches_reference(dtype, tolerance, positions):
     torch.autograd.backward(want, [t.double() for t in grads])
     fast = proj.detach().to(dtype).requires_grad_()
     _poison_allocator()
-    got = rotary_qkv(fast[..., :q_w + 2 * kv_w], freqs, q_w, kv_w, hd, 1.2, fast=True)
+    got = rotary_qkv(fast[..., :q_w + 2 * kv_w], freqs, q_w, kv_w, hd, 1.2, fast=True, one_launch=one_launch)
     torch.autograd.backward(got, [t.to(dtype) for t in grads])
     errors = {name: rel(a, b) for name, a, b in zip("qkv", got, want)}
     errors["dqkv"] = rel(fast.grad, ref.grad)

@@ -114,7 +114,7 @@ def rotate_float64(t, angles, mscale):
     return torch.cat([turned.real, turned.imag], dim=-1)
 
 
-def check_rotary(length, batch, heads, kv_heads, head_dim, with_positions, shared_gradient, g):
+def check_rotary(length, batch, heads, kv_heads, head_dim, with_positions, shared_gradient, g, one_launch=False):
     """rotary_qkv_triton on the attention columns of a wider projection (row stride > width), q and
     k rotated and every gradient against float64; with shared_gradient through split_in_projection's
     InProjectionGradient, the Mamba columns' gradient coming another way (so the split copies them in)."""
@@ -132,7 +132,7 @@ def check_rotary(length, batch, heads, kv_heads, head_dim, with_positions, share
         qkv, rest, gradient = split_in_projection(leaf, q_w + 2 * kv_w)
     else:
         qkv, rest, gradient = leaf[..., : q_w + 2 * kv_w], leaf[..., q_w + 2 * kv_w:], None
-    q, k, v = rotary_qkv_triton(qkv, freqs, q_w, kv_w, head_dim, mscale, gradient)
+    q, k, v = rotary_qkv_triton(qkv, freqs, q_w, kv_w, head_dim, mscale, gradient, one_launch)
     unflat = lambda t: t.unflatten(-1, (-1, head_dim))
     torch.autograd.backward([unflat(q), unflat(k), unflat(v), rest * 3], [dq, dk, dv, d_extra])
     leaf64 = proj.double().requires_grad_()
@@ -259,12 +259,16 @@ def main():
             for name, err in leaks.items():
                 leak_errors[f"packed conv{tag} {rows} {name} (must exceed {LEAK_MARGIN:.0e})"] = err
     # head dims whose half is and is not a power of two; a row of its own positions or shared ones;
-    # GQA; the gradient into a shared in-projection buffer or its own
-    for length, batch, heads, kv_heads, head_dim, with_positions, shared in [
-            (37, 2, 4, 2, 16, True, True), (70, 1, 3, 1, 24, False, False), (5, 3, 2, 2, 64, True, False)]:
-        for name, err in check_rotary(length, batch, heads, kv_heads, head_dim, with_positions, shared, g).items():
+    # GQA; the gradient into a shared in-projection buffer or its own; a program a head, or all
+    # heads of a row block in one launch (head counts not a power of two: 3 and 5 q heads)
+    for length, batch, heads, kv_heads, head_dim, with_positions, shared, one_launch in [
+            (37, 2, 4, 2, 16, True, True, False), (70, 1, 3, 1, 24, False, False, False),
+            (5, 3, 2, 2, 64, True, False, False), (37, 2, 4, 2, 16, True, True, True),
+            (70, 1, 3, 1, 24, False, False, True), (9, 3, 5, 3, 64, True, True, True)]:
+        for name, err in check_rotary(length, batch, heads, kv_heads, head_dim, with_positions, shared, g,
+                                      one_launch).items():
             errors[f"rotary l{length} b{batch} h{heads}/{kv_heads} d{head_dim} positions={with_positions} "
-                   f"shared={shared} {name}"] = err
+                   f"shared={shared} one_launch={one_launch} {name}"] = err
     # rows not a multiple of the backward's rows per program (16) nor its tile (4 rows at 1024);
     # widths with and without padding to a power of two; fp32 here, bf16 below (its own tolerance)
     for rows, hidden, with_residual in [(37, 200, True), (9, 1024, False), (19, 1024, True), (3, 3000, False)]:
