@@ -20,7 +20,7 @@ def _bench(fn) -> float:
 
 
 def _rows(args):
-    from bitnet import kernels, reference
+    from bitnet import kernels, reference, triton_kernels
 
     n, k, t = args.out_features, args.in_features, args.tokens
     w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -30,6 +30,8 @@ def _rows(args):
         ("weight fake-quant, triton", lambda: kernels.fake_quantize_weights(w)),
         ("activation fake-quant, reference", lambda: reference.fake_quantize_activations(x)),
         ("activation fake-quant, triton", lambda: kernels.fake_quantize_activations(x)),
+        ("activation fake-quant, triton, each row read twice",
+         lambda: triton_kernels._act_quant(x, None, None, write_int8=False, write_fake=True, read_once=False)),
     ]
     try:
         import onebitllms

@@ -62,6 +62,14 @@ LAYER_TYPES = {
 }
 
 
+# Values of `bitnet.saved_input`: what the backward keeps of a quantised projection's input.
+SAVED_INPUTS = ("auto", "int8", "float")
+# What "auto" keeps on the fused float GEMM (the int8 GEMM reads and keeps int8 either way).
+# Measured (benchmarks/NOTES.md, session 17): the 0.5B step is 6 ms faster keeping the bf16 input
+# than dequantising int8 for the weight gradient, at 1.2% more memory than the bf16 model.
+AUTO_SAVED_INPUT = "float"
+
+
 @dataclass(frozen=True)
 class BitNetLinearOptions:
     """Per-layer choices, fixed when the layer is built (from the BitNet config, see
@@ -75,16 +83,10 @@ class BitNetLinearOptions:
     # The backward keeps the int8 input and its scales (1 byte an element) and dequantises it for
     # the weight gradient, instead of the fake-quantised float input (fused float GEMM only; the
     # int8 GEMM always keeps int8). Same gradients bit for bit.
-    keep_int8_input: bool = True
+    keep_int8_input: bool = AUTO_SAVED_INPUT == "int8"
 
     def __post_init__(self):
         kernels.validate_kernel_backend(self.kernel_backend)
-
-
-# Values of `bitnet.saved_input`: what the backward keeps of a quantised projection's input.
-SAVED_INPUTS = ("auto", "int8", "float")
-# What "auto" keeps on the fused float GEMM (the int8 GEMM reads and keeps int8 either way).
-AUTO_SAVED_INPUT = "int8"
 
 
 def keeps_int8_input(bitnet_cfg) -> bool:

@@ -160,36 +160,55 @@ def _row_absmax_kernel(x_ptr, bounds_ptr, absmax_ptr, D, N_SEG: tl.constexpr, BL
 
 
 @triton.jit
+def _store_quantized(x_raw, offs, mask, s, scale, quantized, q_row, fq_row, WRITE_INT8: tl.constexpr,
+                     WRITE_FAKE: tl.constexpr):
+    q = _round_clamp(x_raw.to(tl.float32) * s, -128.0, 127.0)
+    if WRITE_INT8:
+        tl.store(q_row + offs, tl.where(quantized, q, 0.0).to(tl.int8), mask=mask)
+    if WRITE_FAKE:
+        x_fq = (q * scale).to(fq_row.dtype.element_ty)
+        tl.store(fq_row + offs, tl.where(quantized, x_fq, x_raw.to(fq_row.dtype.element_ty)), mask=mask)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr, bounds_ptr, flags_ptr, absmax_ptr, q_ptr, fq_ptr, scale_ptr, D,
     N_SEG: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ABSMAX: tl.constexpr, WRITE_INT8: tl.constexpr,
-    WRITE_FAKE: tl.constexpr,
+    WRITE_FAKE: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     """Program (row, i): absmax of segment i of the row (unless given), then quantise it into the
     int8 output (WRITE_INT8; 0 for a full-precision segment) and / or the dequantised one
-    (WRITE_FAKE; a full-precision segment copied)."""
+    (WRITE_FAKE; a full-precision segment copied). ONE_BLOCK (every segment fits BLOCK_D): the
+    segment is read once and kept in registers between its absmax and its quantisation; else it
+    is walked in BLOCK_D steps twice."""
     row = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     lo = tl.load(bounds_ptr + seg)
     hi = tl.load(bounds_ptr + seg + 1)
     quantized = tl.load(flags_ptr + seg) != 0
     base = x_ptr + row * D
-    if HAS_ABSMAX:
-        a = tl.load(absmax_ptr + row * N_SEG + seg).to(tl.float32)
-    else:
-        a = _range_absmax(base, lo, hi, BLOCK_D)
-    s, scale = _activation_scales(a)
-    for start in range(lo, hi, BLOCK_D):
-        offs = start + tl.arange(0, BLOCK_D)
+    q_row, fq_row = q_ptr + row * D, fq_ptr + row * D
+    if ONE_BLOCK:
+        offs = lo + tl.arange(0, BLOCK_D)
         mask = offs < hi
         x_raw = tl.load(base + offs, mask=mask, other=0.0)
-        q = _round_clamp(x_raw.to(tl.float32) * s, -128.0, 127.0)
-        if WRITE_INT8:
-            tl.store(q_ptr + row * D + offs, tl.where(quantized, q, 0.0).to(tl.int8), mask=mask)
-        if WRITE_FAKE:
-            x_fq = (q * scale).to(fq_ptr.dtype.element_ty)
-            tl.store(fq_ptr + row * D + offs, tl.where(quantized, x_fq, x_raw.to(fq_ptr.dtype.element_ty)),
-                     mask=mask)
+        if HAS_ABSMAX:
+            a = tl.load(absmax_ptr + row * N_SEG + seg).to(tl.float32)
+        else:
+            a = tl.max(tl.abs(x_raw.to(tl.float32)), axis=0)
+        s, scale = _activation_scales(a)
+        _store_quantized(x_raw, offs, mask, s, scale, quantized, q_row, fq_row, WRITE_INT8, WRITE_FAKE)
+    else:
+        if HAS_ABSMAX:
+            a = tl.load(absmax_ptr + row * N_SEG + seg).to(tl.float32)
+        else:
+            a = _range_absmax(base, lo, hi, BLOCK_D)
+        s, scale = _activation_scales(a)
+        for start in range(lo, hi, BLOCK_D):
+            offs = start + tl.arange(0, BLOCK_D)
+            mask = offs < hi
+            x_raw = tl.load(base + offs, mask=mask, other=0.0)
+            _store_quantized(x_raw, offs, mask, s, scale, quantized, q_row, fq_row, WRITE_INT8, WRITE_FAKE)
     tl.store(scale_ptr + row * N_SEG + seg, scale)
 
 
@@ -283,23 +302,27 @@ def activation_absmax(x: torch.Tensor, layout=None) -> torch.Tensor:
     return absmax if layout is not None else absmax[..., 0]
 
 
-def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, layout, write_int8: bool, write_fake: bool):
-    """(int8 or None, scales, dequantised or None), as asked."""
+def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, layout, write_int8: bool, write_fake: bool,
+               read_once: bool = True):
+    """(int8 or None, scales, dequantised or None), as asked. read_once=False walks every row in
+    block steps twice even where a segment fits one block (the form of wider segments; for
+    benchmarks/bitnet_bench.py's comparison)."""
     lay = feature_layout(x, layout)
     x, rows, d = _rows(x)
     q = torch.empty_like(x, dtype=torch.int8) if write_int8 else None
     fake = torch.empty_like(x) if write_fake else None
     scale = torch.empty(*x.shape[:-1], len(lay), dtype=torch.float32, device=x.device)
     if rows:
-        tables = lay.tables(x.device)
+        tables, block_d = lay.tables(x.device), _block_d(lay)
         if absmax is None:
             absmax_arg = scale  # not read
         else:
             absmax_arg = (absmax if layout is not None else absmax.unsqueeze(-1)).to(torch.float32).contiguous()
         _act_quant_kernel[(rows, len(lay))](
             x, tables.bounds, tables.flags, absmax_arg, q if write_int8 else fake, fake if write_fake else q,
-            scale, d, N_SEG=len(lay), BLOCK_D=_block_d(lay), HAS_ABSMAX=absmax is not None,
-            WRITE_INT8=write_int8, WRITE_FAKE=write_fake, **_NO_FMA,
+            scale, d, N_SEG=len(lay), BLOCK_D=block_d, HAS_ABSMAX=absmax is not None,
+            WRITE_INT8=write_int8, WRITE_FAKE=write_fake, ONE_BLOCK=read_once and max(s.size for s in lay.segments) <= block_d,
+            **_NO_FMA,
         )
     return q, (scale if layout is not None else scale[..., 0]), fake
 

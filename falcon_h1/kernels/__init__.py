@@ -47,7 +47,7 @@ class KernelOptions:
     # that RoPE as one kernel a direction whose programs take every q and k head of their rows (the
     # angles' cos and sin once for all heads, the backward's dv copied in the same launch); off: a
     # program per head and a launch each for q and k
-    rotary_one_launch: bool = False
+    rotary_one_launch: bool = True
     fused_rms_norm: bool = True  # torch's fused RMSNorm kernel on CUDA; off: the fp32 eager formula
     # RMSNorm in Triton, the residual add before the MLP's norm in the same pass forward and backward
     # (kernels.rms_norm_triton); off: fused_rms_norm's choice after a separate add
@@ -67,7 +67,7 @@ class KernelOptions:
     streaming_conv: bool = True
     # the fused out-projection's input written by one Triton copy a branch, each output read where it
     # lies (kernels.out_projection_input); off: attention's output reshaped, then torch.cat
-    triton_out_projection_input: bool = False
+    triton_out_projection_input: bool = True
     fused_cross_entropy: bool = True  # Triton loss + gradient in one forward; off: Megatron's fp32 copy
     # causal attention within the documents of packed rows on the GPU path (one of
     # kernels.document_attention.BACKENDS, or "auto": varlen flash attention for fp16/bf16, SDPA

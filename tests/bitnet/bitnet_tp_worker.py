@@ -47,7 +47,7 @@ class ColumnRowPair(torch.nn.Module):
         super().__init__()
         from bitnet.layers import BitNetColumnParallelLinear, BitNetLinearOptions, BitNetRowParallelLinear
 
-        options = BitNetLinearOptions(subln=subln, int8_matmul=int8)
+        options = BitNetLinearOptions(subln=subln, int8_matmul=int8, keep_int8_input=True)  # the int8 path under SP
         init = torch.nn.init.normal_
         self.up = BitNetColumnParallelLinear(
             HIDDEN, 4 * HIDDEN, config=config, init_method=init, bias=True, gather_output=False,

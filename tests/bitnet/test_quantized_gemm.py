@@ -124,19 +124,21 @@ def _kept_bytes(layer, x):
     return y, kept, sum(t.numel() * t.element_size() for t in activations)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(int8_matmul=True)], ids=["float_gemm", "int8_gemm"])
-def test_a_layer_keeps_int8_input_and_the_cached_weight(options):
-    """Against Megatron's own linear on the same input: half its activation bytes (+ scales),
-    and no weight copy beside the one quantised weight the layer caches anyway."""
+@pytest.mark.parametrize("options", [dict(keep_int8_input=True), dict(int8_matmul=True), dict()],
+                         ids=["float_gemm_int8_kept", "int8_gemm", "float_gemm_default"])
+def test_a_layer_keeps_its_input_and_the_cached_weight(options):
+    """Against Megatron's own linear on the same input: int8 kept, half its activation bytes (+
+    scales); by default (bitnet.saved_input = auto) the fake-quantised bf16 input, as many bytes
+    as Megatron keeps; and no weight copy beside the one quantised weight the layer caches anyway."""
     plain, bitnet = _layers(torch.bfloat16, **options)
     x = torch.randn(32, 2, 64, dtype=torch.bfloat16, requires_grad=True)
     _, kept_plain, plain_bytes = _kept_bytes(plain, x)
     y, kept, bitnet_bytes = _kept_bytes(bitnet, x)
     assert plain_bytes == x.numel() * 2
-    assert bitnet_bytes == x.numel() + 64 * 4
+    assert bitnet_bytes == (x.numel() + 64 * 4 if options else x.numel() * 2)
     cached = bitnet._weight_cache._value
     weights = [t for t in kept if t.shape[:2] != x.shape[:2]]
-    from_cache = [cached.q, cached.scale] if options else [cached.fq]  # int8: ternary and row scales
+    from_cache = [cached.q, cached.scale] if options.get("int8_matmul") else [cached.fq]  # int8: ternary, row scales
     assert [t.data_ptr() for t in weights] == [t.data_ptr() for t in from_cache]
     y.float().sum().backward()  # and the backward works from them
     assert x.grad is not None and bitnet.weight.grad is not None

@@ -129,6 +129,16 @@ def activation_checks(g):
                 tk.quantize_and_dequantize_activations(xd, absmax), (q_r, s_r, fq_r), strict=True)))
             check(f"unsegmented dequantize activations {tag}",
                   torch.equal(tk.dequantize_activations(q_r, s_r, dtype), fq_r))
+    # Segments wider than the kernel's 4096-wide block walk the row in steps (the others read it
+    # once); the absmax sits in the second step of one row.
+    wide = torch.randn(2, 4100, generator=g)
+    wide[1, 4098] = 40.0
+    layout = SegmentLayout([("y", 4097), ("o", 3)], 1)
+    for absmax in (None, ref.activation_absmax(wide, layout) * 2):
+        both_t = tk.quantize_and_dequantize_activations(wide, absmax, layout)
+        both_r = ref.quantize_and_dequantize_activations(wide, absmax, layout)
+        check(f"quantize and dequantize activations, a segment of 4097, absmax={absmax is not None}",
+              all(torch.equal(a, b) for a, b in zip(both_t, both_r, strict=True)))
 
 
 def int8_checks(g):
