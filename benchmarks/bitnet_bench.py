@@ -30,8 +30,10 @@ def _rows(args):
         ("weight fake-quant, triton", lambda: kernels.fake_quantize_weights(w)),
         ("activation fake-quant, reference", lambda: reference.fake_quantize_activations(x)),
         ("activation fake-quant, triton", lambda: kernels.fake_quantize_activations(x)),
-        ("activation fake-quant, triton, each row read twice",
+        ("activation fake-quant, triton, each row walked twice",
          lambda: triton_kernels._act_quant(x, None, None, write_int8=False, write_fake=True, read_once=False)),
+        ("activation fake-quant, triton, each row read once",
+         lambda: triton_kernels._act_quant(x, None, None, write_int8=False, write_fake=True, read_once=True)),
     ]
     try:
         import onebitllms

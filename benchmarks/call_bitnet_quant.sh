@@ -1,6 +1,7 @@
-# BitNet's activation quantiser reading each row once (the default) against walking it twice, at the
-# 0.5B projections' input widths (16384 tokens; benchmarks.bitnet_bench), then the graphed 0.5B step
-# 4 x 4096, bf16 and BitNet b1.58 on the same weights interleaved twice (falcon-bench).
+# BitNet's activation quantiser reading each row once (bitnet.triton_kernels.READ_ROW_ONCE, off until
+# timed) against walking it twice, at the 0.5B projections' input widths (16384 tokens;
+# benchmarks.bitnet_bench), then the graphed 0.5B step 4 x 4096, bf16 and BitNet b1.58 on the same
+# weights interleaved twice (falcon-bench; BitNet on the default form).
 #   device run: bash benchmarks/call_bitnet_quant.sh   (carry: wheels, .triton_cache_tgz; timeout_s 300)
 # Writes $OUT/quant_bench.txt, step.txt + step.json, and Triton's cache under $OUT/triton_cache_tgz.
 source benchmarks/device_setup.sh

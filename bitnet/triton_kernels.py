@@ -302,11 +302,17 @@ def activation_absmax(x: torch.Tensor, layout=None) -> torch.Tensor:
     return absmax if layout is not None else absmax[..., 0]
 
 
+# The activation quantiser reads each segment once where it fits a block (else it walks the row
+# twice). Off until timed against the two-pass form: `bash benchmarks/call_bitnet_quant.sh`.
+READ_ROW_ONCE = False
+
+
 def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, layout, write_int8: bool, write_fake: bool,
-               read_once: bool = True):
-    """(int8 or None, scales, dequantised or None), as asked. read_once=False walks every row in
-    block steps twice even where a segment fits one block (the form of wider segments; for
-    benchmarks/bitnet_bench.py's comparison)."""
+               read_once: bool | None = None):
+    """(int8 or None, scales, dequantised or None), as asked. read_once (default READ_ROW_ONCE):
+    a segment that fits one block is read once; False walks every row in block steps twice (the
+    form of segments wider than a block)."""
+    read_once = READ_ROW_ONCE if read_once is None else read_once
     lay = feature_layout(x, layout)
     x, rows, d = _rows(x)
     q = torch.empty_like(x, dtype=torch.int8) if write_int8 else None

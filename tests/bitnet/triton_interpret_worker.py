@@ -86,6 +86,13 @@ def weight_checks(g):
 
 
 def activation_checks(g):
+    for read_once in (False, True):  # tk.READ_ROW_ONCE: a segment read once, or walked twice
+        tk.READ_ROW_ONCE = read_once
+        print(f"activation quantisers, READ_ROW_ONCE = {read_once}")
+        _activation_checks(g)
+
+
+def _activation_checks(g):
     x = torch.randn(3, 5, 70, generator=g)
     x[..., :20] *= 0.01
     layouts = {"two": SegmentLayout([("y", 20), ("o", 50)], 1),
