@@ -192,18 +192,16 @@ def _act_quant_kernel(
         offs = lo + tl.arange(0, BLOCK_D)
         mask = offs < hi
         x_raw = tl.load(base + offs, mask=mask, other=0.0)
-        if HAS_ABSMAX:
-            a = tl.load(absmax_ptr + row * N_SEG + seg).to(tl.float32)
-        else:
-            a = tl.max(tl.abs(x_raw.to(tl.float32)), axis=0)
-        s, scale = _activation_scales(a)
+    if HAS_ABSMAX:
+        a = tl.load(absmax_ptr + row * N_SEG + seg).to(tl.float32)
+    elif ONE_BLOCK:
+        a = tl.max(tl.abs(x_raw.to(tl.float32)), axis=0)
+    else:
+        a = _range_absmax(base, lo, hi, BLOCK_D)
+    s, scale = _activation_scales(a)
+    if ONE_BLOCK:
         _store_quantized(x_raw, offs, mask, s, scale, quantized, q_row, fq_row, WRITE_INT8, WRITE_FAKE)
     else:
-        if HAS_ABSMAX:
-            a = tl.load(absmax_ptr + row * N_SEG + seg).to(tl.float32)
-        else:
-            a = _range_absmax(base, lo, hi, BLOCK_D)
-        s, scale = _activation_scales(a)
         for start in range(lo, hi, BLOCK_D):
             offs = start + tl.arange(0, BLOCK_D)
             mask = offs < hi
@@ -327,8 +325,8 @@ def _act_quant(x: torch.Tensor, absmax: torch.Tensor | None, layout, write_int8:
         _act_quant_kernel[(rows, len(lay))](
             x, tables.bounds, tables.flags, absmax_arg, q if write_int8 else fake, fake if write_fake else q,
             scale, d, N_SEG=len(lay), BLOCK_D=block_d, HAS_ABSMAX=absmax is not None,
-            WRITE_INT8=write_int8, WRITE_FAKE=write_fake, ONE_BLOCK=read_once and max(s.size for s in lay.segments) <= block_d,
-            **_NO_FMA,
+            WRITE_INT8=write_int8, WRITE_FAKE=write_fake,
+            ONE_BLOCK=read_once and max(s.size for s in lay.segments) <= block_d, **_NO_FMA,
         )
     return q, (scale if layout is not None else scale[..., 0]), fake
 

@@ -110,7 +110,8 @@ def _as_3d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 1, t.shape[-1])
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int]:
+def strides_sb(t: torch.Tensor) -> tuple[int, int]:
+    """The (sequence, batch) strides of an [s, b, ...] tensor, for kernels that address rows by both."""
     return t.stride(0), t.stride(1)
 
 
@@ -136,8 +137,8 @@ def _forward(x, delta, weight, eps, groups, out_scale):
     block_h = triton.next_power_of_2(width)
     block_r = _block_rows(block_h, FWD_MAX_ROWS)
     _rms_norm_fwd_kernel[(triton.cdiv(rows, block_r), groups)](
-        x, delta, weight, total, out, rstd, rows, b, width, eps, float(out_scale), *_strides(x), *_strides(delta),
-        *_strides(total), *_strides(out), HAS_DELTA=has_delta, BLOCK_R=block_r, BLOCK_H=block_h,
+        x, delta, weight, total, out, rstd, rows, b, width, eps, float(out_scale), *strides_sb(x), *strides_sb(delta),
+        *strides_sb(total), *strides_sb(out), HAS_DELTA=has_delta, BLOCK_R=block_r, BLOCK_H=block_h,
         num_warps=_warps(block_h))
     return total, out, rstd
 
@@ -156,7 +157,7 @@ def _backward(normed_input, weight, rstd, dout, dsum, groups, out_scale):
     block_h = triton.next_power_of_2(width)
     _rms_norm_bwd_kernel[(programs, groups)](
         normed_input, weight, rstd, dout, dsum, dx, dw, rows, b, width, hidden, float(out_scale),
-        *_strides(normed_input), *_strides(dout), *_strides(dsum), *_strides(dx), HAS_DSUM=has_dsum,
+        *strides_sb(normed_input), *strides_sb(dout), *strides_sb(dsum), *strides_sb(dx), HAS_DSUM=has_dsum,
         ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
         BLOCK_R=_block_rows(block_h, ROWS_PER_PROGRAM), BLOCK_H=block_h, num_warps=_warps(block_h))
     return dx, dw.sum(0).to(weight.dtype)

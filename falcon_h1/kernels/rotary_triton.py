@@ -27,7 +27,27 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_h1.kernels.rms_norm_triton import strides_sb
+
 BLOCK_ROWS = 32
+
+
+@triton.jit
+def _angle_factors(freqs_ptr, s_idx, b_idx, stride_f_s, stride_f_b, row_mask, mscale, HEAD_DIM: tl.constexpr,
+                   HALF_P2: tl.constexpr, INVERSE: tl.constexpr):
+    """(c1, c2, a, b) [rows, half] of the rows' angles: out1 = t1 c1 + t2 a, out2 = t2 c2 + t1 b."""
+    half = HEAD_DIM // 2
+    j = tl.arange(0, HALF_P2)
+    mask = row_mask[:, None] & (j < half)[None, :]
+    f = freqs_ptr + (s_idx * stride_f_s + b_idx * stride_f_b)[:, None] + j[None, :]
+    f1 = tl.load(f, mask=mask, other=0.0).to(tl.float32)
+    f2 = tl.load(f + half, mask=mask, other=0.0).to(tl.float32)
+    c1, c2 = tl.cos(f1) * mscale, tl.cos(f2) * mscale
+    if INVERSE:   # the transpose of [[c1, -s1], [s2, c2]]
+        a, b = tl.sin(f2) * mscale, -tl.sin(f1) * mscale
+    else:
+        a, b = -tl.sin(f1) * mscale, tl.sin(f2) * mscale
+    return c1, c2, a, b
 
 
 @triton.jit
@@ -45,14 +65,8 @@ def _rotate_kernel(src_ptr, dst_ptr, freqs_ptr, rows, batch, mscale,
     s_idx, b_idx = (r // batch).to(tl.int64), (r % batch).to(tl.int64)
     src = src_ptr + (s_idx * stride_src_s + b_idx * stride_src_b)[:, None] + head * HEAD_DIM + j[None, :]
     dst = dst_ptr + (s_idx * stride_dst_s + b_idx * stride_dst_b)[:, None] + head * HEAD_DIM + j[None, :]
-    f = freqs_ptr + (s_idx * stride_f_s + b_idx * stride_f_b)[:, None] + j[None, :]
-    f1 = tl.load(f, mask=mask, other=0.0).to(tl.float32)
-    f2 = tl.load(f + half, mask=mask, other=0.0).to(tl.float32)
-    c1, c2 = tl.cos(f1) * mscale, tl.cos(f2) * mscale
-    if INVERSE:   # the transpose of [[c1, -s1], [s2, c2]]
-        a, b = tl.sin(f2) * mscale, -tl.sin(f1) * mscale
-    else:
-        a, b = -tl.sin(f1) * mscale, tl.sin(f2) * mscale
+    c1, c2, a, b = _angle_factors(freqs_ptr, s_idx, b_idx, stride_f_s, stride_f_b, r < rows, mscale, HEAD_DIM,
+                                  HALF_P2, INVERSE)
     t1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     t2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
     tl.store(dst, (t1 * c1 + t2 * a).to(dst_ptr.dtype.element_ty), mask=mask)
@@ -89,20 +103,11 @@ def _rotate_rows_kernel(q_src, q_dst, k_src, k_dst, v_src, v_dst, freqs_ptr, row
     """BLOCK_ROWS tokens (flattened s * b), all of q's and k's heads: the angles' cos and sin once
     for every head, q and k rotated (or with INVERSE rotated back, the backward), and with COPY_V
     v's rows copied beside them (the backward's dv)."""
-    half = HEAD_DIM // 2
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = r < rows
     s_idx, b_idx = (r // batch).to(tl.int64), (r % batch).to(tl.int64)
-    j = tl.arange(0, HALF_P2)
-    f_mask = row_mask[:, None] & (j < half)[None, :]
-    f = freqs_ptr + (s_idx * stride_f_s + b_idx * stride_f_b)[:, None] + j[None, :]
-    f1 = tl.load(f, mask=f_mask, other=0.0).to(tl.float32)
-    f2 = tl.load(f + half, mask=f_mask, other=0.0).to(tl.float32)
-    c1, c2 = tl.cos(f1) * mscale, tl.cos(f2) * mscale
-    if INVERSE:   # the transpose of [[c1, -s1], [s2, c2]]
-        a, b = tl.sin(f2) * mscale, -tl.sin(f1) * mscale
-    else:
-        a, b = -tl.sin(f1) * mscale, tl.sin(f2) * mscale
+    c1, c2, a, b = _angle_factors(freqs_ptr, s_idx, b_idx, stride_f_s, stride_f_b, row_mask, mscale, HEAD_DIM,
+                                  HALF_P2, INVERSE)
     _rotate_heads(q_src, q_dst, s_idx, b_idx, sqs_s, sqs_b, sqd_s, sqd_b, c1, c2, a, b, row_mask,
                   Q_HEADS, Q_HEADS_P2, HEAD_DIM, HALF_P2)
     _rotate_heads(k_src, k_dst, s_idx, b_idx, sks_s, sks_b, skd_s, skd_b, c1, c2, a, b, row_mask,
@@ -125,8 +130,8 @@ def _rotate(src: torch.Tensor, dst: torch.Tensor, freqs: torch.Tensor, head_dim:
     s, b, width = src.shape
     rows = s * b
     grid = (triton.cdiv(rows, BLOCK_ROWS), width // head_dim)
-    _rotate_kernel[grid](src, dst, freqs, rows, b, float(mscale), src.stride(0), src.stride(1), dst.stride(0),
-                         dst.stride(1), *_freq_strides(freqs, b), HEAD_DIM=head_dim,
+    _rotate_kernel[grid](src, dst, freqs, rows, b, float(mscale), *strides_sb(src), *strides_sb(dst),
+                         *_freq_strides(freqs, b), HEAD_DIM=head_dim,
                          HALF_P2=triton.next_power_of_2(head_dim // 2), INVERSE=inverse, BLOCK_ROWS=BLOCK_ROWS,
                          num_warps=4)
 
@@ -145,15 +150,12 @@ def _rotate_rows(q_src, q_dst, k_src, k_dst, freqs, head_dim: int, mscale: float
     v_src, v_dst = v if v is not None else (k_src, k_dst)   # unread without COPY_V
     grid = (triton.cdiv(rows, block_rows),)
     _rotate_rows_kernel[grid](
-        q_src, q_dst, k_src, k_dst, v_src, v_dst, freqs, rows, b, float(mscale), *_strides(q_src), *_strides(q_dst),
-        *_strides(k_src), *_strides(k_dst), *_strides(v_src), *_strides(v_dst), *_freq_strides(freqs, b),
+        q_src, q_dst, k_src, k_dst, v_src, v_dst, freqs, rows, b, float(mscale),
+        *(stride for t in (q_src, q_dst, k_src, k_dst, v_src, v_dst) for stride in strides_sb(t)),
+        *_freq_strides(freqs, b),
         Q_HEADS=q_heads, Q_HEADS_P2=q_heads_p2, KV_HEADS=kv_heads, KV_HEADS_P2=triton.next_power_of_2(kv_heads),
         HEAD_DIM=head_dim, HALF_P2=half_p2, KV_WIDTH_P2=triton.next_power_of_2(kv_heads * head_dim),
         INVERSE=inverse, COPY_V=v is not None, BLOCK_ROWS=block_rows, num_warps=4)
-
-
-def _strides(t: torch.Tensor) -> tuple[int, int]:
-    return t.stride(0), t.stride(1)
 
 
 class RotaryQKV(torch.autograd.Function):
