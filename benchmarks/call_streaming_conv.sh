@@ -15,7 +15,7 @@
 # skips the compiling).
 source benchmarks/device_setup.sh
 G=_cuda_graph
-# the variant set against the defaults (any falcon-bench variant, e.g. ours_fused_triton_out_input)
+# the variant set against the defaults (any falcon-bench variant, e.g. ours_fused_torch_cat_out_input)
 CANDIDATE=${CANDIDATE:-ours_fused_tiled_conv}
 run "${STEP_S:-230}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 10 --kernels none \
   --variants "ours_fused$G,$CANDIDATE$G,hf_transformers,ours_bitnet_fused$G,ours_fused$G,$CANDIDATE$G" \

@@ -210,10 +210,11 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
         "ours_fused_torch_norm": ours({"triton_rms_norm": False}),  # torch's fused RMSNorm after a separate add
         "ours_fused_keep_conv": ours({"mamba_keep_conv_output": True}),
         "ours_fused_tiled_conv": ours({"streaming_conv": False}),  # the conv in row tiles, backward in two passes
-        "ours_fused_triton_out_input": ours({"triton_out_projection_input": True}),
-        "ours_fused_rotary_one_launch": ours({"rotary_one_launch": True}),
-        # the untimed candidates together
-        "ours_fused_candidates": ours({"triton_out_projection_input": True, "rotary_one_launch": True}),
+        "ours_fused_torch_cat_out_input": ours({"triton_out_projection_input": False}),
+        "ours_fused_rotary_head_programs": ours({"rotary_one_launch": False}),  # a program a head, two launches
+        # the step before both (the 2026-12-07 run's defaults; it named the two on `ours_fused_candidates`)
+        "ours_fused_before_out_copy_and_rotary": ours({"triton_out_projection_input": False,
+                                                       "rotary_one_launch": False}),
         "ours_fused_no_fused_norm": ours({"fused_rms_norm": False, "triton_rms_norm": False}),
         "ours_fused_ssd_recompute": ours({"ssd_keep_forward_states": False, "own_ssd_backward": False}),
         "ours_fused_own_ssd": ours({"own_ssd_forward": True, "own_ssd_backward": True}),
