@@ -390,6 +390,8 @@ def train_step(state: RunState, fwd_bwd, step: int) -> StepResult:
     state.scheduler.step(increment=1)
     state.consumed += t.global_batch_size
     loss = _global_mean_loss(reduced)  # a replay rewrites the captured result tensors in place
+    # Megatron's optimizer may leave the norm on the device (recipes.optim): read after every launch
+    grad_norm = float(grad_norm) if grad_norm is not None else None
     check_finite_step(step + 1, loss, grad_norm, state.ckpt_root)
     state.zero_gradient_step = warn_first_zero_gradient(state.zero_gradient_step, step + 1, grad_norm,
                                                         t.grad_clip, _rank())

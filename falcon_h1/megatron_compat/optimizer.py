@@ -7,7 +7,10 @@ versions of Apex's multi-tensor kernels, and both cost host round trips every st
   takes each tensor's norm, then builds a host tensor from them: one device-to-host copy (a
   sync) per parameter. Megatron picks its kernels into module globals of
   `megatron.core.optimizer.clip_grads` / `.optimizer` at import; these are replaced by foreach
-  versions with the same contract and no host syncs.
+  versions with the same contract and no host syncs. Without a tensor-scale kernel (Transformer
+  Engine's `multi_tensor_scale_tensor`) Megatron also reads the norm on the host to decide the
+  clipping factor, so the optimizer's launches wait for the whole backward; a foreach one keeps
+  the norm and the factor on the device.
 - `set_fused_adamw`: Megatron builds its inner torch AdamW with the default (foreach) path;
   torch's fused AdamW kernel is chosen through the inner optimizer's param-group flags.
 """
@@ -73,6 +76,18 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_mul_(destinations, scale)
 
 
+def _foreach_scale_by_tensor(chunk_size, noop_flag, tensor_lists, scale):
+    """multi_tensor_scale_tensor's contract (dst = src * scale, `scale` a one-element tensor on the
+    tensors' device), in place like `_foreach_scale`. The multiply runs even when the factor is 1:
+    choosing to skip it would read the factor on the host."""
+    sources, destinations = tensor_lists[0], tensor_lists[1]
+    if not sources:
+        return
+    if any(src is not dst for src, dst in zip(sources, destinations)):
+        torch._foreach_copy_(destinations, sources)
+    torch._foreach_mul_(destinations, scale.reshape(()))
+
+
 def use_foreach_multi_tensor_ops(enabled: bool) -> None:
     """Megatron's gradient-norm and copy kernels when Apex/TE are absent: ours (foreach, no host
     syncs) or Megatron's per-tensor fallbacks. Only the fallbacks are replaced: where Apex or TE
@@ -81,10 +96,14 @@ def use_foreach_multi_tensor_ops(enabled: bool) -> None:
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer as megatron_optimizer
 
-    replaced = {utils.local_multi_tensor_l2_norm, utils.local_multi_tensor_scale, _foreach_l2_norm, _foreach_scale}
+    replaced = {utils.local_multi_tensor_l2_norm, utils.local_multi_tensor_scale, _foreach_l2_norm, _foreach_scale,
+                None, _foreach_scale_by_tensor}
+    if clip_grads.l2_norm_impl not in replaced:  # Apex or TE: Megatron's own kernels, tensor scale or not
+        return
     for module, name, ours, megatrons in (
             (clip_grads, "l2_norm_impl", _foreach_l2_norm, utils.local_multi_tensor_l2_norm),
             (clip_grads, "multi_tensor_scale_impl", _foreach_scale, utils.local_multi_tensor_scale),
+            (clip_grads, "multi_tensor_scale_tensor_impl", _foreach_scale_by_tensor, None),
             (megatron_optimizer, "multi_tensor_scale_impl", _foreach_scale, utils.local_multi_tensor_scale)):
         if getattr(module, name, None) in replaced:
             setattr(module, name, ours if enabled else megatrons)

@@ -44,6 +44,36 @@ def test_fused_optimizer_follows_megatron_fallbacks(tmp_path):
     assert fused[-1][0] < fused[0][0]
 
 
+def test_the_fused_optimizer_step_never_waits_for_the_host(tmp_path, monkeypatch):
+    # Megatron without Apex/TE reads the gradient norm on the host to pick the clipping factor unless
+    # it has a tensor-scale kernel; that read makes the optimizer's launches wait for the whole backward
+    import recipes.optim
+
+    build, norms = recipes.optim.build_optimizer, []
+
+    def watched_build(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        step = optimizer.step
+
+        def step_without_host_reads():
+            if norms:  # the first step caches Megatron's host-side checks (gradient-norm groups)
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                result = step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            norms.append(result[1])
+            return result
+
+        optimizer.step = step_without_host_reads
+        return optimizer
+
+    monkeypatch.setattr(recipes.optim, "build_optimizer", watched_build)
+    logged = _train(tmp_path / "run", "train.fused_optimizer=true", "train.grad_clip=1.0")
+    assert len(norms) == 6 and all(isinstance(norm, torch.Tensor) and norm.is_cuda for norm in norms)
+    assert [norm for _, norm in logged] == pytest.approx([float(norm) for norm in norms], rel=1e-6)
+
+
 def test_resumed_run_keeps_the_fused_optimizer_setting(tmp_path):
     # torch's load_state_dict restores the saved param groups' flags: a run resumed with
     # fused_optimizer=true from a checkpoint saved with false must still step fused
