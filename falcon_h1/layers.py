@@ -479,17 +479,32 @@ class FalconH1Layer(MegatronModule):
         self.pre_ff_layernorm = RMSNorm(config, cfg.hidden_size, cfg.rms_norm_eps, kernel_options)
         self.mlp = SwiGLUMLP(cfg, config, linears, kernel_options)
 
-    def forward(self, h, rotary_freqs, documents=None):
+    def forward(self, h, rotary_freqs, documents=None, pending=None, defer_mlp_add=False):
+        """The residual stream entering the layer is h + pending. pending (None: nothing) is the
+        previous layer's MLP output not yet added: the layer's first norm adds it in its own pass,
+        and its backward adds the stream's gradient there too, so neither the add nor the
+        accumulation of h's two gradients is a pass of its own. defer_mlp_add: return (h, the MLP's
+        output) for the next layer (or the final norm) to add the same way, else h + that output."""
         if self.kind == "mlp":
-            return h + self.mlp(self.pre_ff_layernorm(h))
-        if self.config.recompute_granularity == "selective" and self.training:
-            # the mixer (attention + SSM scan) holds most activations; recompute only it
-            # (documents ride in the function: Megatron's checkpoint saves tensor arguments only)
-            mixed = recompute(partial(self._mix, documents=documents), h, rotary_freqs)
+            h, normed = _add_and_norm(self.pre_ff_layernorm, h, pending)
         else:
-            mixed = self._mix(h, rotary_freqs, documents)
-        h, normed = self.pre_ff_layernorm.add_and_norm(h, mixed)
-        return h + self.mlp(normed)
+            if self.config.recompute_granularity == "selective" and self.training:
+                # the mixer (attention + SSM scan) holds most activations; recompute only it, saving
+                # the layer's input alone (documents ride in the function: Megatron's checkpoint
+                # saves tensor arguments only)
+                h = h if pending is None else h + pending
+                mixed = recompute(partial(self._mix, documents=documents), h, rotary_freqs)
+            else:
+                h, normed_input = _add_and_norm(self.input_layernorm, h, pending)
+                mixed = self.mixer(normed_input, rotary_freqs, documents)
+            h, normed = self.pre_ff_layernorm.add_and_norm(h, mixed)
+        out = self.mlp(normed)
+        return (h, out) if defer_mlp_add else h + out
 
     def _mix(self, h, rotary_freqs, documents=None):
         return self.mixer(self.input_layernorm(h), rotary_freqs, documents)
+
+
+def _add_and_norm(norm: RMSNorm, h, pending):
+    """(h + pending, its norm) in one pass; (h, its norm) without a pending add."""
+    return (h, norm(h)) if pending is None else norm.add_and_norm(h, pending)

@@ -189,13 +189,21 @@ class FalconH1Model(MegatronModule):
                              "does not split by document; allowed: parallel.cp = 1 for packed rows, or rows "
                              "without restarting positions.")
         recomputed = self._recomputed_layers()
+        pending = None  # the last layer's MLP output, which the next norm adds (FalconH1Layer.forward)
         for index, layer in enumerate(self.layers):
             # documents ride in the function: Megatron's checkpoint saves tensor arguments only
             run = layer if documents is None else partial(layer, documents=documents)
-            h = recompute(run, h, rotary) if index < recomputed else run(h, rotary)
+            if index < recomputed:  # the recomputation saves the layer's input alone: the whole stream
+                h = recompute(run, h if pending is None else h + pending, rotary)
+                pending = None
+            else:
+                h, pending = run(h, rotary, pending=pending, defer_mlp_add=True)
+                if not self.kernel_options.residual_across_layers:
+                    h, pending = h + pending, None
         if not self.post_process:
-            return h
-        h = self.final_layernorm(h) * cfg.lm_head_multiplier
+            return h if pending is None else h + pending
+        normed = self.final_layernorm(h) if pending is None else self.final_layernorm.add_and_norm(h, pending)[1]
+        h = normed * cfg.lm_head_multiplier
         weight = self.embedding.weight if cfg.tie_word_embeddings else None
         logits, _ = self.output_layer(h, weight=weight)                # [s, b, V/tp]
         if labels is None:

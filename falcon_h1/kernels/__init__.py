@@ -52,6 +52,10 @@ class KernelOptions:
     # RMSNorm in Triton, the residual add before the MLP's norm in the same pass forward and backward
     # (kernels.rms_norm_triton); off: fused_rms_norm's choice after a separate add
     triton_rms_norm: bool = True
+    # each layer's MLP output added to the residual stream by the next layer's first norm (or the
+    # final norm) in that norm's pass, forward and backward (FalconH1Layer.forward); off: a separate
+    # add after the MLP, and autograd's add of the two gradients the stream then gets
+    residual_across_layers: bool = True
     # the scan's backward starts from the forward's chunk states (kernels.ssd_backward); off: recomputed
     ssd_keep_forward_states: bool = True
     # the fused branch keeps its conv output for the backward ([b, s, conv channels] a layer) instead
