@@ -162,9 +162,8 @@ def bench_shape(shape: str, reference: bool) -> dict:
 
 
 FORWARD_SWEEP = (  # kernels.ssd_fwd.forward_blocks overrides timed by --forward-sweep, one process each
-    dict(), dict(scan_m=64, scan_k=64), dict(scan_m=64, scan_k=32), dict(scan_m=128, scan_k=64), dict(scan_n=64), dict(scan_p=128),
-    dict(scan_m=32, scan_k=32), dict(state_p=32, state_n=64), dict(state_p=64, state_n=64), dict(passing=256),
-    dict(passing=2048),
+    # (2026-12-04: the chunk scan's and the two-launch chunk state's tiles; benchmarks/NOTES.md, session 11)
+    dict(), dict(fused_states=False), dict(states_n=64), dict(states_n=16), dict(states_stages=3),
 )
 
 

@@ -1,8 +1,9 @@
 """The gated SSD scan's forward on the project's own Triton kernels (GPU path).
 
-Four launches where mamba_ssm 2.3.2's forward has five (cumsum, chunk state, state passing,
+Three launches where mamba_ssm 2.3.2's forward has five (cumsum, chunk state, state passing,
 C·Bᵀ, chunk scan): the step sizes and their in-chunk cumsum are computed by the chunk-state
-kernel. C·Bᵀ is formed once per group (`_chunk_cb`) and read by every head of it: forming it
+kernel, which also passes the states along (`_chunk_states_kernel`; `blocks=dict(fused_states=False)`
+takes the chunk state and the passing as two launches). C·Bᵀ is formed once per group (`_chunk_cb`) and read by every head of it: forming it
 inside the chunk scan would repeat a K = n product for each of a group's heads (24 at the 0.5B
 and 7B shapes), which measured 2x slower at 7B (n = 256). Per chunk c of Q positions, head h, in the notation of kernels.ssd_backward_reference:
     _chunk_state:   dt = clamp(softplus(dt_raw + dt_bias)), cs = cumsum(dt A) in the chunk,
@@ -97,6 +98,64 @@ def _state_passing_kernel(
             scale = tl.where(seq_last == seq_before, scale, 0.0)
             seq_before = seq_last
         state = scale * state + fresh
+
+
+@triton.jit
+def _chunk_states_kernel(
+    x_ptr, dt_raw_ptr, dt_bias_ptr, A_ptr, B_ptr, seq_ptr, states_ptr, dt_ptr, cs_ptr,
+    seqlen, nchunks, heads_per_group, dt_lo, dt_hi,
+    s_xb, s_xl, s_xh, s_dtrb, s_dtrl, s_dtrh, s_Bb, s_Bl, s_Bg, s_seqb, s_seql,
+    s_stb, s_stc, s_sth, s_stp, s_csb, s_csh, s_csc,
+    P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, STAGES: tl.constexpr,
+):
+    """_chunk_state and _state_passing in one program per [BP, BN] tile of one (row, head)'s state,
+    walking the chunks in order: each chunk's dS stays in registers, added to the running state the
+    moment it is formed, so the fp32 dS never goes through memory (a write and a read of
+    [b, c, h, p, n] fp32 saved). The same arithmetic in the same order: the same values."""
+    pid_pn, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_pblocks = tl.cdiv(P, BP)
+    pid_p, pid_n = pid_pn % n_pblocks, pid_pn // n_pblocks
+    g = h // heads_per_group
+    offs_q = tl.arange(0, Q)
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    tile = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    a = tl.load(A_ptr + h).to(tl.float32)
+    bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_BIAS else 0.0
+    state = tl.zeros([BP, BN], dtype=tl.float32)
+    seq_before = -1
+    for c in tl.range(0, nchunks, num_stages=STAGES):
+        tl.store(states_ptr + b * s_stb + c * s_stc + h * s_sth + offs_p[:, None] * s_stp + offs_n[None, :],
+                 state.to(states_ptr.dtype.element_ty), mask=tile)
+        start = c * Q
+        real = tl.minimum(seqlen - start, Q)
+        in_seq = offs_q < real
+        dt = tl.load(dt_raw_ptr + b * s_dtrb + (start + offs_q) * s_dtrl + h * s_dtrh, mask=in_seq,
+                     other=0.0).to(tl.float32) + bias
+        dt = tl.where(dt <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(dt)), dt)
+        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+        dt = tl.where(in_seq, dt, 0.0)
+        cs = tl.cumsum(dt * a, axis=0)
+        if pid_pn == 0:
+            row = b * s_csb + h * s_csh + c * s_csc + offs_q
+            tl.store(dt_ptr + row, dt)
+            tl.store(cs_ptr + row, cs)
+        cs_last = tl.sum(tl.where(offs_q == Q - 1, cs, 0.0), axis=0)
+        weight = tl.exp(cs_last - cs) * dt
+        scale = tl.exp(cs_last)
+        if HAS_SEQ:
+            seq = tl.load(seq_ptr + b * s_seqb + (start + offs_q) * s_seql, mask=in_seq, other=-1)
+            seq_last = tl.load(seq_ptr + b * s_seqb + (start + real - 1) * s_seql)
+            weight = tl.where(seq == seq_last, weight, 0.0)
+            scale = tl.where(seq_last == seq_before, scale, 0.0)
+            seq_before = seq_last
+        x = tl.load(x_ptr + b * s_xb + h * s_xh + (start + offs_q)[:, None] * s_xl + offs_p[None, :],
+                    mask=in_seq[:, None] & (offs_p[None, :] < P), other=0.0)
+        Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + (start + offs_q)[:, None] * s_Bl + offs_n[None, :],
+                     mask=in_seq[:, None] & (offs_n[None, :] < N), other=0.0)
+        Bw = (Bt.to(tl.float32) * weight[:, None]).to(x.dtype)
+        state = scale * state + tl.dot(tl.trans(x), Bw)
 
 
 @triton.jit
@@ -208,7 +267,13 @@ def forward_blocks(p: int, n: int, chunk_size: int) -> dict:
     state_n = 128 if chunk_size <= 128 else 64
     return dict(state_p=tile_edge(p, 64), state_n=tile_edge(n, state_n), scan_m=min(64, chunk_size),
                 scan_k=min(64 if chunk_size <= 128 else 32, chunk_size), scan_p=tile_edge(p, 64),
-                scan_n=tile_edge(n, 128), passing=1024)
+                scan_n=tile_edge(n, 128), passing=1024, **FUSED_STATES)
+
+
+# The chunk states and their passing in one walk over the chunks (`_chunk_states_kernel`), on
+# [states_p, states_n] tiles: b x h x (p / 64) x (n / 32) programs (384 at the 0.5B and 7B shapes); off: a
+# program per chunk and tile, then the passing over an fp32 dS buffer (the state_* and passing keys).
+FUSED_STATES = dict(fused_states=True, states_p=64, states_n=32, states_stages=2)
 
 
 def chunk_cb(B, C, chunk_size: int, block_m: int = 64, block_k: int = 64, block_n: int | None = None) -> torch.Tensor:
@@ -253,7 +318,6 @@ def ssd_forward_own(x, dt_raw, A, B, C, chunk_size: int, D=None, z=None, dt_bias
     dev = x.device
     dt = torch.empty(b, h, nc, q, device=dev, dtype=torch.float32)
     cs = torch.empty_like(dt)
-    dS = torch.empty(b, nc, h, p, n, device=dev, dtype=torch.float32)
     states = torch.empty(b, nc, h, p, n, device=dev, dtype=x.dtype)
     y = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     out = torch.empty_like(y) if z is not None else y
@@ -261,20 +325,30 @@ def ssd_forward_own(x, dt_raw, A, B, C, chunk_size: int, D=None, z=None, dt_bias
     lo, hi = step_limits(dt_limit)
     A = A.contiguous()
 
-    grid = (triton.cdiv(p, blk["state_p"]) * triton.cdiv(n, blk["state_n"]), b * nc, h)
-    _chunk_state_kernel[grid](
-        x, dt_raw, dt_bias if dt_bias is not None else A, A, B, seq, dS, dt, cs,
-        l, nc, h // g, lo, hi,
-        x.stride(0), x.stride(1), x.stride(2), dt_raw.stride(0), dt_raw.stride(1), dt_raw.stride(2),
-        B.stride(0), B.stride(1), B.stride(2), *seq_strides,
-        dS.stride(0), dS.stride(1), dS.stride(2), dS.stride(3), dt.stride(0), dt.stride(1), dt.stride(2),
-        P=p, N=n, Q=q, BP=blk["state_p"], BN=blk["state_n"], HAS_BIAS=dt_bias is not None,
-        HAS_SEQ=seq_idx is not None)
-    grid = (triton.cdiv(p * n, blk["passing"]), b, h)
-    _state_passing_kernel[grid](
-        dS, cs, seq, states, l, nc, dS.stride(0), dS.stride(1), dS.stride(2), cs.stride(0), cs.stride(1),
-        cs.stride(2), states.stride(0), states.stride(1), states.stride(2), *seq_strides,
-        PN=p * n, Q=q, BLOCK=blk["passing"], HAS_SEQ=seq_idx is not None)
+    step_args = (x, dt_raw, dt_bias if dt_bias is not None else A, A, B, seq)
+    step_strides = (x.stride(0), x.stride(1), x.stride(2), dt_raw.stride(0), dt_raw.stride(1), dt_raw.stride(2),
+                    B.stride(0), B.stride(1), B.stride(2), *seq_strides)
+    if blk["fused_states"]:
+        grid = (triton.cdiv(p, blk["states_p"]) * triton.cdiv(n, blk["states_n"]), b, h)
+        _chunk_states_kernel[grid](
+            *step_args, states, dt, cs, l, nc, h // g, lo, hi, *step_strides,
+            states.stride(0), states.stride(1), states.stride(2), states.stride(3),
+            dt.stride(0), dt.stride(1), dt.stride(2),
+            P=p, N=n, Q=q, BP=blk["states_p"], BN=blk["states_n"], HAS_BIAS=dt_bias is not None,
+            HAS_SEQ=seq_idx is not None, STAGES=blk["states_stages"])
+    else:
+        dS = torch.empty(b, nc, h, p, n, device=dev, dtype=torch.float32)
+        grid = (triton.cdiv(p, blk["state_p"]) * triton.cdiv(n, blk["state_n"]), b * nc, h)
+        _chunk_state_kernel[grid](
+            *step_args, dS, dt, cs, l, nc, h // g, lo, hi, *step_strides,
+            dS.stride(0), dS.stride(1), dS.stride(2), dS.stride(3), dt.stride(0), dt.stride(1), dt.stride(2),
+            P=p, N=n, Q=q, BP=blk["state_p"], BN=blk["state_n"], HAS_BIAS=dt_bias is not None,
+            HAS_SEQ=seq_idx is not None)
+        grid = (triton.cdiv(p * n, blk["passing"]), b, h)
+        _state_passing_kernel[grid](
+            dS, cs, seq, states, l, nc, dS.stride(0), dS.stride(1), dS.stride(2), cs.stride(0), cs.stride(1),
+            cs.stride(2), states.stride(0), states.stride(1), states.stride(2), *seq_strides,
+            PN=p * n, Q=q, BLOCK=blk["passing"], HAS_SEQ=seq_idx is not None)
     cb = chunk_cb(B, C, q, block_m=blk["scan_m"], block_k=blk["scan_k"])
     zz = z if z is not None else x
     grid = (triton.cdiv(q, blk["scan_m"]) * triton.cdiv(p, blk["scan_p"]), b * nc, h)
