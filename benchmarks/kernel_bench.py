@@ -132,12 +132,18 @@ def kernel_microbench(seq: int = 4096, batch: int = 4, which: str = "all", ssd_p
     # the fused cross entropy's backward (timed with the conv sweep too): the logits' gradient scaled
     # per token in place, torch's broadcasting multiply against the Triton
     # kernel; signs as scales keep the values from growing or vanishing over the repeats
-    from falcon_h1.kernels.cross_entropy import scale_rows_
+    from falcon_h1.kernels.row_scale import scale_rows
 
     logits_grad = torch.randn(seq * batch, 32784, device="cuda", dtype=torch.bfloat16)
     signs = torch.randint(0, 2, (seq * batch,), device="cuda").float() * 2 - 1
     out["ce_bwd_scale_torch_ms"] = bench(lambda: logits_grad.mul_(signs[:, None]))
-    out["ce_bwd_scale_triton_ms"] = bench(lambda: scale_rows_(logits_grad, signs))
+    out["ce_bwd_scale_triton_ms"] = bench(lambda: scale_rows(logits_grad, signs, out=logits_grad))
+    # a µP row scale folded into a weight (in-projection-sized): torch's broadcasting multiply against
+    # kernels.row_scale's pass (KernelOptions.triton_row_scale), each writing a new tensor
+    weight = torch.randn(5120, 1024, device="cuda", dtype=torch.bfloat16)
+    row_scale = torch.rand(5120, 1, device="cuda", dtype=torch.bfloat16) + 0.5
+    out["row_scale_torch_ms"] = bench(lambda: weight * row_scale)
+    out["row_scale_triton_ms"] = bench(lambda: scale_rows(weight, row_scale.view(-1)))
     if which == "conv":
         return dict(out)
     ffn = 2048

@@ -258,7 +258,8 @@ class ParallelHybridMixer(MegatronModule):
         """u @ W^T of the in-projection `name`, its rows µP-scaled when the scales are folded."""
         linear = getattr(self, name)
         if self.scales_in_weights:
-            return project_row_scaled(linear, u, getattr(self, f"{name}_row_scale"))
+            return project_row_scaled(linear, u, getattr(self, f"{name}_row_scale"),
+                                      self.kernel_options.triton_row_scale)
         return linear(u)[0]
 
     # ---- branches on local heads; inputs [s, b, channels] ----
@@ -441,7 +442,7 @@ class SwiGLUMLP(MegatronModule):
         self.ffn_local = cfg.intermediate_size // tp
         self.linear_fc1 = _column(config, cfg.hidden_size, 2 * cfg.intermediate_size, linears.linear("mlp", "column"))
         self.linear_fc2 = _row(config, cfg.intermediate_size, cfg.hidden_size, linears.linear("mlp", "row"))
-        self.triton_swiglu = kernel_options.triton_swiglu
+        self.triton_swiglu, self.triton_row_scale = kernel_options.triton_swiglu, kernel_options.triton_row_scale
         # silu(g * m_gate) * (up * m_down): both multipliers can ride on fc1's weight rows
         self.scales_in_weights = kernel_options.fold_scales and supports_row_scaling(self.linear_fc1)
         if self.scales_in_weights:
@@ -451,7 +452,8 @@ class SwiGLUMLP(MegatronModule):
 
     def forward(self, u):
         if self.scales_in_weights:
-            h = kernels.swiglu(project_row_scaled(self.linear_fc1, u, self.fc1_row_scale), self.triton_swiglu)
+            h = kernels.swiglu(project_row_scaled(self.linear_fc1, u, self.fc1_row_scale, self.triton_row_scale),
+                               self.triton_swiglu)
         else:
             m_gate, m_down = self.cfg.mlp_multipliers
             gate, up = self.linear_fc1(u)[0].chunk(2, dim=-1)

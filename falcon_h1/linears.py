@@ -79,10 +79,16 @@ def supports_row_scaling(linear: torch.nn.Module) -> bool:
     return supports_output_row_scale(linear) or supports_weight_scaling(linear)
 
 
-def project_row_scaled(linear: torch.nn.Module, u: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+def project_row_scaled(linear: torch.nn.Module, u: torch.Tensor, row_scale: torch.Tensor,
+                       triton_row_scale: bool = False) -> torch.Tensor:
     """(u @ W^T) * s without an activation-sized multiply, forward or backward: the linear's own
     `output_row_scale` where it has one, else u @ (W * s)^T (autograd carries the scale into W's
-    gradient). row_scale: constant [rows, 1]; the linear must pass `supports_row_scaling`."""
+    gradient; triton_row_scale: W * s and that gradient in kernels.row_scale's Triton pass).
+    row_scale: constant [rows, 1]; the linear must pass `supports_row_scaling`."""
     if supports_output_row_scale(linear):
         return linear(u, output_row_scale=row_scale)[0]
+    if triton_row_scale:
+        from falcon_h1.kernels.row_scale import row_scaled_weight
+
+        return linear(u, weight=row_scaled_weight(linear.weight, row_scale))[0]
     return linear(u, weight=linear.weight * row_scale)[0]

@@ -52,6 +52,9 @@ class KernelOptions:
     # RMSNorm in Triton, the residual add before the MLP's norm in the same pass forward and backward
     # (kernels.rms_norm_triton); off: fused_rms_norm's choice after a separate add
     triton_rms_norm: bool = True
+    # the µP scales folded into weight rows (W * s forward, the weight's gradient times s backward) as
+    # one vectorised Triton pass each (kernels.row_scale); off: torch's broadcasting multiply
+    triton_row_scale: bool = True
     # each layer's MLP output added to the residual stream by the next layer's first norm (or the
     # final norm) in that norm's pass, forward and backward (FalconH1Layer.forward); off: a separate
     # add after the MLP, and autograd's add of the two gradients the stream then gets
@@ -119,6 +122,7 @@ class KernelOptions:
             and self.triton_ssd and gpu,
             fused_rms_norm=self.fused_rms_norm and device.type == "cuda",
             triton_rms_norm=self.triton_rms_norm and gpu,
+            triton_row_scale=self.triton_row_scale and gpu,
             fused_cross_entropy=self.fused_cross_entropy and gpu,
             packed_attention=self.packed_attention if gpu else "sdpa",
         )

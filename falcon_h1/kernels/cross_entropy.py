@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from falcon_h1.kernels.row_scale import scale_rows
+
 BLOCK_V = 4096   # columns per step of the streaming loop (tests shrink it to cross blocks)
 NUM_WARPS = 8
-SCALE_BLOCK = 2048  # columns a program of the backward's row scaling covers
 
 
 @triton.jit
@@ -103,17 +104,6 @@ def _ce_grad_kernel(x_ptr, g_ptr, labels_ptr, max_ptr, sum_ptr, vocab_start, n_l
                     1.0 / s, BLOCK_V)
 
 
-@triton.jit
-def _scale_rows_kernel(g_ptr, scale_ptr, n_cols, stride_g, BLOCK: tl.constexpr):
-    """g[row, :] *= scale[row] in place (fp32 product, rounded once to g's dtype)."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    ptrs = g_ptr + row * stride_g + cols
-    g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, (g * tl.load(scale_ptr + row)).to(g_ptr.dtype.element_ty), mask=mask)
-
-
 def _combine_over_tp(m, s, target, group):
     """Global max, sum of exp and label logit from every rank's [rows] statistics."""
     global_m = m.clone()
@@ -174,16 +164,9 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         ctx.used = True
         (grad,) = ctx.saved_tensors
         # the logits' [tokens, V_local] rows (a view: scaled in place)
-        scale_rows_(grad.view(-1, grad.shape[-1]), grad_loss.reshape(-1))
+        rows = grad.view(-1, grad.shape[-1])
+        scale_rows(rows, grad_loss.reshape(-1), out=rows)
         return grad.view(ctx.logits_shape), None, None, None, None
-
-
-def scale_rows_(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """rows [n, m] (last dim contiguous) *= scale [n] in place, in fp32, rounded once."""
-    scale = scale.float().contiguous()
-    _scale_rows_kernel[(rows.shape[0], triton.cdiv(rows.shape[1], SCALE_BLOCK))](
-        rows, scale, rows.shape[1], rows.stride(0), BLOCK=SCALE_BLOCK, num_warps=4)
-    return rows
 
 
 def fused_vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,

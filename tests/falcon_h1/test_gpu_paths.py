@@ -112,6 +112,22 @@ def _poison_allocator(numel: int = 1 << 24):
     torch.cuda.synchronize()
 
 
+def test_row_scaled_weight_equals_torch_bit_for_bit():
+    """kernels.row_scale's W * s and its weight gradient in bf16: the same bits as torch's
+    broadcasting multiply (fp32 product, rounded to nearest; the interpreter truncates instead)."""
+    from falcon_h1.kernels.row_scale import row_scaled_weight
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w = torch.randn(5000, 1024, device="cuda", generator=g).bfloat16()
+    s = (torch.rand(5000, 1, device="cuda", generator=g) + 0.5).bfloat16()
+    dw = torch.randn(5000, 1024, device="cuda", generator=g).bfloat16()
+    got_w, want_w = w.clone().requires_grad_(), w.clone().requires_grad_()
+    got, want = row_scaled_weight(got_w, s), want_w * s
+    got.backward(dw)
+    want.backward(dw)
+    assert torch.equal(got, want) and torch.equal(got_w.grad, want_w.grad)
+
+
 def test_out_projection_input_equals_concatenation():
     """The out-projection's input from the scan's [b, s, .] y and SDPA's own output (seen as
     [s, b, heads, d], as the layer passes it): torch.cat's values and gradients, bit for bit."""

@@ -223,6 +223,29 @@ def check_out_projection_input(g):
     return {"differs from torch.cat": 0.0 if same else 1.0}
 
 
+def check_row_scale(g):
+    """kernels.row_scale: W * s for a [rows, 1] constant s (the folded µP scales), forward and its
+    weight gradient, bit for bit torch's fp32 broadcasting multiply; a ragged last column block
+    (3000 columns over 2048-wide programs); the in-place form on a row-strided view."""
+    from falcon_h1.kernels.row_scale import row_scaled_weight, scale_rows
+
+    w = torch.randn(7, 3000, generator=g)
+    s = torch.rand(7, 1, generator=g) + 0.5
+    dw = torch.randn(7, 3000, generator=g)
+    got_w, want_w = w.clone().requires_grad_(), w.clone().requires_grad_()
+    got = row_scaled_weight(got_w, s)
+    want = want_w * s
+    got.backward(dw)
+    want.backward(dw)
+    wide = torch.randn(7, 3100, generator=g)
+    view, untouched = wide[:, :3000], wide[:, 3000:].clone()
+    want_in_place = view * s
+    scale_rows(view, s.view(-1), out=view)
+    same = (torch.equal(got, want) and torch.equal(got_w.grad, want_w.grad)
+            and torch.equal(view, want_in_place) and torch.equal(wide[:, 3000:], untouched))
+    return {"differs from torch's w * s": 0.0 if same else 1.0}
+
+
 def check_mixed_dtype_residual(g):
     """An fp32 residual stream plus a bf16 delta: the sum in fp32, bit for bit torch's x + delta
     (the bf16 values widen exactly), and the norm's output in fp32 too."""
@@ -285,6 +308,8 @@ def main():
         errors[f"swiglu {name}"] = err
     for name, err in check_out_projection_input(g).items():
         errors[f"out-projection input {name}"] = err
+    for name, err in check_row_scale(g).items():
+        errors[f"row scale {name}"] = err
     failed = False
     for name, err in errors.items():
         ok = err <= TOLERANCE
