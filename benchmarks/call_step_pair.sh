@@ -1,5 +1,5 @@
-# The graphed 0.5B step 4 x 4096 on any card: the defaults against CANDIDATE (a falcon-bench variant:
-# a change to time, or a switch turned off), interleaved twice in one process, then the defaults
+# The graphed 0.5B step 4 x 4096 on any card: the defaults against CANDIDATE (falcon-bench variants,
+# comma-separated: a change to time, or a switch turned off), interleaved twice in one process, then the defaults
 # profiled over one replay (the profiler stays attached, so it comes last); then falcon-train's 0.5B
 # profile (call_train_7b.sh's train_05b part: the loop's device-busy time against its wall time);
 # then the GPU tests TESTS names (pytest node ids or files; none when empty). KERNELS: falcon-bench's
@@ -10,11 +10,13 @@
 # and Triton's cache under $OUT/triton_cache_tgz.
 source benchmarks/device_setup.sh
 G=_cuda_graph
-CANDIDATE=${CANDIDATE:?"set CANDIDATE to the falcon-bench variant to time against the defaults"}
+CANDIDATE=${CANDIDATE:?"set CANDIDATE to the falcon-bench variant(s) to time against the defaults"}
+row="ours_fused$G"
+for c in ${CANDIDATE//,/ }; do row="$row,$c$G"; done
 run "${STEP_S:-240}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 8 --warmup 2 --kernels "${KERNELS:-none}" \
-  --variants "ours_fused$G,$CANDIDATE$G,ours_fused$G,$CANDIDATE$G,ours_fused$G" \
+  --variants "$row,$row,ours_fused$G" \
   --profile "ours_fused$G" --profile-top 60 --json "$OUT/step.json"
-grep -A6 "^variant" "$OUT/step.txt" | cut -c1-110; grep "  kernel conv" "$OUT/step.txt"
+grep -A9 "^variant" "$OUT/step.txt" | cut -c1-110; grep "  kernel conv" "$OUT/step.txt"
 run "${HALF_S:-220}" train_05b.txt python3 benchmarks/scaling.py run --work /tmp/train_profile --cases dp1 \
   --steps 12 --warmup 4 --cuda-graph --override train.profile_step_start=10 \
   --override train.profile_step_end=11 --run-timeout-s 210
