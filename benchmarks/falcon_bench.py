@@ -213,7 +213,7 @@ def _variants(workdir: Path, preset, our_loss, ids, labels) -> dict:
         "ours_fused_torch_cat_out_input": ours({"triton_out_projection_input": False}),
         "ours_fused_rotary_head_programs": ours({"rotary_one_launch": False}),  # a program a head, two launches
         "ours_fused_residual_add_per_layer": ours({"residual_across_layers": False}),  # h + mlp(h) in each layer
-        "ours_fused_torch_row_scale": ours({"triton_row_scale": False}),  # W * s by torch's broadcasting multiply
+        "ours_fused_triton_row_scale": ours({"triton_row_scale": True}),  # W * s in kernels.row_scale's pass
         # the step before both (the 2026-12-07 run's defaults; it named the two on `ours_fused_candidates`)
         "ours_fused_before_out_copy_and_rotary": ours({"triton_out_projection_input": False,
                                                        "rotary_one_launch": False}),

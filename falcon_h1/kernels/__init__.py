@@ -53,8 +53,8 @@ class KernelOptions:
     # (kernels.rms_norm_triton); off: fused_rms_norm's choice after a separate add
     triton_rms_norm: bool = True
     # the µP scales folded into weight rows (W * s forward, the weight's gradient times s backward) as
-    # one vectorised Triton pass each (kernels.row_scale); off: torch's broadcasting multiply
-    triton_row_scale: bool = True
+    # one vectorised Triton pass each (kernels.row_scale); off (until timed): torch's broadcasting multiply
+    triton_row_scale: bool = False
     # each layer's MLP output added to the residual stream by the next layer's first norm (or the
     # final norm) in that norm's pass, forward and backward (FalconH1Layer.forward); off: a separate
     # add after the MLP, and autograd's add of the two gradients the stream then gets

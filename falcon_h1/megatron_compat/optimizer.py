@@ -12,11 +12,14 @@ versions of Apex's multi-tensor kernels, and both cost host round trips every st
   clipping factor, so the optimizer's launches wait for the whole backward; a foreach one keeps
   the norm and the factor on the device.
 - `set_fused_adamw`: Megatron builds its inner torch AdamW with the default (foreach) path;
-  torch's fused AdamW kernel is chosen through the inner optimizer's param-group flags.
+  torch's fused AdamW kernel is chosen through the inner optimizer's param-group flags. The
+  clipping factor then rides into that kernel (`_clip_in_fused_adamw`) instead of a multiply over
+  every gradient of its own.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -41,8 +44,10 @@ def set_fused_adamw(optimizer, enabled: bool) -> None:
     AdamW. Set after building the optimizer; checkpoint loading keeps it (torch's `load_state_dict`
     would restore the saved param groups' `fused`/`foreach` flags: `optimizer_checkpoint` sets the
     run's own back). The step counters move where each path wants them: the fused kernel reads them
-    on the parameter's device, the foreach path on the host (else it reads each back with a sync)."""
+    on the parameter's device, the foreach path on the host (else it reads each back with a sync).
+    A fused AdamW takes the clipping factor of its parameters' gradients (`_clip_in_fused_adamw`)."""
     for torch_optimizer in torch_adamws(optimizer):
+        _clip_owner(torch_optimizer, enabled)
         for group in torch_optimizer.param_groups:
             group["fused"], group["foreach"] = (True, False) if enabled else (None, None)
             for param in group["params"]:
@@ -88,6 +93,41 @@ def _foreach_scale_by_tensor(chunk_size, noop_flag, tensor_lists, scale):
     torch._foreach_mul_(destinations, scale.reshape(()))
 
 
+# id(main parameter) -> the fused torch AdamW stepping it (set_fused_adamw), for the clipping below
+_CLIP_OWNERS: "weakref.WeakValueDictionary[int, torch.optim.Optimizer]" = weakref.WeakValueDictionary()
+
+
+def _clip_owner(torch_optimizer, enabled: bool) -> None:
+    for group in torch_optimizer.param_groups:
+        for param in group["params"]:
+            if enabled:
+                _CLIP_OWNERS[id(param)] = torch_optimizer
+            elif _CLIP_OWNERS.get(id(param)) is torch_optimizer:
+                del _CLIP_OWNERS[id(param)]
+    if enabled and not getattr(torch_optimizer, "_clip_factor_hook", None):
+        # a factor serves one step: an AdamW stepped again without clipping must not reuse it
+        torch_optimizer._clip_factor_hook = torch_optimizer.register_step_post_hook(
+            lambda opt, args, kwargs: opt.__dict__.pop("grad_scale", None))
+
+
+def _clip_in_fused_adamw(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's clip_grad_by_total_norm_fp32 (gradients times min(1, max_norm / (norm + 1e-6)))
+    where the parameters are exactly those of one fused torch AdamW and the norm is on the device:
+    that AdamW divides each gradient by the inverse factor inside its kernel (torch's `grad_scale`,
+    GradScaler's hook), so clipping reads and writes no gradient of its own and nothing waits for
+    the host. Anything else (foreach AdamW, offloaded shards, a norm read on the host) goes to
+    Megatron's, which multiplies the gradients."""
+    from megatron.core.optimizer import clip_grads
+
+    params = list(parameters)
+    owner = _CLIP_OWNERS.get(id(params[0])) if params else None
+    owned = owner is not None and all(group.get("fused") for group in owner.param_groups) and \
+        {id(p) for p in params} == {id(p) for group in owner.param_groups for p in group["params"]}
+    if not owned or use_decoupled_grad or not isinstance(total_norm, torch.Tensor):
+        return clip_grads.clip_grad_by_total_norm_fp32(params, max_norm, total_norm, use_decoupled_grad)
+    owner.grad_scale = ((total_norm.float() + 1.0e-6) / max_norm).clamp_min(1.0).reshape(1)
+
+
 def use_foreach_multi_tensor_ops(enabled: bool) -> None:
     """Megatron's gradient-norm and copy kernels when Apex/TE are absent: ours (foreach, no host
     syncs) or Megatron's per-tensor fallbacks. Only the fallbacks are replaced: where Apex or TE
@@ -107,6 +147,7 @@ def use_foreach_multi_tensor_ops(enabled: bool) -> None:
             (megatron_optimizer, "multi_tensor_scale_impl", _foreach_scale, utils.local_multi_tensor_scale)):
         if getattr(module, name, None) in replaced:
             setattr(module, name, ours if enabled else megatrons)
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_in_fused_adamw if enabled else clip_grads.clip_grad_by_total_norm_fp32
 
 
 @contextmanager

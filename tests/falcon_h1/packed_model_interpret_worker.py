@@ -27,7 +27,7 @@ from tests.falcon_h1.packed_model import CONFIG, ROWS, TOLERANCE, batch, errors,
 # fused_rms_norm is torch's CUDA kernel, not a Triton one; attention is not Triton either
 # (FlexAttention has no backward on CPU), so packed rows take SDPA with the document mask.
 TRITON = KernelOptions(fused_rms_norm=False, packed_attention="sdpa", triton_out_projection_input=True,
-                       rotary_one_launch=True)
+                       rotary_one_launch=True, triton_row_scale=True)
 
 
 def triton_model(options: KernelOptions, seed: int = 7, config=CONFIG) -> FalconH1Model:

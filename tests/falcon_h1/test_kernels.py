@@ -181,10 +181,10 @@ def test_kernel_options_on_the_reference_path_turn_the_gpu_kernels_off():
                     or got.fused_mamba_branch or got.fused_rms_norm or got.fused_cross_entropy)
         assert got.fold_scales and got.gate_in_scan and got.ssd_keep_forward_states
     asked_own = KernelOptions(own_ssd_forward=True, own_ssd_backward=True, streaming_conv=True,
-                              triton_out_projection_input=True, rotary_one_launch=True)
+                              triton_out_projection_input=True, rotary_one_launch=True, triton_row_scale=True)
     got_own = asked_own.for_device("auto", torch.device("cpu"))
     assert not (got_own.own_ssd_forward or got_own.own_ssd_backward or got_own.streaming_conv
-                or got_own.triton_out_projection_input or got_own.rotary_one_launch)
+                or got_own.triton_out_projection_input or got_own.rotary_one_launch or got_own.triton_row_scale)
     assert not KernelOptions(rotary_one_launch=True, triton_rotary=False).for_device(
         "auto", torch.device("cuda")).rotary_one_launch
     assert not KernelOptions(streaming_conv=True, triton_conv=False).for_device("auto", torch.device("cuda")).streaming_conv

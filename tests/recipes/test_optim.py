@@ -58,14 +58,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("fused_optimizer", [True, False], ids=["foreach_norm", "megatron_norm"])
+@pytest.mark.parametrize("fused_optimizer,fused_adamw", [(True, False), (False, False), (True, True)],
+                         ids=["foreach_norm", "megatron_norm", "clip_in_fused_adamw"])
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
-def test_two_steps_match_float64_adamw_with_clipping(megatron_single, distributed_optimizer, fused_optimizer):
+def test_two_steps_match_float64_adamw_with_clipping(megatron_single, monkeypatch, distributed_optimizer,
+                                                     fused_optimizer, fused_adamw):
     # fused_optimizer: the gradient norm and the clipping scale go through megatron_compat.optimizer's foreach
-    # replacements of Megatron's fallbacks (fused AdamW is set on CUDA only: test_optim_gpu.py)
+    # replacements of Megatron's fallbacks. Training sets torch's fused AdamW on CUDA only (test_optim_gpu.py);
+    # fused_adamw sets it here on the CPU, where the clipping factor must reach the AdamW's kernel instead
+    # of Megatron's multiply, which is made to fail
     from megatron.core.optimizer import clip_grads
 
-    from falcon_h1.megatron_compat.optimizer import _foreach_l2_norm
+    from falcon_h1.megatron_compat.optimizer import _foreach_l2_norm, set_fused_adamw, torch_adamws
 
     model, config = tiny_gpt(seed=3)
     train_cfg, parallel_cfg = configs(**HYPER, fused_optimizer=fused_optimizer)
@@ -73,6 +77,13 @@ def test_two_steps_match_float64_adamw_with_clipping(megatron_single, distribute
     ddp = wrap_model(model, parallel_cfg, train_cfg, config)
     optimizer = build_optimizer(ddp, train_cfg, parallel_cfg)
     assert (clip_grads.l2_norm_impl is _foreach_l2_norm) == fused_optimizer
+    if fused_adamw:
+        set_fused_adamw(optimizer, True)
+
+        def no_multiply(*args, **kwargs):
+            raise AssertionError("Megatron's clipping multiply ran where the fused AdamW takes the factor")
+
+        monkeypatch.setattr(clip_grads, "clip_grad_by_total_norm_fp32", no_multiply)
 
     named = dict(ddp.module.named_parameters())
     start = {n: p.detach().cpu().clone() for n, p in named.items()}
@@ -90,6 +101,7 @@ def test_two_steps_match_float64_adamw_with_clipping(megatron_single, distribute
             p.main_grad.copy_(grads[n])
         update_successful, grad_norm, _ = optimizer.step()
         assert update_successful
+        assert not any(hasattr(adamw, "grad_scale") for adamw in torch_adamws(optimizer))  # one step's factor
         # the foreach kernels keep the norm and the clipping factor on the device: no host read mid-step
         assert isinstance(grad_norm, torch.Tensor) == fused_optimizer
         norms.append(float(grad_norm))
