@@ -2,10 +2,12 @@
 
 Three launches where mamba_ssm 2.3.2's forward has five (cumsum, chunk state, state passing,
 C·Bᵀ, chunk scan): the step sizes and their in-chunk cumsum are computed by the chunk-state
-kernel, which also passes the states along (`_chunk_states_kernel`; `blocks=dict(fused_states=False)`
-takes the chunk state and the passing as two launches). C·Bᵀ is formed once per group (`_chunk_cb`) and read by every head of it: forming it
-inside the chunk scan would repeat a K = n product for each of a group's heads (24 at the 0.5B
-and 7B shapes), which measured 2x slower at 7B (n = 256). Per chunk c of Q positions, head h, in the notation of kernels.ssd_backward_reference:
+kernel, which also passes the states along (`_chunk_states_kernel`;
+`blocks=dict(fused_states=False)` takes the chunk state and the passing as two launches). C·Bᵀ is
+formed once per group (`_chunk_cb`) and read by every head of it: forming it inside the chunk scan
+would repeat a K = n product for each of a group's heads (24 at the 0.5B and 7B shapes), which
+measured 2x slower at 7B (n = 256). Per chunk c of Q positions, head h, in the notation of
+kernels.ssd_backward_reference:
     _chunk_state:   dt = clamp(softplus(dt_raw + dt_bias)), cs = cumsum(dt A) in the chunk,
                     dS_chunk[c] = sum_s [doc_s = last_c] exp(cs_{Q-1} - cs_s) dt_s x_s B_sᵀ
     _state_passing: S_in[0] = 0, S_in[c+1] = [last_c = prev_c] exp(cs_{Q-1}) S_in[c] + dS_chunk[c]

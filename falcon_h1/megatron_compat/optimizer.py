@@ -147,7 +147,8 @@ def use_foreach_multi_tensor_ops(enabled: bool) -> None:
             (megatron_optimizer, "multi_tensor_scale_impl", _foreach_scale, utils.local_multi_tensor_scale)):
         if getattr(module, name, None) in replaced:
             setattr(module, name, ours if enabled else megatrons)
-    megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_in_fused_adamw if enabled else clip_grads.clip_grad_by_total_norm_fp32
+    megatron_clip = clip_grads.clip_grad_by_total_norm_fp32
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_in_fused_adamw if enabled else megatron_clip
 
 
 @contextmanager

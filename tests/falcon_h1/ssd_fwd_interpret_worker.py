@@ -5,8 +5,8 @@ and pre-gate outputs, the processed step sizes, their in-chunk cumsum and the st
 chunk. Tiles smaller than the chunk, head dim and state dim exercise every loop and partial-tile
 mask; a sequence that is not a multiple of the chunk, two groups of two heads and packed documents
 (boundaries inside a chunk and on a chunk edge, with step sizes clamped, x with a last stride of 2) are
-covered, each with the chunk states and their passing in one walk (fused_states) and as two launches. Prints one line per check; exit 1 on
-failure."""
+covered, each with the chunk states and their passing in one walk (fused_states) and as two
+launches. Prints one line per check; exit 1 on failure."""
 
 import math
 import sys
