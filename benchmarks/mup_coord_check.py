@@ -55,6 +55,12 @@ def corpus_batches(batch: int, seq_len: int, count: int) -> list[torch.Tensor]:
     return list(data.view(count, batch, seq_len + 1))
 
 
+def _stream(layer_output) -> torch.Tensor:
+    """The residual stream a layer leaves: a layer may hand on (h, its MLP output) for the next
+    norm to add (falcon_h1.layers.FalconH1Layer.forward), the stream being their sum."""
+    return layer_output if isinstance(layer_output, torch.Tensor) else layer_output[0] + layer_output[1]
+
+
 def _rms(t: torch.Tensor) -> float:
     return t.detach().float().pow(2).mean().sqrt().item()
 
@@ -76,7 +82,7 @@ def coord_check(widths=(64, 128, 256, 512), modes=("derived", "unit"), steps: in
             records = {f"layer_{i}": [] for i in range(LAYERS)}
             records["logits"] = []
             outputs: dict[int, torch.Tensor] = {}
-            hooks = [layer.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, out))
+            hooks = [layer.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, _stream(out)))
                      for i, layer in enumerate(model.layers)]
 
             def record():
