@@ -3,7 +3,8 @@
 # profiled over one replay (the profiler stays attached, so it comes last); then falcon-train's 0.5B
 # profile (call_train_7b.sh's train_05b part: the loop's device-busy time against its wall time);
 # then the GPU tests TESTS names (pytest node ids or files; none when empty). KERNELS: falcon-bench's
-# kernel microbenchmarks after the steps (default none; conv: the conv tile sweeps).
+# kernel microbenchmarks after the steps (default none; conv: the conv tile sweeps). HF=1 adds Hugging
+# Face's fast path (eager) before the last defaults row, for the ratio (carry .whl too).
 #   device run: CANDIDATE=variant [TESTS="..."] [KERNELS=conv] bash benchmarks/call_step_pair.sh   (carry: wheels,
 #   .triton_cache_tgz; timeout_s 590)
 # Writes $OUT/step.txt + step.json, train_05b.txt + train_05b.json + kernels_rank0.txt, gpu_tests.txt,
@@ -14,9 +15,9 @@ CANDIDATE=${CANDIDATE:?"set CANDIDATE to the falcon-bench variant(s) to time aga
 row="ours_fused$G"
 for c in ${CANDIDATE//,/ }; do row="$row,$c$G"; done
 run "${STEP_S:-240}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --steps 8 --warmup 2 --kernels "${KERNELS:-none}" \
-  --variants "$row,$row,ours_fused$G" \
+  --variants "$row,$row${HF:+,hf_transformers},ours_fused$G" \
   --profile "ours_fused$G" --profile-top 60 --json "$OUT/step.json"
-grep -A9 "^variant" "$OUT/step.txt" | cut -c1-110; grep "  kernel conv" "$OUT/step.txt"
+grep -A10 "^variant" "$OUT/step.txt" | cut -c1-110; grep "hf_transformers ran" "$OUT/step.txt"; grep "  kernel conv" "$OUT/step.txt"
 run "${HALF_S:-220}" train_05b.txt python3 benchmarks/scaling.py run --work /tmp/train_profile --cases dp1 \
   --steps 12 --warmup 4 --cuda-graph --override train.profile_step_start=10 \
   --override train.profile_step_end=11 --run-timeout-s 210
