@@ -31,6 +31,44 @@ from falcon_h1.kernels.ssd_launch import (SOFTPLUS_THRESHOLD, last_dim_contiguou
 
 
 @triton.jit
+def _chunk_dS(x_ptr, dt_raw_ptr, dt_bias_ptr, A_ptr, B_ptr, seq_ptr, dt_ptr, cs_ptr, b, c, h, g, seqlen, dt_lo, dt_hi,
+              s_xb, s_xl, s_xh, s_dtrb, s_dtrl, s_dtrh, s_Bb, s_Bl, s_Bg, s_seqb, s_seql, s_csb, s_csh, s_csc,
+              offs_p, offs_n, write_steps, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Chunk c of (row b, head h): its step sizes and their in-chunk cumsum (written to dt_ptr and
+    cs_ptr when write_steps), and (dS [offs_p, offs_n] fp32, cs at the chunk's end, the document of
+    its last position; -1 without seq_idx)."""
+    start = c * Q
+    real = tl.minimum(seqlen - start, Q)
+    offs_q = tl.arange(0, Q)
+    in_seq = offs_q < real
+    dt = tl.load(dt_raw_ptr + b * s_dtrb + (start + offs_q) * s_dtrl + h * s_dtrh, mask=in_seq, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(dt_bias_ptr + h).to(tl.float32)
+    dt = tl.where(dt <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(dt)), dt)
+    dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+    dt = tl.where(in_seq, dt, 0.0)
+    cs = tl.cumsum(dt * tl.load(A_ptr + h).to(tl.float32), axis=0)
+    if write_steps:
+        row = b * s_csb + h * s_csh + c * s_csc + offs_q
+        tl.store(dt_ptr + row, dt)
+        tl.store(cs_ptr + row, cs)
+    cs_last = tl.sum(tl.where(offs_q == Q - 1, cs, 0.0), axis=0)
+    weight = tl.exp(cs_last - cs) * dt
+    seq_last = -1
+    if HAS_SEQ:
+        seq = tl.load(seq_ptr + b * s_seqb + (start + offs_q) * s_seql, mask=in_seq, other=-1)
+        seq_last = tl.load(seq_ptr + b * s_seqb + (start + real - 1) * s_seql)
+        weight = tl.where(seq == seq_last, weight, 0.0)
+    x = tl.load(x_ptr + b * s_xb + h * s_xh + (start + offs_q)[:, None] * s_xl + offs_p[None, :],
+                mask=in_seq[:, None] & (offs_p[None, :] < P), other=0.0)
+    Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + (start + offs_q)[:, None] * s_Bl + offs_n[None, :],
+                 mask=in_seq[:, None] & (offs_n[None, :] < N), other=0.0)
+    Bw = (Bt.to(tl.float32) * weight[:, None]).to(x.dtype)
+    return tl.dot(tl.trans(x), Bw), cs_last, seq_last
+
+
+@triton.jit
 def _chunk_state_kernel(
     x_ptr, dt_raw_ptr, dt_bias_ptr, A_ptr, B_ptr, seq_ptr, dS_ptr, dt_ptr, cs_ptr,
     seqlen, nchunks, heads_per_group, dt_lo, dt_hi,
@@ -43,38 +81,12 @@ def _chunk_state_kernel(
     b, c = pid_bc // nchunks, pid_bc % nchunks
     n_pblocks = tl.cdiv(P, BP)
     pid_p, pid_n = pid_pn % n_pblocks, pid_pn // n_pblocks
-    g = h // heads_per_group
-    start = c * Q
-    real = tl.minimum(seqlen - start, Q)
-    offs_q = tl.arange(0, Q)
-    in_seq = offs_q < real
-
-    dt = tl.load(dt_raw_ptr + b * s_dtrb + (start + offs_q) * s_dtrl + h * s_dtrh, mask=in_seq, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        dt += tl.load(dt_bias_ptr + h).to(tl.float32)
-    dt = tl.where(dt <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(dt)), dt)
-    dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
-    dt = tl.where(in_seq, dt, 0.0)
-    cs = tl.cumsum(dt * tl.load(A_ptr + h).to(tl.float32), axis=0)
-    if pid_pn == 0:
-        row = b * s_csb + h * s_csh + c * s_csc + offs_q
-        tl.store(dt_ptr + row, dt)
-        tl.store(cs_ptr + row, cs)
-
-    cs_last = tl.sum(tl.where(offs_q == Q - 1, cs, 0.0), axis=0)
-    weight = tl.exp(cs_last - cs) * dt
-    if HAS_SEQ:
-        seq = tl.load(seq_ptr + b * s_seqb + (start + offs_q) * s_seql, mask=in_seq, other=-1)
-        seq_last = tl.load(seq_ptr + b * s_seqb + (start + real - 1) * s_seql)
-        weight = tl.where(seq == seq_last, weight, 0.0)
     offs_p = pid_p * BP + tl.arange(0, BP)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    x = tl.load(x_ptr + b * s_xb + h * s_xh + (start + offs_q)[:, None] * s_xl + offs_p[None, :],
-                mask=in_seq[:, None] & (offs_p[None, :] < P), other=0.0)
-    Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + (start + offs_q)[:, None] * s_Bl + offs_n[None, :],
-                 mask=in_seq[:, None] & (offs_n[None, :] < N), other=0.0)
-    Bw = (Bt.to(tl.float32) * weight[:, None]).to(x.dtype)
-    dS = tl.dot(tl.trans(x), Bw)  # [BP, BN]
+    dS, _, _ = _chunk_dS(x_ptr, dt_raw_ptr, dt_bias_ptr, A_ptr, B_ptr, seq_ptr, dt_ptr, cs_ptr, b, c, h,
+                         h // heads_per_group, seqlen, dt_lo, dt_hi, s_xb, s_xl, s_xh, s_dtrb, s_dtrl, s_dtrh,
+                         s_Bb, s_Bl, s_Bg, s_seqb, s_seql, s_csb, s_csh, s_csc, offs_p, offs_n, pid_pn == 0,
+                         P=P, N=N, Q=Q, HAS_BIAS=HAS_BIAS, HAS_SEQ=HAS_SEQ)
     tl.store(dS_ptr + b * s_dSb + c * s_dSc + h * s_dSh + offs_p[:, None] * s_dSp + offs_n[None, :], dS,
              mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
 
@@ -118,46 +130,23 @@ def _chunk_states_kernel(
     pid_pn, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_pblocks = tl.cdiv(P, BP)
     pid_p, pid_n = pid_pn % n_pblocks, pid_pn // n_pblocks
-    g = h // heads_per_group
-    offs_q = tl.arange(0, Q)
     offs_p = pid_p * BP + tl.arange(0, BP)
     offs_n = pid_n * BN + tl.arange(0, BN)
     tile = (offs_p[:, None] < P) & (offs_n[None, :] < N)
-    a = tl.load(A_ptr + h).to(tl.float32)
-    bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_BIAS else 0.0
     state = tl.zeros([BP, BN], dtype=tl.float32)
     seq_before = -1
     for c in tl.range(0, nchunks, num_stages=STAGES):
         tl.store(states_ptr + b * s_stb + c * s_stc + h * s_sth + offs_p[:, None] * s_stp + offs_n[None, :],
                  state.to(states_ptr.dtype.element_ty), mask=tile)
-        start = c * Q
-        real = tl.minimum(seqlen - start, Q)
-        in_seq = offs_q < real
-        dt = tl.load(dt_raw_ptr + b * s_dtrb + (start + offs_q) * s_dtrl + h * s_dtrh, mask=in_seq,
-                     other=0.0).to(tl.float32) + bias
-        dt = tl.where(dt <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(dt)), dt)
-        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
-        dt = tl.where(in_seq, dt, 0.0)
-        cs = tl.cumsum(dt * a, axis=0)
-        if pid_pn == 0:
-            row = b * s_csb + h * s_csh + c * s_csc + offs_q
-            tl.store(dt_ptr + row, dt)
-            tl.store(cs_ptr + row, cs)
-        cs_last = tl.sum(tl.where(offs_q == Q - 1, cs, 0.0), axis=0)
-        weight = tl.exp(cs_last - cs) * dt
+        dS, cs_last, seq_last = _chunk_dS(
+            x_ptr, dt_raw_ptr, dt_bias_ptr, A_ptr, B_ptr, seq_ptr, dt_ptr, cs_ptr, b, c, h, h // heads_per_group,
+            seqlen, dt_lo, dt_hi, s_xb, s_xl, s_xh, s_dtrb, s_dtrl, s_dtrh, s_Bb, s_Bl, s_Bg, s_seqb, s_seql,
+            s_csb, s_csh, s_csc, offs_p, offs_n, pid_pn == 0, P=P, N=N, Q=Q, HAS_BIAS=HAS_BIAS, HAS_SEQ=HAS_SEQ)
         scale = tl.exp(cs_last)
         if HAS_SEQ:
-            seq = tl.load(seq_ptr + b * s_seqb + (start + offs_q) * s_seql, mask=in_seq, other=-1)
-            seq_last = tl.load(seq_ptr + b * s_seqb + (start + real - 1) * s_seql)
-            weight = tl.where(seq == seq_last, weight, 0.0)
             scale = tl.where(seq_last == seq_before, scale, 0.0)
             seq_before = seq_last
-        x = tl.load(x_ptr + b * s_xb + h * s_xh + (start + offs_q)[:, None] * s_xl + offs_p[None, :],
-                    mask=in_seq[:, None] & (offs_p[None, :] < P), other=0.0)
-        Bt = tl.load(B_ptr + b * s_Bb + g * s_Bg + (start + offs_q)[:, None] * s_Bl + offs_n[None, :],
-                     mask=in_seq[:, None] & (offs_n[None, :] < N), other=0.0)
-        Bw = (Bt.to(tl.float32) * weight[:, None]).to(x.dtype)
-        state = scale * state + tl.dot(tl.trans(x), Bw)
+        state = scale * state + dS
 
 
 @triton.jit
