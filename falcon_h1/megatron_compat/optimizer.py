@@ -69,15 +69,19 @@ def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     return torch.linalg.vector_norm(torch.cat(norms)).reshape(1), None
 
 
+def _copied(tensor_lists) -> list:
+    """The destinations of a multi-tensor scale's [sources, destinations], holding the sources."""
+    sources, destinations = tensor_lists[0], tensor_lists[1]
+    if any(src is not dst for src, dst in zip(sources, destinations)):
+        torch._foreach_copy_(destinations, sources)
+    return destinations
+
+
 def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
     """amp_C.multi_tensor_scale's contract (dst = src * scale) in place, without a temporary copy
     of the sources (clipping passes the gradients as both lists)."""
-    sources, destinations = tensor_lists[0], tensor_lists[1]
-    if not sources:
-        return
-    if any(src is not dst for src, dst in zip(sources, destinations)):
-        torch._foreach_copy_(destinations, sources)
-    if scale != 1.0:
+    destinations = _copied(tensor_lists)
+    if destinations and scale != 1.0:
         torch._foreach_mul_(destinations, scale)
 
 
@@ -85,12 +89,9 @@ def _foreach_scale_by_tensor(chunk_size, noop_flag, tensor_lists, scale):
     """multi_tensor_scale_tensor's contract (dst = src * scale, `scale` a one-element tensor on the
     tensors' device), in place like `_foreach_scale`. The multiply runs even when the factor is 1:
     choosing to skip it would read the factor on the host."""
-    sources, destinations = tensor_lists[0], tensor_lists[1]
-    if not sources:
-        return
-    if any(src is not dst for src, dst in zip(sources, destinations)):
-        torch._foreach_copy_(destinations, sources)
-    torch._foreach_mul_(destinations, scale.reshape(()))
+    destinations = _copied(tensor_lists)
+    if destinations:
+        torch._foreach_mul_(destinations, scale.reshape(()))
 
 
 # id(main parameter) -> the fused torch AdamW stepping it (set_fused_adamw), for the clipping below
