@@ -1,7 +1,7 @@
 # The graphed 0.5B step 4 x 4096 on any card: the defaults against CANDIDATE (falcon-bench variants,
 # comma-separated: a change to time, or a switch turned off), interleaved twice in one process, then the defaults
 # profiled over one replay (the profiler stays attached, so it comes last); then falcon-train's 0.5B
-# profile (call_train_7b.sh's train_05b part: the loop's device-busy time against its wall time);
+# profile (device_setup.sh's train_05b_profile: the loop's device-busy time against its wall time);
 # then the GPU tests TESTS names (pytest node ids or files; none when empty). KERNELS: falcon-bench's
 # kernel microbenchmarks after the steps (default none; conv: the conv tile sweeps). HF=1 adds Hugging
 # Face's fast path (eager) before the last defaults row, for the ratio (carry .whl too).
@@ -18,12 +18,7 @@ run "${STEP_S:-240}" step.txt python3 -m benchmarks.falcon_bench --size 0.5b --s
   --variants "$row,$row${HF:+,hf_transformers},ours_fused$G" \
   --profile "ours_fused$G" --profile-top 60 --json "$OUT/step.json"
 grep -A10 "^variant" "$OUT/step.txt" | cut -c1-110; grep "hf_transformers ran" "$OUT/step.txt"; grep "  kernel conv" "$OUT/step.txt"
-run "${HALF_S:-220}" train_05b.txt python3 benchmarks/scaling.py run --work /tmp/train_profile --cases dp1 \
-  --steps 12 --warmup 4 --cuda-graph --override train.profile_step_start=10 \
-  --override train.profile_step_end=11 --run-timeout-s 210
-cp /tmp/train_profile/scaling.json "$OUT/train_05b.json" 2>/dev/null
-find /tmp/train_profile -name "kernels_rank0.txt" -exec cp {} "$OUT/" \;
-tail -3 "$OUT/train_05b.txt"; head -3 "$OUT/kernels_rank0.txt" 2>/dev/null | cut -c1-180
+train_05b_profile
 if [ -n "${TESTS:-}" ]; then
   run "${TESTS_S:-150}" gpu_tests.txt python3 -m pytest -q -p no:warnings --tb=short $TESTS
   tail -3 "$OUT/gpu_tests.txt"

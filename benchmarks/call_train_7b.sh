@@ -29,13 +29,7 @@ for part in ${PARTS:-deep train_05b}; do
         --run-timeout-s 290
       cp /tmp/train_7b/scaling.json "$OUT/train_7b.json" 2>/dev/null
       tail -4 "$OUT/train_7b.txt" ;;
-    train_05b)
-      run "${HALF_S:-220}" train_05b.txt python3 benchmarks/scaling.py run --work /tmp/train_profile --cases dp1 \
-        --steps 12 --warmup 4 --cuda-graph --override train.profile_step_start=10 \
-        --override train.profile_step_end=11 --run-timeout-s 210
-      cp /tmp/train_profile/scaling.json "$OUT/train_05b.json" 2>/dev/null
-      find /tmp/train_profile -name "kernels_rank0.txt" -exec cp {} "$OUT/" \;
-      tail -3 "$OUT/train_05b.txt"; head -30 "$OUT/kernels_rank0.txt" 2>/dev/null | cut -c1-180 ;;
+    train_05b) train_05b_profile ;;
     *) echo "PARTS: $part is not one of deep, bench_7b, train_7b, train_05b"; exit 2 ;;
   esac
 done

@@ -32,3 +32,12 @@ run() {  # seconds, output file under $OUT, command...: each step under its own 
   timeout "$limit" "$@" > "$OUT/$out" 2>&1
   echo "exit $?" >> "$OUT/$out"
 }
+train_05b_profile() {  # falcon-train 0.5B 4 x 4096, CUDA-graphed, torch's profiler over steps 10-11: its kernels
+  # and the device's busy time against the wall time ($OUT/train_05b.txt + .json, kernels_rank0.txt)
+  run "${HALF_S:-220}" train_05b.txt python3 benchmarks/scaling.py run --work /tmp/train_profile --cases dp1 \
+    --steps 12 --warmup 4 --cuda-graph --override train.profile_step_start=10 \
+    --override train.profile_step_end=11 --run-timeout-s 210
+  cp /tmp/train_profile/scaling.json "$OUT/train_05b.json" 2>/dev/null
+  find /tmp/train_profile -name "kernels_rank0.txt" -exec cp {} "$OUT/" \;
+  tail -3 "$OUT/train_05b.txt"; head -30 "$OUT/kernels_rank0.txt" 2>/dev/null | cut -c1-180
+}
